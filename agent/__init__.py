@@ -1,0 +1,1 @@
+"""cniflow agent: dataplane-neutral stages (config, flow table, IPFIX, transport, metrics)."""

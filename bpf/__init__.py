@@ -1,0 +1,1 @@
+"""eBPF dataplane: the TC program, its loader, attachment and the batch drain."""
