@@ -100,13 +100,17 @@ class Attacher:
                 )
             except NetlinkError as e:
                 if e.code not in GONE:
-                    log.warning("removing filter failed", extra={"interface": att.name, "err": str(e)})
+                    log.warning(
+                        "removing filter failed", extra={"interface": att.name, "err": str(e)}
+                    )
         if att.created_clsact and not self._other_filters(att.ifindex):
             try:
                 self.ipr.tc("del", "clsact", att.ifindex)
             except NetlinkError as e:
                 if e.code not in GONE:
-                    log.warning("removing clsact failed", extra={"interface": att.name, "err": str(e)})
+                    log.warning(
+                        "removing clsact failed", extra={"interface": att.name, "err": str(e)}
+                    )
 
     def _other_filters(self, ifindex: int) -> bool:
         try:

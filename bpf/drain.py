@@ -106,7 +106,9 @@ class BatchDrain:
                 continue
             if err == errno.ENOENT or ret == -errno.ENOENT:
                 break
-            raise OSError(err or -ret, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err or -ret)}")
+            raise OSError(
+                err or -ret, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err or -ret)}"
+            )
         return total
 
     def drain(self) -> np.ndarray:

@@ -44,10 +44,7 @@ class FlowProgram:
 
     def stats(self) -> dict[str, int]:
         """Per-CPU counters of flow.bpf.c, summed."""
-        return {
-            name: int(sum(self._stats[ct.c_int(i)]))
-            for i, name in enumerate(STAT_NAMES)
-        }
+        return {name: int(sum(self._stats[ct.c_int(i)])) for i, name in enumerate(STAT_NAMES)}
 
     def close(self) -> None:
         self.bpf.cleanup()

@@ -1,0 +1,80 @@
+"""`cniflow` command line: `cniflow agent ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from agent import config
+
+log = logging.getLogger("cniflow")
+
+USAGE_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that names the problem, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"cniflow: error: {message}\n")
+        sys.exit(USAGE_ERROR)
+
+
+def parser() -> Parser:
+    p = Parser(prog="cniflow", description="Pod-level IPFIX flow exporter")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    agent = sub.add_parser("agent", help="meter interfaces with eBPF and export IPFIX")
+    config.add_arguments(agent)
+    return p
+
+
+def fail(message: str) -> int:
+    sys.stderr.write(f"cniflow: error: {message}\n")
+    return USAGE_ERROR
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.interfaces import InterfaceError
+    from agent.transport import ResolveError
+
+    try:
+        cfg = config.from_sources(args)
+    except config.ConfigError as e:
+        return fail(str(e))
+    if not cfg.interface:
+        return fail("nothing to meter: give --interface NAME or a glob (CNIFLOW_INTERFACE)")
+    logs.setup(cfg.log_level, cfg.log_format)
+
+    from agent.pipeline import Agent
+
+    try:
+        agent = Agent(cfg)
+    except (ResolveError, InterfaceError) as e:
+        return fail(str(e))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if cfg.metrics_address:
+        try:
+            addr = cfg.metrics_address
+            agent.metrics.serve("0.0.0.0" + addr if addr.startswith(":") else addr)
+        except OSError as e:
+            agent.shutdown()
+            return fail(f"--metrics-address {cfg.metrics_address}: {e}")
+    agent.run(stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "agent":
+        return run_agent(args)
+    return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

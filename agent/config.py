@@ -1,0 +1,213 @@
+"""Every agent setting, in one place: its flag, CNIFLOW_ variable, default and help.
+
+The CLI builds its parser from SETTINGS, the README's table mirrors it (a test
+keeps them equal), and the DaemonSet's ConfigMap sets the variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A setting has a value the agent cannot use; the message names it."""
+
+
+def _positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
+    def parse(text: str) -> float | int:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _ranged(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text, 0)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {text!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {text!r}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT, with [v6]:PORT for IPv6 literals."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _address(text: str) -> str:
+    if text in ("", "off"):
+        return ""
+    host_port(text if not text.startswith(":") else "0.0.0.0" + text)
+    return text
+
+
+def _split(text: str) -> list[str]:
+    return [p for p in text.replace(",", " ").split() if p]
+
+
+@dataclass
+class Config:
+    interface: list[str] = field(
+        default_factory=list,
+        metadata={
+            "parse": _split,
+            "many": True,
+            "help": "interface to meter: a name or a glob such as 'veth*' (repeatable; "
+            "interfaces that appear later are attached too)",
+        },
+    )
+    collector: str = field(
+        default="127.0.0.1:4739",
+        metadata={"parse": lambda t: (host_port(t), t)[1], "help": "IPFIX collector, HOST:PORT"},
+    )
+    transport: str = field(
+        default="udp", metadata={"parse": _choice("udp", "tcp"), "help": "udp or tcp"}
+    )
+    active_timeout: float = field(
+        default=60.0,
+        metadata={
+            "parse": _positive(float),
+            "help": "seconds after which a long flow is reported (flowEndReason 2)",
+        },
+    )
+    idle_timeout: float = field(
+        default=15.0,
+        metadata={
+            "parse": _positive(float),
+            "help": "seconds without packets after which a flow ends (flowEndReason 1)",
+        },
+    )
+    poll_interval: float = field(
+        default=1.0,
+        metadata={"parse": _positive(float), "help": "seconds between drains of the kernel map"},
+    )
+    observation_domain_id: int = field(
+        default=1,
+        metadata={
+            "parse": _ranged(0, 0xFFFFFFFF),
+            "help": "IPFIX observation domain id; give each node's agent its own",
+        },
+    )
+    max_message_size: int = field(
+        default=1400,
+        metadata={
+            "parse": _ranged(256, 65535),
+            "help": "largest IPFIX message in octets (keep UDP under the path MTU)",
+        },
+    )
+    template_refresh: float = field(
+        default=60.0,
+        metadata={"parse": _positive(float), "help": "seconds between template resends over UDP"},
+    )
+    map_size: int = field(
+        default=65536,
+        metadata={
+            "parse": _ranged(1, 1 << 26),
+            "help": "flows the kernel map holds between two drains",
+        },
+    )
+    max_flows: int = field(
+        default=1_000_000,
+        metadata={
+            "parse": _ranged(1, 1 << 28),
+            "help": "flows the agent's table holds; beyond it the oldest end (flowEndReason 5)",
+        },
+    )
+    export_backlog: int = field(
+        default=100_000,
+        metadata={
+            "parse": _ranged(0, 1 << 28),
+            "help": "records kept while the collector is unreachable; overflow is counted",
+        },
+    )
+    tc_priority: int = field(
+        default=1,
+        metadata={"parse": _ranged(1, 0xFFFF), "help": "tc filter priority of cniflow's filters"},
+    )
+    metrics_address: str = field(
+        default="0.0.0.0:9477",
+        metadata={
+            "parse": _address,
+            "help": "Prometheus /metrics HOST:PORT; empty or 'off' disables",
+        },
+    )
+    log_level: str = field(
+        default="info",
+        metadata={
+            "parse": _choice("debug", "info", "warning", "error"),
+            "help": "debug, info, warning or error",
+        },
+    )
+    log_format: str = field(
+        default="json", metadata={"parse": _choice("json", "text"), "help": "json (lines) or text"}
+    )
+
+    @property
+    def collector_host_port(self) -> tuple[str, int]:
+        return host_port(self.collector)
+
+
+SETTINGS = fields(Config)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return "CNIFLOW_" + name.upper()
+
+
+def _parse(f, text: str):
+    try:
+        return f.metadata["parse"](text)
+    except ValueError as e:
+        raise ConfigError(f"{flag(f.name)} / {env_name(f.name)}: {e}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in SETTINGS:
+        parser.add_argument(
+            flag(f.name),
+            dest=f.name,
+            metavar=f.name.upper(),
+            action="append" if f.metadata.get("many") else "store",
+            help=f"{f.metadata['help']} [{env_name(f.name)}]",
+        )
+
+
+def from_sources(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Config:
+    """Flags win over CNIFLOW_ variables, which win over defaults."""
+    values = {}
+    for f in SETTINGS:
+        given = getattr(args, f.name, None)
+        if given is not None:
+            if f.metadata.get("many"):
+                values[f.name] = [p for g in given for p in _parse(f, g)]
+            else:
+                values[f.name] = _parse(f, given)
+        elif env_name(f.name) in env:
+            values[f.name] = _parse(f, env[env_name(f.name)])
+    return Config(**values)

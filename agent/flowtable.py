@@ -1,0 +1,218 @@
+"""The flow table: keeps flows across drains and decides when each is reported.
+
+State is one FLOW_DTYPE array sorted by a 64-bit hash of the key, so merging a
+drained batch is a pair of searchsorted calls and a few vectorised folds; no
+Python object per flow. Keys are always compared in full, so a hash collision
+costs a slow path, never a wrong merge.
+
+Counters in the table are deltas since the flow's previous record, and so are
+first_ms/last_ms (first and last packet of the reporting interval).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent.records import (
+    ACTIVE_TIMEOUT,
+    END_OF_FLOW,
+    FLOW_DTYPE,
+    FORCED_END,
+    IDLE_TIMEOUT,
+    LACK_OF_RESOURCES,
+    TCP_FIN,
+    TCP_RST,
+)
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def key_words(flows: np.ndarray) -> np.ndarray:
+    """The 48-byte keys as an (n, 6) uint64 array."""
+    return np.ascontiguousarray(flows["key"]).view("<u8").reshape(-1, 6)
+
+
+def key_hash(words: np.ndarray) -> np.ndarray:
+    h = np.zeros(len(words), np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(words.shape[1]):
+            h = (h ^ words[:, i]) * _M1
+            h ^= h >> np.uint64(31)
+        h = (h ^ (h >> np.uint64(30))) * _M2
+        h = (h ^ (h >> np.uint64(27))) * _M3
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def sort_exact(h: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Order by hash; rows sharing a hash are then ordered by full key, so equal
+    keys are always adjacent even when distinct keys collide."""
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    same = hs[1:] == hs[:-1]
+    if same.any():
+        rows = np.unique(np.concatenate([np.nonzero(same)[0], np.nonzero(same)[0] + 1]))
+        sub = order[rows]
+        cols = [words[sub, i] for i in range(words.shape[1] - 1, -1, -1)] + [h[sub]]
+        order[rows] = sub[np.lexsort(cols)]
+    return order
+
+
+def fold_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """Counters of src added to dst (same keys, row for row); returns the result."""
+    out = dst.copy()
+    fresh = dst["packets"] == 0
+    out["packets"] = dst["packets"] + src["packets"]
+    out["octets"] = dst["octets"] + src["octets"]
+    out["first_ms"] = np.where(fresh, src["first_ms"], np.minimum(dst["first_ms"], src["first_ms"]))
+    out["last_ms"] = np.maximum(dst["last_ms"], src["last_ms"])
+    out["tcp_flags"] = dst["tcp_flags"] | src["tcp_flags"]
+    out["min_ttl"] = np.where(fresh, src["min_ttl"], np.minimum(dst["min_ttl"], src["min_ttl"]))
+    out["max_ttl"] = np.where(fresh, src["max_ttl"], np.maximum(dst["max_ttl"], src["max_ttl"]))
+    out["tos"] = src["tos"]
+    return out
+
+
+def aggregate(batch: np.ndarray) -> np.ndarray:
+    """One record per key (the kernel drain never repeats a key; VPP records may)."""
+    if len(batch) < 2:
+        return batch
+    words = key_words(batch)
+    order = sort_exact(key_hash(words), words)
+    b, w = batch[order], words[order]
+    new_group = np.ones(len(b), bool)
+    new_group[1:] = (w[1:] != w[:-1]).any(axis=1)
+    if new_group.all():
+        return batch
+    starts = np.nonzero(new_group)[0]
+    out = b[starts].copy()
+    for name in ("packets", "octets"):
+        out[name] = np.add.reduceat(b[name], starts)
+    out["first_ms"] = np.minimum.reduceat(b["first_ms"], starts)
+    out["last_ms"] = np.maximum.reduceat(b["last_ms"], starts)
+    out["tcp_flags"] = np.bitwise_or.reduceat(b["tcp_flags"], starts)
+    out["min_ttl"] = np.minimum.reduceat(b["min_ttl"], starts)
+    out["max_ttl"] = np.maximum.reduceat(b["max_ttl"], starts)
+    last_of_group = np.append(starts[1:] - 1, len(b) - 1)
+    out["tos"] = b["tos"][last_of_group]
+    return out
+
+
+class FlowTable:
+    """Active flows and their reporting rules (RFC 5102 flowEndReason)."""
+
+    def __init__(
+        self,
+        active_timeout_s: float = 60,
+        idle_timeout_s: float = 15,
+        max_flows: int = 1_000_000,
+        end_grace_s: float = 1.0,
+    ) -> None:
+        self.active_ms = int(active_timeout_s * 1000)
+        self.idle_ms = int(idle_timeout_s * 1000)
+        self.end_grace_ms = int(end_grace_s * 1000)
+        self.max_flows = max_flows
+        self.flows = np.zeros(0, FLOW_DTYPE)
+        self.hashes = np.zeros(0, np.uint64)
+        self._words = np.zeros((0, 6), np.uint64)
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def update(self, batch: np.ndarray) -> np.ndarray:
+        """Fold a batch in; returns the records evicted because the table is full."""
+        if not len(batch):
+            return batch[:0]
+        batch = aggregate(batch)
+        words = key_words(batch)
+        h = key_hash(words)
+        match = self._find(h, words)
+        hit = match >= 0
+        if hit.any():
+            idx = match[hit]
+            self.flows[idx] = fold_into(self.flows[idx], batch[hit])
+        new = ~hit
+        if not new.any():
+            return batch[:0]
+        evicted = self._make_room(int(new.sum()))
+        flows = np.concatenate([self.flows, batch[new]])
+        hashes = np.concatenate([self.hashes, h[new]])
+        allw = np.concatenate([self._words, words[new]])
+        order = sort_exact(hashes, allw)
+        self.flows, self.hashes, self._words = flows[order], hashes[order], allw[order]
+        return evicted
+
+    def _find(self, h: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """Index of each key in the table, or -1."""
+        match = np.full(len(h), -1, np.int64)
+        if not len(self.hashes):
+            return match
+        lo = np.searchsorted(self.hashes, h, "left")
+        hi = np.searchsorted(self.hashes, h, "right")
+        span = hi - lo
+        one = span == 1
+        if one.any():
+            cand = lo[one]
+            equal = (self._words[cand] == words[one]).all(axis=1)
+            match[np.nonzero(one)[0][equal]] = cand[equal]
+        for i in np.nonzero(span > 1)[0]:  # hash collisions: rare
+            for j in range(lo[i], hi[i]):
+                if (self._words[j] == words[i]).all():
+                    match[i] = j
+                    break
+        return match
+
+    def _make_room(self, incoming: int) -> np.ndarray:
+        over = len(self.flows) + incoming - self.max_flows
+        if over <= 0:
+            return self.flows[:0]
+        over = min(over, len(self.flows))
+        victims = np.argsort(self.flows["last_ms"], kind="stable")[:over]
+        out = self.flows[victims]
+        out = out[out["packets"] > 0]
+        out["end_reason"] = LACK_OF_RESOURCES
+        self._remove(victims)
+        return out
+
+    def _remove(self, idx: np.ndarray) -> None:
+        keep = np.ones(len(self.flows), bool)
+        keep[idx] = False
+        self.flows, self.hashes, self._words = (
+            self.flows[keep],
+            self.hashes[keep],
+            self._words[keep],
+        )
+
+    def expire(self, now_ms: int) -> np.ndarray:
+        """Records due at now_ms: end of flow (3), idle (1), active timeout (2)."""
+        f = self.flows
+        if not len(f):
+            return f[:0]
+        live = f["packets"] > 0
+        quiet = np.int64(now_ms) - f["last_ms"].astype(np.int64)
+        ended = ((f["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0) & (quiet >= self.end_grace_ms)
+        idle = quiet >= self.idle_ms
+        active = live & (np.int64(now_ms) - f["first_ms"].astype(np.int64) >= self.active_ms)
+        reason = np.where(ended, END_OF_FLOW, np.where(idle, IDLE_TIMEOUT, ACTIVE_TIMEOUT))
+        emit = live & (ended | idle | active)
+        out = f[emit]
+        out["end_reason"] = reason[emit]
+        gone = ended | idle
+        reset = active & ~gone
+        if reset.any():
+            for name in ("packets", "octets", "tcp_flags", "min_ttl", "max_ttl"):
+                f[name][reset] = 0
+        if gone.any():
+            self._remove(np.nonzero(gone)[0])
+        return out
+
+    def flush(self) -> np.ndarray:
+        """Everything pending, as at shutdown (4)."""
+        out = self.flows[self.flows["packets"] > 0]
+        out["end_reason"] = FORCED_END
+        self.flows = self.flows[:0]
+        self.hashes = self.hashes[:0]
+        self._words = self._words[:0]
+        return out

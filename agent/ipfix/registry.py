@@ -1,0 +1,78 @@
+"""Information elements, read from elements.csv (the registry is data, not code)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+VARLEN = 0xFFFF
+REVERSE_PEN = 29305  # RFC 5103
+ANTREA_PEN = 56506
+
+# abstract type -> (numpy dtype of the natural encoding, RFC 5610 type code); None: variable
+TYPES: dict[str, tuple[np.dtype | None, int]] = {
+    "octetArray": (None, 0),
+    "unsigned8": (np.dtype("u1"), 1),
+    "unsigned16": (np.dtype(">u2"), 2),
+    "unsigned32": (np.dtype(">u4"), 3),
+    "unsigned64": (np.dtype(">u8"), 4),
+    "signed8": (np.dtype("i1"), 5),
+    "signed16": (np.dtype(">i2"), 6),
+    "signed32": (np.dtype(">i4"), 7),
+    "signed64": (np.dtype(">i8"), 8),
+    "float32": (np.dtype(">f4"), 9),
+    "float64": (np.dtype(">f8"), 10),
+    "boolean": (np.dtype("u1"), 11),
+    "macAddress": (np.dtype(("u1", (6,))), 12),
+    "string": (None, 13),
+    "dateTimeSeconds": (np.dtype(">u4"), 14),
+    "dateTimeMilliseconds": (np.dtype(">u8"), 15),
+    "dateTimeMicroseconds": (np.dtype(">u8"), 16),
+    "dateTimeNanoseconds": (np.dtype(">u8"), 17),
+    "ipv4Address": (np.dtype(("u1", (4,))), 18),
+    "ipv6Address": (np.dtype(("u1", (16,))), 19),
+}
+
+
+@dataclass(frozen=True)
+class Element:
+    pen: int
+    id: int
+    name: str
+    type: str
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        return TYPES[self.type][0]
+
+    @property
+    def length(self) -> int:
+        """Natural encoded length, VARLEN for strings and octet arrays."""
+        dt = self.dtype
+        return VARLEN if dt is None else dt.itemsize
+
+    @property
+    def type_code(self) -> int:
+        return TYPES[self.type][1]
+
+
+@cache
+def elements() -> dict[str, Element]:
+    path = Path(__file__).with_name("elements.csv")
+    with path.open() as f:
+        out = {
+            r["name"]: Element(int(r["pen"]), int(r["id"]), r["name"], r["type"])
+            for r in csv.DictReader(f)
+        }
+    return out
+
+
+def element(name: str) -> Element:
+    try:
+        return elements()[name]
+    except KeyError:
+        raise KeyError(f"unknown information element {name!r}") from None

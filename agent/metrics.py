@@ -1,0 +1,75 @@
+"""Prometheus metrics of the agent, one registry per agent (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.records_exported = Counter(
+            "cniflow_records_exported", "Flow records sent to the collector", registry=r
+        )
+        self.messages_exported = Counter(
+            "cniflow_messages_exported", "IPFIX messages sent to the collector", registry=r
+        )
+        self.export_errors = Counter(
+            "cniflow_export_errors", "IPFIX messages the transport failed to send", registry=r
+        )
+        self.records_dropped = Counter(
+            "cniflow_records_dropped",
+            "Flow records lost because the export backlog overflowed",
+            registry=r,
+        )
+        self.export_backlog = Gauge(
+            "cniflow_export_backlog_records", "Flow records waiting for the collector", registry=r
+        )
+        self.map_entries = Gauge(
+            "cniflow_map_entries", "Flows drained from the kernel map at the last poll", registry=r
+        )
+        self.map_size = Gauge("cniflow_map_size", "Capacity of the kernel flow map", registry=r)
+        self.map_failed_inserts = Counter(
+            "cniflow_map_failed_inserts",
+            "Packets not counted because the kernel flow map was full",
+            registry=r,
+        )
+        self.packets_not_ip = Counter(
+            "cniflow_packets_not_ip", "Frames that are not IPv4 or IPv6, passed on", registry=r
+        )
+        self.packets_malformed = Counter(
+            "cniflow_packets_malformed", "Truncated or invalid IP frames, passed on", registry=r
+        )
+        self.drain_seconds = Histogram(
+            "cniflow_drain_duration_seconds",
+            "Time to drain the kernel flow map",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.flows_active = Gauge(
+            "cniflow_flows_active", "Flows held in the agent's flow table", registry=r
+        )
+        self.interfaces_attached = Gauge(
+            "cniflow_interfaces_attached", "Interfaces with cniflow's filters", registry=r
+        )
+        self.attach_failures = Counter(
+            "cniflow_attach_failures", "Interfaces the kernel refused a filter on", registry=r
+        )
+        self._kernel_seen: dict[str, int] = {}
+
+    def kernel_stats(self, stats: dict[str, int]) -> None:
+        """Turn the program's running totals into counter increments."""
+        for name, counter in (
+            ("map_full", self.map_failed_inserts),
+            ("not_ip", self.packets_not_ip),
+            ("malformed", self.packets_malformed),
+        ):
+            value = stats.get(name, 0)
+            delta = value - self._kernel_seen.get(name, 0)
+            if delta > 0:
+                counter.inc(delta)
+            self._kernel_seen[name] = value
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)

@@ -1,0 +1,133 @@
+"""The composition root: resolve, attach, drain, aggregate, export, once per poll.
+
+interfaces --> bpf.attach --> (kernel meters) --> bpf.drain
+    --> flowtable (timeouts, end of flow) --> exporter (IPFIX) --> transport
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from agent.config import Config
+from agent.exporter import Exporter
+from agent.flowtable import FlowTable
+from agent.interfaces import InterfaceSet
+from agent.metrics import Metrics
+from agent.records import FLOW_DTYPE
+from agent.transport import make as make_transport
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
+        """Everything that can be wrong with the input is checked before the
+        program is loaded, so a bad setting attaches nothing."""
+        from pyroute2 import IPRoute
+
+        from bpf.attach import Attacher
+        from bpf.drain import BatchDrain
+        from bpf.program import FlowProgram
+
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        host, port = cfg.collector_host_port
+        self.transport = make_transport(cfg.transport, host, port)
+        self.ipr = IPRoute()
+        self.interfaces = InterfaceSet(cfg.interface, self.ipr)
+        self.interfaces.check_named()
+        self.program = FlowProgram(cfg.map_size)
+        self.drain = BatchDrain(self.program)
+        self.attacher = Attacher(self.program, cfg.tc_priority, self.ipr)
+        self.table = FlowTable(
+            cfg.active_timeout, cfg.idle_timeout, cfg.max_flows, end_grace_s=cfg.poll_interval
+        )
+        self.exporter = Exporter(
+            self.transport,
+            cfg.observation_domain_id,
+            self.metrics,
+            cfg.max_message_size,
+            cfg.template_refresh,
+            cfg.export_backlog,
+        )
+        self.names: dict[int, str] = {}
+        self.failed: set[int] = set()
+        self.metrics.map_size.set(cfg.map_size)
+
+    def reconcile(self) -> None:
+        """Attach to matching interfaces that appeared, forget the ones that vanished."""
+        present = self.interfaces.scan()
+        for ifindex in list(self.attacher.attached):
+            if ifindex not in present:
+                self.attacher.forget(ifindex)
+                log.info("interface vanished", extra={"ifindex": ifindex})
+        for ifindex, name in present.items():
+            if ifindex in self.attacher.attached or ifindex in self.failed:
+                continue
+            try:
+                self.attacher.attach(ifindex, name)
+                self.names[ifindex] = name
+            except Exception as e:  # the interface may vanish between scan and attach
+                self.failed.add(ifindex)
+                self.metrics.attach_failures.inc()
+                log.warning("attach failed", extra={"interface": name, "err": str(e)})
+        self.failed &= set(present)
+        self.metrics.interfaces_attached.set(len(self.attacher.attached))
+
+    def poll(self, final: bool = False) -> None:
+        t0 = time.perf_counter()
+        batch = self.drain.drain()
+        self.metrics.drain_seconds.observe(time.perf_counter() - t0)
+        self.metrics.map_entries.set(len(batch))
+        self.metrics.kernel_stats(self.program.stats())
+        evicted = self.table.update(batch)
+        due = self.table.flush() if final else self.table.expire(int(time.time() * 1000))
+        out = np.concatenate([evicted, due]) if len(evicted) else due
+        self.exporter.export(out if len(out) else np.zeros(0, FLOW_DTYPE), self.names)
+        self.metrics.flows_active.set(len(self.table))
+        self._prune_names()
+
+    def _prune_names(self) -> None:
+        keep = set(self.attacher.attached) | set(
+            np.unique(self.table.flows["key"]["ifindex"]).tolist()
+        )
+        for ifindex in [i for i in self.names if i not in keep]:
+            del self.names[ifindex]
+
+    def run(self, stop: threading.Event) -> None:
+        log.info(
+            "agent running",
+            extra={
+                "collector": self.cfg.collector,
+                "transport": self.cfg.transport,
+                "interfaces": self.cfg.interface,
+            },
+        )
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                self.reconcile()
+                self.poll()
+                stop.wait(max(0.0, self.cfg.poll_interval - (time.monotonic() - started)))
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Export what is pending (flowEndReason 4), then remove exactly our filters."""
+        try:
+            self.attacher.detach_all()
+            self.poll(final=True)
+            if self.exporter.backlog_records:
+                log.warning(
+                    "records not delivered at exit",
+                    extra={"records": self.exporter.backlog_records},
+                )
+        finally:
+            self.transport.close()
+            self.program.close()
+            self.ipr.close()
+            log.info("agent stopped")

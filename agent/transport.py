@@ -1,0 +1,126 @@
+"""Carry IPFIX messages to the collector over UDP or TCP.
+
+`session` changes whenever the collector must be taught the templates again
+and sequence numbering restarts (RFC 7011 section 10): once for UDP, on every
+connection for TCP.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+log = logging.getLogger(__name__)
+
+
+class ResolveError(ValueError):
+    """The collector address does not resolve."""
+
+
+def resolve(host: str, port: int, kind: int) -> tuple[int, tuple]:
+    try:
+        infos = socket.getaddrinfo(host, port, 0, kind)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ResolveError(f"collector {host}:{port} does not resolve: {e}") from e
+    family, _, _, _, addr = infos[0]
+    return family, addr
+
+
+class UdpTransport:
+    """One connected socket for the agent's life: a stable source port is one session."""
+
+    kind = "udp"
+
+    def __init__(self, host: str, port: int) -> None:
+        family, self.addr = resolve(host, port, socket.SOCK_DGRAM)
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.connect(self.addr)
+        self.session = 1
+        self.last_error = ""
+
+    def ready(self) -> bool:
+        return True
+
+    def send(self, msg: bytes) -> bool:
+        try:
+            self.sock.send(msg)
+            return True
+        except OSError as e:  # ICMP port unreachable from an earlier datagram, buffer full...
+            self.last_error = str(e)
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TcpTransport:
+    """Reconnects with exponential backoff; the caller keeps metering meanwhile."""
+
+    kind = "tcp"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        timeout: float = 2.0,
+    ) -> None:
+        self.family, self.addr = resolve(host, port, socket.SOCK_STREAM)
+        self.backoff_min, self.backoff_max, self.timeout = backoff_min, backoff_max, timeout
+        self.backoff = backoff_min
+        self.next_try = 0.0
+        self.sock: socket.socket | None = None
+        self.session = 0
+        self.last_error = ""
+
+    def ready(self) -> bool:
+        if self.sock is not None:
+            return True
+        now = time.monotonic()
+        if now < self.next_try:
+            return False
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.addr)
+        except OSError as e:
+            s.close()
+            self._failed(str(e))
+            return False
+        self.sock = s
+        self.session += 1
+        self.backoff = self.backoff_min
+        log.info(
+            "collector connected", extra={"collector": str(self.addr), "session": self.session}
+        )
+        return True
+
+    def _failed(self, err: str) -> None:
+        if err != self.last_error:
+            log.warning("collector unreachable", extra={"collector": str(self.addr), "err": err})
+        self.last_error = err
+        self.next_try = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, self.backoff_max)
+
+    def send(self, msg: bytes) -> bool:
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendall(msg)
+            return True
+        except OSError as e:
+            self.sock.close()
+            self.sock = None
+            self._failed(str(e))
+            return False
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def make(kind: str, host: str, port: int) -> UdpTransport | TcpTransport:
+    return UdpTransport(host, port) if kind == "udp" else TcpTransport(host, port)
