@@ -1,0 +1,110 @@
+"""A Kubernetes-like node built from network namespaces, for the demo and the tests.
+
+One "node" namespace holds the host-side veths, routed the way Calico does it:
+each pod has a /32 (and /128), a default route through 169.254.1.1 (fe80::1 for
+IPv6) answered by proxy ARP on its host-side veth, and the node routes each
+pod address to its veth. Traffic never leaves namespaces this module created.
+
+    python3 scripts/netlab.py up PREFIX N    # PREFIX-node, PREFIX-pod0..N-1
+    python3 scripts/netlab.py down PREFIX
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+
+def sh(cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, shell=True, check=check, capture_output=True, text=True)
+
+
+@dataclass
+class Pod:
+    netns: str
+    host_if: str  # the veth in the node namespace
+    ipv4: str
+    ipv6: str
+
+
+@dataclass
+class Node:
+    prefix: str
+    pods: list[Pod] = field(default_factory=list)
+
+    @property
+    def netns(self) -> str:
+        return f"{self.prefix}-node"
+
+    def exec(self, cmd: str) -> str:
+        return f"ip netns exec {self.netns} {cmd}"
+
+    def in_pod(self, i: int, cmd: str) -> str:
+        return f"ip netns exec {self.pods[i].netns} {cmd}"
+
+    def link_stats(self, ifname: str) -> dict[str, int]:
+        """rx/tx packets and bytes of an interface in the node namespace."""
+        base = f"/sys/class/net/{ifname}/statistics"
+        out = sh(
+            self.exec(
+                f"sh -c 'cat {base}/rx_packets {base}/rx_bytes {base}/tx_packets {base}/tx_bytes'"
+            )
+        ).stdout.split()
+        return dict(zip(("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"), map(int, out)))
+
+
+def up(prefix: str, count: int = 2, subnet: int = 99) -> Node:
+    down(prefix)
+    node = Node(prefix)
+    ns = node.netns
+    sh(f"ip netns add {ns}")
+    sh(f"ip -n {ns} link set lo up")
+    sh(f"ip -n {ns} addr add 169.254.1.1/32 dev lo")  # the pods' gateway, answered by ARP
+    sh(f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+    for i in range(count):
+        pod = Pod(
+            f"{prefix}-pod{i}", f"{prefix}v{i}"[:15], f"10.{subnet}.{i}.2", f"fd00:{subnet}:{i}::2"
+        )
+        p = pod.netns
+        sh(f"ip netns add {p}")
+        sh(f"ip -n {p} link set lo up")
+        sh(f"ip link add {pod.host_if} netns {ns} type veth peer name eth0 netns {p}")
+        sh(f"ip -n {ns} link set {pod.host_if} up")
+        sh(f"ip netns exec {ns} sysctl -qw net.ipv4.conf.{pod.host_if}.proxy_arp=1")
+        sh(f"ip -n {ns} addr add fe80::1/64 dev {pod.host_if} nodad")
+        sh(f"ip -n {ns} route add {pod.ipv4}/32 dev {pod.host_if}")
+        sh(f"ip -n {ns} -6 route add {pod.ipv6}/128 dev {pod.host_if}")
+        sh(f"ip -n {p} link set eth0 up")
+        sh(f"ip -n {p} addr add {pod.ipv4}/32 dev eth0")
+        sh(f"ip -n {p} addr add {pod.ipv6}/128 dev eth0 nodad")
+        sh(f"ip -n {p} route add 169.254.1.1 dev eth0 scope link")
+        sh(f"ip -n {p} route add default via 169.254.1.1 dev eth0")
+        sh(f"ip -n {p} -6 route add default via fe80::1 dev eth0")
+        node.pods.append(pod)
+    # wait for IPv6 link-local addresses to leave the tentative state
+    for pod in node.pods:
+        sh(f"ip netns exec {pod.netns} ping -6 -c 1 -W 2 -w 5 fe80::1%eth0", check=False)
+    return node
+
+
+def down(prefix: str) -> None:
+    """Kill what runs inside, then delete the namespaces (the veths go with them)."""
+    for name in sh("ip netns list", check=False).stdout.split("\n"):
+        name = name.split(" ")[0]
+        if name == f"{prefix}-node" or name.startswith(f"{prefix}-pod"):
+            pids = sh(f"ip netns pids {name}", check=False).stdout.split()
+            if pids:
+                sh(f"kill -9 {' '.join(pids)}", check=False)
+            sh(f"ip netns del {name}", check=False)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "up":
+        n = up(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+        for pod in n.pods:
+            print(pod)
+    elif len(sys.argv) == 3 and sys.argv[1] == "down":
+        down(sys.argv[2])
+    else:
+        sys.exit(__doc__)

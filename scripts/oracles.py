@@ -1,0 +1,305 @@
+"""Independent IPFIX readers run inside a lab node: nfcapd/nfdump, nfacctd, tshark.
+
+Each starts before the exporter, stops cleanly (which flushes its output) and
+returns the flows it decoded as dicts with common names:
+src, dst, sport, dport, proto, packets, octets (plus whatever else it knows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def _wait_port(netns: str, port: int, proto: str = "u", timeout: float = 5.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(
+            f"ip netns exec {netns} ss -ln{proto}H sport = :{port}",
+            shell=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        if out.strip():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port} in {netns}")
+
+
+class Nfcapd:
+    """nfdump's collector: UDP only; keys exporters by source IP and domain id."""
+
+    def __init__(self, netns: str, port: int) -> None:
+        self.netns, self.port = netns, port
+        self.dir = Path(tempfile.mkdtemp(prefix="cniflow-nfcapd-"))
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "nfcapd",
+                "-w",
+                str(self.dir),
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-t",
+                "3600",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_port(netns, port)
+
+    def stop(self) -> list[dict]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=10)
+        return self.records()
+
+    def records(self) -> list[dict]:
+        out = subprocess.run(
+            ["nfdump", "-R", str(self.dir), "-o", "raw"], capture_output=True, text=True, check=True
+        ).stdout
+        return parse_nfdump_raw(out)
+
+
+def parse_nfdump_raw(text: str) -> list[dict]:
+    flows = []
+    for block in text.split("Flow Record:")[1:]:
+        f = {}
+        for line in block.splitlines():
+            m = re.match(r"\s+(.+?)\s+=\s+(\S+)(?:\s+(.*))?$", line)
+            if m:
+                f[m.group(1)] = m.group(2)
+        if "src addr" not in f:
+            continue
+        icmp = f.get("ICMP")
+        sport = int(f.get("src port", 0))
+        dport = int(f.get("dst port", 0))
+        if icmp:
+            t, c = icmp.split(".")
+            dport = int(t) << 8 | int(c)
+        flows.append(
+            {
+                "src": f["src addr"],
+                "dst": f["dst addr"],
+                "sport": sport,
+                "dport": dport,
+                "proto": int(f["proto"]),
+                "packets": int(f["in packets"]),
+                "octets": int(f["in bytes"]),
+                "input": int(f.get("input", 0)),
+                "output": int(f.get("output", 0)),
+                "end_reason": int(f.get("end reason", "0"), 16),
+                "first_ms": int(f["first"]),
+                "last_ms": int(f["last"]),
+            }
+        )
+    return flows
+
+
+class Nfacctd:
+    """pmacct's collector, printing JSON lines; SIGINT purges its cache."""
+
+    PRIMITIVES = "name=if_name\tfield_type=82\tlen=vlen\tsemantics=str\n"
+
+    def __init__(self, netns: str, port: int) -> None:
+        self.netns, self.port = netns, port
+        self.dir = Path(tempfile.mkdtemp(prefix="cniflow-nfacctd-"))
+        self.out = self.dir / "flows.jsonl"
+        conf = self.dir / "nfacctd.conf"
+        conf.write_text(
+            "daemonize: false\n"
+            f"logfile: {self.dir}/nfacctd.log\n"
+            "nfacctd_ip: 127.0.0.1\n"
+            f"nfacctd_port: {port}\n"
+            "plugins: print[flows]\n"
+            "aggregate[flows]: src_host, dst_host, src_port, dst_port, proto, in_iface, "
+            "out_iface, timestamp_start, timestamp_end\n"
+            "print_output[flows]: json\n"
+            f"print_output_file[flows]: {self.out}\n"
+            "print_output_file_append[flows]: true\n"
+            "print_refresh_time[flows]: 60\n"
+        )
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "nfacctd", "-f", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_port(netns, port)
+
+    def stop(self) -> list[dict]:
+        os.killpg(self.proc.pid, signal.SIGINT)
+        self.proc.wait(timeout=15)
+        flows = []
+        if self.out.exists():
+            for line in self.out.read_text().splitlines():
+                r = json.loads(line)
+                flows.append(
+                    {
+                        "src": r["ip_src"],
+                        "dst": r["ip_dst"],
+                        "sport": r["port_src"],
+                        "dport": r["port_dst"],
+                        "proto": r["ip_proto"],
+                        "packets": r["packets"],
+                        "octets": r["bytes"],
+                        "input": r.get("iface_in"),
+                        "output": r.get("iface_out"),
+                    }
+                )
+        return flows
+
+
+class Tshark:
+    """A capture on the node's loopback, decoded afterwards with expert info."""
+
+    FIELDS = (
+        "cflow.od_id",
+        "cflow.sequence",
+        "cflow.flowset_id",
+        "cflow.srcaddr",
+        "cflow.dstaddr",
+        "cflow.srcaddrv6",
+        "cflow.dstaddrv6",
+        "cflow.srcport",
+        "cflow.dstport",
+        "cflow.protocol",
+        "cflow.packets",
+        "cflow.octets",
+        "cflow.flow_end_reason",
+        "cflow.icmp_type_code_ipv4",
+        "cflow.icmp_ipv6_type",
+        "cflow.icmp_ipv6_code",
+        "cflow.if_name",
+        "cflow.direction",
+    )
+
+    def __init__(self, netns: str, port: int, proto: str = "udp") -> None:
+        self.port, self.proto = port, proto
+        self.pcap = Path(tempfile.mkdtemp(prefix="cniflow-tshark-")) / "export.pcap"
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "tshark",
+                "-i",
+                "lo",
+                "-f",
+                f"{proto} port {port}",
+                "-F",
+                "pcap",
+                "-w",
+                str(self.pcap),
+                "-q",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 10
+        while time.time() < deadline:  # tshark says "Capturing on 'Loopback: lo'" when ready
+            line = self.proc.stderr.readline()
+            if "Capturing on" in line or not line:
+                break
+        time.sleep(0.3)
+
+    def stop(self) -> Path:
+        time.sleep(0.5)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=10)
+        return self.pcap
+
+    def decode_args(self) -> list[str]:
+        return ["-d", f"{self.proto}.port=={self.port},cflow"]
+
+    def expert(self) -> list[str]:
+        out = subprocess.run(
+            [
+                "tshark",
+                "-r",
+                str(self.pcap),
+                *self.decode_args(),
+                "-T",
+                "fields",
+                "-e",
+                "_ws.expert.message",
+                "-e",
+                "_ws.malformed",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+    def messages(self) -> list[dict[str, list[str]]]:
+        """One dict per IPFIX message: field -> list of values in record order."""
+        cmd = [
+            "tshark",
+            "-r",
+            str(self.pcap),
+            *self.decode_args(),
+            "-T",
+            "fields",
+            "-E",
+            "occurrence=a",
+            "-E",
+            "aggregator=|",
+            "-E",
+            "separator=\t",
+        ]
+        for f in self.FIELDS:
+            cmd += ["-e", f]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        msgs = []
+        for line in out.splitlines():
+            cols = line.split("\t")
+            msgs.append({f: (c.split("|") if c else []) for f, c in zip(self.FIELDS, cols)})
+        return msgs
+
+    def records(self) -> list[dict]:
+        flows = []
+        for m in self.messages():
+            n = len(m["cflow.packets"])
+            v4 = m["cflow.srcaddr"]
+            src = v4 if len(v4) == n else m["cflow.srcaddrv6"]
+            dst = m["cflow.dstaddr"] if len(v4) == n else m["cflow.dstaddrv6"]
+            if len(src) != n:  # a message with v4 and v6 sets: not produced by cniflow
+                raise AssertionError(f"mixed message {m}")
+            # tshark shows icmpTypeCodeIPv6 (139) as two fields, type and code
+            icmp = m["cflow.icmp_type_code_ipv4"] or [
+                str(int(t) << 8 | int(c))
+                for t, c in zip(m["cflow.icmp_ipv6_type"], m["cflow.icmp_ipv6_code"])
+            ]
+            for i in range(n):
+                proto = int(m["cflow.protocol"][i])
+                flows.append(
+                    {
+                        "src": src[i],
+                        "dst": dst[i],
+                        "proto": proto,
+                        "sport": int(m["cflow.srcport"][i]),
+                        "dport": int(m["cflow.dstport"][i])
+                        if proto not in (1, 58)
+                        else int(icmp[i]),
+                        "packets": int(m["cflow.packets"][i]),
+                        "octets": int(m["cflow.octets"][i]),
+                        "end_reason": int(m["cflow.flow_end_reason"][i]),
+                        "interface": m["cflow.if_name"][i] if m["cflow.if_name"] else "",
+                        "direction": int(m["cflow.direction"][i]),
+                    }
+                )
+        return flows
