@@ -55,6 +55,7 @@ class Exporter:
         self.sequence = 0
         self.session = None
         self.templates_due = 0.0
+        self._errors_seen = 0
 
     def export(self, records: np.ndarray, ifnames: Mapping[int, str]) -> None:
         """Queue records and send everything the collector can take now."""
@@ -103,13 +104,16 @@ class Exporter:
             self.templates_due = now + refresh
 
     def _emit(self, msg: bytes, records: int) -> bool:
-        if self.transport.send(msg):
+        ok = self.transport.send(msg)
+        errors = self.transport.errors - self._errors_seen
+        if errors:
+            self.metrics.export_errors.inc(errors)
+            self._errors_seen = self.transport.errors
+        if ok:
             self.sequence = (self.sequence + records) & 0xFFFFFFFF
             self.metrics.messages_exported.inc()
             self.metrics.records_exported.inc(records)
-            return True
-        self.metrics.export_errors.inc()
-        return False
+        return ok
 
     def _send(self, batch: np.ndarray, ifnames: Mapping[int, str]) -> np.ndarray:
         """Send one batch; returns the records that could not be sent."""

@@ -37,18 +37,32 @@ class UdpTransport:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.connect(self.addr)
         self.session = 1
+        self.errors = 0
         self.last_error = ""
 
     def ready(self) -> bool:
         return True
 
     def send(self, msg: bytes) -> bool:
-        try:
-            self.sock.send(msg)
-            return True
-        except OSError as e:  # ICMP port unreachable from an earlier datagram, buffer full...
-            self.last_error = str(e)
-            return False
+        """A refusal reported here is an ICMP error about an earlier datagram: this one
+        was not tried, so it is counted and sent again at once."""
+        for _ in range(2):
+            try:
+                self.sock.send(msg)
+                return True
+            except ConnectionRefusedError as e:
+                self._error(e)
+            except OSError as e:  # buffer full, no route...
+                self._error(e)
+                return False
+        return False
+
+    def _error(self, e: OSError) -> None:
+        if str(e) != self.last_error:
+            log.warning("export to collector failed", extra={"collector": str(self.addr),
+                                                               "err": str(e)})
+        self.errors += 1
+        self.last_error = str(e)
 
     def close(self) -> None:
         self.sock.close()
@@ -73,6 +87,7 @@ class TcpTransport:
         self.next_try = 0.0
         self.sock: socket.socket | None = None
         self.session = 0
+        self.errors = 0
         self.last_error = ""
 
     def ready(self) -> bool:
@@ -98,6 +113,7 @@ class TcpTransport:
         return True
 
     def _failed(self, err: str) -> None:
+        self.errors += 1
         if err != self.last_error:
             log.warning("collector unreachable", extra={"collector": str(self.addr), "err": err})
         self.last_error = err

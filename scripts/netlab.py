@@ -11,6 +11,7 @@ pod address to its veth. Traffic never leaves namespaces this module created.
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ def up(prefix: str, count: int = 2, subnet: int = 99) -> Node:
     sh(f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
     for i in range(count):
         pod = Pod(
-            f"{prefix}-pod{i}", f"{prefix}v{i}"[:15], f"10.{subnet}.{i}.2", f"fd00:{subnet}:{i}::2"
+            f"{prefix}-pod{i}", f"{prefix}v{i}"[:15], f"10.{subnet}.{i}.2", str(ipaddress.ip_address(f"fd00:{subnet}:{i}::2"))
         )
         p = pod.netns
         sh(f"ip netns add {p}")

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -35,9 +36,11 @@ def _wait_port(netns: str, port: int, proto: str = "u", timeout: float = 5.0) ->
 class Nfcapd:
     """nfdump's collector: UDP only; keys exporters by source IP and domain id."""
 
-    def __init__(self, netns: str, port: int) -> None:
+    def __init__(self, netns: str, port: int, repeat: str | None = None) -> None:
+        """repeat: IP/PORT that nfcapd forwards every datagram to (another collector)."""
         self.netns, self.port = netns, port
         self.dir = Path(tempfile.mkdtemp(prefix="cniflow-nfcapd-"))
+        extra = ["-R", repeat] if repeat else []
         self.proc = subprocess.Popen(
             [
                 "ip",
@@ -151,7 +154,7 @@ class Nfacctd:
                         "dst": r["ip_dst"],
                         "sport": r["port_src"],
                         "dport": r["port_dst"],
-                        "proto": r["ip_proto"],
+                        "proto": _proto_number(r["ip_proto"]),
                         "packets": r["packets"],
                         "octets": r["bytes"],
                         "input": r.get("iface_in"),
@@ -159,6 +162,27 @@ class Nfacctd:
                     }
                 )
         return flows
+
+
+def _proto_number(name: str | int) -> int:
+    """nfacctd prints protocol names ("udp", "ipv6-icmp")."""
+    if isinstance(name, int) or str(name).isdigit():
+        return int(name)
+    return socket.getprotobyname(name)
+
+
+def replay(pcap: Path, netns: str, port: int, decode_port: int) -> int:
+    """Send the UDP payloads of a capture, in order, to 127.0.0.1:port inside netns."""
+    hexes = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"udp.port=={decode_port},cflow", "-T", "fields",
+         "-e", "udp.payload"], capture_output=True, text=True, check=True).stdout.split()
+    code = ("import socket,sys,time\n"
+            "s=socket.socket(2,2)\n"
+            "for h in sys.stdin.read().split():\n"
+            f"    s.sendto(bytes.fromhex(h),('127.0.0.1',{port})); time.sleep(0.01)\n")
+    subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", code],
+                   input="\n".join(hexes), text=True, check=True)
+    return len(hexes)
 
 
 class Tshark:
@@ -294,7 +318,7 @@ class Tshark:
                         "sport": int(m["cflow.srcport"][i]),
                         "dport": int(m["cflow.dstport"][i])
                         if proto not in (1, 58)
-                        else int(icmp[i]),
+                        else int(icmp[i], 0),
                         "packets": int(m["cflow.packets"][i]),
                         "octets": int(m["cflow.octets"][i]),
                         "end_reason": int(m["cflow.flow_end_reason"][i]),

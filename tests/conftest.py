@@ -1,0 +1,125 @@
+"""Shared fixtures: a lab node built from namespaces, and the real agent run inside it.
+
+These tests need root, BPF and network namespaces. They never skip: without
+them the suite fails, so a CI run that could not test the kernel path is red.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import netlab  # noqa: E402
+import oracles  # noqa: E402, F401
+
+CNIFLOW = Path(sys.executable).with_name("cniflow")
+_ids = itertools.count()
+
+
+def pytest_sessionstart(session):
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not root")
+    if not os.path.ismount("/sys/fs/bpf"):
+        problems.append("bpffs not mounted at /sys/fs/bpf")
+    if not CNIFLOW.exists():
+        problems.append(f"{CNIFLOW} missing: run scripts/setup.sh")
+    if problems:
+        raise pytest.UsageError(
+            "cniflow's tests need root, BPF and namespaces (" + "; ".join(problems) +
+            "): run `sudo scripts/test.sh`")
+
+
+@pytest.fixture
+def node():
+    """Two pods behind a routed node; torn down whatever the test did."""
+    prefix = f"cft{os.getpid() % 1000}{next(_ids)}"
+    n = netlab.up(prefix, 2)
+    try:
+        yield n
+    finally:
+        netlab.down(prefix)
+
+
+def filters(node, ifname: str, parent: str = "ingress") -> str:
+    return subprocess.run(node.exec(f"tc filter show dev {ifname} {parent}").split(),
+                          capture_output=True, text=True).stdout
+
+
+class RunningAgent:
+    def __init__(self, node, proc, log: Path, metrics_port: int):
+        self.node, self.proc, self.log, self.metrics_port = node, proc, log, metrics_port
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        out = subprocess.run(self.node.exec(f"curl -s {url}").split(), capture_output=True,
+                             text=True).stdout
+        values = {}
+        for line in out.splitlines():
+            m = re.match(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", line)
+            if m:
+                values[m.group(1)] = float(m.group(2))
+        return values
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def agent(node, *args: str, interfaces: tuple[str, ...] | None = None, wait_attached=True,
+          collector: str = "127.0.0.1:4739", metrics_port: int = 9477):
+    """Run `cniflow agent` in the node namespace; on exit SIGTERM it and expect exit 0."""
+    log = Path(f"/tmp/{node.prefix}-agent.log")
+    ifs = interfaces if interfaces is not None else (f"{node.prefix}v*",)
+    cmd = ["ip", "netns", "exec", node.netns, str(CNIFLOW), "agent", "--collector", collector,
+           "--metrics-address", f"127.0.0.1:{metrics_port}", "--poll-interval", "0.5"]
+    for i in ifs:
+        cmd += ["--interface", i]
+    cmd += list(args)
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stderr=f, stdout=f)
+    running = RunningAgent(node, proc, log, metrics_port)
+    try:
+        if wait_attached:
+            deadline = time.time() + 30
+            while not all("cniflow_egress" in filters(node, p.host_if, "egress")
+                          for p in node.pods):
+                assert proc.poll() is None, log.read_text()
+                assert time.time() < deadline, "agent did not attach: " + log.read_text()
+                time.sleep(0.1)
+        yield running
+    finally:
+        if proc.poll() is None:
+            rc = running.stop()
+            assert rc == 0, log.read_text()
+
+
+def wait_for(predicate, timeout: float = 10.0, step: float = 0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=1).status == 200
+    except OSError:
+        return False

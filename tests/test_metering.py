@@ -1,0 +1,220 @@
+"""Stories of the plain-host agent: real packets through real veths, IPFIX read back
+by tshark, nfcapd/nfdump and pmacct's nfacctd."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+
+import oracles
+from conftest import agent, wait_for
+
+PY = "/usr/bin/python3"
+
+
+def send_udp(node, pod: int, dst: str, port: int, count: int, size: int, sport: int = 0) -> None:
+    family = 10 if ":" in dst else 2
+    code = (f"import socket;s=socket.socket({family},2);s.bind(('',{sport}));"
+            f"[s.sendto(b'x'*{size},('{dst}',{port})) for _ in range({count})]")
+    subprocess.run(node.in_pod(pod, f"{PY} -c \"{code}\""), shell=True, check=True)
+
+
+def ping(node, pod: int, dst: str, count: int, interval: float = 0.05) -> None:
+    v6 = "-6 " if ":" in dst else ""
+    subprocess.run(node.in_pod(pod, f"ping {v6}-c {count} -i {interval} -q {dst}").split(),
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def totals(records, **match) -> tuple[int, int]:
+    sel = [r for r in records if all(r.get(k) == v for k, v in match.items())]
+    return sum(r["packets"] for r in sel), sum(r["octets"] for r in sel)
+
+
+def by_key(records) -> dict:
+    out: Counter = Counter()
+    for r in records:
+        icmp = r["proto"] in (1, 58)
+        key = (r["src"], r["dst"], r["proto"], 0 if icmp else r["sport"], 0 if icmp else r["dport"])
+        out[key + ("packets",)] += r["packets"]
+        out[key + ("octets",)] += r["octets"]
+    return dict(out)
+
+
+def test_a_pods_traffic_is_counted_exactly_and_every_collector_agrees(node):
+    """UDP of known sizes, pings, IPv6: the export matches what was sent, the veths'
+    own counters, and what tshark, nfdump and nfacctd decode."""
+    a, b = node.pods
+    nfcapd = oracles.Nfcapd(node.netns, 4739)
+    tshark = oracles.Tshark(node.netns, 4739)
+    with agent(node, "--idle-timeout", "1") as running:
+        before = node.link_stats(a.host_if)
+        send_udp(node, 0, b.ipv4, 9000, count=10, size=200)
+        ping(node, 0, b.ipv4, 4)
+        ping(node, 0, b.ipv6, 3)
+        send_udp(node, 0, b.ipv6, 9001, count=5, size=1000)
+        time.sleep(3)
+    after = node.link_stats(a.host_if)
+    assert running.proc.returncode == 0
+    pcap = tshark.stop()
+    pcap_records = tshark.records()
+    assert tshark.expert() == []
+    nfacctd = oracles.Nfacctd(node.netns, 4740)  # fed the very datagrams the agent sent
+    assert oracles.replay(pcap, node.netns, 4740, decode_port=4739) > 1
+    by_tool = {"tshark": pcap_records, "nfdump": nfcapd.stop(), "nfacctd": nfacctd.stop()}
+
+    expected = {  # (src, dst, proto, dport): (packets, octets); IP header + payload
+        (a.ipv4, b.ipv4, 17, 9000): (10, 10 * (20 + 8 + 200)),
+        (a.ipv4, b.ipv4, 1, 8 << 8): (4, 4 * 84),
+        (b.ipv4, a.ipv4, 1, 0): (4, 4 * 84),
+        (a.ipv6, b.ipv6, 58, 128 << 8): (3, 3 * 104),
+        (b.ipv6, a.ipv6, 58, 129 << 8): (3, 3 * 104),
+        (a.ipv6, b.ipv6, 17, 9001): (5, 5 * (40 + 8 + 1000)),
+    }
+    for tool in ("tshark", "nfdump"):
+        for (src, dst, proto, dport), want in expected.items():
+            # each packet is seen twice: leaving pod0's veth and entering pod1's
+            got = totals(by_tool[tool], src=src, dst=dst, proto=proto, dport=dport)
+            assert got == (2 * want[0], 2 * want[1]), (tool, src, dst, proto, got, want)
+    # nfacctd keeps no ICMP type/code: it must agree with tshark on every key it keeps
+    assert by_key(by_tool["nfacctd"]) == by_key(pcap_records)
+
+    # the veth's own counters: every IP frame pod0 sent (ARP is the only non-IP)
+    ingress = [r for r in pcap_records if r["interface"] == a.host_if and r["direction"] == 0]
+    packets = after["rx_packets"] - before["rx_packets"]
+    octets = after["rx_bytes"] - before["rx_bytes"]
+    arp = packets - sum(r["packets"] for r in ingress)
+    assert arp >= 0
+    assert sum(r["octets"] for r in ingress) == octets - 14 * packets - 28 * arp
+
+
+def test_a_tcp_transfer_is_counted_like_the_veth_counts_it_and_ends_with_fin(node):
+    a, b = node.pods
+    tshark = oracles.Tshark(node.netns, 4739)
+    subprocess.run(node.in_pod(1, f"iperf3 -s -D -1 -B {b.ipv4} -p 5201").split(), check=True)
+    time.sleep(0.5)
+    with agent(node, "--idle-timeout", "5"):
+        before = node.link_stats(a.host_if)
+        subprocess.run(node.in_pod(0, f"iperf3 -c {b.ipv4} -p 5201 -n 4M").split(), check=True,
+                       stdout=subprocess.DEVNULL)
+        time.sleep(2.5)  # FIN seen, then one quiet poll: reported as end of flow
+        after = node.link_stats(a.host_if)
+    tshark.stop()
+    records = tshark.records()
+    assert tshark.expert() == []
+    tcp = [r for r in records if r["proto"] == 6 and r["interface"] == a.host_if]
+    sent = [r for r in tcp if r["direction"] == 0]
+    # both connections (control and data) are reported as ended by FIN; a late ACK
+    # after that record may follow as a record of its own
+    ended = {(r["sport"], r["dport"]) for r in tcp if r["end_reason"] == 3}
+    assert ended == {(r["sport"], r["dport"]) for r in tcp} and len(ended) == 4
+    assert sum(r["octets"] for r in sent) > 4 * 1024 * 1024
+    packets = after["rx_packets"] - before["rx_packets"]
+    octets = after["rx_bytes"] - before["rx_bytes"]
+    ingress = [r for r in records if r["interface"] == a.host_if and r["direction"] == 0]
+    arp = packets - sum(r["packets"] for r in ingress)
+    assert arp >= 0
+    assert sum(r["octets"] for r in ingress) == octets - 14 * packets - 28 * arp
+
+
+def test_each_end_reason_appears_when_it_should(node):
+    a, b = node.pods
+    tshark = oracles.Tshark(node.netns, 4739)
+    with agent(node, "--active-timeout", "1", "--idle-timeout", "1.5"):
+        ping(node, 0, b.ipv4, 15, interval=0.2)  # 3 s: active timeouts, then idle
+        send_udp(node, 0, b.ipv4, 9100, count=3, size=10)  # then silence: idle
+        ping_forever = subprocess.Popen(node.in_pod(0, f"ping -i 0.1 {b.ipv6}").split(),
+                                        stdout=subprocess.DEVNULL)
+        time.sleep(3)
+    ping_forever.terminate()  # the agent stopped while this flow was running: forced end
+    tshark.stop()
+    records = tshark.records()
+    assert tshark.expert() == []
+    echo = [r for r in records if r["dst"] == b.ipv4 and r["proto"] == 1
+            and r["interface"] == a.host_if]
+    assert Counter(r["end_reason"] for r in echo)[2] >= 2
+    assert sum(r["packets"] for r in echo) == 15  # deltas add up to what was sent
+    udp = [r for r in records if r["dport"] == 9100 and r["interface"] == a.host_if]
+    assert [(r["end_reason"], r["packets"]) for r in udp] == [(1, 3)]
+    forced = [r for r in records if r["dst"] == b.ipv6 and r["proto"] == 58]
+    assert forced and forced[-1]["end_reason"] == 4
+
+
+def test_a_full_flow_table_ends_the_oldest_flows_and_loses_no_count(node):
+    a, b = node.pods
+    tshark = oracles.Tshark(node.netns, 4739)
+    with agent(node, "--max-flows", "4", "--idle-timeout", "30"):
+        for port in range(20):
+            send_udp(node, 0, b.ipv4, 9200 + port, count=2, size=10)
+            time.sleep(0.05)
+        time.sleep(1.5)
+    tshark.stop()
+    every = tshark.records()
+    assert Counter(r["end_reason"] for r in every)[4] > 0  # what was left at shutdown
+    records = [r for r in every if 9200 <= r["dport"] < 9220]
+    assert Counter(r["end_reason"] for r in records)[5] > 0
+    assert sum(r["packets"] for r in records) == 2 * 20 * 2  # both veths
+
+
+def test_a_full_kernel_map_never_harms_traffic_and_is_counted(node):
+    a, b = node.pods
+    with agent(node, "--map-size", "4", "--poll-interval", "5") as running:
+        for port in range(30):
+            send_udp(node, 0, b.ipv4, 9300 + port, count=1, size=10)
+        ping(node, 0, b.ipv4, 2)  # traffic still flows
+        failed = wait_for(lambda: running.metrics().get("cniflow_map_failed_inserts_total"), 8)
+        assert failed and failed > 0
+
+
+def test_garbage_and_truncated_frames_pass_untouched_and_do_not_skew_counts(node):
+    a, b = node.pods
+    mac = subprocess.run(node.exec(f"cat /sys/class/net/{a.host_if}/address").split(),
+                         capture_output=True, text=True).stdout.strip()
+    tshark = oracles.Tshark(node.netns, 4739)
+    with agent(node, "--idle-timeout", "1") as running:
+        code = GARBAGE.replace("DSTMAC", mac).replace("SRC", a.ipv4).replace("DST", b.ipv4)
+        subprocess.run(node.in_pod(0, f"{PY} -c '{code}'"), shell=True, check=True)
+        send_udp(node, 0, b.ipv4, 9400, count=7, size=50)
+        ping(node, 0, b.ipv4, 2)
+        time.sleep(2.5)
+        m = running.metrics()
+        assert running.proc.poll() is None
+    tshark.stop()
+    records = tshark.records()
+    assert totals(records, dport=9400) == (14, 14 * 78)
+    assert m["cniflow_packets_malformed_total"] >= 3
+    assert m["cniflow_packets_not_ip_total"] >= 1
+    # a VLAN-tagged datagram and a non-first fragment are still IP: counted, with and
+    # without ports
+    assert totals(records, dport=7777, interface=a.host_if)[0] == 2
+    assert totals(records, proto=17, sport=0, dport=0, interface=a.host_if)[0] == 1
+
+
+GARBAGE = r"""
+import os, socket, struct
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+dst = bytes.fromhex("DSTMAC".replace(":", ""))
+src = open("/sys/class/net/eth0/address").read().strip().replace(":", "")
+eth = lambda t: dst + bytes.fromhex(src) + struct.pack("!H", t)
+ip = lambda proto, payload, frag=0x4000, ihl=5: struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0,
+    20 + len(payload), 1, frag, 64, proto, 0, socket.inet_aton("SRC"),
+    socket.inet_aton("DST")) + payload
+udp = struct.pack("!HHHH", 5555, 7777, 12, 0) + b"abcd"
+frames = [
+    os.urandom(8),                                        # shorter than Ethernet
+    eth(0x88b5) + os.urandom(40),                         # not IP
+    eth(0x0800) + b"\x45\x00\x00",                        # truncated IPv4 header
+    eth(0x0800) + ip(17, udp, ihl=3)[:20],                # IHL below 5
+    eth(0x86dd) + b"\x60" + os.urandom(10),               # truncated IPv6 header
+    eth(0x0800) + ip(6, b"\x01\x02"),                     # TCP header cut short
+    eth(0x8100) + struct.pack("!HH", 5, 0x0800) + ip(17, udp),             # 802.1Q
+    eth(0x88a8) + struct.pack("!HH", 7, 0x8100) + struct.pack("!HH", 5, 0x0800) + ip(17, udp),
+    eth(0x0800) + ip(17, b"\x00" * 16, frag=0x0010),      # non-first fragment
+]
+for f in frames:
+    try:
+        s.send(f)
+    except OSError:
+        pass  # the kernel refuses frames shorter than an Ethernet header
+"""
