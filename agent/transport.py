@@ -59,8 +59,9 @@ class UdpTransport:
 
     def _error(self, e: OSError) -> None:
         if str(e) != self.last_error:
-            log.warning("export to collector failed", extra={"collector": str(self.addr),
-                                                               "err": str(e)})
+            log.warning(
+                "export to collector failed", extra={"collector": str(self.addr), "err": str(e)}
+            )
         self.errors += 1
         self.last_error = str(e)
 

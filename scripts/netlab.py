@@ -64,9 +64,8 @@ def up(prefix: str, count: int = 2, subnet: int = 99) -> Node:
     sh(f"ip -n {ns} addr add 169.254.1.1/32 dev lo")  # the pods' gateway, answered by ARP
     sh(f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
     for i in range(count):
-        pod = Pod(
-            f"{prefix}-pod{i}", f"{prefix}v{i}"[:15], f"10.{subnet}.{i}.2", str(ipaddress.ip_address(f"fd00:{subnet}:{i}::2"))
-        )
+        v6 = str(ipaddress.ip_address(f"fd00:{subnet}:{i}::2"))
+        pod = Pod(f"{prefix}-pod{i}", f"{prefix}v{i}"[:15], f"10.{subnet}.{i}.2", v6)
         p = pod.netns
         sh(f"ip netns add {p}")
         sh(f"ip -n {p} link set lo up")

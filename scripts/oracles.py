@@ -36,11 +36,9 @@ def _wait_port(netns: str, port: int, proto: str = "u", timeout: float = 5.0) ->
 class Nfcapd:
     """nfdump's collector: UDP only; keys exporters by source IP and domain id."""
 
-    def __init__(self, netns: str, port: int, repeat: str | None = None) -> None:
-        """repeat: IP/PORT that nfcapd forwards every datagram to (another collector)."""
+    def __init__(self, netns: str, port: int) -> None:
         self.netns, self.port = netns, port
         self.dir = Path(tempfile.mkdtemp(prefix="cniflow-nfcapd-"))
-        extra = ["-R", repeat] if repeat else []
         self.proc = subprocess.Popen(
             [
                 "ip",
@@ -174,14 +172,33 @@ def _proto_number(name: str | int) -> int:
 def replay(pcap: Path, netns: str, port: int, decode_port: int) -> int:
     """Send the UDP payloads of a capture, in order, to 127.0.0.1:port inside netns."""
     hexes = subprocess.run(
-        ["tshark", "-r", str(pcap), "-d", f"udp.port=={decode_port},cflow", "-T", "fields",
-         "-e", "udp.payload"], capture_output=True, text=True, check=True).stdout.split()
-    code = ("import socket,sys,time\n"
-            "s=socket.socket(2,2)\n"
-            "for h in sys.stdin.read().split():\n"
-            f"    s.sendto(bytes.fromhex(h),('127.0.0.1',{port})); time.sleep(0.01)\n")
-    subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", code],
-                   input="\n".join(hexes), text=True, check=True)
+        [
+            "tshark",
+            "-r",
+            str(pcap),
+            "-d",
+            f"udp.port=={decode_port},cflow",
+            "-T",
+            "fields",
+            "-e",
+            "udp.payload",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    code = (
+        "import socket,sys,time\n"
+        "s=socket.socket(2,2)\n"
+        "for h in sys.stdin.read().split():\n"
+        f"    s.sendto(bytes.fromhex(h),('127.0.0.1',{port})); time.sleep(0.01)\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", code],
+        input="\n".join(hexes),
+        text=True,
+        check=True,
+    )
     return len(hexes)
 
 

@@ -1,0 +1,120 @@
+"""Coexistence with a CNI's tc filters, bad input, and a collector that is away."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+
+from conftest import CNIFLOW, agent, filters, wait_for
+from test_metering import ping, send_udp
+
+CNI_LIKE = """
+#include <uapi/linux/pkt_cls.h>
+BPF_ARRAY(count, u64, 1);
+int cni(struct __sk_buff *skb) {
+    int k = 0;
+    u64 *c = count.lookup(&k);
+    if (c)
+        __sync_fetch_and_add(c, 1);
+    return TC_ACT_OK;  /* a CNI's verdict: pass, and nothing after it runs */
+}
+"""
+
+
+def test_a_filter_added_before_cniflow_keeps_seeing_every_packet_and_survives_it(node):
+    """A CNI's own direct-action program, with its own counter, at another priority."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    a, b = node.pods
+    cni = BPF(text=CNI_LIKE)
+    fn = cni.load_func("cni", BPF.SCHED_CLS)
+    with IPRoute(netns=node.netns) as ipr:
+        idx = ipr.link_lookup(ifname=a.host_if)[0]
+        ipr.tc("add", "clsact", idx)
+        ipr.tc("add-filter", "bpf", idx, 7, fd=fn.fd, name="cni", parent=0xFFFFFFF2, prio=100,
+               classid=1, direct_action=True)
+    seen = lambda: cni["count"][0].value  # noqa: E731
+    with agent(node):
+        before, rx0 = seen(), node.link_stats(a.host_if)["rx_packets"]
+        ping(node, 0, b.ipv4, 5)
+        send_udp(node, 0, b.ipv4, 9500, count=20, size=30)
+        after, rx1 = seen(), node.link_stats(a.host_if)["rx_packets"]
+        assert after - before == rx1 - rx0 >= 25
+        assert "cniflow_ingress" in filters(node, a.host_if)
+    remaining = filters(node, a.host_if)
+    assert "cni" in remaining and "cniflow" not in remaining
+    qdiscs = subprocess.run(node.exec(f"tc qdisc show dev {a.host_if}").split(),
+                            capture_output=True, text=True).stdout
+    assert "clsact" in qdiscs  # not ours: left alone
+    ping(node, 0, b.ipv4, 2)
+    assert seen() - after >= 2  # and it still works
+    # on the other veth the qdisc was cniflow's own, and it is gone
+    assert "clsact" not in subprocess.run(node.exec(f"tc qdisc show dev {b.host_if}").split(),
+                                          capture_output=True, text=True).stdout
+    cni.cleanup()
+
+
+def run_cli(node, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", node.netns, str(CNIFLOW), "agent", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_bad_input_is_one_clear_line_exit_2_and_attaches_nothing(node):
+    a = node.pods[0]
+    cases = {
+        ("--interface", a.host_if, "--bogus"): "unrecognized arguments: --bogus",
+        ("--interface", "nosuch0"): "no such interface: nosuch0",
+        ("--interface", a.host_if, "--collector", "nowhere.invalid:4739"): "does not resolve",
+        ("--interface", a.host_if, "--collector", "127.0.0.1"): "--collector",
+        ("--interface", a.host_if, "--idle-timeout", "0"): "--idle-timeout",
+        ("--interface", a.host_if, "--transport", "sctp"): "must be one of udp, tcp",
+        (): "nothing to meter",
+    }
+    for args, message in cases.items():
+        r = run_cli(node, *args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, r.stderr)
+        assert "cniflow" not in filters(node, a.host_if)
+
+
+def test_a_dead_udp_collector_is_counted_never_fatal(node):
+    a, b = node.pods
+    with agent(node, "--idle-timeout", "0.5", collector="127.0.0.1:4999") as running:
+        for _ in range(3):
+            ping(node, 0, b.ipv4, 2)
+            time.sleep(1)
+        errors = wait_for(lambda: running.metrics().get("cniflow_export_errors_total"), 5)
+        assert errors and errors > 0
+        assert running.proc.poll() is None
+
+
+def test_over_tcp_the_agent_waits_for_the_collector_then_delivers_with_templates(node):
+    a, b = node.pods
+    with agent(node, "--transport", "tcp", "--idle-timeout", "0.5",
+               collector="127.0.0.1:4799") as running:
+        ping(node, 0, b.ipv4, 3)  # the collector is not there yet: metering goes on
+        time.sleep(1.5)
+        assert running.metrics()["cniflow_export_backlog_records"] > 0
+        listener = subprocess.Popen(  # the collector appears, in the node namespace
+            ["ip", "netns", "exec", node.netns, "/usr/bin/python3", "-c",
+             "import socket,sys;s=socket.socket();s.setsockopt(1,2,1);"
+             "s.bind(('127.0.0.1',4799));s.listen();c,_=s.accept();c.settimeout(8)\n"
+             "try:\n  while True:\n    d=c.recv(65536)\n    if not d: break\n"
+             "    sys.stdout.buffer.write(d);sys.stdout.flush()\nexcept OSError: pass"],
+            stdout=subprocess.PIPE)
+        assert wait_for(lambda: running.metrics()["cniflow_export_backlog_records"] == 0, 40)
+    data = listener.communicate(timeout=20)[0]
+    msgs, off = [], 0
+    while off + 16 <= len(data):
+        length = struct.unpack("!H", data[off + 2:off + 4])[0]
+        msgs.append(data[off:off + length])
+        off += length
+    assert off == len(data) and msgs
+    first_set = struct.unpack("!H", msgs[0][16:18])[0]
+    assert first_set in (2, 3)  # templates first on the new connection
+    assert struct.unpack("!I", msgs[0][8:12])[0] == 0  # sequence restarts per session
+    records = sum(1 for _ in msgs[1:])
+    assert records >= 1

@@ -1,0 +1,146 @@
+"""Pure logic: the flow table's rules and the IPFIX encoder, checked by tshark."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import flowtable
+from agent.config import SETTINGS, env_name, flag
+from agent.ipfix.message import Strings, Template, encode_records, message, set_bytes, template_sets
+from agent.records import FLOW_DTYPE, TCP_FIN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flows(n: int, t: int = 1000, port0: int = 1) -> np.ndarray:
+    f = np.zeros(n, FLOW_DTYPE)
+    f["key"]["ip_version"] = 4
+    f["key"]["proto"] = 17
+    f["key"]["sport"] = np.arange(port0, port0 + n)
+    f["packets"], f["octets"], f["first_ms"], f["last_ms"] = 1, 100, t, t
+    f["min_ttl"] = f["max_ttl"] = 64
+    return f
+
+
+def test_counters_are_deltas_across_drains_and_records_tile_time():
+    table = flowtable.FlowTable(active_timeout_s=10, idle_timeout_s=5)
+    table.update(flows(3, t=1000))
+    table.update(flows(3, t=9000))
+    assert table.expire(10_000).size == 0
+    out = table.expire(11_000)  # active timeout since 1000
+    assert list(out["packets"]) == [2, 2, 2] and set(out["end_reason"]) == {2}
+    assert list(out["first_ms"]) == [1000] * 3 and list(out["last_ms"]) == [9000] * 3
+    table.update(flows(1, t=12_000))
+    out = table.expire(17_000)  # idle since 12_000 for one, all others silent
+    assert list(out["packets"]) == [1] and list(out["end_reason"]) == [1]
+    assert list(out["first_ms"]) == [12_000]
+    assert len(table) == 0
+
+
+def test_fin_ends_a_flow_after_one_quiet_poll():
+    table = flowtable.FlowTable(end_grace_s=1)
+    f = flows(1, t=1000)
+    f["tcp_flags"] = TCP_FIN
+    table.update(f)
+    assert table.expire(1500).size == 0
+    assert list(table.expire(2000)["end_reason"]) == [3]
+
+
+def test_a_full_table_evicts_the_least_recent_with_reason_5():
+    table = flowtable.FlowTable(max_flows=4)
+    table.update(flows(4, t=1000))
+    evicted = table.update(flows(2, t=2000, port0=100))
+    assert len(table) == 4 and len(evicted) == 2 and set(evicted["end_reason"]) == {5}
+    assert set(table.flush()["end_reason"]) == {4}
+
+
+def test_colliding_hashes_never_merge_different_flows(monkeypatch):
+    monkeypatch.setattr(flowtable, "key_hash", lambda w: np.zeros(len(w), np.uint64))
+    table = flowtable.FlowTable()
+    for _ in range(3):
+        table.update(flows(5))
+    out = table.flush()
+    assert len(out) == 5 and list(out["packets"]) == [3] * 5
+
+
+def test_duplicate_keys_in_one_batch_are_folded():
+    b = np.concatenate([flows(2), flows(2, t=5000)])
+    out = flowtable.aggregate(b)
+    assert len(out) == 2 and list(out["packets"]) == [2, 2] and list(out["last_ms"]) == [5000] * 2
+
+
+def pcap(messages: list[bytes], port: int = 4739) -> Path:
+    """Classic pcap of IPv4/UDP datagrams carrying the messages."""
+    out = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+    for i, m in enumerate(messages):
+        udp = struct.pack("!HHHH", 40000, port, 8 + len(m), 0) + m
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i, 0, 64, 17, 0,
+                         bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1])) + udp
+        s = sum(struct.unpack("!10H", ip[:20]))
+        s = (s & 0xFFFF) + (s >> 16)
+        ip = ip[:10] + struct.pack("!H", ~s & 0xFFFF) + ip[12:]
+        frame = b"\0" * 12 + b"\x08\x00" + ip
+        out += struct.pack("<IIII", 1, i, len(frame), len(frame)) + frame
+    path = Path(tempfile.mkdtemp()) / "x.pcap"
+    path.write_bytes(out)
+    return path
+
+
+def test_strings_short_and_long_decode_in_tshark():
+    t = Template.of(300, ["sourceTransportPort", "interfaceName"])
+    names = ["veth0", "x" * 300, "z"]
+    n = 6
+    cols = {"sourceTransportPort": np.arange(n, dtype=np.uint16),
+            "interfaceName": Strings(names, np.array([0, 1, 2, 0, 1, 2]))}
+    buf, offsets = encode_records(t, cols, n)
+    assert offsets[-1] == n * 2 + 2 * (1 + 5) + 2 * (3 + 300) + 2 * 2
+    msgs = [message(template_sets([t]), 0, 0, 9),
+            message(set_bytes(300, buf.tobytes()), 0, 0, 9)]
+    out = subprocess.run(["tshark", "-r", str(pcap(msgs)), "-T", "fields", "-E", "occurrence=a",
+                          "-E", "aggregator=|", "-e", "cflow.if_name", "-e", "cflow.srcport",
+                          "-e", "_ws.expert.message"], capture_output=True, text=True, check=True)
+    line = out.stdout.rstrip("\n").splitlines()[-1].split("\t")
+    assert line[0].split("|") == ["veth0", "x" * 300, "z", "veth0", "x" * 300, "z"]
+    assert line[1] == "0|1|2|3|4|5" and line[2] == ""
+
+
+def test_the_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    for f in SETTINGS:
+        row = [line for line in readme.splitlines() if line.startswith(f"| `{flag(f.name)}`")]
+        assert row, f"README lacks a row for {flag(f.name)}"
+        assert f"`{env_name(f.name)}`" in row[0]
+        if isinstance(f.default, (int, float, str)) and f.default != "":
+            assert str(f.default) in row[0], (f.name, f.default, row[0])
+
+
+@pytest.mark.parametrize("size", [512, 1400, 9000])
+def test_no_message_exceeds_the_configured_size(size):
+    from agent.exporter import Exporter
+    from agent.metrics import Metrics
+
+    class Sink:
+        kind, session, errors = "udp", 1, 0
+
+        def __init__(self):
+            self.sent = []
+
+        def ready(self):
+            return True
+
+        def send(self, m):
+            self.sent.append(m)
+            return True
+
+    sink = Sink()
+    e = Exporter(sink, 1, Metrics(), max_message=size)
+    e.export(flows(500), {0: "y" * 15})
+    assert all(len(m) <= size for m in sink.sent)
+    seqs = [struct.unpack("!I", m[8:12])[0] for m in sink.sent]
+    assert seqs[0] == 0 and seqs == sorted(seqs) and seqs[-1] < 500 and e.sequence == 500
