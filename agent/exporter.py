@@ -18,15 +18,13 @@ import numpy as np
 
 from agent.ipfix import flows as flowmap
 from agent.ipfix.message import (
-    HEADER,
-    SET_HEADER,
-    chunks,
     encode_records,
     message,
-    set_bytes,
+    pack,
     template_sets,
 )
 from agent.metrics import Metrics
+from agent.records import take
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +54,7 @@ class Exporter:
         self.session = None
         self.templates_due = 0.0
         self._errors_seen = 0
+        self._sent_messages = self._sent_records = 0
 
     def export(self, records: np.ndarray, ifnames: Mapping[int, str]) -> None:
         """Queue records and send everything the collector can take now."""
@@ -74,6 +73,7 @@ class Exporter:
                     self.backlog.appendleft(rest)
                     self.backlog_records += len(rest)
                     break
+        self._count()
         self.metrics.export_backlog.set(self.backlog_records)
 
     def _bound_backlog(self) -> None:
@@ -105,29 +105,40 @@ class Exporter:
 
     def _emit(self, msg: bytes, records: int) -> bool:
         ok = self.transport.send(msg)
+        if ok:
+            self.sequence = (self.sequence + records) & 0xFFFFFFFF
+            self._sent_messages += 1
+            self._sent_records += records
+        return ok
+
+    def _count(self) -> None:
+        """Metrics once per export call, not per message (the hot loop stays lean)."""
         errors = self.transport.errors - self._errors_seen
         if errors:
             self.metrics.export_errors.inc(errors)
             self._errors_seen = self.transport.errors
-        if ok:
-            self.sequence = (self.sequence + records) & 0xFFFFFFFF
-            self.metrics.messages_exported.inc()
-            self.metrics.records_exported.inc(records)
-        return ok
+        if self._sent_messages:
+            self.metrics.messages_exported.inc(self._sent_messages)
+            self.metrics.records_exported.inc(self._sent_records)
+            self._sent_messages = self._sent_records = 0
 
     def _send(self, batch: np.ndarray, ifnames: Mapping[int, str]) -> np.ndarray:
         """Send one batch; returns the records that could not be sent."""
-        budget = self.max_message - HEADER.size - SET_HEADER.size
         version = batch["key"]["ip_version"]
         for v, template in flowmap.TEMPLATES.items():
-            sub = batch[version == v]
-            if not len(sub):
+            rows = np.flatnonzero(version == v)
+            if not len(rows):
                 continue
-            buf, offsets = encode_records(template, flowmap.columns(sub, ifnames), len(sub))
-            for i, j in chunks(offsets, budget):
-                body = set_bytes(template.id, buf[offsets[i] : offsets[j]].tobytes())
-                msg = message(body, int(self.clock()), self.sequence, self.domain)
-                if not self._emit(msg, j - i):
-                    unsent = np.concatenate([sub[i:], batch[(version != v) & (version > v)]])
-                    return unsent
+            sub = take(batch, rows)
+            groups = encode_records(template, flowmap.columns(sub, ifnames), len(sub))
+            msgs = pack(
+                template.id, groups, self.max_message, int(self.clock()), self.domain, self.sequence
+            )
+            sent = self.transport.send_many(msgs)
+            records = int(msgs.counts[:sent].sum())
+            self.sequence = (self.sequence + records) & 0xFFFFFFFF
+            self._sent_messages += sent
+            self._sent_records += records
+            if sent < len(msgs):
+                return np.concatenate([take(sub, msgs.rows_after(sent)), take(batch, version > v)])
         return batch[:0]

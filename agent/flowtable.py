@@ -22,6 +22,7 @@ from agent.records import (
     LACK_OF_RESOURCES,
     TCP_FIN,
     TCP_RST,
+    take,
 )
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
@@ -101,7 +102,12 @@ def aggregate(batch: np.ndarray) -> np.ndarray:
 
 
 class FlowTable:
-    """Active flows and their reporting rules (RFC 5102 flowEndReason)."""
+    """Active flows and their reporting rules (RFC 5102 flowEndReason).
+
+    `flows` stays in insertion order; beside it, `sorted_h` holds the key hashes in
+    ascending order and `order` the slot of each, so lookups are searchsorted and
+    inserting never moves the 88-octet records.
+    """
 
     def __init__(
         self,
@@ -115,50 +121,56 @@ class FlowTable:
         self.end_grace_ms = int(end_grace_s * 1000)
         self.max_flows = max_flows
         self.flows = np.zeros(0, FLOW_DTYPE)
-        self.hashes = np.zeros(0, np.uint64)
         self._words = np.zeros((0, 6), np.uint64)
+        self.sorted_h = np.zeros(0, np.uint64)
+        self.order = np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return len(self.flows)
 
-    def update(self, batch: np.ndarray) -> np.ndarray:
-        """Fold a batch in; returns the records evicted because the table is full."""
+    def update(self, batch: np.ndarray, unique: bool = False) -> np.ndarray:
+        """Fold a batch in; returns the records evicted because the table is full.
+        unique: the batch never repeats a key (a kernel drain), skip folding it."""
         if not len(batch):
             return batch[:0]
-        batch = aggregate(batch)
+        if not unique:
+            batch = aggregate(batch)
         words = key_words(batch)
         h = key_hash(words)
         match = self._find(h, words)
         hit = match >= 0
         if hit.any():
             idx = match[hit]
-            self.flows[idx] = fold_into(self.flows[idx], batch[hit])
+            self.flows[idx] = fold_into(take(self.flows, idx), take(batch, hit))
         new = ~hit
         if not new.any():
             return batch[:0]
         evicted = self._make_room(int(new.sum()))
-        flows = np.concatenate([self.flows, batch[new]])
-        hashes = np.concatenate([self.hashes, h[new]])
-        allw = np.concatenate([self._words, words[new]])
-        order = sort_exact(hashes, allw)
-        self.flows, self.hashes, self._words = flows[order], hashes[order], allw[order]
+        start = len(self.flows)
+        self.flows = np.concatenate([self.flows, take(batch, new)])
+        self._words = np.concatenate([self._words, words[new]])
+        hashes = np.concatenate([self.sorted_h, h[new]])
+        slots = np.concatenate([self.order, np.arange(start, len(self.flows))])
+        perm = np.argsort(hashes, kind="stable")
+        self.sorted_h, self.order = hashes[perm], slots[perm]
         return evicted
 
     def _find(self, h: np.ndarray, words: np.ndarray) -> np.ndarray:
-        """Index of each key in the table, or -1."""
+        """Slot of each key in the table, or -1. Equal hashes sit side by side in
+        sorted_h, so a collision is a range to scan."""
         match = np.full(len(h), -1, np.int64)
-        if not len(self.hashes):
+        if not len(self.sorted_h):
             return match
-        lo = np.searchsorted(self.hashes, h, "left")
-        hi = np.searchsorted(self.hashes, h, "right")
+        lo = np.searchsorted(self.sorted_h, h, "left")
+        hi = np.searchsorted(self.sorted_h, h, "right")
         span = hi - lo
-        one = span == 1
-        if one.any():
-            cand = lo[one]
+        one = np.flatnonzero(span == 1)
+        if len(one):
+            cand = self.order[lo[one]]
             equal = (self._words[cand] == words[one]).all(axis=1)
-            match[np.nonzero(one)[0][equal]] = cand[equal]
-        for i in np.nonzero(span > 1)[0]:  # hash collisions: rare
-            for j in range(lo[i], hi[i]):
+            match[one[equal]] = cand[equal]
+        for i in np.flatnonzero(span > 1):  # hash collisions: rare
+            for j in self.order[lo[i] : hi[i]]:
                 if (self._words[j] == words[i]).all():
                     match[i] = j
                     break
@@ -169,21 +181,21 @@ class FlowTable:
         if over <= 0:
             return self.flows[:0]
         over = min(over, len(self.flows))
-        victims = np.argsort(self.flows["last_ms"], kind="stable")[:over]
-        out = self.flows[victims]
-        out = out[out["packets"] > 0]
+        victims = np.argpartition(self.flows["last_ms"], over - 1)[:over]
+        out = take(self.flows, victims)
+        out = take(out, out["packets"] > 0)
         out["end_reason"] = LACK_OF_RESOURCES
         self._remove(victims)
         return out
 
-    def _remove(self, idx: np.ndarray) -> None:
+    def _remove(self, slots: np.ndarray) -> None:
         keep = np.ones(len(self.flows), bool)
-        keep[idx] = False
-        self.flows, self.hashes, self._words = (
-            self.flows[keep],
-            self.hashes[keep],
-            self._words[keep],
-        )
+        keep[slots] = False
+        renumber = np.cumsum(keep) - 1
+        kept = keep[self.order]
+        self.sorted_h = self.sorted_h[kept]
+        self.order = renumber[self.order[kept]]
+        self.flows, self._words = take(self.flows, keep), self._words[keep]
 
     def expire(self, now_ms: int) -> np.ndarray:
         """Records due at now_ms: end of flow (3), idle (1), active timeout (2)."""
@@ -197,7 +209,7 @@ class FlowTable:
         active = live & (np.int64(now_ms) - f["first_ms"].astype(np.int64) >= self.active_ms)
         reason = np.where(ended, END_OF_FLOW, np.where(idle, IDLE_TIMEOUT, ACTIVE_TIMEOUT))
         emit = live & (ended | idle | active)
-        out = f[emit]
+        out = take(f, emit)
         out["end_reason"] = reason[emit]
         gone = ended | idle
         reset = active & ~gone
@@ -205,14 +217,13 @@ class FlowTable:
             for name in ("packets", "octets", "tcp_flags", "min_ttl", "max_ttl"):
                 f[name][reset] = 0
         if gone.any():
-            self._remove(np.nonzero(gone)[0])
+            self._remove(np.flatnonzero(gone))
         return out
 
     def flush(self) -> np.ndarray:
         """Everything pending, as at shutdown (4)."""
-        out = self.flows[self.flows["packets"] > 0]
+        out = take(self.flows, self.flows["packets"] > 0)
         out["end_reason"] = FORCED_END
-        self.flows = self.flows[:0]
-        self.hashes = self.hashes[:0]
-        self._words = self._words[:0]
+        self.flows, self._words = self.flows[:0], self._words[:0]
+        self.sorted_h, self.order = self.sorted_h[:0], self.order[:0]
         return out

@@ -84,7 +84,7 @@ class Agent:
         self.metrics.drain_seconds.observe(time.perf_counter() - t0)
         self.metrics.map_entries.set(len(batch))
         self.metrics.kernel_stats(self.program.stats())
-        evicted = self.table.update(batch)
+        evicted = self.table.update(batch, unique=True)  # map keys
         due = self.table.flush() if final else self.table.expire(int(time.time() * 1000))
         out = np.concatenate([evicted, due]) if len(evicted) else due
         self.exporter.export(out if len(out) else np.zeros(0, FLOW_DTYPE), self.names)

@@ -58,6 +58,15 @@ INGRESS = 0
 EGRESS = 1
 
 
+_VOID = np.dtype((np.void, FLOW_DTYPE.itemsize))
+
+
+def take(flows: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """flows[index] (integer or boolean), copied as opaque 88-octet rows: numpy's
+    field-by-field path for nested structured dtypes is several times slower."""
+    return flows.view(_VOID)[index].view(FLOW_DTYPE)
+
+
 def empty(n: int = 0) -> np.ndarray:
     return np.zeros(n, FLOW_DTYPE)
 

@@ -7,9 +7,16 @@ connection for TCP.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import time
+
+import numpy as np
+
+from agent.ipfix.message import Messages
+from agent.sendmmsg import sendmmsg
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,23 @@ class UdpTransport:
                 self._error(e)
                 return False
         return False
+
+    def send_many(self, msgs: Messages) -> int:
+        """All messages with sendmmsg; returns how many went. A refusal (an ICMP error
+        about an earlier datagram) is counted and the stopped datagram tried once more."""
+        sent, retried = 0, False
+        while sent < len(msgs):
+            n, err = sendmmsg(
+                self.sock.fileno(), msgs.buf, msgs.offsets[sent:], msgs.lengths[sent:]
+            )
+            sent += n
+            if not err:
+                break
+            self._error(OSError(err, os.strerror(err)))
+            if err != errno.ECONNREFUSED or (retried and n == 0):
+                break
+            retried = n == 0
+        return sent
 
     def _error(self, e: OSError) -> None:
         if str(e) != self.last_error:
@@ -132,6 +156,24 @@ class TcpTransport:
             self.sock = None
             self._failed(str(e))
             return False
+
+    def send_many(self, msgs: Messages) -> int:
+        """The messages as one stream write; returns how many went whole. A broken
+        connection is closed: the collector gets templates again on the next one."""
+        if self.sock is None:
+            return 0
+        view = (
+            memoryview(msgs.buf)[: int(msgs.offsets[-1] + msgs.lengths[-1])] if len(msgs) else b""
+        )
+        done = 0
+        try:
+            while done < len(view):
+                done += self.sock.send(view[done:])
+        except OSError as e:
+            self.sock.close()
+            self.sock = None
+            self._failed(str(e))
+        return int(np.searchsorted(msgs.offsets + msgs.lengths, done, "right"))
 
     def close(self) -> None:
         if self.sock is not None:

@@ -118,23 +118,37 @@ class BatchDrain:
 
 
 def merge(keys: np.ndarray, vals: np.ndarray, offset_ns: int) -> np.ndarray:
-    """Fold per-CPU values (n x ncpu) into one record per key."""
-    out = np.zeros(len(keys), FLOW_DTYPE)
-    if not len(keys):
+    """Fold per-CPU values (n x ncpu) into one record per key, a CPU at a time
+    (1-D operations beat 2-D strided reductions for the few CPUs of a node)."""
+    n = len(keys)
+    out = np.zeros(n, FLOW_DTYPE)
+    if not n:
         return out
     out["key"] = keys
-    pk = vals["packets"]
-    seen = pk > 0
-    out["packets"] = pk.sum(axis=1)
-    out["octets"] = vals["octets"].sum(axis=1)
-    never = np.iinfo(np.uint64).max
-    first = np.where(seen, vals["first_ns"], never).min(axis=1)
-    last = vals["last_ns"].max(axis=1)
-    out["first_ms"] = (first + np.uint64(offset_ns)) // np.uint64(1_000_000)
-    out["last_ms"] = (last + np.uint64(offset_ns)) // np.uint64(1_000_000)
-    out["tcp_flags"] = np.bitwise_or.reduce(vals["tcp_flags"], axis=1)
-    out["min_ttl"] = np.where(seen, vals["min_ttl"], 255).min(axis=1)
-    out["max_ttl"] = vals["max_ttl"].max(axis=1)
-    latest = vals["last_ns"].argmax(axis=1)
-    out["tos"] = vals["tos"][np.arange(len(keys)), latest]
+    never = np.uint64(np.iinfo(np.uint64).max)
+    packets = np.zeros(n, np.uint64)
+    octets = np.zeros(n, np.uint64)
+    first = np.full(n, never)
+    last = np.zeros(n, np.uint64)
+    flags = np.zeros(n, np.uint16)
+    min_ttl = np.full(n, 255, np.uint8)
+    max_ttl = np.zeros(n, np.uint8)
+    tos = np.zeros(n, np.uint8)
+    for c in range(vals.shape[1]):
+        v = vals[:, c]
+        seen = v["packets"] > 0
+        packets += v["packets"]
+        octets += v["octets"]
+        np.minimum(first, np.where(seen, v["first_ns"], never), out=first)
+        later = v["last_ns"] >= last
+        np.maximum(last, v["last_ns"], out=last)
+        flags |= v["tcp_flags"]
+        np.minimum(min_ttl, np.where(seen, v["min_ttl"], 255).astype(np.uint8), out=min_ttl)
+        np.maximum(max_ttl, v["max_ttl"], out=max_ttl)
+        np.copyto(tos, v["tos"], where=later & seen)
+    off = np.uint64(offset_ns)
+    ms = np.uint64(1_000_000)
+    out["packets"], out["octets"] = packets, octets
+    out["first_ms"], out["last_ms"] = (first + off) // ms, (last + off) // ms
+    out["tcp_flags"], out["min_ttl"], out["max_ttl"], out["tos"] = flags, min_ttl, max_ttl, tos
     return out

@@ -93,11 +93,13 @@ def test_a_tcp_transfer_is_counted_like_the_veth_counts_it_and_ends_with_fin(nod
     tshark = oracles.Tshark(node.netns, 4739)
     subprocess.run(node.in_pod(1, f"iperf3 -s -D -1 -B {b.ipv4} -p 5201").split(), check=True)
     time.sleep(0.5)
-    with agent(node, "--idle-timeout", "5"):
+    with agent(node, "--idle-timeout", "3"):
         before = node.link_stats(a.host_if)
         subprocess.run(node.in_pod(0, f"iperf3 -c {b.ipv4} -p 5201 -n 4M").split(), check=True,
                        stdout=subprocess.DEVNULL)
-        time.sleep(2.5)  # FIN seen, then one quiet poll: reported as end of flow
+        # FIN seen, then one quiet poll: end of flow (3). Waiting past the idle timeout
+        # means a connection whose end went unnoticed would show as idle (1) instead.
+        time.sleep(4)
         after = node.link_stats(a.host_if)
     tshark.stop()
     records = tshark.records()
@@ -107,7 +109,8 @@ def test_a_tcp_transfer_is_counted_like_the_veth_counts_it_and_ends_with_fin(nod
     # both connections (control and data) are reported as ended by FIN; a late ACK
     # after that record may follow as a record of its own
     ended = {(r["sport"], r["dport"]) for r in tcp if r["end_reason"] == 3}
-    assert ended == {(r["sport"], r["dport"]) for r in tcp} and len(ended) == 4
+    assert ended == {(r["sport"], r["dport"]) for r in tcp} and len(ended) == 4, [
+        (r["sport"], r["dport"], r["end_reason"], r["packets"]) for r in tcp]
     assert sum(r["octets"] for r in sent) > 4 * 1024 * 1024
     packets = after["rx_packets"] - before["rx_packets"]
     octets = after["rx_bytes"] - before["rx_bytes"]

@@ -8,7 +8,7 @@ table of distinct values (interface and pod names repeat across records).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,72 +67,76 @@ class Strings:
     values: Sequence[str]
     idx: np.ndarray
 
-    def encoded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Blob of length-prefixed encodings, start and length of each value."""
+    def encoded(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each value's variable-length encoding (RFC 7011 section 7) as a row of a
+        zero-padded matrix, and its length."""
         parts = []
         for v in self.values:
-            b = v.encode()
-            if len(b) > 0xFFFE:
-                b = b[:0xFFFE]
+            b = v.encode()[:0xFFFE]
             prefix = bytes([len(b)]) if len(b) < 255 else b"\xff" + struct.pack("!H", len(b))
             parts.append(prefix + b)
         lengths = np.array([len(p) for p in parts], np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        blob = np.frombuffer(b"".join(parts), np.uint8)
-        return blob, starts, lengths
+        matrix = np.zeros((len(parts), int(lengths.max(initial=1))), np.uint8)
+        for i, p in enumerate(parts):  # one per distinct value, not per record
+            matrix[i, : len(p)] = np.frombuffer(p, np.uint8)
+        return matrix, lengths
+
+
+@dataclass
+class RecordGroup:
+    """Records of equal encoded size, laid out back to back."""
+
+    rows: np.ndarray  # their positions in the batch given to encode_records
+    data: np.ndarray  # uint8, len(rows) * size
+    size: int
 
 
 def encode_records(
     template: Template, columns: Mapping[str, np.ndarray | Strings], n: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """All n records as one byte buffer, with offsets[i] the start of record i
-    (offsets[n] is the end)."""
+) -> list[RecordGroup]:
+    """Encode n records. Records whose strings have the same lengths share one
+    numpy dtype and are written in one assignment per field."""
     fixed = np.zeros(n, template.fixed_dtype)
     for name in template.fixed_dtype.names:
         fixed[name] = columns[name]
-    if not template.varlen:
-        size = template.fixed_dtype.itemsize
-        return fixed.view(np.uint8), np.arange(n + 1, dtype=np.int64) * size
     fsize = template.fixed_dtype.itemsize
-    pieces = []  # (blob, src start per record, length per record)
-    total = np.full(n, fsize, np.int64)
+    if not template.varlen:
+        return [RecordGroup(np.arange(n), fixed.view(np.uint8), fsize)]
+    encoded, lens, keys = [], [], np.zeros(n, np.int64)
+    radix = 1
     for name in template.varlen:
         col = columns[name]
         assert isinstance(col, Strings), name
-        blob, starts, lengths = col.encoded()
-        src, ln = starts[col.idx], lengths[col.idx]
-        pieces.append((blob, src, ln))
-        total += ln
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(total, out=offsets[1:])
-    buf = np.zeros(int(offsets[-1]), np.uint8)
-    fb = fixed.view(np.uint8).reshape(n, fsize)
-    buf[(offsets[:-1, None] + np.arange(fsize)).ravel()] = fb.ravel()
-    at = offsets[:-1] + fsize
-    for blob, src, ln in pieces:
-        _scatter(buf, at, blob, src, ln)
-        at = at + ln
-    return buf, offsets
-
-
-def _scatter(buf: np.ndarray, dst: np.ndarray, blob: np.ndarray, src: np.ndarray, ln: np.ndarray):
-    count = int(ln.sum())
-    if not count:
-        return
-    base = np.repeat(np.cumsum(ln) - ln, ln)
-    within = np.arange(count, dtype=np.int64) - base
-    buf[np.repeat(dst, ln) + within] = blob[np.repeat(src, ln) + within]
-
-
-def chunks(offsets: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
-    """Record ranges [i, j) whose bytes fit in budget (at least one record each)."""
-    n = len(offsets) - 1
-    i = 0
-    while i < n:
-        j = int(np.searchsorted(offsets, offsets[i] + budget, "right")) - 1
-        j = max(j, i + 1)
-        yield i, min(j, n)
-        i = j
+        matrix, lengths = col.encoded()
+        per_record = lengths[col.idx]
+        present = np.flatnonzero(np.bincount(per_record))  # few distinct lengths: no sort
+        if len(present) > 1:
+            rank = np.zeros(present[-1] + 1, np.int64)
+            rank[present] = np.arange(len(present))
+            keys += rank[per_record] * radix
+            radix *= len(present)
+        encoded.append((matrix, col.idx))
+        lens.append(per_record)
+    if radix == 1:  # one layout for all: no reordering at all
+        order, bounds = np.arange(n), np.zeros(0, np.int64)
+    else:
+        order = np.argsort(keys, kind="stable")
+        bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    fixed_v = fixed.view(np.dtype((np.void, fsize)))
+    groups = []
+    for rows in np.split(order, bounds):
+        first = rows[0]
+        widths = [int(ln[first]) for ln in lens]
+        dtype = np.dtype(
+            [("fixed", fixed_v.dtype)] + [(f"s{i}", np.uint8, (w,)) for i, w in enumerate(widths)]
+        )
+        out = np.empty(len(rows), dtype)
+        whole = radix == 1
+        out["fixed"] = fixed_v if whole else fixed_v[rows]
+        for i, ((matrix, idx), w) in enumerate(zip(encoded, widths)):
+            out[f"s{i}"] = matrix[idx if whole else idx[rows], :w]
+        groups.append(RecordGroup(rows, out.view(np.uint8), dtype.itemsize))
+    return groups
 
 
 def set_bytes(set_id: int, body: bytes) -> bytes:
@@ -155,3 +159,122 @@ def message(body: bytes, export_time: int, sequence: int, domain: int) -> bytes:
         HEADER.pack(VERSION, HEADER.size + len(body), export_time, sequence & 0xFFFFFFFF, domain)
         + body
     )
+
+
+# header and the one set header of a message that carries a single data set
+_HEAD = np.dtype(
+    [
+        ("version", ">u2"),
+        ("length", ">u2"),
+        ("export_time", ">u4"),
+        ("sequence", ">u4"),
+        ("domain", ">u4"),
+        ("set_id", ">u2"),
+        ("set_length", ">u2"),
+    ]
+)
+
+
+@dataclass
+class Messages:
+    """Messages laid out back to back, ready for one sendmmsg or one stream write."""
+
+    buf: np.ndarray  # uint8
+    offsets: np.ndarray  # start of each message
+    lengths: np.ndarray
+    counts: np.ndarray  # data records in each message
+    rows: np.ndarray  # the records' rows, in message order
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def rows_after(self, sent: int) -> np.ndarray:
+        """Rows of the messages from index `sent` on (the ones not delivered)."""
+        return self.rows[int(self.counts[:sent].sum()) :]
+
+
+def pack(
+    set_id: int,
+    groups: Sequence[RecordGroup],
+    max_message: int,
+    export_time: int,
+    domain: int,
+    sequence: int,
+) -> Messages:
+    """All records of the groups in messages of at most max_message octets, with
+    sequence numbers counting from `sequence`. Full messages of a group are built
+    as one numpy array; the groups' remainders share messages (several sets each)."""
+    room = max_message - _HEAD.itemsize
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    rest: list[tuple[RecordGroup, int]] = []
+    for g in groups:
+        k = room // g.size
+        if k <= 0:
+            raise ValueError(f"a {g.size}-octet record does not fit a {max_message}-octet message")
+        full = len(g.rows) // k
+        if full:
+            body = k * g.size
+            msgs = np.zeros(full, [("head", _HEAD), ("body", np.uint8, (body,))])
+            msgs["body"] = g.data[: full * body].reshape(full, body)
+            head = msgs["head"]
+            head["version"], head["length"], head["export_time"] = (
+                VERSION,
+                _HEAD.itemsize + body,
+                export_time,
+            )
+            head["domain"], head["set_id"], head["set_length"] = (
+                domain,
+                set_id,
+                SET_HEADER.size + body,
+            )
+            parts.append(
+                (
+                    msgs.view(np.uint8),
+                    np.full(full, _HEAD.itemsize + body),
+                    np.full(full, k),
+                    g.rows[: full * k],
+                )
+            )
+        if len(g.rows) > full * k:
+            rest.append((g, full * k))
+    parts.extend(_pack_rest(set_id, rest, max_message, export_time, domain))
+    if not parts:
+        z = np.zeros(0, np.int64)
+        return Messages(np.zeros(0, np.uint8), z, z, z, z)
+    buf = np.concatenate([p[0] for p in parts])
+    lengths = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    counts = np.concatenate([p[2] for p in parts]).astype(np.int64)
+    rows = np.concatenate([p[3] for p in parts])
+    offsets = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    seq = (sequence + np.concatenate([[0], np.cumsum(counts)[:-1]])) & 0xFFFFFFFF
+    buf[(offsets[:, None] + 8 + np.arange(4)).ravel()] = seq.astype(">u4").view(np.uint8)
+    return Messages(buf, offsets, lengths, counts, rows)
+
+
+def _pack_rest(set_id, rest, max_message, export_time, domain):
+    """Remainders of groups (fewer records than fill a message), several sets a message."""
+    out, sets, rows, count = [], [], [], 0
+    space = max_message - HEADER.size
+
+    def close():
+        body = b"".join(sets)
+        msg = np.frombuffer(message(body, export_time, 0, domain), np.uint8)
+        out.append((msg, np.array([len(msg)]), np.array([count]), np.concatenate(rows)))
+
+    for g, start in rest:
+        i = start
+        while i < len(g.rows):
+            k = min((space - SET_HEADER.size) // g.size, len(g.rows) - i)
+            if k <= 0:
+                close()
+                sets, rows, count, space = [], [], 0, max_message - HEADER.size
+                continue
+            sets.append(set_bytes(set_id, g.data[i * g.size : (i + k) * g.size].tobytes()))
+            rows.append(g.rows[i : i + k])
+            space -= SET_HEADER.size + k * g.size
+            count += k
+            i += k
+    if count:
+        close()
+    return out
