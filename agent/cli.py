@@ -37,7 +37,7 @@ def fail(message: str) -> int:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from agent import logs
+    from agent import logs, memory
     from agent.interfaces import InterfaceError
     from agent.transport import ResolveError
 
@@ -48,6 +48,7 @@ def run_agent(args: argparse.Namespace) -> int:
     if not cfg.interface:
         return fail("nothing to meter: give --interface NAME or a glob (CNIFLOW_INTERFACE)")
     logs.setup(cfg.log_level, cfg.log_format)
+    memory.keep_heap()
 
     from agent.pipeline import Agent
 

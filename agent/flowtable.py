@@ -146,12 +146,17 @@ class FlowTable:
         if not new.any():
             return batch[:0]
         evicted = self._make_room(int(new.sum()))
+        if not len(self.flows) and new.all():  # first fill: take the batch as it is
+            self.flows, self._words = batch, words
+            self.order = np.argsort(h)
+            self.sorted_h = h[self.order]
+            return evicted
         start = len(self.flows)
         self.flows = np.concatenate([self.flows, take(batch, new)])
         self._words = np.concatenate([self._words, words[new]])
         hashes = np.concatenate([self.sorted_h, h[new]])
         slots = np.concatenate([self.order, np.arange(start, len(self.flows))])
-        perm = np.argsort(hashes, kind="stable")
+        perm = np.argsort(hashes)  # equal hashes need no order: _find scans their range
         self.sorted_h, self.order = hashes[perm], slots[perm]
         return evicted
 

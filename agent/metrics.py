@@ -55,6 +55,9 @@ class Metrics:
         self.attach_failures = Counter(
             "cniflow_attach_failures", "Interfaces the kernel refused a filter on", registry=r
         )
+        self.poll_errors = Counter(
+            "cniflow_poll_errors", "Polls that failed with an unexpected error (logged)",
+            registry=r)
         self._kernel_seen: dict[str, int] = {}
 
     def kernel_stats(self, stats: dict[str, int]) -> None:

@@ -110,8 +110,12 @@ class Agent:
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                self.reconcile()
-                self.poll()
+                try:
+                    self.reconcile()
+                    self.poll()
+                except Exception:  # one bad poll must not stop metering for the node
+                    self.metrics.poll_errors.inc()
+                    log.exception("poll failed")
                 stop.wait(max(0.0, self.cfg.poll_interval - (time.monotonic() - started)))
         finally:
             self.shutdown()

@@ -9,14 +9,12 @@ wall-clock milliseconds.
 
 from __future__ import annotations
 
-import ctypes as ct
-import errno
-import os
 import time
 
 import numpy as np
 
 from agent.records import FLOW_DTYPE, KEY_DTYPE
+from bpf import syscall
 
 VAL_DTYPE = np.dtype(
     [
@@ -37,23 +35,6 @@ assert VAL_DTYPE.itemsize % 8 == 0  # the kernel pads per-CPU values to 8 octets
 # ample for every program that read the old slot to be done with its map.
 GRACE_SECONDS = 0.002
 
-_lib = None
-
-
-def _libbcc():
-    global _lib
-    if _lib is None:
-        from bcc.libbcc import lib
-
-        _lib = lib
-    return _lib
-
-
-def possible_cpus() -> int:
-    from bcc.utils import get_possible_cpus
-
-    return len(get_possible_cpus())
-
 
 def clock_offset_ns() -> int:
     """Wall clock minus CLOCK_MONOTONIC, the base of bpf_ktime_get_coarse_ns."""
@@ -66,8 +47,8 @@ class BatchDrain:
     def __init__(self, program, ncpu: int | None = None) -> None:
         self.program = program
         self.capacity = program.map_size
-        self.ncpu = ncpu or possible_cpus()
-        self.fds = [m.map_fd for m in program.flow_maps]
+        self.ncpu = ncpu or program.ncpu
+        self.fds = list(program.flow_map_fds)
         self.keys = np.zeros(self.capacity, KEY_DTYPE)
         self.vals = np.zeros((self.capacity, self.ncpu), VAL_DTYPE)
         self.active = 0
@@ -82,34 +63,14 @@ class BatchDrain:
         return self._lookup_and_delete(self.fds[idle])
 
     def _lookup_and_delete(self, fd: int) -> int:
-        lib = _libbcc()
-        key_size, val_size = KEY_DTYPE.itemsize, VAL_DTYPE.itemsize * self.ncpu
-        kbase, vbase = self.keys.ctypes.data, self.vals.ctypes.data
-        token = ct.c_uint32(0)
-        count = ct.c_uint32(0)
-        total = 0
-        first = True
-        while total < self.capacity:
-            count.value = self.capacity - total
-            ret = lib.bpf_lookup_and_delete_batch(
-                fd,
-                None if first else ct.byref(token),
-                ct.byref(token),
-                ct.c_void_p(kbase + total * key_size),
-                ct.c_void_p(vbase + total * val_size),
-                ct.byref(count),
-            )
-            err = ct.get_errno() if ret else 0
-            total += count.value
-            first = False
-            if ret == 0:
-                continue
-            if err == errno.ENOENT or ret == -errno.ENOENT:
-                break
-            raise OSError(
-                err or -ret, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err or -ret)}"
-            )
-        return total
+        return syscall.lookup_and_delete_batch(
+            fd,
+            self.keys.ctypes.data,
+            self.vals.ctypes.data,
+            KEY_DTYPE.itemsize,
+            VAL_DTYPE.itemsize * self.ncpu,
+            self.capacity,
+        )
 
     def drain(self) -> np.ndarray:
         """Empty the kernel map and return its flows as a FLOW_DTYPE batch."""

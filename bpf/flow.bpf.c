@@ -35,8 +35,7 @@ enum stat_index {
     STAT_MAP_FULL = 0,    // inserts refused: the map holds MAP_SIZE flows
     STAT_NOT_IP = 1,      // frames that are not IPv4 or IPv6: passed on, not counted
     STAT_MALFORMED = 2,   // truncated or invalid IP headers: passed on, not counted
-    STAT_COUNTED = 3,     // packets counted into a flow
-    STAT_MAX = 4,
+    STAT_MAX = 3,
 };
 
 struct flow_key {
@@ -130,7 +129,7 @@ static __always_inline void account(struct flow_key *key, const struct pkt *p) {
     int err;
     if (s && *s) {
         v = flows_b.lookup(key);
-        if (v) { fold(v, p); stat_inc(STAT_COUNTED); return; }
+        if (v) { fold(v, p); return; }
         err = flows_b.insert(key, &init);
         if (err == -17 /* EEXIST: another CPU inserted first */) {
             v = flows_b.lookup(key);
@@ -138,14 +137,15 @@ static __always_inline void account(struct flow_key *key, const struct pkt *p) {
         }
     } else {
         v = flows_a.lookup(key);
-        if (v) { fold(v, p); stat_inc(STAT_COUNTED); return; }
+        if (v) { fold(v, p); return; }
         err = flows_a.insert(key, &init);
         if (err == -17) {
             v = flows_a.lookup(key);
             if (v) { fold(v, p); err = 0; }
         }
     }
-    stat_inc(err ? STAT_MAP_FULL : STAT_COUNTED);
+    if (err)
+        stat_inc(STAT_MAP_FULL);
 }
 
 static __always_inline int classify(struct __sk_buff *skb, u8 direction) {

@@ -1,50 +1,83 @@
-"""Compile bpf/flow.bpf.c once with BCC; every interface shares its two program fds."""
+"""The loaded classifier: two program fds shared by every interface, and its maps.
+
+BCC compiles and loads it in a child process (bpf/compile.py); this process
+only holds the file descriptors and talks to the maps with bpf(2) directly.
+"""
 
 from __future__ import annotations
 
-import ctypes as ct
+import json
 import logging
-from pathlib import Path
+import os
+import socket
+import struct
+import subprocess
+import sys
+from typing import NamedTuple
+
+from bpf import syscall
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("flow.bpf.c")
-
 # enum stat_index in flow.bpf.c
-STAT_NAMES = ("map_full", "not_ip", "malformed", "counted")
+STAT_NAMES = ("map_full", "not_ip", "malformed")
 
 
 class LoadError(RuntimeError):
     """The program did not compile or load: BCC, headers or the kernel said no."""
 
 
-class FlowProgram:
-    """The loaded classifier: program fds for ingress and egress, and its maps."""
+class Prog(NamedTuple):
+    fd: int
+    name: str
 
+
+class FlowProgram:
     def __init__(self, map_size: int = 65536) -> None:
-        try:
-            from bcc import BPF  # Debian's python3-bpfcc, seen through system site packages
-        except ImportError as e:  # pragma: no cover - setup.sh installs it
-            raise LoadError(f"bcc is not importable ({e}): run scripts/setup.sh") from e
         self.map_size = map_size
-        try:
-            self.bpf = BPF(src_file=str(SOURCE), cflags=[f"-DMAP_SIZE={map_size}", "-w"])
-            self.ingress = self.bpf.load_func("cniflow_ingress", BPF.SCHED_CLS)
-            self.egress = self.bpf.load_func("cniflow_egress", BPF.SCHED_CLS)
-        except Exception as e:
-            raise LoadError(f"loading {SOURCE.name} failed: {e}") from e
-        self.flow_maps = (self.bpf["flows_a"], self.bpf["flows_b"])
-        self._slot = self.bpf["slot"]
-        self._stats = self.bpf["stats"]
+        self.ncpu = syscall.possible_cpus()
+        fds = self._load(map_size)
+        self.ingress = Prog(fds["cniflow_ingress"], "cniflow_ingress")
+        self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
+        self.flow_map_fds = (fds["flows_a"], fds["flows_b"])
+        self._slot, self._stats = fds["slot"], fds["stats"]
+        self._fds = list(fds.values())
         log.info("program loaded", extra={"map_size": map_size})
+
+    @staticmethod
+    def _load(map_size: int) -> dict[str, int]:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with parent, child:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bpf.compile", str(child.fileno()), str(map_size)],
+                pass_fds=[child.fileno()],
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
+            child.close()
+            msg, fds, _, _ = socket.recv_fds(parent, 65536, 16)
+            _, err = proc.communicate(timeout=120)
+        reply = json.loads(msg or b"{}") if msg else {"error": err.strip() or "compiler died"}
+        if "error" in reply:
+            for fd in fds:
+                os.close(fd)
+            raise LoadError(f"loading flow.bpf.c failed: {reply['error']}")
+        return dict(zip(reply["names"], fds, strict=True))
 
     def set_slot(self, value: int) -> None:
         """Point the program at flows_a (0) or flows_b (1)."""
-        self._slot[ct.c_int(0)] = ct.c_uint32(value)
+        syscall.update(self._slot, struct.pack("<I", 0), struct.pack("<I", value))
 
     def stats(self) -> dict[str, int]:
         """Per-CPU counters of flow.bpf.c, summed."""
-        return {name: int(sum(self._stats[ct.c_int(i)])) for i, name in enumerate(STAT_NAMES)}
+        out = {}
+        for i, name in enumerate(STAT_NAMES):
+            raw = syscall.lookup(self._stats, struct.pack("<I", i), 8 * self.ncpu)
+            out[name] = sum(struct.unpack(f"<{self.ncpu}Q", raw))
+        return out
 
     def close(self) -> None:
-        self.bpf.cleanup()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

@@ -70,8 +70,10 @@ def up(prefix: str, count: int = 2, subnet: int = 99) -> Node:
         sh(f"ip netns add {p}")
         sh(f"ip -n {p} link set lo up")
         # quiet pods: no router solicitations or RA handling, so every frame is the test's
-        sh(f"ip netns exec {p} sysctl -qw net.ipv6.conf.default.router_solicitations=0 "
-           "net.ipv6.conf.default.accept_ra=0 net.ipv6.conf.all.accept_ra=0")
+        sh(
+            f"ip netns exec {p} sysctl -qw net.ipv6.conf.default.router_solicitations=0 "
+            "net.ipv6.conf.default.accept_ra=0 net.ipv6.conf.all.accept_ra=0"
+        )
         sh(f"ip link add {pod.host_if} netns {ns} type veth peer name eth0 netns {p}")
         sh(f"ip -n {ns} link set {pod.host_if} up")
         sh(f"ip netns exec {ns} sysctl -qw net.ipv4.conf.{pod.host_if}.proxy_arp=1")

@@ -106,10 +106,12 @@ def test_a_tcp_transfer_is_counted_like_the_veth_counts_it_and_ends_with_fin(nod
     assert tshark.expert() == []
     tcp = [r for r in records if r["proto"] == 6 and r["interface"] == a.host_if]
     sent = [r for r in tcp if r["direction"] == 0]
-    # both connections (control and data) are reported as ended by FIN; a late ACK
-    # after that record may follow as a record of its own
-    ended = {(r["sport"], r["dport"]) for r in tcp if r["end_reason"] == 3}
-    assert ended == {(r["sport"], r["dport"]) for r in tcp} and len(ended) == 4, [
+    # Each connection (control and data) is reported as ended (3) in the direction
+    # that carried its FIN or RST. (iperf3's server may reset the data connection, so
+    # the client's direction of it can carry neither and end idle: that is correct.)
+    ends = {frozenset((r["sport"], r["dport"])) for r in tcp if r["end_reason"] == 3}
+    connections = {frozenset((r["sport"], r["dport"])) for r in tcp}
+    assert ends == connections and len(connections) == 2, [
         (r["sport"], r["dport"], r["end_reason"], r["packets"]) for r in tcp]
     assert sum(r["octets"] for r in sent) > 4 * 1024 * 1024
     packets = after["rx_packets"] - before["rx_packets"]

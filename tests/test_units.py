@@ -122,6 +122,18 @@ def test_the_readme_documents_every_setting():
             assert str(f.default) in row[0], (f.name, f.default, row[0])
 
 
+def test_a_lone_record_makes_one_message_with_the_right_sequence():
+    from agent.ipfix.flows import TEMPLATE_V4, columns
+    from agent.ipfix.message import pack
+
+    f = flows(1)
+    groups = encode_records(TEMPLATE_V4, columns(f, {0: "eth0"}), 1)
+    msgs = pack(256, groups, 1400, 0, 3, sequence=41)
+    assert len(msgs) == 1 and list(msgs.counts) == [1] and list(msgs.rows) == [0]
+    head = msgs.buf[:16].tobytes()
+    assert struct.unpack("!HHIII", head) == (10, msgs.lengths[0], 0, 41, 3)
+
+
 @pytest.mark.parametrize("size", [512, 1400, 9000])
 def test_messages_fit_the_size_and_sequence_numbers_count_records(size):
     """Over a real UDP socket: every message within the limit, sequence numbers equal

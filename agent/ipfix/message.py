@@ -82,6 +82,10 @@ class Strings:
         return matrix, lengths
 
 
+def _fields(dtype: np.dtype) -> list:
+    return [(name, dtype.fields[name][0]) for name in dtype.names]
+
+
 @dataclass
 class RecordGroup:
     """Records of equal encoded size, laid out back to back."""
@@ -96,11 +100,11 @@ def encode_records(
 ) -> list[RecordGroup]:
     """Encode n records. Records whose strings have the same lengths share one
     numpy dtype and are written in one assignment per field."""
-    fixed = np.zeros(n, template.fixed_dtype)
-    for name in template.fixed_dtype.names:
-        fixed[name] = columns[name]
     fsize = template.fixed_dtype.itemsize
     if not template.varlen:
+        fixed = np.empty(n, template.fixed_dtype)
+        for name in template.fixed_dtype.names:
+            fixed[name] = columns[name]
         return [RecordGroup(np.arange(n), fixed.view(np.uint8), fsize)]
     encoded, lens, keys = [], [], np.zeros(n, np.int64)
     radix = 1
@@ -117,11 +121,23 @@ def encode_records(
             radix *= len(present)
         encoded.append((matrix, col.idx))
         lens.append(per_record)
-    if radix == 1:  # one layout for all: no reordering at all
-        order, bounds = np.arange(n), np.zeros(0, np.int64)
-    else:
-        order = np.argsort(keys, kind="stable")
-        bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    if radix == 1:  # one layout for all records: fields written straight into place
+        widths = [int(ln[0]) if n else 0 for ln in lens]
+        dtype = np.dtype(
+            _fields(template.fixed_dtype)
+            + [(f"s{i}", np.uint8, (w,)) for i, w in enumerate(widths)]
+        )
+        out = np.empty(n, dtype)
+        for name in template.fixed_dtype.names:
+            out[name] = columns[name]
+        for i, (matrix, idx) in enumerate(encoded):
+            out[f"s{i}"] = matrix[idx, : widths[i]]
+        return [RecordGroup(np.arange(n), out.view(np.uint8), dtype.itemsize)]
+    fixed = np.empty(n, template.fixed_dtype)
+    for name in template.fixed_dtype.names:
+        fixed[name] = columns[name]
+    order = np.argsort(keys, kind="stable")
+    bounds = np.flatnonzero(np.diff(keys[order])) + 1
     fixed_v = fixed.view(np.dtype((np.void, fsize)))
     groups = []
     for rows in np.split(order, bounds):
@@ -131,10 +147,9 @@ def encode_records(
             [("fixed", fixed_v.dtype)] + [(f"s{i}", np.uint8, (w,)) for i, w in enumerate(widths)]
         )
         out = np.empty(len(rows), dtype)
-        whole = radix == 1
-        out["fixed"] = fixed_v if whole else fixed_v[rows]
+        out["fixed"] = fixed_v[rows]
         for i, ((matrix, idx), w) in enumerate(zip(encoded, widths)):
-            out[f"s{i}"] = matrix[idx if whole else idx[rows], :w]
+            out[f"s{i}"] = matrix[idx[rows], :w]
         groups.append(RecordGroup(rows, out.view(np.uint8), dtype.itemsize))
     return groups
 
@@ -241,7 +256,7 @@ def pack(
     if not parts:
         z = np.zeros(0, np.int64)
         return Messages(np.zeros(0, np.uint8), z, z, z, z)
-    buf = np.concatenate([p[0] for p in parts])
+    buf = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
     lengths = np.concatenate([p[1] for p in parts]).astype(np.int64)
     counts = np.concatenate([p[2] for p in parts]).astype(np.int64)
     rows = np.concatenate([p[3] for p in parts])
@@ -259,7 +274,7 @@ def _pack_rest(set_id, rest, max_message, export_time, domain):
 
     def close():
         body = b"".join(sets)
-        msg = np.frombuffer(message(body, export_time, 0, domain), np.uint8)
+        msg = np.frombuffer(bytearray(message(body, export_time, 0, domain)), np.uint8)
         out.append((msg, np.array([len(msg)]), np.array([count]), np.concatenate(rows)))
 
     for g, start in rest:
