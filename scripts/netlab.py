@@ -65,32 +65,40 @@ def up(prefix: str, count: int = 2, subnet: int = 99) -> Node:
     sh(f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
     for i in range(count):
         v6 = str(ipaddress.ip_address(f"fd00:{subnet}:{i}::2"))
-        pod = Pod(f"{prefix}-pod{i}", f"{prefix}v{i}"[:15], f"10.{subnet}.{i}.2", v6)
-        p = pod.netns
-        sh(f"ip netns add {p}")
-        sh(f"ip -n {p} link set lo up")
-        # quiet pods: no router solicitations or RA handling, so every frame is the test's
-        sh(
-            f"ip netns exec {p} sysctl -qw net.ipv6.conf.default.router_solicitations=0 "
-            "net.ipv6.conf.default.accept_ra=0 net.ipv6.conf.all.accept_ra=0"
+        node.pods.append(
+            add_pod(node, Pod(f"{prefix}-pod{i}", f"{prefix}v{i}"[:15], f"10.{subnet}.{i}.2", v6))
         )
-        sh(f"ip link add {pod.host_if} netns {ns} type veth peer name eth0 netns {p}")
-        sh(f"ip -n {ns} link set {pod.host_if} up")
-        sh(f"ip netns exec {ns} sysctl -qw net.ipv4.conf.{pod.host_if}.proxy_arp=1")
-        sh(f"ip -n {ns} addr add fe80::1/64 dev {pod.host_if} nodad")
-        sh(f"ip -n {ns} route add {pod.ipv4}/32 dev {pod.host_if}")
-        sh(f"ip -n {ns} -6 route add {pod.ipv6}/128 dev {pod.host_if}")
-        sh(f"ip -n {p} link set eth0 up")
-        sh(f"ip -n {p} addr add {pod.ipv4}/32 dev eth0")
-        sh(f"ip -n {p} addr add {pod.ipv6}/128 dev eth0 nodad")
-        sh(f"ip -n {p} route add 169.254.1.1 dev eth0 scope link")
-        sh(f"ip -n {p} route add default via 169.254.1.1 dev eth0")
-        sh(f"ip -n {p} -6 route add default via fe80::1 dev eth0")
-        node.pods.append(pod)
     # wait for IPv6 link-local addresses to leave the tentative state
     for pod in node.pods:
         sh(f"ip netns exec {pod.netns} ping -6 -c 1 -W 2 -w 5 fe80::1%eth0", check=False)
     return node
+
+
+def add_pod(node: Node, pod: Pod, wait: bool = False) -> Pod:
+    """One pod: its namespace, the veth pair, addresses and routes, Calico-style."""
+    ns, p = node.netns, pod.netns
+    sh(f"ip netns add {p}")
+    sh(f"ip -n {p} link set lo up")
+    # quiet pods: no router solicitations or RA handling, so every frame is the test's
+    sh(
+        f"ip netns exec {p} sysctl -qw net.ipv6.conf.default.router_solicitations=0 "
+        "net.ipv6.conf.default.accept_ra=0 net.ipv6.conf.all.accept_ra=0"
+    )
+    sh(f"ip link add {pod.host_if} netns {ns} type veth peer name eth0 netns {p}")
+    sh(f"ip -n {ns} link set {pod.host_if} up")
+    sh(f"ip netns exec {ns} sysctl -qw net.ipv4.conf.{pod.host_if}.proxy_arp=1")
+    sh(f"ip -n {ns} addr add fe80::1/64 dev {pod.host_if} nodad")
+    sh(f"ip -n {ns} route add {pod.ipv4}/32 dev {pod.host_if}")
+    sh(f"ip -n {ns} -6 route add {pod.ipv6}/128 dev {pod.host_if}")
+    sh(f"ip -n {p} link set eth0 up")
+    sh(f"ip -n {p} addr add {pod.ipv4}/32 dev eth0")
+    sh(f"ip -n {p} addr add {pod.ipv6}/128 dev eth0 nodad")
+    sh(f"ip -n {p} route add 169.254.1.1 dev eth0 scope link")
+    sh(f"ip -n {p} route add default via 169.254.1.1 dev eth0")
+    sh(f"ip -n {p} -6 route add default via fe80::1 dev eth0")
+    if wait:
+        sh(f"ip netns exec {p} ping -6 -c 1 -W 2 -w 5 fe80::1%eth0", check=False)
+    return pod
 
 
 def down(prefix: str) -> None:

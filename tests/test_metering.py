@@ -7,8 +7,9 @@ import subprocess
 import time
 from collections import Counter
 
+import netlab
 import oracles
-from conftest import agent, wait_for
+from conftest import agent, filters, wait_for
 
 PY = "/usr/bin/python3"
 
@@ -179,7 +180,8 @@ def test_garbage_and_truncated_frames_pass_untouched_and_do_not_skew_counts(node
                          capture_output=True, text=True).stdout.strip()
     tshark = oracles.Tshark(node.netns, 4739)
     with agent(node, "--idle-timeout", "1") as running:
-        code = GARBAGE.replace("DSTMAC", mac).replace("SRC", a.ipv4).replace("DST", b.ipv4)
+        code = (GARBAGE.replace("DSTMAC", mac).replace("SRC6", a.ipv6).replace("DST6", b.ipv6)
+                .replace("SRC", a.ipv4).replace("DST", b.ipv4))
         subprocess.run(node.in_pod(0, f"{PY} -c '{code}'"), shell=True, check=True)
         send_udp(node, 0, b.ipv4, 9400, count=7, size=50)
         ping(node, 0, b.ipv4, 2)
@@ -195,6 +197,25 @@ def test_garbage_and_truncated_frames_pass_untouched_and_do_not_skew_counts(node
     # without ports
     assert totals(records, dport=7777, interface=a.host_if)[0] == 2
     assert totals(records, proto=17, sport=0, dport=0, interface=a.host_if)[0] == 1
+    assert totals(records, proto=132, sport=6666, dport=8888, interface=a.host_if)[0] == 1
+    # ports found behind three IPv6 extension headers; octets = IPv6 header + payload
+    assert totals(records, src=a.ipv6, dport=7778, interface=a.host_if) == (1, 40 + 36)
+
+
+def test_an_interface_that_appears_later_and_matches_the_glob_is_metered(node):
+    a, b = node.pods
+    tshark = oracles.Tshark(node.netns, 4739)
+    with agent(node, "--idle-timeout", "1") as running:
+        late = netlab.Pod(f"{node.prefix}-pod9", f"{node.prefix}v9", "10.99.9.2",
+                          "fd00:99:9::2")
+        netlab.add_pod(node, late)
+        node.pods.append(late)
+        assert wait_for(lambda: "cniflow_ingress" in filters(node, late.host_if), 10)
+        assert running.metrics()["cniflow_interfaces_attached"] == 3
+        send_udp(node, 2, b.ipv4, 9600, count=4, size=100)
+        time.sleep(2)
+    tshark.stop()
+    assert totals(tshark.records(), dport=9600, interface=late.host_if) == (4, 4 * 128)
 
 
 GARBAGE = r"""
@@ -218,6 +239,14 @@ frames = [
     eth(0x8100) + struct.pack("!HH", 5, 0x0800) + ip(17, udp),             # 802.1Q
     eth(0x88a8) + struct.pack("!HH", 7, 0x8100) + struct.pack("!HH", 5, 0x0800) + ip(17, udp),
     eth(0x0800) + ip(17, b"\x00" * 16, frag=0x0010),      # non-first fragment
+    eth(0x0800) + ip(132, struct.pack("!HHII", 6666, 8888, 0, 0)),         # SCTP
+    # IPv6: hop-by-hop, destination options, routing, then UDP to port 7778
+    eth(0x86dd) + struct.pack("!IHBB", 0x60000000, 8 + 8 + 8 + 12, 0, 64)
+    + socket.inet_pton(socket.AF_INET6, "SRC6") + socket.inet_pton(socket.AF_INET6, "DST6")
+    + bytes([60, 0]) + b"\x01\x04" + b"\x00" * 4       # hop-by-hop -> dest options
+    + bytes([43, 0]) + b"\x01\x04" + b"\x00" * 4       # dest options -> routing
+    + bytes([17, 0, 0, 0]) + b"\x00" * 4                 # routing (segments left 0) -> UDP
+    + struct.pack("!HHHH", 5555, 7778, 12, 0) + b"abcd",
 ]
 for f in frames:
     try:

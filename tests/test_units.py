@@ -177,3 +177,36 @@ def test_messages_fit_the_size_and_sequence_numbers_count_records(size):
         assert off == len(m)
     assert expected == e.sequence == 500
     assert e.metrics.records_exported._value.get() == 500
+
+
+def test_udp_templates_go_first_and_again_after_the_refresh_interval():
+    import socket
+
+    from agent.exporter import Exporter
+    from agent.metrics import Metrics
+    from agent.transport import UdpTransport
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(0.3)
+    now = [1000.0]
+    e = Exporter(UdpTransport(*rx.getsockname()), 1, Metrics(), template_refresh_s=30,
+                 clock=lambda: now[0])
+
+    def set_ids():
+        out = []
+        try:
+            while True:
+                m = rx.recv(65535)
+                out.append(struct.unpack("!H", m[16:18])[0])
+        except TimeoutError:
+            return out
+
+    e.export(flows(2), {})
+    assert set_ids() == [2, 256]  # templates, then data
+    now[0] += 29
+    e.export(flows(2), {})
+    assert set_ids() == [256]
+    now[0] += 2
+    e.export(flows(2), {})
+    assert set_ids() == [2, 256]  # refreshed after 30 s
