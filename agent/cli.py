@@ -45,8 +45,9 @@ def run_agent(args: argparse.Namespace) -> int:
         cfg = config.from_sources(args)
     except config.ConfigError as e:
         return fail(str(e))
-    if not cfg.interface:
-        return fail("nothing to meter: give --interface NAME or a glob (CNIFLOW_INTERFACE)")
+    if not cfg.interface and not cfg.kubernetes:
+        return fail("nothing to meter: give --interface NAME or a glob (CNIFLOW_INTERFACE), "
+                    "or --kubernetes")
     logs.setup(cfg.log_level, cfg.log_format)
     memory.keep_heap()
 

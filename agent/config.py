@@ -63,6 +63,15 @@ def _address(text: str) -> str:
     return text
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
 def _split(text: str) -> list[str]:
     return [p for p in text.replace(",", " ").split() if p]
 
@@ -77,6 +86,21 @@ class Config:
             "help": "interface to meter: a name or a glob such as 'veth*' (repeatable; "
             "interfaces that appear later are attached too)",
         },
+    )
+    kubernetes: bool = field(
+        default=False,
+        metadata={"parse": _bool, "switch": True, "help":
+                  "meter the pods of this node that opt in (annotation cniflow.io/export)"},
+    )
+    node_name: str = field(
+        default="",
+        metadata={"parse": str, "help":
+                  "this node's name, for the pod watch; default: $NODE_NAME"},
+    )
+    kubeconfig: str = field(
+        default="",
+        metadata={"parse": str, "help":
+                  "kubeconfig file; default: in-cluster service account, then $KUBECONFIG"},
     )
     collector: str = field(
         default="127.0.0.1:4739",
@@ -210,4 +234,10 @@ def from_sources(args: argparse.Namespace, env: Mapping[str, str] = os.environ) 
                 values[f.name] = _parse(f, given)
         elif env_name(f.name) in env:
             values[f.name] = _parse(f, env[env_name(f.name)])
-    return Config(**values)
+    cfg = Config(**values)
+    if cfg.kubernetes and not cfg.node_name:
+        cfg.node_name = env.get("NODE_NAME", "")
+        if not cfg.node_name:
+            raise ConfigError("--node-name / CNIFLOW_NODE_NAME (or NODE_NAME) is needed "
+                              "with --kubernetes")
+    return cfg

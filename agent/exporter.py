@@ -18,9 +18,12 @@ import numpy as np
 
 from agent.ipfix import flows as flowmap
 from agent.ipfix.message import (
+    HEADER,
+    SET_HEADER,
     encode_records,
     message,
     pack,
+    set_bytes,
     template_sets,
 )
 from agent.metrics import Metrics
@@ -39,6 +42,7 @@ class Exporter:
         template_refresh_s: float = 60,
         backlog_limit: int = 100_000,
         clock: Callable[[], float] = time.time,
+        with_pods: bool = False,
     ) -> None:
         self.transport = transport
         self.domain = domain
@@ -47,7 +51,8 @@ class Exporter:
         self.template_refresh_s = template_refresh_s
         self.backlog_limit = backlog_limit
         self.clock = clock
-        self.templates = list(flowmap.TEMPLATES.values())
+        self.flow_templates = flowmap.templates(with_pods)
+        self.with_pods = with_pods
         self.backlog: deque[np.ndarray] = deque()
         self.backlog_records = 0
         self.sequence = 0
@@ -56,8 +61,9 @@ class Exporter:
         self._errors_seen = 0
         self._sent_messages = self._sent_records = 0
 
-    def export(self, records: np.ndarray, ifnames: Mapping[int, str]) -> None:
-        """Queue records and send everything the collector can take now."""
+    def export(self, records: np.ndarray, ifnames: Mapping[int, str], pods=None) -> None:
+        """Queue records and send everything the collector can take now. pods: an
+        agent.podmeta.PodTable naming the pods (required when built with_pods)."""
         if len(records):
             self.backlog.append(records)
             self.backlog_records += len(records)
@@ -68,7 +74,7 @@ class Exporter:
             while self.backlog:
                 batch = self.backlog.popleft()
                 self.backlog_records -= len(batch)
-                rest = self._send(batch, ifnames)
+                rest = self._send(batch, ifnames, pods)
                 if len(rest):
                     self.backlog.appendleft(rest)
                     self.backlog_records += len(rest)
@@ -98,10 +104,21 @@ class Exporter:
         now = self.clock()
         if now < self.templates_due:
             return
-        msg = message(template_sets(self.templates), int(now), self.sequence, self.domain)
-        if self._emit(msg, 0):
+        body, records = self._announcement()
+        if self._emit(message(body, int(now), self.sequence, self.domain), records):
             refresh = self.template_refresh_s if self.transport.kind == "udp" else float("inf")
             self.templates_due = now + refresh
+
+    def _announcement(self) -> tuple[bytes, int]:
+        """Templates, preceded (with pods) by the RFC 5610 type records of the Antrea
+        elements: collectors must learn those before the data templates using them."""
+        flows = list(self.flow_templates.values())
+        if not self.with_pods:
+            return template_sets(flows), 0
+        names = flowmap.POD_STRINGS
+        groups = encode_records(flowmap.IE_TYPES, flowmap.ie_type_columns(names), len(names))
+        types = b"".join(set_bytes(flowmap.IE_TYPES.id, g.data.tobytes()) for g in groups)
+        return template_sets([flowmap.IE_TYPES]) + types + template_sets(flows), len(names)
 
     def _emit(self, msg: bytes, records: int) -> bool:
         ok = self.transport.send(msg)
@@ -122,15 +139,17 @@ class Exporter:
             self.metrics.records_exported.inc(self._sent_records)
             self._sent_messages = self._sent_records = 0
 
-    def _send(self, batch: np.ndarray, ifnames: Mapping[int, str]) -> np.ndarray:
+    def _send(self, batch: np.ndarray, ifnames: Mapping[int, str], pods) -> np.ndarray:
         """Send one batch; returns the records that could not be sent."""
         version = batch["key"]["ip_version"]
-        for v, template in flowmap.TEMPLATES.items():
+        room = self.max_message - HEADER.size - SET_HEADER.size
+        for v, template in self.flow_templates.items():
             rows = np.flatnonzero(version == v)
             if not len(rows):
                 continue
             sub = take(batch, rows)
-            groups = encode_records(template, flowmap.columns(sub, ifnames), len(sub))
+            cols = flowmap.columns(sub, ifnames, pods if self.with_pods else None)
+            groups = encode_records(template, cols, len(sub), max_record=room)
             msgs = pack(
                 template.id, groups, self.max_message, int(self.clock()), self.domain, self.sequence
             )

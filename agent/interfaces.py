@@ -15,23 +15,24 @@ def is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
+def links(ipr: IPRoute) -> dict[int, str]:
+    """ifindex -> name of every interface here (one netlink dump)."""
+    return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+
 class InterfaceSet:
-    def __init__(self, patterns: list[str], ipr: IPRoute) -> None:
+    """The --interface names and globs."""
+
+    def __init__(self, patterns: list[str]) -> None:
         self.patterns = patterns
-        self.ipr = ipr
 
-    def scan(self) -> dict[int, str]:
-        """ifindex -> name of every present interface the patterns match (one netlink dump)."""
-        out = {}
-        for link in self.ipr.get_links():
-            name = link.get_attr("IFLA_IFNAME")
-            if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
-                out[link["index"]] = name
-        return out
+    def desired(self, present: dict[int, str]) -> dict[int, str]:
+        return {i: n for i, n in present.items()
+                if any(fnmatch.fnmatchcase(n, p) for p in self.patterns)}
 
-    def check_named(self) -> None:
+    def check_named(self, present: dict[int, str]) -> None:
         """Exact names must exist when the agent starts: a typo is an error, not a wait."""
-        present = set(self.scan().values())
-        missing = [p for p in self.patterns if not is_glob(p) and p not in present]
+        names = set(present.values())
+        missing = [p for p in self.patterns if not is_glob(p) and p not in names]
         if missing:
             raise InterfaceError(f"no such interface: {', '.join(missing)}")

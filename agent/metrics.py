@@ -58,6 +58,16 @@ class Metrics:
         self.poll_errors = Counter(
             "cniflow_poll_errors", "Polls that failed with an unexpected error (logged)",
             registry=r)
+        self.pods_opted_in = Gauge(
+            "cniflow_pods_opted_in", "Pods of this node opted in (hostNetwork ones excluded)",
+            registry=r)
+        self.annotation_errors = Counter(
+            "cniflow_annotation_errors",
+            "Pods and namespaces with a cniflow.io/export value other than true or false",
+            registry=r)
+        self.api_errors = Counter(
+            "cniflow_api_errors", "Failed list or watch requests to the API server",
+            registry=r)
         self._kernel_seen: dict[str, int] = {}
 
     def kernel_stats(self, stats: dict[str, int]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from agent.config import Config
 from agent.exporter import Exporter
 from agent.flowtable import FlowTable
-from agent.interfaces import InterfaceSet
+from agent.interfaces import InterfaceSet, links
 from agent.metrics import Metrics
 from agent.records import FLOW_DTYPE
 from agent.transport import make as make_transport
@@ -38,8 +38,17 @@ class Agent:
         host, port = cfg.collector_host_port
         self.transport = make_transport(cfg.transport, host, port)
         self.ipr = IPRoute()
-        self.interfaces = InterfaceSet(cfg.interface, self.ipr)
-        self.interfaces.check_named()
+        self.cluster = None
+        if cfg.kubernetes:
+            from agent.kube import Cluster
+            from agent.pods import PodSource
+            from agent.resolve import Resolver
+
+            self.cluster = Cluster(cfg.node_name, cfg.kubeconfig, self.metrics)
+            self.source = PodSource(self.cluster, Resolver(self.ipr), self.metrics)
+        else:
+            self.source = InterfaceSet(cfg.interface)
+            self.source.check_named(links(self.ipr))
         self.program = FlowProgram(cfg.map_size)
         self.drain = BatchDrain(self.program)
         self.attacher = Attacher(self.program, cfg.tc_priority, self.ipr)
@@ -59,13 +68,17 @@ class Agent:
         self.metrics.map_size.set(cfg.map_size)
 
     def reconcile(self) -> None:
-        """Attach to matching interfaces that appeared, forget the ones that vanished."""
-        present = self.interfaces.scan()
+        """Desired against attached, in one place: attach what is wanted, detach what
+        is no longer wanted (opt-out), forget what vanished (its filters went with it)."""
+        present = links(self.ipr)
+        want = self.source.desired(present)
         for ifindex in list(self.attacher.attached):
             if ifindex not in present:
                 self.attacher.forget(ifindex)
                 log.info("interface vanished", extra={"ifindex": ifindex})
-        for ifindex, name in present.items():
+            elif ifindex not in want:
+                self.attacher.detach(ifindex)
+        for ifindex, name in want.items():
             if ifindex in self.attacher.attached or ifindex in self.failed:
                 continue
             try:
@@ -87,15 +100,13 @@ class Agent:
         evicted = self.table.update(batch, unique=True)  # map keys
         due = self.table.flush() if final else self.table.expire(int(time.time() * 1000))
         out = np.concatenate([evicted, due]) if len(evicted) else due
-        self.exporter.export(out if len(out) else np.zeros(0, FLOW_DTYPE), self.names)
+        reported = set(self.attacher.attached) | set(
+            np.unique(self.table.flows["key"]["ifindex"]).tolist()) | set(
+            np.unique(out["key"]["ifindex"]).tolist())
+        pods = self.source.table(reported) if self.cluster is not None else None
+        self.exporter.export(out if len(out) else np.zeros(0, FLOW_DTYPE), self.names, pods)
         self.metrics.flows_active.set(len(self.table))
-        self._prune_names()
-
-    def _prune_names(self) -> None:
-        keep = set(self.attacher.attached) | set(
-            np.unique(self.table.flows["key"]["ifindex"]).tolist()
-        )
-        for ifindex in [i for i in self.names if i not in keep]:
+        for ifindex in [i for i in self.names if i not in reported]:
             del self.names[ifindex]
 
     def run(self, stop: threading.Event) -> None:
@@ -131,6 +142,8 @@ class Agent:
                     extra={"records": self.exporter.backlog_records},
                 )
         finally:
+            if self.cluster is not None:
+                self.cluster.stop()
             self.transport.close()
             self.program.close()
             self.ipr.close()

@@ -118,7 +118,9 @@ def test_the_readme_documents_every_setting():
         row = [line for line in readme.splitlines() if line.startswith(f"| `{flag(f.name)}`")]
         assert row, f"README lacks a row for {flag(f.name)}"
         assert f"`{env_name(f.name)}`" in row[0]
-        if isinstance(f.default, (int, float, str)) and f.default != "":
+        if isinstance(f.default, bool):
+            assert f" {str(f.default).lower()} " in row[0], (f.name, row[0])
+        elif isinstance(f.default, (int, float, str)) and f.default != "":
             assert str(f.default) in row[0], (f.name, f.default, row[0])
 
 

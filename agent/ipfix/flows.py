@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from agent.ipfix.message import Strings, Template
+from agent.ipfix.registry import element
 from agent.records import INGRESS
 
 ICMP, ICMPV6 = 1, 58
@@ -41,10 +42,60 @@ V6 = [
     "icmpTypeCodeIPv6",
 ]
 STRINGS = ["interfaceName"]
+POD_STRINGS = [  # Antrea's enterprise elements (PEN 56506)
+    "sourcePodNamespace",
+    "sourcePodName",
+    "destinationPodNamespace",
+    "destinationPodName",
+    "sourceNodeName",
+    "destinationNodeName",
+]
 
 TEMPLATE_V4 = Template.of(256, V4 + COMMON + STRINGS)
 TEMPLATE_V6 = Template.of(257, V6 + COMMON + STRINGS)
 TEMPLATES = {4: TEMPLATE_V4, 6: TEMPLATE_V6}
+TEMPLATE_V4_PODS = Template.of(258, V4 + COMMON + STRINGS + POD_STRINGS)
+TEMPLATE_V6_PODS = Template.of(259, V6 + COMMON + STRINGS + POD_STRINGS)
+POD_TEMPLATES = {4: TEMPLATE_V4_PODS, 6: TEMPLATE_V6_PODS}
+
+# RFC 5610 information element type records, so generic collectors learn the
+# Antrea elements' names and types. All nine fields: libfixbuf ignores fewer.
+IE_TYPES = Template.of(
+    260,
+    [
+        "informationElementId",
+        "privateEnterpriseNumber",
+        "informationElementDataType",
+        "informationElementSemantics",
+        "informationElementUnits",
+        "informationElementRangeBegin",
+        "informationElementRangeEnd",
+        "informationElementName",
+        "informationElementDescription",
+    ],
+    scope_count=2,
+)
+
+
+def templates(with_pods: bool) -> dict[int, Template]:
+    return POD_TEMPLATES if with_pods else TEMPLATES
+
+
+def ie_type_columns(names: list[str]) -> dict[str, np.ndarray | Strings]:
+    els = [element(n) for n in names]
+    n = len(els)
+    zero = np.zeros(n, np.uint64)
+    return {
+        "informationElementId": np.array([e.id for e in els], np.uint16),
+        "privateEnterpriseNumber": np.array([e.pen for e in els], np.uint32),
+        "informationElementDataType": np.array([e.type_code for e in els], np.uint8),
+        "informationElementSemantics": np.zeros(n, np.uint8),  # default
+        "informationElementUnits": np.zeros(n, np.uint16),  # none
+        "informationElementRangeBegin": zero,
+        "informationElementRangeEnd": zero,
+        "informationElementName": Strings([e.name for e in els], np.arange(n)),
+        "informationElementDescription": Strings([e.description for e in els], np.arange(n)),
+    }
 
 
 def lookup_strings(ifindex: np.ndarray, table: Mapping[int, str]) -> Strings:
@@ -58,7 +109,17 @@ def lookup_strings(ifindex: np.ndarray, table: Mapping[int, str]) -> Strings:
     return Strings(values, idx)
 
 
-def columns(flows: np.ndarray, ifnames: Mapping[int, str]) -> dict[str, np.ndarray | Strings]:
+def columns(
+    flows: np.ndarray, ifnames: Mapping[int, str], pods=None
+) -> dict[str, np.ndarray | Strings]:
+    """IPFIX columns of a batch; pods (an agent.podmeta.PodTable) adds the Antrea ones."""
+    out = _flow_columns(flows, ifnames)
+    if pods is not None:
+        out.update(pods.columns(flows))
+    return out
+
+
+def _flow_columns(flows: np.ndarray, ifnames: Mapping[int, str]) -> dict[str, np.ndarray | Strings]:
     k = flows["key"]
     proto = k["proto"]
     icmp = (proto == ICMP) | (proto == ICMPV6)

@@ -67,12 +67,14 @@ class Strings:
     values: Sequence[str]
     idx: np.ndarray
 
-    def encoded(self) -> tuple[np.ndarray, np.ndarray]:
+    def encoded(self, max_octets: int = 0xFFFE) -> tuple[np.ndarray, np.ndarray]:
         """Each value's variable-length encoding (RFC 7011 section 7) as a row of a
-        zero-padded matrix, and its length."""
+        zero-padded matrix, and its length; values cut to max_octets of UTF-8."""
         parts = []
         for v in self.values:
-            b = v.encode()[:0xFFFE]
+            b = v.encode()
+            if len(b) > max_octets:  # cut on a character boundary
+                b = b[:max_octets].decode(errors="ignore").encode()
             prefix = bytes([len(b)]) if len(b) < 255 else b"\xff" + struct.pack("!H", len(b))
             parts.append(prefix + b)
         lengths = np.array([len(p) for p in parts], np.int64)
@@ -96,11 +98,21 @@ class RecordGroup:
 
 
 def encode_records(
-    template: Template, columns: Mapping[str, np.ndarray | Strings], n: int
+    template: Template, columns: Mapping[str, np.ndarray | Strings], n: int,
+    max_record: int = 0xFFFF,
 ) -> list[RecordGroup]:
     """Encode n records. Records whose strings have the same lengths share one
-    numpy dtype and are written in one assignment per field."""
+    numpy dtype and are written in one assignment per field. If the longest
+    strings could make a record exceed max_record octets, each string column
+    is cut to an equal share of the room left by the fixed fields."""
     fsize = template.fixed_dtype.itemsize
+    share = 0xFFFE
+    if template.varlen:
+        longest = sum(
+            3 + max((len(v.encode()) for v in columns[name].values), default=0)
+            for name in template.varlen)
+        if fsize + longest > max_record:
+            share = (max_record - fsize) // len(template.varlen) - 3
     if not template.varlen:
         fixed = np.empty(n, template.fixed_dtype)
         for name in template.fixed_dtype.names:
@@ -111,7 +123,7 @@ def encode_records(
     for name in template.varlen:
         col = columns[name]
         assert isinstance(col, Strings), name
-        matrix, lengths = col.encoded()
+        matrix, lengths = col.encoded(share)
         per_record = lengths[col.idx]
         present = np.flatnonzero(np.bincount(per_record))  # few distinct lengths: no sort
         if len(present) > 1:

@@ -44,6 +44,7 @@ class Element:
     id: int
     name: str
     type: str
+    description: str = ""
 
     @property
     def dtype(self) -> np.dtype | None:
@@ -65,7 +66,8 @@ def elements() -> dict[str, Element]:
     path = Path(__file__).with_name("elements.csv")
     with path.open() as f:
         out = {
-            r["name"]: Element(int(r["pen"]), int(r["id"]), r["name"], r["type"])
+            r["name"]: Element(int(r["pen"]), int(r["id"]), r["name"], r["type"],
+                               r.get("description") or "")
             for r in csv.DictReader(f)
         }
     return out

@@ -1,0 +1,164 @@
+"""Discover pods: follow this node's pods and all namespaces through the API server.
+
+One thread per resource lists, then watches from the list's resourceVersion.
+A 410 Gone, a dropped watch or an error leads to a fresh list (after a backoff
+when the server is away), so a missed event heals at the next list. The agent's
+poll loop reads a consistent snapshot and reconciles against it in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+ANNOTATION = "cniflow.io/export"
+
+
+@dataclass(frozen=True)
+class Pod:
+    uid: str
+    namespace: str
+    name: str
+    ips: tuple[str, ...]
+    host_network: bool
+    annotation: str | None  # the value of cniflow.io/export, if present
+
+
+def pod_from(obj: dict) -> Pod:
+    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    ips = tuple(p["ip"] for p in status.get("podIPs") or [] if p.get("ip"))
+    if not ips and status.get("podIP"):
+        ips = (status["podIP"],)
+    return Pod(meta.get("uid", ""), meta["namespace"], meta["name"], ips,
+               bool(spec.get("hostNetwork")), (meta.get("annotations") or {}).get(ANNOTATION))
+
+
+def namespace_from(obj: dict) -> tuple[str, str | None]:
+    meta = obj["metadata"]
+    return meta["name"], (meta.get("annotations") or {}).get(ANNOTATION)
+
+
+class Follower(threading.Thread):
+    """List and watch one resource into a dict, forever (until stop)."""
+
+    def __init__(self, name: str, list_fn, field_selector: str | None, parse, key,
+                 stop: threading.Event, changed: threading.Event, metrics=None,
+                 watch_seconds: int = 240, backoff_max: float = 10.0) -> None:
+        super().__init__(name=f"follow-{name}", daemon=True)
+        self.kind, self.list_fn, self.field_selector = name, list_fn, field_selector
+        self.parse, self.key = parse, key
+        self.stop_event, self.changed, self.metrics = stop, changed, metrics
+        self.watch_seconds, self.backoff_max = watch_seconds, backoff_max
+        self.items: dict = {}
+        self.lock = threading.Lock()
+        self.synced = threading.Event()
+        self.relists = 0
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return dict(self.items)
+
+    def run(self) -> None:
+        from kubernetes import client, watch
+
+        backoff = 0.5
+        while not self.stop_event.is_set():
+            try:
+                version = self._list()
+                backoff = 0.5
+                w = watch.Watch()
+                kwargs = {"resource_version": version, "timeout_seconds": self.watch_seconds}
+                if self.field_selector:
+                    kwargs["field_selector"] = self.field_selector
+                for event in w.stream(self.list_fn, **kwargs):
+                    self._apply(event["type"], event["raw_object"])
+                    if self.stop_event.is_set():
+                        w.stop()
+                # the watch ended (timeout or dropped connection): list again
+            except client.ApiException as e:
+                if e.status != 410:
+                    self._failed(str(e.reason or e), backoff)
+                    backoff = min(backoff * 2, self.backoff_max)
+                else:
+                    log.info("watch expired, relisting", extra={"resource": self.kind})
+            except Exception as e:  # connection refused, reset, timeouts
+                self._failed(str(e), backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+
+    def _failed(self, err: str, backoff: float) -> None:
+        log.warning("api server unreachable", extra={"resource": self.kind, "err": err[:200]})
+        if self.metrics:
+            self.metrics.api_errors.inc()
+        self.stop_event.wait(backoff)
+
+    def _list(self) -> str:
+        kwargs = {"_preload_content": False}
+        if self.field_selector:
+            kwargs["field_selector"] = self.field_selector
+        import json
+
+        body = json.loads(self.list_fn(**kwargs).data)
+        items = {}
+        for obj in body.get("items") or []:
+            parsed = self.parse(obj)
+            items[self.key(parsed)] = parsed
+        with self.lock:
+            self.items = items
+        self.relists += 1
+        self.synced.set()
+        self.changed.set()
+        return body["metadata"]["resourceVersion"]
+
+    def _apply(self, etype: str, obj: dict) -> None:
+        parsed = self.parse(obj)
+        with self.lock:
+            if etype == "DELETED":
+                self.items.pop(self.key(parsed), None)
+            elif etype in ("ADDED", "MODIFIED"):
+                self.items[self.key(parsed)] = parsed
+        self.changed.set()
+
+
+class Cluster:
+    """This node's pods and every namespace, as the API server tells them."""
+
+    def __init__(self, node_name: str, kubeconfig: str = "", metrics=None) -> None:
+        from kubernetes import client, config
+
+        if kubeconfig:
+            config.load_kube_config(kubeconfig)
+        else:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()  # KUBECONFIG or ~/.kube/config
+        v1 = client.CoreV1Api()
+        self.node_name = node_name
+        self.stop_event = threading.Event()
+        self.changed = threading.Event()
+        self.pods = Follower("pods", v1.list_pod_for_all_namespaces,
+                             f"spec.nodeName={node_name}", pod_from, lambda p: p.uid,
+                             self.stop_event, self.changed, metrics)
+        self.namespaces = Follower("namespaces", v1.list_namespace, None, namespace_from,
+                                   lambda n: n[0], self.stop_event, self.changed, metrics)
+
+    def start(self) -> None:
+        self.pods.start()
+        self.namespaces.start()
+
+    def wait_synced(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for f in (self.pods, self.namespaces):
+            if not f.synced.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def snapshot(self) -> tuple[list[Pod], dict[str, str | None]]:
+        return list(self.pods.snapshot().values()), dict(self.namespaces.snapshot().values())
+
+    def stop(self) -> None:
+        self.stop_event.set()

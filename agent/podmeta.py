@@ -1,0 +1,93 @@
+"""Pod metadata for records: the observed pod by interface, any known pod by address.
+
+A record's observed pod is the one behind the interface that saw it: its
+source on the TC ingress of the host-side veth (the pod sent it), its
+destination on the egress. The other side is named too when its address
+belongs to a pod this agent knows. Lookups are sorted-array searches over
+whole batches.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from agent.flowtable import key_hash
+from agent.ipfix.message import Strings
+from agent.kube import Pod
+from agent.records import INGRESS
+
+
+def _address_words(raw16: np.ndarray, version: np.ndarray) -> np.ndarray:
+    """(n, 16) address octets plus IP version as (n, 3) uint64."""
+    words = np.zeros((len(raw16), 3), np.uint64)
+    words[:, :2] = np.ascontiguousarray(raw16).view("<u8").reshape(-1, 2)
+    words[:, 2] = version
+    return words
+
+
+class PodTable:
+    def __init__(self, node: str, by_ifindex: Mapping[int, Pod], known: Iterable[Pod]) -> None:
+        pods = list({p.uid: p for p in list(known) + list(by_ifindex.values())}.values())
+        self.node = node
+        index = {p.uid: i for i, p in enumerate(pods)}
+        none = len(pods)  # the index of "", for records with no pod on that side
+        self.namespaces = [p.namespace for p in pods] + [""]
+        self.names = [p.name for p in pods] + [""]
+        self.none = none
+        keys = sorted(by_ifindex)
+        self.if_keys = np.array(keys, np.int64)
+        self.if_pod = np.array([index[by_ifindex[k].uid] for k in keys], np.int64)
+        raw, versions, owner = [], [], []
+        for p in pods:
+            for ip in p.ips:
+                a = ipaddress.ip_address(ip)
+                raw.append(a.packed.ljust(16, b"\0"))
+                versions.append(a.version)
+                owner.append(index[p.uid])
+        words = np.zeros((0, 3), np.uint64)
+        if raw:
+            octets = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, 16)
+            words = _address_words(octets, np.array(versions, np.uint64))
+        h = key_hash(words)
+        order = np.argsort(h)
+        self.ip_hash, self.ip_words = h[order], words[order]
+        self.ip_pod = np.array(owner, np.int64)[order] if owner else np.zeros(0, np.int64)
+
+    def _by_ifindex(self, ifindex: np.ndarray) -> np.ndarray:
+        out = np.full(len(ifindex), self.none, np.int64)
+        if len(self.if_keys):
+            pos = np.minimum(np.searchsorted(self.if_keys, ifindex), len(self.if_keys) - 1)
+            hit = self.if_keys[pos] == ifindex
+            out[hit] = self.if_pod[pos[hit]]
+        return out
+
+    def _by_address(self, raw16: np.ndarray, version: np.ndarray) -> np.ndarray:
+        out = np.full(len(raw16), self.none, np.int64)
+        if not len(self.ip_hash):
+            return out
+        words = _address_words(raw16, version)
+        pos = np.minimum(np.searchsorted(self.ip_hash, key_hash(words)), len(self.ip_hash) - 1)
+        hit = (self.ip_words[pos] == words).all(axis=1)
+        out[hit] = self.ip_pod[pos[hit]]
+        return out
+
+    def columns(self, flows: np.ndarray) -> dict[str, Strings]:
+        k = flows["key"]
+        ingress = k["direction"] == INGRESS
+        observed = self._by_ifindex(k["ifindex"].astype(np.int64))
+        other = np.where(ingress[:, None], k["dst"], k["src"])
+        remote = self._by_address(other, k["ip_version"])
+        src = np.where(ingress, observed, remote)
+        dst = np.where(ingress, remote, observed)
+        nodes = [self.node, ""]
+        return {
+            "sourcePodNamespace": Strings(self.namespaces, src),
+            "sourcePodName": Strings(self.names, src),
+            "destinationPodNamespace": Strings(self.namespaces, dst),
+            "destinationPodName": Strings(self.names, dst),
+            "sourceNodeName": Strings(nodes, (src == self.none).astype(np.int64)),
+            "destinationNodeName": Strings(nodes, (dst == self.none).astype(np.int64)),
+        }

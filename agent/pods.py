@@ -1,0 +1,70 @@
+"""The pods this agent meters: opt-in decisions, their resolved host interfaces,
+and who is behind each interface (for the records' pod metadata)."""
+
+from __future__ import annotations
+
+import logging
+
+from agent.kube import Cluster, Pod
+from agent.metrics import Metrics
+from agent.optin import decide
+from agent.podmeta import PodTable
+from agent.resolve import Resolver
+
+log = logging.getLogger(__name__)
+
+
+class PodSource:
+    def __init__(self, cluster: Cluster, resolver: Resolver, metrics: Metrics) -> None:
+        self.cluster, self.resolver, self.metrics = cluster, resolver, metrics
+        self.resolved: dict[str, tuple[tuple[str, ...], int]] = {}  # uid -> (ips, ifindex)
+        self.by_ifindex: dict[int, Pod] = {}  # metered now
+        self.remembered: dict[int, Pod] = {}  # gone, while their flows are still reported
+        self.known: list[Pod] = []
+        self._warned: set[tuple[str, str]] = set()
+        self._host_logged: set[str] = set()
+
+    def desired(self, present: dict[int, str]) -> dict[int, str]:
+        """ifindex -> interface name of every opted-in pod resolved to a present veth."""
+        pods, namespaces = self.cluster.snapshot()
+        d = decide(pods, namespaces)
+        for who, message in d.invalid:
+            if (who, message) not in self._warned:
+                self._warned.add((who, message))
+                self.metrics.annotation_errors.inc()
+                log.warning("bad annotation", extra={"object": who, "problem": message})
+        for pod in d.host_network:
+            if pod.uid not in self._host_logged:
+                self._host_logged.add(pod.uid)
+                log.info("hostNetwork pod opted in: it has no interface of its own, not metered",
+                         extra={"pod": f"{pod.namespace}/{pod.name}"})
+        self.known = pods
+        want: dict[int, str] = {}
+        by_ifindex: dict[int, Pod] = {}
+        live = {p.uid for p in d.metered}
+        for uid in [u for u in self.resolved if u not in live]:
+            del self.resolved[uid]
+        for pod in d.metered:
+            cached = self.resolved.get(pod.uid)
+            fresh = cached and cached[0] == pod.ips and cached[1] in present
+            ifindex = cached[1] if fresh else None
+            if ifindex is None:
+                ifindex = self.resolver.resolve(pod.ips) if pod.ips else None
+                if ifindex is None or ifindex not in present:
+                    continue  # not there yet: tried again next poll
+                self.resolved[pod.uid] = (pod.ips, ifindex)
+            want[ifindex] = present[ifindex]
+            by_ifindex[ifindex] = pod
+        for ifindex, pod in self.by_ifindex.items():
+            if ifindex not in by_ifindex:
+                self.remembered[ifindex] = pod
+        self.by_ifindex = by_ifindex
+        self.metrics.pods_opted_in.set(len(d.metered))
+        return want
+
+    def table(self, still_reported: set[int]) -> PodTable:
+        """Metadata for this poll's records; forget gone pods whose flows are all out."""
+        for ifindex in [i for i in self.remembered if i not in still_reported]:
+            del self.remembered[ifindex]
+        return PodTable(self.cluster.node_name, {**self.remembered, **self.by_ifindex},
+                        self.known)

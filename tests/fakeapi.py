@@ -1,0 +1,239 @@
+"""A fake Kubernetes API server: list and watch of pods and namespaces over real HTTP.
+
+It speaks what the kubernetes client uses: `GET /api/v1/pods` and
+`/api/v1/namespaces` with `fieldSelector=spec.nodeName=...`, `watch=true`,
+`resourceVersion` and `timeoutSeconds`; watch events as JSON lines; an ERROR
+event with code 410 when the asked resourceVersion is older than the history it
+keeps. Tests change objects, compact history, drop watch connections or stop
+the server altogether. The listening socket can be made inside a network
+namespace, so an agent running there reaches it on its own loopback.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import socket
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+CLONE_NEWNET = 0x40000000
+
+
+def socket_in_netns(netns: str | None, port: int = 0) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 inside netns (made from a throwaway thread,
+    since setns changes only the calling thread)."""
+    out: list = []
+
+    def make():
+        try:
+            if netns:
+                libc = ctypes.CDLL(None, use_errno=True)
+                with open(f"/run/netns/{netns}") as f:
+                    if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(64)
+            out.append(s)
+        except Exception as e:  # reported in the caller's thread
+            out.append(e)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if isinstance(out[0], Exception):
+        raise out[0]
+    return out[0]
+
+
+class State:
+    """Objects, their resourceVersions and the event history watches replay."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.rv = 100
+        self.objects: dict[str, dict[str, dict]] = {"pods": {}, "namespaces": {}}
+        self.history: list[tuple[int, str, str, dict]] = []  # (rv, kind, type, object)
+        self.oldest = self.rv  # watches from an older version get 410 Gone
+        self.epoch = 0  # bumped to drop every open watch
+
+    def put(self, kind: str, obj: dict) -> dict:
+        with self.cond:
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            key = self._key(obj)
+            etype = "MODIFIED" if key in self.objects[kind] else "ADDED"
+            self.objects[kind][key] = obj
+            self.history.append((self.rv, kind, etype, obj))
+            self.cond.notify_all()
+            return obj
+
+    def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        with self.cond:
+            key = f"{namespace}/{name}" if namespace else name
+            obj = self.objects[kind].pop(key)
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            self.history.append((self.rv, kind, "DELETED", obj))
+            self.cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget history: watches resuming from before now get 410 Gone."""
+        with self.cond:
+            self.oldest = self.rv
+            self.history.clear()
+
+    def drop_watches(self) -> None:
+        with self.cond:
+            self.epoch += 1
+            self.cond.notify_all()
+
+    @staticmethod
+    def _key(obj: dict) -> str:
+        m = obj["metadata"]
+        return f"{m['namespace']}/{m['name']}" if "namespace" in m else m["name"]
+
+
+def _node_of(obj: dict) -> str | None:
+    return obj.get("spec", {}).get("nodeName")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # a watch ends when the server closes the connection
+    state: State
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urlparse(self.path)
+        kind = {"/api/v1/pods": "pods", "/api/v1/namespaces": "namespaces"}.get(url.path)
+        if kind is None:
+            return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        node = None
+        if q.get("fieldSelector", "").startswith("spec.nodeName="):
+            node = q["fieldSelector"].split("=", 1)[1]
+        if q.get("watch") in ("true", "1"):
+            return self._watch(kind, node, int(q.get("resourceVersion") or 0),
+                               float(q.get("timeoutSeconds") or 300))
+        st = self.state
+        with st.cond:
+            items = [o for o in st.objects[kind].values() if node is None or _node_of(o) == node]
+            body = {"kind": "PodList" if kind == "pods" else "NamespaceList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(st.rv)}, "items": items}
+        self._json(200, body)
+
+    def _json(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _watch(self, kind: str, node: str | None, since: int, timeout: float) -> None:
+        st = self.state
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        deadline = time.time() + timeout
+        with st.cond:
+            epoch = st.epoch
+            if since < st.oldest:
+                gone = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "message": f"too old resource version: {since} ({st.oldest})",
+                        "reason": "Expired", "code": 410}
+                self._line({"type": "ERROR", "object": gone})
+                return
+        sent = since
+        while time.time() < deadline:
+            with st.cond:
+                pending = [e for e in st.history if e[0] > sent and e[1] == kind]
+                if not pending:
+                    st.cond.wait(min(0.5, max(0.0, deadline - time.time())))
+                    if st.epoch != epoch:
+                        return  # dropped: the client must resume or relist
+                    continue
+            for rv, _, etype, obj in pending:
+                sent = rv
+                if node is not None and _node_of(obj) != node:
+                    continue
+                try:
+                    self._line({"type": etype, "object": obj})
+                except OSError:
+                    return
+
+    def _line(self, event: dict) -> None:
+        self.wfile.write(json.dumps(event).encode() + b"\n")
+        self.wfile.flush()
+
+
+class FakeApiServer:
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self.state = State()
+        self._sock = socket_in_netns(netns)
+        self.port = self._sock.getsockname()[1]
+        self._server: ThreadingHTTPServer | None = None
+        self.start()
+
+    def start(self) -> None:
+        handler = type("BoundHandler", (Handler,), {"state": self.state})
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = self._sock if self._sock.fileno() >= 0 else socket_in_netns(
+            self.netns, self.port)
+        self._sock = server.socket
+        server.daemon_threads = True
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        """The API server goes away: listener closed, watches dropped."""
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.state.drop_watches()
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+            "users": [{"name": "fake", "user": {"token": "t"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+        }))
+        return path
+
+    # objects, the way the tests speak of them
+
+    def namespace(self, name: str, annotations: dict | None = None) -> dict:
+        return self.state.put("namespaces", {"metadata": {
+            "name": name, "uid": str(uuid.uuid4()), "annotations": annotations or {}}})
+
+    def pod(self, namespace: str, name: str, node: str, ips: list[str],
+            annotations: dict | None = None, host_network: bool = False,
+            uid: str | None = None) -> dict:
+        existing = self.state.objects["pods"].get(f"{namespace}/{name}")
+        uid = uid or (existing["metadata"]["uid"] if existing else str(uuid.uuid4()))
+        return self.state.put("pods", {
+            "metadata": {"name": name, "namespace": namespace, "uid": uid,
+                         "annotations": annotations or {}},
+            "spec": {"nodeName": node, "hostNetwork": host_network,
+                     "containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+            "status": {"phase": "Running", "podIP": ips[0] if ips else None,
+                       "podIPs": [{"ip": ip} for ip in ips]},
+        })
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        self.state.delete("pods", namespace, name)
