@@ -213,12 +213,18 @@ def _parse(f, text: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in SETTINGS:
+        help_text = f"{f.metadata['help']} [{env_name(f.name)}]"
+        if f.metadata.get("switch"):
+            parser.add_argument(
+                flag(f.name), dest=f.name, action="store_const", const="true", help=help_text
+            )
+            continue
         parser.add_argument(
             flag(f.name),
             dest=f.name,
             metavar=f.name.upper(),
             action="append" if f.metadata.get("many") else "store",
-            help=f"{f.metadata['help']} [{env_name(f.name)}]",
+            help=help_text,
         )
 
 

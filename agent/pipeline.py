@@ -62,6 +62,7 @@ class Agent:
             cfg.max_message_size,
             cfg.template_refresh,
             cfg.export_backlog,
+            with_pods=cfg.kubernetes,
         )
         self.names: dict[int, str] = {}
         self.failed: set[int] = set()
@@ -116,8 +117,14 @@ class Agent:
                 "collector": self.cfg.collector,
                 "transport": self.cfg.transport,
                 "interfaces": self.cfg.interface,
+                "kubernetes": self.cfg.kubernetes,
+                "node": self.cfg.node_name,
             },
         )
+        if self.cluster is not None:
+            self.cluster.start()
+            if not self.cluster.wait_synced(10):
+                log.warning("API server not reached yet: metering what is known, retrying")
         try:
             while not stop.is_set():
                 started = time.monotonic()

@@ -33,6 +33,8 @@ class Pod:
 class Node:
     prefix: str
     pods: list[Pod] = field(default_factory=list)
+    bridge: str = ""  # bridged layout: the bridge holding the pods' veths
+    subnet: int = 99
 
     @property
     def netns(self) -> str:
@@ -55,9 +57,13 @@ class Node:
         return dict(zip(("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"), map(int, out)))
 
 
-def up(prefix: str, count: int = 2, subnet: int = 99) -> Node:
+def up(prefix: str, count: int = 2, subnet: int = 99, layout: str = "routed") -> Node:
+    """layout: "routed" (Calico-style /32 routes per veth) or "bridged" (one bridge
+    holding every pod veth, pods in one subnet: flannel and the bridge plugin)."""
     down(prefix)
-    node = Node(prefix)
+    node = Node(prefix, subnet=subnet)
+    if layout == "bridged":
+        return _up_bridged(node, count)
     ns = node.netns
     sh(f"ip netns add {ns}")
     sh(f"ip -n {ns} link set lo up")
@@ -75,7 +81,9 @@ def up(prefix: str, count: int = 2, subnet: int = 99) -> Node:
 
 
 def add_pod(node: Node, pod: Pod, wait: bool = False) -> Pod:
-    """One pod: its namespace, the veth pair, addresses and routes, Calico-style."""
+    """One pod: its namespace, the veth pair, addresses and routes, in the node's layout."""
+    if node.bridge:
+        return _add_bridged_pod(node, pod, wait)
     ns, p = node.netns, pod.netns
     sh(f"ip netns add {p}")
     sh(f"ip -n {p} link set lo up")
@@ -98,6 +106,49 @@ def add_pod(node: Node, pod: Pod, wait: bool = False) -> Pod:
     sh(f"ip -n {p} -6 route add default via fe80::1 dev eth0")
     if wait:
         sh(f"ip netns exec {p} ping -6 -c 1 -W 2 -w 5 fe80::1%eth0", check=False)
+    return pod
+
+
+def _up_bridged(node: Node, count: int) -> Node:
+    ns, sub = node.netns, node.subnet
+    node.bridge = f"{node.prefix}br"[:15]
+    sh(f"ip netns add {ns}")
+    sh(f"ip -n {ns} link set lo up")
+    sh(f"ip netns exec {ns} sysctl -qw net.ipv6.conf.all.forwarding=1")
+    sh(f"ip -n {ns} link add {node.bridge} type bridge")
+    sh(f"ip -n {ns} addr add 10.{sub}.0.1/24 dev {node.bridge}")
+    sh(f"ip -n {ns} addr add fd00:{sub}::1/64 dev {node.bridge} nodad")
+    sh(f"ip -n {ns} link set {node.bridge} up")
+    for i in range(count):
+        pod = Pod(
+            f"{node.prefix}-pod{i}",
+            f"{node.prefix}v{i}"[:15],
+            f"10.{sub}.0.{i + 2}",
+            f"fd00:{sub}::{i + 2}",
+        )
+        node.pods.append(_add_bridged_pod(node, pod))
+    for pod in node.pods:
+        sh(f"ip netns exec {pod.netns} ping -6 -c 1 -W 2 -w 5 fd00:{sub}::1", check=False)
+    return node
+
+
+def _add_bridged_pod(node: Node, pod: Pod, wait: bool = False) -> Pod:
+    ns, p, sub = node.netns, pod.netns, node.subnet
+    sh(f"ip netns add {p}")
+    sh(f"ip -n {p} link set lo up")
+    sh(
+        f"ip netns exec {p} sysctl -qw net.ipv6.conf.default.router_solicitations=0 "
+        "net.ipv6.conf.default.accept_ra=0 net.ipv6.conf.all.accept_ra=0"
+    )
+    sh(f"ip link add {pod.host_if} netns {ns} type veth peer name eth0 netns {p}")
+    sh(f"ip -n {ns} link set {pod.host_if} master {node.bridge} up")
+    sh(f"ip -n {p} link set eth0 up")
+    sh(f"ip -n {p} addr add {pod.ipv4}/24 dev eth0")
+    sh(f"ip -n {p} addr add {pod.ipv6}/64 dev eth0 nodad")
+    sh(f"ip -n {p} route add default via 10.{sub}.0.1 dev eth0")
+    sh(f"ip -n {p} -6 route add default via fd00:{sub}::1 dev eth0")
+    if wait:
+        sh(f"ip netns exec {p} ping -6 -c 1 -W 2 -w 5 fd00:{sub}::1", check=False)
     return pod
 
 

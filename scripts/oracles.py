@@ -111,13 +111,30 @@ def parse_nfdump_raw(text: str) -> list[dict]:
 class Nfacctd:
     """pmacct's collector, printing JSON lines; SIGINT purges its cache."""
 
-    PRIMITIVES = "name=if_name\tfield_type=82\tlen=vlen\tsemantics=str\n"
+    # Antrea's pod elements as pmacct custom primitives (see shared/reference/oracles.md)
+    PRIMITIVES = "".join(
+        f"name={name}\tfield_type=56506:{ie}\tlen=vlen\tsemantics=str\n"
+        for name, ie in (
+            ("src_pod_ns", 100),
+            ("src_pod", 101),
+            ("dst_pod_ns", 102),
+            ("dst_pod", 103),
+            ("src_node", 104),
+            ("dst_node", 105),
+        )
+    )
 
-    def __init__(self, netns: str, port: int) -> None:
+    def __init__(self, netns: str, port: int, pods: bool = False) -> None:
         self.netns, self.port = netns, port
         self.dir = Path(tempfile.mkdtemp(prefix="cniflow-nfacctd-"))
         self.out = self.dir / "flows.jsonl"
         conf = self.dir / "nfacctd.conf"
+        extra_keys, extra_conf = "", ""
+        if pods:
+            (self.dir / "primitives.lst").write_text(self.PRIMITIVES)
+            extra_keys = ", src_pod_ns, src_pod, dst_pod_ns, dst_pod, src_node, dst_node"
+            extra_conf = f"aggregate_primitives: {self.dir}/primitives.lst\n"
+        self.pods = pods
         conf.write_text(
             "daemonize: false\n"
             f"logfile: {self.dir}/nfacctd.log\n"
@@ -125,8 +142,9 @@ class Nfacctd:
             f"nfacctd_port: {port}\n"
             "plugins: print[flows]\n"
             "aggregate[flows]: src_host, dst_host, src_port, dst_port, proto, in_iface, "
-            "out_iface, timestamp_start, timestamp_end\n"
-            "print_output[flows]: json\n"
+            f"out_iface, timestamp_start, timestamp_end{extra_keys}\n"
+            + extra_conf
+            + "print_output[flows]: json\n"
             f"print_output_file[flows]: {self.out}\n"
             "print_output_file_append[flows]: true\n"
             "print_refresh_time[flows]: 60\n"
@@ -157,6 +175,7 @@ class Nfacctd:
                         "octets": r["bytes"],
                         "input": r.get("iface_in"),
                         "output": r.get("iface_out"),
+                        **{k: r[k] for k in Tshark.ANTREA.values() if k in r},
                     }
                 )
         return flows
@@ -310,6 +329,62 @@ class Tshark:
             cols = line.split("\t")
             msgs.append({f: (c.split("|") if c else []) for f, c in zip(self.FIELDS, cols)})
         return msgs
+
+    ANTREA = {
+        100: "src_pod_ns",
+        101: "src_pod",
+        102: "dst_pod_ns",
+        103: "dst_pod",
+        104: "src_node",
+        105: "dst_node",
+    }
+
+    def pod_records(self) -> list[dict]:
+        """Flow records with the Antrea strings (tshark shows them as hex), read from
+        tshark's decoded tree: src, dst, proto, packets, octets, interface, and
+        src_pod_ns, src_pod, dst_pod_ns, dst_pod, src_node, dst_node."""
+        out = subprocess.run(
+            ["tshark", "-r", str(self.pcap), *self.decode_args(), "-O", "cflow", "-V"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        records, cur = [], None
+        for line in out.splitlines():
+            text = line.strip()
+            if re.match(r"^Flow \d+$", text):
+                cur = {}
+                records.append(cur)
+            elif text.startswith("Set ") or text.startswith("Frame "):
+                cur = None
+            elif cur is not None:
+                m = re.match(
+                    r"Enterprise Private entry: \(Project Antrea\) Type (\d+): "
+                    r"Value \(hex bytes\):?\s*([0-9a-f ]*)",
+                    text,
+                )
+                if m and int(m.group(1)) in self.ANTREA:
+                    cur[self.ANTREA[int(m.group(1))]] = bytes.fromhex(m.group(2)).decode()
+                    continue
+                for label, key in (
+                    ("SrcAddr", "src"),
+                    ("DstAddr", "dst"),
+                    ("Packets", "packets"),
+                    ("Octets", "octets"),
+                    ("IfName", "interface"),
+                    ("Protocol", "proto"),
+                    ("DstPort", "dport"),
+                ):
+                    if text.startswith(label + ":"):
+                        cur[key] = text.split(":", 1)[1].strip().split(" ")[0]
+        flows = [r for r in records if "src_pod" in r]
+        for r in flows:
+            r["packets"], r["octets"], r["dport"] = (
+                int(r["packets"]),
+                int(r["octets"]),
+                int(r["dport"]),
+            )
+        return flows
 
     def records(self) -> list[dict]:
         flows = []

@@ -108,7 +108,7 @@ def _node_of(obj: dict) -> str | None:
 
 
 class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"  # a watch ends when the server closes the connection
+    protocol_version = "HTTP/1.1"  # watches stream chunked, as the real API server does
     state: State
 
     def log_message(self, *args) -> None:
@@ -142,10 +142,22 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _watch(self, kind: str, node: str | None, since: int, timeout: float) -> None:
-        st = self.state
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self.close_connection = True
+        try:
+            if self._stream(kind, node, since, timeout):
+                self.wfile.write(b"0\r\n\r\n")  # the watch ends cleanly
+            else:  # dropped: cut the connection mid-stream, no closing chunk
+                self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _stream(self, kind: str, node: str | None, since: int, timeout: float) -> bool:
+        """Events after `since` until the timeout (True) or until dropped (False)."""
+        st = self.state
         deadline = time.time() + timeout
         with st.cond:
             epoch = st.epoch
@@ -154,7 +166,7 @@ class Handler(BaseHTTPRequestHandler):
                         "message": f"too old resource version: {since} ({st.oldest})",
                         "reason": "Expired", "code": 410}
                 self._line({"type": "ERROR", "object": gone})
-                return
+                return True
         sent = since
         while time.time() < deadline:
             with st.cond:
@@ -162,19 +174,18 @@ class Handler(BaseHTTPRequestHandler):
                 if not pending:
                     st.cond.wait(min(0.5, max(0.0, deadline - time.time())))
                     if st.epoch != epoch:
-                        return  # dropped: the client must resume or relist
+                        return False  # the client must resume or relist
                     continue
             for rv, _, etype, obj in pending:
                 sent = rv
                 if node is not None and _node_of(obj) != node:
                     continue
-                try:
-                    self._line({"type": etype, "object": obj})
-                except OSError:
-                    return
+                self._line({"type": etype, "object": obj})
+        return True
 
     def _line(self, event: dict) -> None:
-        self.wfile.write(json.dumps(event).encode() + b"\n")
+        data = json.dumps(event).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
 

@@ -1,0 +1,182 @@
+"""Stories of the Kubernetes agent: the real kubernetes client against a fake API
+server (real list and watch over HTTP), pods built as namespaces and veths."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from pathlib import Path
+
+import netlab
+import oracles
+import pytest
+from conftest import agent, filters, wait_for
+from fakeapi import FakeApiServer
+from test_metering import send_udp
+
+NODE = "node-a"
+OPT_IN = {"cniflow.io/export": "true"}
+OPT_OUT = {"cniflow.io/export": "false"}
+
+
+def attached(node, pod) -> bool:
+    return "cniflow_ingress" in filters(node, pod.host_if)
+
+
+@contextlib.contextmanager
+def k8s_agent(node, api: FakeApiServer, *args: str):
+    kubeconfig = api.kubeconfig(Path(f"/tmp/{node.prefix}-kubeconfig"))
+    with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
+               *args, interfaces=(), wait_attached=False) as running:
+        yield running
+
+
+@pytest.fixture
+def api(node):
+    server = FakeApiServer(node.netns)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("layout", ["routed", "bridged"])
+def test_a_pod_annotated_after_start_gets_flows_with_its_names_and_exact_counts(layout):
+    prefix = f"k8s{layout[0]}"
+    node = netlab.up(prefix, 2, layout=layout)
+    server = FakeApiServer(node.netns)
+    try:
+        web, db = node.pods
+        server.namespace("shop")
+        server.pod("shop", "web-7d9f", NODE, [web.ipv4, web.ipv6])
+        server.pod("shop", "db-0", NODE, [db.ipv4, db.ipv6])
+        server.pod("shop", "elsewhere", "node-b", ["10.200.0.9"], OPT_IN)  # another node's
+        tshark = oracles.Tshark(node.netns, 4739)
+        with k8s_agent(node, server, "--idle-timeout", "1") as running:
+            time.sleep(1.5)
+            assert not attached(node, web) and not attached(node, db)
+            server.pod("shop", "web-7d9f", NODE, [web.ipv4, web.ipv6], OPT_IN)
+            assert wait_for(lambda: attached(node, web), 5), running.log.read_text()
+            assert not attached(node, db)
+            send_udp(node, 0, db.ipv4, 9700, count=6, size=100)
+            time.sleep(2.5)
+            assert running.metrics()["cniflow_pods_opted_in"] == 1
+        pcap = tshark.stop()
+        records = tshark.pod_records()
+        assert tshark.expert() == []
+    finally:
+        server.stop()
+        netlab.down(prefix)
+    sent = [r for r in records if r["dport"] == 9700]
+    assert sum(r["packets"] for r in sent) == 6 and sum(r["octets"] for r in sent) == 6 * 128
+    assert {(r["interface"], r["src_pod_ns"], r["src_pod"], r["dst_pod_ns"], r["dst_pod"],
+             r["src_node"], r["dst_node"]) for r in sent} == {
+        (web.host_if, "shop", "web-7d9f", "shop", "db-0", NODE, NODE)}
+    # every record names the observed pod on its side of the veth
+    for r in records:
+        observed = r["src_pod"] if r["src"] in (web.ipv4, web.ipv6) else r["dst_pod"]
+        assert observed == "web-7d9f", r
+    # pmacct's nfacctd, given the Antrea elements as custom primitives, stores the names
+    node2 = netlab.up(prefix + "n", 0)
+    try:
+        nfacctd = oracles.Nfacctd(node2.netns, 4740, pods=True)
+        oracles.replay(pcap, node2.netns, 4740, decode_port=4739)
+        rows = [r for r in nfacctd.stop() if r["dport"] == 9700]
+    finally:
+        netlab.down(prefix + "n")
+    assert [(r["src_pod"], r["dst_pod"], r["packets"]) for r in rows] == [("web-7d9f", "db-0", 6)]
+
+
+def test_removing_the_annotation_detaches_and_stops_the_records(node, api):
+    web, db = node.pods
+    api.namespace("shop")
+    api.pod("shop", "web", NODE, [web.ipv4], OPT_IN)
+    tshark = oracles.Tshark(node.netns, 4739)
+    with k8s_agent(node, api, "--idle-timeout", "1") as running:
+        assert wait_for(lambda: attached(node, web), 10), running.log.read_text()
+        send_udp(node, 0, db.ipv4, 9710, count=3, size=10)
+        api.pod("shop", "web", NODE, [web.ipv4], {})  # annotation removed
+        assert wait_for(lambda: not attached(node, web), 5)
+        send_udp(node, 0, db.ipv4, 9711, count=3, size=10)
+        time.sleep(2)
+    tshark.stop()
+    records = tshark.pod_records()
+    assert sum(r["packets"] for r in records if r["dport"] == 9710) == 3
+    assert not [r for r in records if r["dport"] == 9711]
+    assert "clsact" not in subprocess.run(node.exec(f"tc qdisc show dev {web.host_if}").split(),
+                                          capture_output=True, text=True).stdout
+
+
+def test_a_namespace_opts_in_new_pods_and_a_deleted_pod_leaves_nothing(node, api):
+    web, db = node.pods
+    api.namespace("team", OPT_IN)
+    api.pod("team", "web", NODE, [web.ipv4], {})
+    api.pod("team", "db", NODE, [db.ipv4], OPT_OUT)  # a pod may opt out of its namespace
+    tshark = oracles.Tshark(node.netns, 4739)
+    with k8s_agent(node, api, "--idle-timeout", "1") as running:
+        assert wait_for(lambda: attached(node, web), 10), running.log.read_text()
+        time.sleep(1)
+        assert not attached(node, db)
+        job = netlab.add_pod(node, netlab.Pod(f"{node.prefix}-pod7", f"{node.prefix}v7",
+                                              "10.99.7.2", "fd00:99:7::2"), wait=True)
+        node.pods.append(job)
+        api.pod("team", "job-1", NODE, [job.ipv4])
+        assert wait_for(lambda: attached(node, job), 5), running.log.read_text()
+        send_udp(node, 2, web.ipv4, 9720, count=4, size=10)
+        time.sleep(1.5)
+        api.delete_pod("team", "job-1")  # deleted: its filters go
+        assert wait_for(lambda: not attached(node, job), 5)
+        netlab.sh(f"ip netns del {job.netns}")  # and then its veth
+        node.pods.remove(job)
+        time.sleep(2)
+        m = running.metrics()
+        assert m["cniflow_attach_failures_total"] == 0
+        assert m["cniflow_poll_errors_total"] == 0
+        assert m["cniflow_interfaces_attached"] == 1
+        assert running.proc.poll() is None
+    tshark.stop()
+    rows = [r for r in tshark.pod_records() if r["dport"] == 9720 and r["interface"] == job.host_if]
+    assert [(r["src_pod"], r["dst_pod"], r["packets"]) for r in rows] == [("job-1", "web", 4)]
+    log = running.log.read_text()
+    assert '"level": "error"' not in log and "Traceback" not in log
+
+
+def test_the_agent_keeps_metering_while_the_api_server_is_away_and_converges_after(node, api):
+    web, db = node.pods
+    api.namespace("shop")
+    api.pod("shop", "web", NODE, [web.ipv4], OPT_IN)
+    api.pod("shop", "db", NODE, [db.ipv4], {})
+    tshark = oracles.Tshark(node.netns, 4739)
+    with k8s_agent(node, api, "--idle-timeout", "1") as running:
+        assert wait_for(lambda: attached(node, web), 10), running.log.read_text()
+        api.state.drop_watches()  # a dropped watch: the agent lists again
+        api.pod("shop", "db", NODE, [db.ipv4], OPT_IN)
+        assert wait_for(lambda: attached(node, db), 10)
+        api.stop()  # the API server goes away
+        send_udp(node, 0, db.ipv4, 9730, count=5, size=10)
+        api.pod("shop", "db", NODE, [db.ipv4], {})  # changed while the agent cannot see
+        api.state.compact()  # and the history it would resume from is gone: 410
+        time.sleep(2.5)
+        assert attached(node, db)
+        assert running.metrics()["cniflow_api_errors_total"] > 0
+        api.start()
+        assert wait_for(lambda: not attached(node, db), 20), running.log.read_text()
+        assert attached(node, web)
+    tshark.stop()
+    sent = [r for r in tshark.pod_records() if r["dport"] == 9730 and r["interface"] == web.host_if]
+    assert sum(r["packets"] for r in sent) == 5 and {r["src_pod"] for r in sent} == {"web"}
+
+
+def test_a_bad_annotation_value_warns_and_attaches_nothing(node, api):
+    web, db = node.pods
+    api.namespace("shop", {"cniflow.io/export": "maybe"})
+    api.pod("shop", "web", NODE, [web.ipv4], {"cniflow.io/export": "yes"})
+    api.pod("shop", "db", NODE, [db.ipv4], {})
+    api.pod("shop", "host-agent", NODE, ["10.99.0.1"], OPT_IN, host_network=True)
+    with k8s_agent(node, api) as running:
+        assert wait_for(lambda: running.metrics().get("cniflow_annotation_errors_total") == 2, 10)
+        time.sleep(1)
+        assert not attached(node, web) and not attached(node, db)
+        assert running.metrics()["cniflow_interfaces_attached"] == 0
+    log = running.log.read_text()
+    assert "pod/shop/web" in log and "'yes'" in log and "namespace/shop" in log
+    assert log.count("hostNetwork pod opted in") == 1
