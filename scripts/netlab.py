@@ -80,30 +80,54 @@ def up(prefix: str, count: int = 2, subnet: int = 99, layout: str = "routed") ->
     return node
 
 
+def batch(netns: str, commands: list[str]) -> None:
+    """Several ip commands in one process (`ip -batch`), inside netns."""
+    r = subprocess.run(
+        ["ip", "-n", netns, "-batch", "-"],
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode:
+        raise subprocess.CalledProcessError(
+            r.returncode, f"ip -n {netns} -batch", r.stdout, r.stderr
+        )
+
+
 def add_pod(node: Node, pod: Pod, wait: bool = False) -> Pod:
     """One pod: its namespace, the veth pair, addresses and routes, in the node's layout."""
     if node.bridge:
         return _add_bridged_pod(node, pod, wait)
     ns, p = node.netns, pod.netns
     sh(f"ip netns add {p}")
-    sh(f"ip -n {p} link set lo up")
     # quiet pods: no router solicitations or RA handling, so every frame is the test's
     sh(
         f"ip netns exec {p} sysctl -qw net.ipv6.conf.default.router_solicitations=0 "
         "net.ipv6.conf.default.accept_ra=0 net.ipv6.conf.all.accept_ra=0"
     )
     sh(f"ip link add {pod.host_if} netns {ns} type veth peer name eth0 netns {p}")
-    sh(f"ip -n {ns} link set {pod.host_if} up")
     sh(f"ip netns exec {ns} sysctl -qw net.ipv4.conf.{pod.host_if}.proxy_arp=1")
-    sh(f"ip -n {ns} addr add fe80::1/64 dev {pod.host_if} nodad")
-    sh(f"ip -n {ns} route add {pod.ipv4}/32 dev {pod.host_if}")
-    sh(f"ip -n {ns} -6 route add {pod.ipv6}/128 dev {pod.host_if}")
-    sh(f"ip -n {p} link set eth0 up")
-    sh(f"ip -n {p} addr add {pod.ipv4}/32 dev eth0")
-    sh(f"ip -n {p} addr add {pod.ipv6}/128 dev eth0 nodad")
-    sh(f"ip -n {p} route add 169.254.1.1 dev eth0 scope link")
-    sh(f"ip -n {p} route add default via 169.254.1.1 dev eth0")
-    sh(f"ip -n {p} -6 route add default via fe80::1 dev eth0")
+    batch(
+        ns,
+        [
+            f"link set {pod.host_if} up",
+            f"addr add fe80::1/64 dev {pod.host_if} nodad",
+            f"route add {pod.ipv4}/32 dev {pod.host_if}",
+            f"route add {pod.ipv6}/128 dev {pod.host_if}",
+        ],
+    )
+    batch(
+        p,
+        [
+            "link set lo up",
+            "link set eth0 up",
+            f"addr add {pod.ipv4}/32 dev eth0",
+            f"addr add {pod.ipv6}/128 dev eth0 nodad",
+            "route add 169.254.1.1 dev eth0 scope link",
+            "route add default via 169.254.1.1 dev eth0",
+            "route add default via fe80::1 dev eth0",
+        ],
+    )
     if wait:
         sh(f"ip netns exec {p} ping -6 -c 1 -W 2 -w 5 fe80::1%eth0", check=False)
     return pod

@@ -212,3 +212,19 @@ def test_udp_templates_go_first_and_again_after_the_refresh_interval():
     now[0] += 2
     e.export(flows(2), {})
     assert set_ids() == [2, 256]  # refreshed after 30 s
+
+
+def test_opt_in_rules_pod_first_then_namespace_and_bad_values_named():
+    from agent.kube import Pod
+    from agent.optin import decide
+
+    def pod(name, ns, value=None, host=False):
+        return Pod(name, ns, name, ("10.0.0.1",), host, value)
+
+    pods = [pod("a", "on"), pod("b", "on", "false"), pod("c", "off", "true"),
+            pod("d", "off"), pod("e", "on", "True"), pod("f", "bad"), pod("g", "on", host=True)]
+    d = decide(pods, {"on": "true", "off": None, "bad": "yes"})
+    assert [p.name for p in d.metered] == ["a", "c"]
+    assert [p.name for p in d.host_network] == ["g"]
+    assert sorted(who for who, _ in d.invalid) == ["namespace/bad", "pod/on/e"]
+    assert "'True'" in dict(d.invalid)["pod/on/e"]
