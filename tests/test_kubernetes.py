@@ -180,3 +180,32 @@ def test_a_bad_annotation_value_warns_and_attaches_nothing(node, api):
     log = running.log.read_text()
     assert "pod/shop/web" in log and "'yes'" in log and "namespace/shop" in log
     assert log.count("hostNetwork pod opted in") == 1
+
+
+def test_each_way_of_finding_a_pods_interface():
+    """Routed: the route. Bridged: neighbour and FDB. No route at all: the pod's
+    namespace names its veth peer."""
+    from pyroute2 import IPRoute
+
+    from agent.resolve import Resolver
+
+    routed = netlab.up("rsr", 2)
+    bridged = netlab.up("rsb", 2, layout="bridged")
+    try:
+        for node in (routed, bridged):
+            with IPRoute(netns=node.netns) as ipr:
+                index = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+                r = Resolver(ipr)
+                for pod in node.pods:
+                    assert r.resolve((pod.ipv4, pod.ipv6)) == index[pod.host_if], pod
+                    assert r._by_route(pod.ipv6) == index[pod.host_if], pod
+                if node is routed:  # no route to pod1 any more: only its namespace knows
+                    p = node.pods[1]
+                    netlab.sh(f"ip -n {node.netns} route del {p.ipv4}/32")
+                    netlab.sh(f"ip -n {node.netns} -6 route del {p.ipv6}/128")
+                    assert r._by_route(p.ipv4) is None
+                    assert r.resolve((p.ipv4, p.ipv6)) == index[p.host_if]
+                assert r.resolve(("10.250.0.1",)) is None  # nobody's
+    finally:
+        netlab.down("rsr")
+        netlab.down("rsb")
