@@ -1,4 +1,9 @@
-"""Information elements, read from elements.csv (the registry is data, not code)."""
+"""Information elements, read from elements.csv (the registry is data, not code).
+
+elements.csv holds the IANA registry as Debian's python3-ipfix ships it
+(iana.iespec), with tcpControlBits at 16 bits (RFC 7125), and Antrea's
+enterprise elements (PEN 56506). RFC 5103 reverse elements are derived.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +76,21 @@ def elements() -> dict[str, Element]:
             for r in csv.DictReader(f)
         }
     return out
+
+
+@cache
+def by_id() -> dict[tuple[int, int], Element]:
+    return {(e.pen, e.id): e for e in elements().values()}
+
+
+def lookup(pen: int, ie: int) -> Element | None:
+    """The element (pen, id): IANA, Antrea, or an RFC 5103 reverse of an IANA one."""
+    e = by_id().get((pen, ie))
+    if e is None and pen == REVERSE_PEN:
+        fwd = by_id().get((0, ie))
+        if fwd is not None:
+            e = Element(pen, ie, "reverse" + fwd.name[0].upper() + fwd.name[1:], fwd.type)
+    return e
 
 
 def element(name: str) -> Element:

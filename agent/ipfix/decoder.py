@@ -1,0 +1,361 @@
+"""Decode IPFIX messages from any exporter (RFC 7011), defensively.
+
+Templates live per (exporter, observation domain), as RFC 7011 section 8
+scopes them. Fixed-length data sets are decoded a whole set at a time through
+one big-endian numpy dtype; sets with variable-length fields record by record.
+Data that arrives before its template is held for a bounded time and size,
+then counted as dropped. Anything malformed raises nothing out of here: it is
+counted by reason and the rest of the message (or the next one) goes on, and
+one exporter's errors never touch another exporter's state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.ipfix.registry import TYPES, VARLEN, lookup
+
+HEADER = struct.Struct("!HHIII")
+NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
+MAX_FIELDS = 512  # more fields than this in one template is refused as malformed
+
+
+@dataclass(frozen=True)
+class Field:
+    pen: int
+    id: int
+    length: int
+    name: str
+    type: str
+
+
+@dataclass
+class Spec:
+    """A template as an exporter defined it."""
+
+    id: int
+    fields: list[Field]
+    scope_count: int = 0
+    dtype: np.dtype | None = None  # all fields fixed-length: the record's numpy layout
+    min_length: int = 0
+
+
+@dataclass
+class Session:
+    templates: dict[int, Spec] = field(default_factory=dict)
+    next_sequence: int | None = None
+    held: deque = field(default_factory=deque)  # (arrival, set_id, bytes)
+    held_bytes: int = 0
+
+
+@dataclass
+class RecordSet:
+    """Records of one data set: `array` for fixed-length templates, else `rows`."""
+
+    exporter: str
+    domain: int
+    export_time: int
+    spec: Spec
+    array: np.ndarray | None = None
+    rows: list[dict] | None = None
+
+    def __len__(self) -> int:
+        return len(self.array) if self.array is not None else len(self.rows or [])
+
+
+class Malformed(ValueError):
+    """A message or set that breaks RFC 7011; the message names the reason."""
+
+
+def _field(pen: int, ie: int, length: int, names: dict) -> Field:
+    e = lookup(pen, ie)
+    learned = names.get((pen, ie))
+    if learned is not None:  # RFC 5610 type records this exporter sent
+        return Field(pen, ie, length, learned[0], learned[1])
+    if e is None:
+        return Field(pen, ie, length, f"{pen}:{ie}", "octetArray")
+    return Field(pen, ie, length, e.name, e.type)
+
+
+_TYPE_CODES = {code: name for name, (_, code) in TYPES.items()}
+
+
+def _dtype(fields: list[Field]) -> np.dtype | None:
+    if any(f.length == VARLEN for f in fields):
+        return None
+    # duplicate names are legal (the same element twice): number them
+    seen: Counter = Counter()
+    out = []
+    for f in fields:
+        seen[f.name] += 1
+        name = f.name if seen[f.name] == 1 else f"{f.name}#{seen[f.name]}"
+        out.append((name, np.uint8, (f.length,)) if f.length not in (1, 2, 4, 8)
+                   else (name, f">u{f.length}"))
+    return np.dtype(out)
+
+
+class Decoder:
+    def __init__(self, hold_seconds: float = 5.0, hold_bytes: int = 1 << 20,
+                 clock=time.monotonic) -> None:
+        self.sessions: dict[tuple[str, int], Session] = {}
+        self.names: dict[tuple[str, int], dict] = {}  # RFC 5610: (pen, id) -> (name, type)
+        self.hold_seconds, self.hold_bytes, self.clock = hold_seconds, hold_bytes, clock
+        self.errors: Counter = Counter()  # reason -> count
+        self.stats: Counter = Counter()  # messages, records, template_misses, dropped, gaps
+
+    def forget(self, exporter: str) -> None:
+        """A TCP connection closed: its templates die with it (RFC 7011 10.4.2)."""
+        for key in [k for k in self.sessions if k[0] == exporter]:
+            del self.sessions[key]
+            self.names.pop(key, None)
+
+    def message(self, data: bytes, exporter: str) -> list[RecordSet]:
+        try:
+            return self._message(memoryview(data), exporter)
+        except Malformed as e:
+            self.errors[str(e)] += 1
+            return []
+
+    def _message(self, data: memoryview, exporter: str) -> list[RecordSet]:
+        if len(data) < HEADER.size:
+            raise Malformed("message shorter than its header")
+        version, length, export_time, sequence, domain = HEADER.unpack_from(data)
+        if version != 10:
+            raise Malformed(f"version {version}, not 10")
+        if length < HEADER.size or length > len(data):
+            raise Malformed("message length beyond the data")
+        self.stats["messages"] += 1
+        key = (exporter, domain)
+        session = self.sessions.setdefault(key, Session())
+        names = self.names.setdefault(key, {})
+        out: list[RecordSet] = []
+        records = 0
+        off = HEADER.size
+        while off < length:
+            if length - off < 4:
+                raise Malformed("set header cut short")
+            set_id, set_len = struct.unpack_from("!HH", data, off)
+            if set_len < 4 or off + set_len > length:
+                raise Malformed("set length beyond the message")
+            body = data[off + 4 : off + set_len]
+            off += set_len
+            try:
+                if set_id in (2, 3):
+                    self._templates(session, body, set_id == 3, names)
+                elif set_id < 256:
+                    self.errors[f"reserved set id {set_id}"] += 1
+                else:
+                    rs = self._data(session, key, set_id, body, export_time)
+                    if rs is not None:
+                        records += len(rs)
+                        out.append(rs)
+                        self._learn(rs, names)
+            except Malformed as e:  # this set is lost, the rest of the message is not
+                self.errors[str(e)] += 1
+        if session.next_sequence is not None and sequence != session.next_sequence:
+            self.stats["sequence_gaps"] += 1
+        session.next_sequence = (sequence + records) & 0xFFFFFFFF
+        out.extend(self._release(session, key, export_time))
+        self.stats["records"] += records
+        return out
+
+    def _templates(self, session: Session, body: memoryview, options: bool, names) -> None:
+        off = 0
+        while len(body) - off >= 4:
+            tid, count = struct.unpack_from("!HH", body, off)
+            off += 4
+            if count == 0:  # withdrawal; 2 or 3 withdraws every template of that kind
+                if tid in (2, 3):
+                    session.templates.clear()
+                else:
+                    session.templates.pop(tid, None)
+                continue
+            if tid < 256:
+                raise Malformed(f"template id {tid} below 256")
+            if count > MAX_FIELDS:
+                raise Malformed("template with too many fields")
+            scope = 0
+            if options:
+                if len(body) - off < 2:
+                    raise Malformed("options template cut short")
+                scope = struct.unpack_from("!H", body, off)[0]
+                off += 2
+                if scope == 0 or scope > count:
+                    raise Malformed("options template scope count invalid")
+            fields = []
+            for _ in range(count):
+                if len(body) - off < 4:
+                    raise Malformed("template cut short")
+                ie, flen = struct.unpack_from("!HH", body, off)
+                off += 4
+                pen = 0
+                if ie & 0x8000:
+                    if len(body) - off < 4:
+                        raise Malformed("template cut short")
+                    pen = struct.unpack_from("!I", body, off)[0]
+                    off += 4
+                    ie &= 0x7FFF
+                if flen == 0:
+                    raise Malformed("field of length 0")
+                fields.append(_field(pen, ie, flen, names))
+            dtype = _dtype(fields)
+            minimum = sum(1 if f.length == VARLEN else f.length for f in fields)
+            session.templates[tid] = Spec(tid, fields, scope, dtype, minimum)
+        # what is left is padding
+
+    def _data(self, session: Session, key, set_id: int, body: memoryview,
+              export_time: int) -> RecordSet | None:
+        spec = session.templates.get(set_id)
+        if spec is None:
+            self.stats["template_misses"] += 1
+            self._hold(session, set_id, bytes(body))
+            return None
+        return self._decode(key, spec, body, export_time)
+
+    def _decode(self, key, spec: Spec, body: memoryview, export_time: int) -> RecordSet:
+        rs = RecordSet(key[0], key[1], export_time, spec)
+        if spec.dtype is not None:
+            n = len(body) // spec.dtype.itemsize  # the rest is padding
+            rs.array = np.frombuffer(body, spec.dtype, n) if n else np.zeros(0, spec.dtype)
+            return rs
+        rows, off = [], 0
+        while len(body) - off >= spec.min_length:
+            row, off = self._record(spec, body, off)
+            rows.append(row)
+        rs.rows = rows
+        return rs
+
+    def _record(self, spec: Spec, body: memoryview, off: int) -> tuple[dict, int]:
+        row = {}
+        for f in spec.fields:
+            n = f.length
+            if n == VARLEN:
+                if off >= len(body):
+                    raise Malformed("variable-length field past the set's end")
+                n = body[off]
+                off += 1
+                if n == 255:
+                    if off + 2 > len(body):
+                        raise Malformed("variable-length field past the set's end")
+                    n = struct.unpack_from("!H", body, off)[0]
+                    off += 2
+            if off + n > len(body):
+                raise Malformed("field past the set's end")
+            key = f.name
+            if key in row:  # the same element again: numbered, as in the numpy layout
+                k = 2
+                while f"{f.name}#{k}" in row:
+                    k += 1
+                key = f"{f.name}#{k}"
+            row[key] = value(f, bytes(body[off : off + n]))
+            off += n
+        return row, off
+
+    def _hold(self, session: Session, set_id: int, raw: bytes) -> None:
+        session.held.append((self.clock(), set_id, raw))
+        session.held_bytes += len(raw)
+        while session.held_bytes > self.hold_bytes and session.held:
+            _, _, old = session.held.popleft()
+            session.held_bytes -= len(old)
+            self.stats["dropped_sets"] += 1
+
+    def _release(self, session: Session, key, export_time: int) -> list[RecordSet]:
+        out, keep, now = [], deque(), self.clock()
+        while session.held:
+            t, set_id, raw = session.held.popleft()
+            spec = session.templates.get(set_id)
+            if spec is not None:
+                try:
+                    rs = self._decode(key, spec, memoryview(raw), export_time)
+                    out.append(rs)
+                    self.stats["records"] += len(rs)
+                except Malformed as e:
+                    self.errors[str(e)] += 1
+            elif now - t > self.hold_seconds:
+                self.stats["dropped_sets"] += 1
+            else:
+                keep.append((t, set_id, raw))
+        session.held = keep
+        session.held_bytes = sum(len(h[2]) for h in keep)
+        return out
+
+    def _learn(self, rs: RecordSet, names: dict) -> None:
+        """RFC 5610 type records teach names and types of enterprise elements."""
+        cols = {f.name for f in rs.spec.fields}
+        if not {"informationElementId", "informationElementName"} <= cols:
+            return
+        for row in records(rs):
+            pen = row.get("privateEnterpriseNumber", 0)
+            code = row.get("informationElementDataType")
+            names[(pen, row["informationElementId"])] = (
+                row["informationElementName"], _TYPE_CODES.get(code, "octetArray"))
+
+
+def split_stream(buf: bytes) -> tuple[list[bytes], bytes]:
+    """IPFIX over a byte stream (TCP): whole messages framed by their header's
+    length, and what is left for the next read. A length below 16 cannot frame
+    anything: Malformed, and the connection must go."""
+    out, off = [], 0
+    while len(buf) - off >= 4:
+        length = struct.unpack_from("!H", buf, off + 2)[0]
+        if length < HEADER.size:
+            raise Malformed("message length below the header's")
+        if len(buf) - off < length:
+            break
+        out.append(buf[off : off + length])
+        off += length
+    return out, buf[off:]
+
+
+def value(f: Field, raw: bytes):
+    """One field's value as JSON wants it."""
+    t = f.type
+    if t.startswith("unsigned") or t in ("dateTimeSeconds", "dateTimeMilliseconds"):
+        return int.from_bytes(raw, "big")
+    if t.startswith("signed"):
+        return int.from_bytes(raw, "big", signed=True)
+    if t in ("dateTimeMicroseconds", "dateTimeNanoseconds") and len(raw) == 8:
+        sec, frac = struct.unpack("!II", raw)  # NTP format: nanoseconds since 1970
+        return (sec - NTP_EPOCH_OFFSET) * 1_000_000_000 + (frac * 1_000_000_000 >> 32)
+    if t == "ipv4Address" and len(raw) == 4:
+        return str(ipaddress.IPv4Address(raw))
+    if t == "ipv6Address" and len(raw) == 16:
+        return str(ipaddress.IPv6Address(raw))
+    if t == "macAddress" and len(raw) == 6:
+        return raw.hex(":")
+    if t == "string":
+        return raw.decode("utf-8", errors="replace")
+    if t == "boolean" and len(raw) == 1:
+        return raw[0] == 1
+    if t == "float64" and len(raw) in (4, 8):
+        return struct.unpack("!d" if len(raw) == 8 else "!f", raw)[0]
+    if t == "float32" and len(raw) == 4:
+        return struct.unpack("!f", raw)[0]
+    return raw.hex()
+
+
+def records(rs: RecordSet) -> list[dict]:
+    """The set's records as dicts of element name to value (the slow, general form)."""
+    if rs.rows is not None:
+        return rs.rows
+    arr = rs.array
+    cols = []
+    for f, name in zip(rs.spec.fields, arr.dtype.names, strict=True):
+        col = arr[name]
+        if col.ndim == 1 and (f.type.startswith("unsigned") or f.type in (
+                "dateTimeSeconds", "dateTimeMilliseconds")):
+            cols.append((name, col.tolist()))
+        else:
+            raw = col.tobytes()
+            size = f.length
+            cols.append((name, [value(f, raw[i * size:(i + 1) * size]) for i in range(len(arr))]))
+    names = [c[0] for c in cols]
+    return [dict(zip(names, vals, strict=True)) for vals in zip(*(c[1] for c in cols),
+                                                                   strict=True)]
+
