@@ -28,6 +28,8 @@ def parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     agent = sub.add_parser("agent", help="meter interfaces with eBPF and export IPFIX")
     config.add_arguments(agent)
+    collector = sub.add_parser("collector", help="receive IPFIX and write JSON lines")
+    config.add_arguments(collector, config.COLLECTOR_SETTINGS, config.COLLECTOR_PREFIX)
     return p
 
 
@@ -71,10 +73,40 @@ def run_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_collector(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.collector import Collector, Output, serve_metrics
+
+    try:
+        cfg = config.collector_from_sources(args)
+    except config.ConfigError as e:
+        return fail(str(e))
+    logs.setup(cfg.log_level, cfg.log_format)
+    try:
+        output = Output(cfg.output, cfg.rotate_bytes, cfg.rotate_keep)
+    except OSError as e:
+        return fail(f"--output {cfg.output}: {e.strerror}")
+    collector = Collector(cfg, output)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        if cfg.metrics_address:
+            serve_metrics(collector.metrics, cfg.metrics_address)
+        collector.serve(stop)
+    except OSError as e:  # the port is taken, the address is not ours
+        return fail(f"--listen {cfg.listen}: {e.strerror or e}")
+    finally:
+        output.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "agent":
         return run_agent(args)
+    if args.command == "collector":
+        return run_collector(args)
     return USAGE_ERROR
 
 

@@ -196,24 +196,77 @@ class Config:
 SETTINGS = fields(Config)
 
 
+@dataclass
+class CollectorConfig:
+    """`cniflow collector`: its own settings, the same rules (CNIFLOW_COLLECTOR_...)."""
+
+    listen: str = field(
+        default="0.0.0.0:4739",
+        metadata={"parse": lambda t: (host_port(t), t)[1], "help": "HOST:PORT to receive IPFIX on"},
+    )
+    transport: str = field(
+        default="udp", metadata={"parse": _choice("udp", "tcp"), "help": "udp or tcp"}
+    )
+    output: str = field(
+        default="-",
+        metadata={"parse": str, "help": "where JSON lines go: - for standard output, or a file"},
+    )
+    rotate_bytes: int = field(
+        default=100_000_000,
+        metadata={"parse": _ranged(0, 1 << 40), "help":
+                  "rotate the output file at this size (0: never); FILE.1 is the newest old one"},
+    )
+    rotate_keep: int = field(
+        default=5, metadata={"parse": _ranged(1, 1000), "help": "rotated files kept"}
+    )
+    hold_seconds: float = field(
+        default=5.0,
+        metadata={"parse": _positive(float), "help":
+                  "how long data waits for its template before it is counted as dropped"},
+    )
+    metrics_address: str = field(
+        default="0.0.0.0:9478",
+        metadata={"parse": _address, "help":
+                  "Prometheus /metrics HOST:PORT; empty or 'off' disables"},
+    )
+    log_level: str = field(
+        default="info", metadata={"parse": _choice("debug", "info", "warning", "error"),
+                                  "help": "debug, info, warning or error"}
+    )
+    log_format: str = field(
+        default="json", metadata={"parse": _choice("json", "text"), "help": "json (lines) or text"}
+    )
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return host_port(self.listen)
+
+
+COLLECTOR_SETTINGS = fields(CollectorConfig)
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def env_name(name: str) -> str:
-    return "CNIFLOW_" + name.upper()
+def env_name(name: str, prefix: str = "CNIFLOW_") -> str:
+    return prefix + name.upper()
 
 
-def _parse(f, text: str):
+COLLECTOR_PREFIX = "CNIFLOW_COLLECTOR_"
+
+
+def _parse(f, text: str, prefix: str = "CNIFLOW_"):
     try:
         return f.metadata["parse"](text)
     except ValueError as e:
-        raise ConfigError(f"{flag(f.name)} / {env_name(f.name)}: {e}") from None
+        raise ConfigError(f"{flag(f.name)} / {env_name(f.name, prefix)}: {e}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for f in SETTINGS:
-        help_text = f"{f.metadata['help']} [{env_name(f.name)}]"
+def add_arguments(parser: argparse.ArgumentParser, settings=SETTINGS,
+                  prefix: str = "CNIFLOW_") -> None:
+    for f in settings:
+        help_text = f"{f.metadata['help']} [{env_name(f.name, prefix)}]"
         if f.metadata.get("switch"):
             parser.add_argument(
                 flag(f.name), dest=f.name, action="store_const", const="true", help=help_text
@@ -228,19 +281,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def from_sources(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Config:
-    """Flags win over CNIFLOW_ variables, which win over defaults."""
+def _values(args, env, settings, prefix) -> dict:
     values = {}
-    for f in SETTINGS:
+    for f in settings:
         given = getattr(args, f.name, None)
         if given is not None:
             if f.metadata.get("many"):
-                values[f.name] = [p for g in given for p in _parse(f, g)]
+                values[f.name] = [p for g in given for p in _parse(f, g, prefix)]
             else:
-                values[f.name] = _parse(f, given)
-        elif env_name(f.name) in env:
-            values[f.name] = _parse(f, env[env_name(f.name)])
-    cfg = Config(**values)
+                values[f.name] = _parse(f, given, prefix)
+        elif env_name(f.name, prefix) in env:
+            values[f.name] = _parse(f, env[env_name(f.name, prefix)], prefix)
+    return values
+
+
+def collector_from_sources(args: argparse.Namespace,
+                           env: Mapping[str, str] = os.environ) -> CollectorConfig:
+    return CollectorConfig(**_values(args, env, COLLECTOR_SETTINGS, COLLECTOR_PREFIX))
+
+
+def from_sources(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Config:
+    """Flags win over CNIFLOW_ variables, which win over defaults."""
+    cfg = Config(**_values(args, env, SETTINGS, "CNIFLOW_"))
     if cfg.kubernetes and not cfg.node_name:
         cfg.node_name = env.get("NODE_NAME", "")
         if not cfg.node_name:

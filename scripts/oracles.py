@@ -286,12 +286,16 @@ class Tshark:
         return ["-d", f"{self.proto}.port=={self.port},cflow"]
 
     def expert(self) -> list[str]:
+        """Expert messages of severity warning or worse (and malformed packets); TCP's
+        chat-level notes about SYN and FIN are not problems."""
         out = subprocess.run(
             [
                 "tshark",
                 "-r",
                 str(self.pcap),
                 *self.decode_args(),
+                "-Y",
+                '_ws.expert.severity >= "warning" or _ws.malformed',
                 "-T",
                 "fields",
                 "-e",

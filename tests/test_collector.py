@@ -105,3 +105,156 @@ def test_an_ipfix_file_of_reduced_size_counters_decodes_whole():
     assert len(rows) == 3979 and not d.errors
     assert d.stats["sequence_gaps"] == 1  # the one discontinuity the file is known for
     assert all(isinstance(r.get("octetDeltaCount", 0), int) for r in rows)
+
+
+# ---- the running collector ----------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import struct  # noqa: E402
+import time  # noqa: E402
+
+import oracles  # noqa: E402
+from conftest import CNIFLOW, agent, wait_for  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_metering import send_udp  # noqa: E402
+
+
+class RunningCollector:
+    def __init__(self, netns: str, port: int, transport: str = "udp", metrics_port: int = 9478):
+        self.dir = Path(f"/tmp/cniflow-collector-{os.getpid()}-{port}")
+        self.dir.mkdir(exist_ok=True)
+        self.out = self.dir / "records.jsonl"
+        self.out.unlink(missing_ok=True)
+        self.netns, self.metrics_port = netns, metrics_port
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, str(CNIFLOW), "collector", "--listen",
+             f"127.0.0.1:{port}", "--transport", transport, "--output", str(self.out),
+             "--metrics-address", f"127.0.0.1:{metrics_port}"],
+            stderr=(self.dir / "log").open("w"))
+        oracles._wait_port(netns, port, "u" if transport == "udp" else "t", 15)
+
+    def metrics(self) -> dict[str, float]:
+        out = subprocess.run(["ip", "netns", "exec", self.netns, "curl", "-s",
+                              f"127.0.0.1:{self.metrics_port}/metrics"],
+                             capture_output=True, text=True).stdout
+        vals = {}
+        for line in out.splitlines():
+            if line and not line.startswith("#"):
+                k, _, v = line.rpartition(" ")
+                vals[k] = float(v)
+        return vals
+
+    def stop(self) -> list[dict]:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(15) == 0, (self.dir / "log").read_text()
+        return [json.loads(line) for line in self.out.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_the_agents_export_read_by_cniflow_collector(node, transport):
+    a, b = node.pods
+    collector = RunningCollector(node.netns, 4739, transport)
+    tshark = oracles.Tshark(node.netns, 4739, proto=transport)
+    with agent(node, "--idle-timeout", "1", "--transport", transport):
+        send_udp(node, 0, b.ipv4, 9800, count=7, size=100)
+        send_udp(node, 0, b.ipv6, 9801, count=3, size=200)
+        time.sleep(2.5)
+    tshark.stop()
+    rows = collector.stop()
+    assert tshark.expert() == []
+    flows = [r for r in rows if "octetDeltaCount" in r]
+    v4 = [r for r in flows if r.get("destinationTransportPort") == 9800]
+    v6 = [r for r in flows if r.get("destinationTransportPort") == 9801]
+    def counts(rows):
+        return sum(r["packetDeltaCount"] for r in rows), sum(r["octetDeltaCount"] for r in rows)
+
+    assert counts(v4) == (14, 14 * 128) and counts(v6) == (6, 6 * 248)
+    assert {r["interfaceName"] for r in v4} == {a.host_if, b.host_if}
+    assert {r["sourceIPv6Address"] for r in v6} == {a.ipv6}
+    assert all(r["@domain"] == 1 and r["@template"] in (256, 257) for r in flows)
+    if transport == "udp":  # tshark reads the same datagrams: every record agrees
+        def key(r):
+            return (r.get("sourceIPv4Address") or r.get("sourceIPv6Address"),
+                    r["destinationTransportPort"], r["packetDeltaCount"], r["octetDeltaCount"])
+        theirs = sorted((t["src"], t["dport"], t["packets"], t["octets"])
+                        for t in tshark.records() if t["proto"] in (6, 17))
+        ours = sorted(key(r) for r in flows if r["protocolIdentifier"] in (6, 17))
+        assert ours == theirs
+
+
+def garbage(rng: random.Random) -> bytes:
+    """Malformed IPFIX of the kinds the issue lists."""
+    kind = rng.randrange(7)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 200))
+    if kind == 1:  # truncated header
+        return struct.pack("!HH", 10, 40)
+    if kind == 2:  # length that lies
+        return struct.pack("!HHIII", 10, 1000, 0, 0, 7) + rng.randbytes(20)
+    if kind == 3:  # reserved set id
+        return struct.pack("!HHIIIHH", 10, 24, 0, 0, 7, 4, 8) + b"\0" * 4
+    if kind == 4:  # template with no fields... then one with far too many
+        body = struct.pack("!HH", 300, 0) + struct.pack("!HH", 301, 5000)
+        return struct.pack("!HHIIIHH", 10, 20 + 4 + len(body), 0, 0, 7, 2, 4 + len(body)) + body
+    if kind == 5:  # a varlen template, then data whose length runs past the end
+        tpl = struct.pack("!HHHH", 302, 1, 82, 0xFFFF)
+        data = b"\xff\x10\x00abc"
+        return (struct.pack("!HHIII", 10, 16 + 4 + len(tpl) + 4 + len(data), 0, 0, 7)
+                + struct.pack("!HH", 2, 4 + len(tpl)) + tpl + struct.pack("!HH", 302, 4 + len(data))
+                + data)
+    return struct.pack("!HHIIIHH", 10, 24, 0, 0, 7, 999, 3)  # set shorter than its header
+
+
+def test_bad_input_is_counted_and_never_harms_another_exporter(node):
+    collector = RunningCollector(node.netns, 4739)
+    pcap = CAPTURES / "pmacctd-1.7.7-nfprobe-ipfix-udp.pcap"
+    good = [m for m, _ in exporter_payloads(pcap)]
+    code = ("import socket,sys\n"
+            "b=socket.socket(2,2);b.bind(('127.0.0.1',0))\n"
+            "g=socket.socket(2,2);g.bind(('127.0.0.1',0))\n"
+            "for line in sys.stdin:\n"
+            "    who, hexdata = line.split()\n"
+            "    (g if who == 'good' else b).sendto(bytes.fromhex(hexdata), ('127.0.0.1', 4739))\n")
+    rng = random.Random(7)
+    lines = []
+    for m in good:
+        lines += [f"bad {garbage(rng).hex()}" for _ in range(200)] + [f"good {m.hex()}"]
+    subprocess.run(["ip", "netns", "exec", node.netns, "/usr/bin/python3", "-c", code],
+                   input="\n".join(lines) + "\n", text=True, check=True)
+    assert wait_for(lambda: sum(v for k, v in collector.metrics().items()
+                                if k.startswith("cniflow_collector_records_total")) >= 13, 10)
+    m = collector.metrics()
+    errors = sum(v for k, v in m.items() if k.startswith("cniflow_collector_decode_errors_total"))
+    assert errors > 500
+    rows = collector.stop()
+    assert len([r for r in rows if r["@domain"] == 7]) >= 13  # every good record (ODID 7)
+    log = (collector.dir / "log").read_text()
+    assert len(log.splitlines()) < 40  # bounded logging
+
+
+def mutated(messages: list[bytes]):
+    return st.sampled_from(messages).flatmap(lambda m: st.tuples(
+        st.just(m), st.lists(st.tuples(st.integers(0, len(m) - 1), st.integers(0, 255)),
+                             max_size=8), st.integers(0, len(m))))
+
+
+SAMPLES = [m for p in PCAPS[:6] for m, _ in exporter_payloads(p)]
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mutated(SAMPLES), st.binary(max_size=64))
+def test_fuzzed_messages_never_crash_the_decoder(case, noise):
+    message, flips, cut = case
+    data = bytearray(message)
+    for pos, byte in flips:
+        data[pos] = byte
+    d = Decoder(hold_bytes=1 << 16)
+    for blob in (message, bytes(data[:cut]) + noise, bytes(data)):
+        for rs in d.message(blob, "fuzz"):
+            records(rs)
+    for s in d.sessions.values():
+        assert s.held_bytes <= 1 << 16

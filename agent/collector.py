@@ -1,0 +1,230 @@
+"""`cniflow collector`: receive IPFIX from any exporter, write one JSON object per
+record per line.
+
+Each line carries the record's elements by name (unknown ones as "PEN:ID" with
+the raw value in hex) and four keys of its own: "@exporter" (address:port),
+"@domain" (observation domain id), "@template" and "@exportTime" (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import selectors
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from agent.config import CollectorConfig
+from agent.ipfix.decoder import Decoder, Malformed, RecordSet, records, split_stream
+
+log = logging.getLogger(__name__)
+
+
+class Output:
+    """JSON lines to standard output, or to a file rotated by size."""
+
+    def __init__(self, path: str, rotate_bytes: int, keep: int) -> None:
+        self.path = None if path == "-" else Path(path)
+        self.rotate_bytes, self.keep = rotate_bytes, keep
+        self.f = sys.stdout if self.path is None else self.path.open("a")
+        self.size = 0 if self.path is None else self.path.stat().st_size
+
+    def write(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        text = "\n".join(lines) + "\n"
+        self.f.write(text)
+        self.f.flush()
+        self.size += len(text)
+        if self.path is not None and self.rotate_bytes and self.size >= self.rotate_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self.f.close()
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                older.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
+        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        self.f, self.size = self.path.open("a"), 0
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.f.close()
+
+
+def lines(rs: RecordSet) -> list[str]:
+    meta = {"@exporter": rs.exporter, "@domain": rs.domain, "@template": rs.spec.id,
+            "@exportTime": rs.export_time}
+    return [json.dumps({**meta, **row}, separators=(",", ":")) for row in records(rs)]
+
+
+def _reason(text: str) -> str:
+    """A bounded label: numbers folded, so a hostile exporter cannot grow the series."""
+    return re.sub(r"\d+", "N", text)[:60]
+
+
+class CollectorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.records = Counter("cniflow_collector_records", "Data records decoded",
+                               ["exporter"], registry=r)
+        self.messages = Counter("cniflow_collector_messages", "IPFIX messages received",
+                                ["exporter"], registry=r)
+        self.template_misses = Counter(
+            "cniflow_collector_template_misses", "Data sets that arrived before their template",
+            registry=r)
+        self.dropped_sets = Counter(
+            "cniflow_collector_dropped_sets",
+            "Data sets dropped: their template never came in time", registry=r)
+        self.decode_errors = Counter("cniflow_collector_decode_errors",
+                                     "Malformed messages or sets", ["reason"], registry=r)
+        self.sequence_gaps = Counter("cniflow_collector_sequence_gaps",
+                                     "Messages whose sequence number was not the expected one",
+                                     registry=r)
+        self.socket_drops = Gauge("cniflow_collector_socket_drops",
+                                  "Datagrams the kernel dropped on the UDP socket "
+                                  "(from /proc/net/udp)", registry=r)
+
+
+class Collector:
+    def __init__(self, cfg: CollectorConfig, output: Output,
+                 metrics: CollectorMetrics | None = None) -> None:
+        self.cfg, self.output = cfg, output
+        self.metrics = metrics or CollectorMetrics()
+        self.decoder = Decoder(hold_seconds=cfg.hold_seconds)
+        self._seen_stats: dict[str, int] = {}
+        self._seen_errors: dict[str, int] = {}
+        self._last_log: dict[str, float] = {}
+
+    def handle(self, data: bytes, exporter: str) -> None:
+        msgs_before = self.decoder.stats["messages"]
+        out = []
+        for rs in self.decoder.message(data, exporter):
+            out.extend(lines(rs))
+            self.metrics.records.labels(exporter).inc(len(rs))
+        if self.decoder.stats["messages"] > msgs_before:
+            self.metrics.messages.labels(exporter).inc()
+        self.output.write(out)
+        self._sync(exporter)
+
+    def _sync(self, exporter: str) -> None:
+        s = self.decoder.stats
+        for name, metric in (("template_misses", self.metrics.template_misses),
+                             ("dropped_sets", self.metrics.dropped_sets),
+                             ("sequence_gaps", self.metrics.sequence_gaps)):
+            delta = s[name] - self._seen_stats.get(name, 0)
+            if delta:
+                metric.inc(delta)
+                self._seen_stats[name] = s[name]
+        for reason, count in self.decoder.errors.items():
+            delta = count - self._seen_errors.get(reason, 0)
+            if delta:
+                self.metrics.decode_errors.labels(_reason(reason)).inc(delta)
+                self._seen_errors[reason] = count
+                self._log_bounded(reason, exporter)
+
+    def _log_bounded(self, reason: str, exporter: str) -> None:
+        """At most one line per reason every 10 s, so a flood cannot flood the log."""
+        now, kind = time.monotonic(), _reason(reason)
+        if now - self._last_log.get(kind, -1e9) >= 10:
+            self._last_log[kind] = now
+            log.warning("malformed IPFIX", extra={"exporter": exporter, "reason": reason,
+                                                  "total": self.decoder.errors[reason]})
+
+    def serve(self, stop: threading.Event) -> None:
+        host, port = self.cfg.listen_host_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if self.cfg.transport == "udp":
+            self._serve_udp(family, host, port, stop)
+        else:
+            self._serve_tcp(family, host, port, stop)
+
+    def _serve_udp(self, family, host, port, stop) -> None:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        sock.bind((host, port))
+        sock.settimeout(0.5)
+        inode = os.fstat(sock.fileno()).st_ino
+        log.info("collector listening", extra={"listen": self.cfg.listen, "transport": "udp"})
+        next_drops = 0.0
+        while not stop.is_set():
+            try:
+                data, addr = sock.recvfrom(65535)
+            except TimeoutError:
+                data = None
+            if data is not None:
+                self.handle(data, f"{addr[0]}:{addr[1]}")
+            if time.monotonic() >= next_drops:
+                self.metrics.socket_drops.set(udp_drops(inode))
+                next_drops = time.monotonic() + 2
+        sock.close()
+
+    def _serve_tcp(self, family, host, port, stop) -> None:
+        srv = socket.socket(family, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((host, port))
+        srv.listen(64)
+        sel = selectors.DefaultSelector()
+        sel.register(srv, selectors.EVENT_READ, None)
+        buffers: dict[socket.socket, tuple[str, bytes]] = {}
+        log.info("collector listening", extra={"listen": self.cfg.listen, "transport": "tcp"})
+        while not stop.is_set():
+            for key, _ in sel.select(0.5):
+                if key.data is None:
+                    conn, addr = srv.accept()
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ, True)
+                    buffers[conn] = (f"{addr[0]}:{addr[1]}", b"")
+                    continue
+                conn = key.fileobj
+                exporter, pending = buffers[conn]
+                try:
+                    chunk = conn.recv(1 << 20)
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    try:
+                        msgs, pending = split_stream(pending + chunk)
+                    except Malformed as e:  # a stream out of frame cannot be resynced
+                        self.decoder.errors[str(e)] += 1
+                        self._sync(exporter)
+                        chunk = b""
+                    else:
+                        buffers[conn] = (exporter, pending)
+                        for m in msgs:
+                            self.handle(m, exporter)
+                if not chunk:
+                    sel.unregister(conn)
+                    conn.close()
+                    del buffers[conn]
+                    self.decoder.forget(exporter)  # templates die with the connection
+        for conn in list(buffers):
+            conn.close()
+        srv.close()
+
+
+def udp_drops(inode: int) -> int:
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 12 and int(cols[9]) == inode:
+                        return int(cols[-1])
+        except OSError:
+            continue
+    return 0
+
+
+def serve_metrics(metrics: CollectorMetrics, address: str) -> None:
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=metrics.registry)
