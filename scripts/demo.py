@@ -1,23 +1,29 @@
-"""The plain-host demo: two pods, real traffic, cniflow exporting to nfcapd, a flow table.
+"""The plain-host demo: two pods, real traffic, cniflow's agent exporting to cniflow's
+collector on the same node, and the flows printed as a table with pod names.
 
-Run through scripts/demo.sh (which prepares the host first).
+No Kubernetes runs here, so the agent follows a small stand-in API server (the one
+the tests use, tests/fakeapi.py) that lists the two demo pods in an opted-in
+namespace. Run through scripts/demo.sh, which prepares the host first.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import netlab  # noqa: E402
-import oracles  # noqa: E402
+from fakeapi import FakeApiServer  # noqa: E402
 
 PREFIX = "cfdemo"
 PORT = 4739
+NODE = "demo-node"
 REASONS = {1: "idle", 2: "active", 3: "end-of-flow", 4: "forced", 5: "no-room"}
 PROTOS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
 
@@ -26,125 +32,90 @@ def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def start(node, *args: str, log: Path) -> subprocess.Popen:
+    cniflow = str(Path(sys.executable).with_name("cniflow"))
+    return subprocess.Popen(["ip", "netns", "exec", node.netns, cniflow, *args],
+                            stderr=log.open("w"))
+
+
+def table(rows: list[dict]) -> None:
+    fmt = "{:<26} {:>5} {:<26} {:>6} {:<6} {:>7} {:>9} {:<12} {:<12} {:<12} {:<11}"
+    print(fmt.format("source", "sport", "destination", "dport", "proto", "packets", "octets",
+                     "interface", "source pod", "dest pod", "end reason"))
+    for r in sorted(rows, key=lambda r: (r["flowStartMilliseconds"], r["flowDirection"])):
+        proto = r["protocolIdentifier"]
+        icmp = r.get("icmpTypeCodeIPv4") or r.get("icmpTypeCodeIPv6") or 0
+        dport = f"{icmp >> 8}/{icmp & 255}" if proto in (1, 58) else r["destinationTransportPort"]
+        where = f"{r['interfaceName']}:{'in' if r['flowDirection'] == 0 else 'out'}"
+        print(fmt.format(
+            r.get("sourceIPv4Address") or r["sourceIPv6Address"], r["sourceTransportPort"],
+            r.get("destinationIPv4Address") or r["destinationIPv6Address"], dport,
+            PROTOS.get(proto, proto), r["packetDeltaCount"], r["octetDeltaCount"], where,
+            r.get("sourcePodName") or "-", r.get("destinationPodName") or "-",
+            REASONS.get(r["flowEndReason"], "?")))
+
+
 def main() -> int:
-    cniflow = Path(sys.executable).with_name("cniflow")
+    work = Path(tempfile.mkdtemp(prefix="cniflow-demo-"))
     node = netlab.up(PREFIX, 2)
-    agent = None
+    procs: list[subprocess.Popen] = []
+    api = None
     try:
         a, b = node.pods
-        step(
-            f"pods: {a.netns} {a.ipv4} {a.ipv6} (host side {a.host_if}), "
-            f"{b.netns} {b.ipv4} {b.ipv6} (host side {b.host_if})"
-        )
-        collector = oracles.Nfcapd(node.netns, PORT)
-        step(f"nfcapd collecting on 127.0.0.1:{PORT} in {node.netns}; starting cniflow agent")
-        agent = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                node.netns,
-                str(cniflow),
-                "agent",
-                "--interface",
-                f"{PREFIX}v*",
-                "--collector",
-                f"127.0.0.1:{PORT}",
-                "--idle-timeout",
-                "3",
-                "--active-timeout",
-                "8",
-                "--log-format",
-                "text",
-                "--metrics-address",
-                "127.0.0.1:9477",
-            ],
-            stderr=subprocess.STDOUT,
-        )
+        api = FakeApiServer(node.netns)
+        api.namespace("shop", {"cniflow.io/export": "true"})
+        api.pod("shop", "web-7d9f", NODE, [a.ipv4, a.ipv6])
+        api.pod("shop", "db-0", NODE, [b.ipv4, b.ipv6])
+        step(f"pods: shop/web-7d9f {a.ipv4} {a.ipv6} (host side {a.host_if}), "
+             f"shop/db-0 {b.ipv4} {b.ipv6} (host side {b.host_if}); namespace shop opted in")
+        out = work / "records.jsonl"
+        collector = start(node, "collector", "--listen", f"127.0.0.1:{PORT}", "--output",
+                          str(out), "--metrics-address", "off", log=work / "collector.log")
+        procs.append(collector)
+        agent = start(node, "agent", "--kubernetes", "--node-name", NODE, "--kubeconfig",
+                      str(api.kubeconfig(work / "kubeconfig")), "--collector",
+                      f"127.0.0.1:{PORT}", "--idle-timeout", "3", "--active-timeout", "8",
+                      "--metrics-address", "127.0.0.1:9477", log=work / "agent.log")
+        procs.append(agent)
+        step("cniflow collector on 127.0.0.1:4739 and cniflow agent --kubernetes, in the node")
         deadline = time.time() + 60
-        while (
-            b"cniflow_ingress"
-            not in subprocess.run(
-                node.exec(f"tc filter show dev {b.host_if} ingress").split(), capture_output=True
-            ).stdout
-            and time.time() < deadline
-        ):
+        while time.time() < deadline and not all(
+                b"cniflow_ingress" in subprocess.run(
+                    node.exec(f"tc filter show dev {p.host_if} ingress").split(),
+                    capture_output=True).stdout for p in node.pods):
             time.sleep(0.2)
         subprocess.run(node.in_pod(1, f"iperf3 -s -D -1 -B {b.ipv4} -p 5201").split(), check=True)
         step("traffic: ping, ping -6, UDP datagrams, an iperf3 TCP transfer")
-        subprocess.run(
-            node.in_pod(0, f"ping -c 4 -i 0.2 -q {b.ipv4}").split(), stdout=subprocess.DEVNULL
-        )
-        subprocess.run(
-            node.in_pod(0, f"ping -6 -c 3 -i 0.2 -q {b.ipv6}").split(), stdout=subprocess.DEVNULL
-        )
-        subprocess.run(
-            node.in_pod(
-                0,
-                'python3 -c "import socket;s=socket.socket(2,2);'
-                f"[s.sendto(b'x'*200,('{b.ipv4}',9000)) for _ in range(10)]\"",
-            ),
-            shell=True,
-        )
+        subprocess.run(node.in_pod(0, f"ping -c 4 -i 0.2 -q {b.ipv4}").split(),
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(node.in_pod(0, f"ping -6 -c 3 -i 0.2 -q {b.ipv6}").split(),
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(node.in_pod(0, "python3 -c \"import socket;s=socket.socket(2,2);"
+                                   f"[s.sendto(b'x'*200,('{b.ipv4}',9000)) for _ in range(10)]\""),
+                       shell=True)
         time.sleep(0.5)
-        subprocess.run(
-            node.in_pod(0, f"iperf3 -c {b.ipv4} -p 5201 -t 2 -b 20M").split(),
-            stdout=subprocess.DEVNULL,
-        )
+        subprocess.run(node.in_pod(0, f"iperf3 -c {b.ipv4} -p 5201 -t 2 -b 20M").split(),
+                       stdout=subprocess.DEVNULL)
         step("waiting for idle timeouts, then stopping the agent (SIGTERM exports the rest)")
         time.sleep(5)
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=20)
-        agent = None
-        flows = collector.stop()
-        names = {
-            int(line.split(":")[0]): line.split(":")[1].strip().split("@")[0]
-            for line in subprocess.run(
-                node.exec("ip -o link").split(), capture_output=True, text=True
-            ).stdout.splitlines()
-        }
-        step(f"{len(flows)} flow records read back by nfdump")
-        fmt = "{:<26} {:>5} {:<26} {:>5} {:<6} {:>8} {:>10} {:<10} {:<11}"
-        print(
-            fmt.format(
-                "source",
-                "sport",
-                "destination",
-                "dport",
-                "proto",
-                "packets",
-                "octets",
-                "interface",
-                "end reason",
-            )
-        )
-        for f in sorted(flows, key=lambda f: (f["first_ms"], f["src"])):
-            ifindex = f["input"] or f["output"]
-            where = f"{names.get(ifindex, ifindex)}:{'in' if f['input'] else 'out'}"
-            dport = (
-                f["dport"] if f["proto"] not in (1, 58) else f"{f['dport'] >> 8}/{f['dport'] & 255}"
-            )
-            print(
-                fmt.format(
-                    f["src"],
-                    f["sport"],
-                    f["dst"],
-                    dport,
-                    PROTOS.get(f["proto"], f["proto"]),
-                    f["packets"],
-                    f["octets"],
-                    where,
-                    REASONS.get(f["end_reason"], "?"),
-                )
-            )
-        print("\n'in' is the TC ingress of the host-side veth: traffic the pod sent.")
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=20)
+        procs.clear()
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        flows = [r for r in rows if "octetDeltaCount" in r]
+        step(f"{len(flows)} flow records written by cniflow collector ({out})")
+        table(flows)
+        print("\n'in' is the TC ingress of the host-side veth: traffic the pod sent. "
+              "Every packet between\ntwo pods on one node is seen twice, once per veth.")
         return 0 if flows else 1
     finally:
-        if agent is not None:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(timeout=20)
-        if os.environ.get("CNIFLOW_DEMO_KEEP") != "1":
-            netlab.down(PREFIX)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=20)
+        if api is not None:
+            api.stop()
+        netlab.down(PREFIX)
 
 
 if __name__ == "__main__":

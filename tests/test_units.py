@@ -112,12 +112,17 @@ def test_strings_short_and_long_decode_in_tshark():
     assert len(line) < 3 or line[2] == ""
 
 
-def test_the_readme_documents_every_setting():
+@pytest.mark.parametrize("which", ["agent", "collector"])
+def test_the_readme_documents_every_setting(which):
+    from agent.config import COLLECTOR_PREFIX, COLLECTOR_SETTINGS
+
     readme = (ROOT / "README.md").read_text()
-    for f in SETTINGS:
-        row = [line for line in readme.splitlines() if line.startswith(f"| `{flag(f.name)}`")]
-        assert row, f"README lacks a row for {flag(f.name)}"
-        assert f"`{env_name(f.name)}`" in row[0]
+    settings, prefix = (SETTINGS, "CNIFLOW_") if which == "agent" else (
+        COLLECTOR_SETTINGS, COLLECTOR_PREFIX)
+    for f in settings:
+        row = [line for line in readme.splitlines() if line.startswith(f"| `{flag(f.name)}`")
+               and f"`{env_name(f.name, prefix)}`" in line]
+        assert row, f"README lacks a row for {flag(f.name)} ({env_name(f.name, prefix)})"
         if isinstance(f.default, bool):
             assert f" {str(f.default).lower()} " in row[0], (f.name, row[0])
         elif isinstance(f.default, (int, float, str)) and f.default != "":
