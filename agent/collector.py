@@ -19,10 +19,19 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from agent.config import CollectorConfig
-from agent.ipfix.decoder import Decoder, Malformed, RecordSet, records, split_stream
+from agent.ipfix.decoder import (
+    NTP_EPOCH_OFFSET,
+    Decoder,
+    Malformed,
+    RecordSet,
+    records,
+    split_stream,
+    value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +69,82 @@ class Output:
             self.f.close()
 
 
-def lines(rs: RecordSet) -> list[str]:
-    meta = {"@exporter": rs.exporter, "@domain": rs.domain, "@template": rs.spec.id,
-            "@exportTime": rs.export_time}
-    return [json.dumps({**meta, **row}, separators=(",", ":")) for row in records(rs)]
+def lines(sets: list[RecordSet]) -> list[str]:
+    """Records as JSON lines. Consecutive fixed-length sets of one exporter, domain
+    and template are joined and formatted a column at a time into one format
+    string; sets with variable-length fields go record by record."""
+    out: list[str] = []
+    i = 0
+    while i < len(sets):
+        rs = sets[i]
+        j = i + 1
+        if rs.array is None:
+            meta = {"@exporter": rs.exporter, "@domain": rs.domain, "@template": rs.spec.id,
+                    "@exportTime": rs.export_time}
+            out += [json.dumps({**meta, **row}, separators=(",", ":")) for row in records(rs)]
+            i = j
+            continue
+        while (j < len(sets) and sets[j].spec is rs.spec and sets[j].exporter == rs.exporter
+               and sets[j].domain == rs.domain):
+            j += 1
+        group = sets[i:j]
+        arr = group[0].array if j == i + 1 else np.concatenate([g.array for g in group])
+        times = np.repeat([g.export_time for g in group], [len(g.array) for g in group])
+        out += _format(rs, arr, times)
+        i = j
+    return out
+
+
+def _format(rs: RecordSet, arr: np.ndarray, times: np.ndarray) -> list[str]:
+    meta = {"@exporter": rs.exporter, "@domain": rs.domain, "@template": rs.spec.id}
+    parts = [json.dumps(meta, separators=(",", ":"))[:-1].replace("%", "%%"),
+             ',"@exportTime":%d']
+    cols = [times.tolist()]
+    for f, name in zip(rs.spec.fields, arr.dtype.names, strict=True):
+        text, col = _column(f, arr[name])
+        parts.append("," + json.dumps(name).replace("%", "%%") + ":" + text)
+        cols.append(col)
+    fmt = "".join(parts) + "}"
+    return [fmt % row for row in zip(*cols, strict=True)]
+
+
+def _as_int(col: np.ndarray) -> np.ndarray:
+    if col.ndim == 1:
+        return col.astype(np.uint64)
+    out = np.zeros(len(col), np.uint64)  # odd lengths (3, 5, 6, 7 octets), big-endian
+    for i in range(col.shape[1]):
+        out = (out << np.uint64(8)) | col[:, i]
+    return out
+
+
+def _column(f, col: np.ndarray) -> tuple[str, list]:
+    """A format directive and the column's values for it."""
+    t, n = f.type, f.length
+    if t.startswith("unsigned") or t in ("dateTimeSeconds", "dateTimeMilliseconds"):
+        return "%d", _as_int(col).tolist()
+    if t.startswith("signed"):
+        v = _as_int(col).astype(np.int64)
+        if n < 8:  # sign-extend the reduced size
+            v = np.where(v >= 1 << (8 * n - 1), v - (1 << (8 * n)), v)
+        return "%d", v.tolist()
+    if t in ("dateTimeMicroseconds", "dateTimeNanoseconds") and n == 8:
+        v = _as_int(col)
+        sec = (v >> np.uint64(32)).astype(np.int64) - NTP_EPOCH_OFFSET
+        frac = (v & np.uint64(0xFFFFFFFF)) * np.uint64(1_000_000_000) >> np.uint64(32)
+        return "%d", (sec * 1_000_000_000 + frac.astype(np.int64)).tolist()
+    if col.ndim == 1:  # a 1, 2, 4 or 8 octet field read as an integer: back to wire order
+        col = col.astype(f">u{n}")
+    raw = np.ascontiguousarray(col).view(np.uint8).reshape(len(col), -1)
+    rows = [r.tobytes() for r in raw]
+    if t == "ipv4Address" and n == 4:
+        return '"%s"', [socket.inet_ntop(socket.AF_INET, b) for b in rows]
+    if t == "ipv6Address" and n == 16:
+        return '"%s"', [socket.inet_ntop(socket.AF_INET6, b) for b in rows]
+    vals = [value(f, b) for b in rows]
+    if t in ("string", "float32", "float64", "boolean"):
+        return "%s", [json.dumps(v) if v == v and v not in (float("inf"), float("-inf"))
+                      else "null" for v in vals]
+    return '"%s"', vals  # hex, MAC: safe text
 
 
 def _reason(text: str) -> str:
@@ -104,16 +185,19 @@ class Collector:
         self._seen_errors: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
 
-    def handle(self, data: bytes, exporter: str) -> None:
-        msgs_before = self.decoder.stats["messages"]
-        out = []
-        for rs in self.decoder.message(data, exporter):
-            out.extend(lines(rs))
-            self.metrics.records.labels(exporter).inc(len(rs))
-        if self.decoder.stats["messages"] > msgs_before:
-            self.metrics.messages.labels(exporter).inc()
-        self.output.write(out)
-        self._sync(exporter)
+    def handle(self, batch: list[tuple[bytes, str]]) -> None:
+        """Datagrams or framed messages as they came, (data, exporter) each."""
+        sets: list[RecordSet] = []
+        for data, exporter in batch:
+            msgs_before = self.decoder.stats["messages"]
+            got = self.decoder.message(data, exporter)
+            sets += got
+            if got:
+                self.metrics.records.labels(exporter).inc(sum(len(rs) for rs in got))
+            if self.decoder.stats["messages"] > msgs_before:
+                self.metrics.messages.labels(exporter).inc()
+            self._sync(exporter)
+        self.output.write(lines(sets))
 
     def _sync(self, exporter: str) -> None:
         s = self.decoder.stats
@@ -156,12 +240,17 @@ class Collector:
         log.info("collector listening", extra={"listen": self.cfg.listen, "transport": "udp"})
         next_drops = 0.0
         while not stop.is_set():
+            batch = []
             try:
                 data, addr = sock.recvfrom(65535)
-            except TimeoutError:
-                data = None
-            if data is not None:
-                self.handle(data, f"{addr[0]}:{addr[1]}")
+                batch.append((data, f"{addr[0]}:{addr[1]}"))
+                while len(batch) < 512:  # whatever else is already waiting
+                    data, addr = sock.recvfrom(65535, socket.MSG_DONTWAIT)
+                    batch.append((data, f"{addr[0]}:{addr[1]}"))
+            except (TimeoutError, BlockingIOError):
+                pass
+            if batch:
+                self.handle(batch)
             if time.monotonic() >= next_drops:
                 self.metrics.socket_drops.set(udp_drops(inode))
                 next_drops = time.monotonic() + 2
@@ -199,8 +288,7 @@ class Collector:
                         chunk = b""
                     else:
                         buffers[conn] = (exporter, pending)
-                        for m in msgs:
-                            self.handle(m, exporter)
+                        self.handle([(m, exporter) for m in msgs])
                 if not chunk:
                     sel.unregister(conn)
                     conn.close()

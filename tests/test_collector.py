@@ -258,3 +258,16 @@ def test_fuzzed_messages_never_crash_the_decoder(case, noise):
             records(rs)
     for s in d.sessions.values():
         assert s.held_bytes <= 1 << 16
+
+
+@pytest.mark.parametrize("pcap", PCAPS, ids=[p.name[:40] for p in PCAPS])
+def test_json_lines_say_exactly_what_the_decoder_says(pcap):
+    from agent.collector import lines
+
+    d = Decoder()
+    sets = [rs for data, exp in exporter_payloads(pcap) for rs in d.message(data, exp)]
+    out = [json.loads(line) for line in lines(sets)]
+    expected = [r for rs in sets for r in records(rs)]
+    assert [{k: v for k, v in o.items() if not k.startswith("@")} for o in out] == [
+        json.loads(json.dumps(r)) for r in expected]
+    assert all(o["@exporter"] and "@template" in o for o in out)
