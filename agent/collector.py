@@ -134,10 +134,10 @@ def _column(f, col: np.ndarray) -> tuple[str, list]:
         return "%d", (sec * 1_000_000_000 + frac.astype(np.int64)).tolist()
     if col.ndim == 1:  # a 1, 2, 4 or 8 octet field read as an integer: back to wire order
         col = col.astype(f">u{n}")
-    raw = np.ascontiguousarray(col).view(np.uint8).reshape(len(col), -1)
-    rows = [r.tobytes() for r in raw]
+    blob = np.ascontiguousarray(col).tobytes()  # one copy; slicing bytes is cheap
+    rows = [blob[i : i + n] for i in range(0, len(blob), n)]
     if t == "ipv4Address" and n == 4:
-        return '"%s"', [socket.inet_ntop(socket.AF_INET, b) for b in rows]
+        return '"%s"', list(map(socket.inet_ntoa, rows))
     if t == "ipv6Address" and n == 16:
         return '"%s"', [socket.inet_ntop(socket.AF_INET6, b) for b in rows]
     vals = [value(f, b) for b in rows]

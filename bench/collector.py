@@ -86,6 +86,7 @@ def replay(msgs: list[bytes], n: int, rate: float) -> dict:
         cniflow = str(Path(sys.executable).with_name("cniflow"))
         ours = subprocess.Popen(["ip", "netns", "exec", node.netns, cniflow, "collector",
                                  "--listen", "127.0.0.1:4739", "--output", str(work / "out.jsonl"),
+                                 "--rotate-bytes", "0",
                                  "--metrics-address", "off"], stderr=subprocess.DEVNULL)
         (work / "nf").mkdir()
         theirs = subprocess.Popen(["ip", "netns", "exec", node.netns, "nfcapd", "-w",

@@ -233,3 +233,19 @@ def test_opt_in_rules_pod_first_then_namespace_and_bad_values_named():
     assert [p.name for p in d.host_network] == ["g"]
     assert sorted(who for who, _ in d.invalid) == ["namespace/bad", "pod/on/e"]
     assert "'True'" in dict(d.invalid)["pod/on/e"]
+
+
+def test_the_collectors_output_rotates_by_size_and_keeps_n_files(tmp_path):
+    from agent.collector import Output
+
+    out = Output(str(tmp_path / "r.jsonl"), rotate_bytes=1000, keep=3)
+    for i in range(100):
+        out.write([f'{{"n":{i},"pad":"{"x" * 80}"}}'])
+    out.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["r.jsonl", "r.jsonl.1", "r.jsonl.2", "r.jsonl.3"]
+    newest_old = (tmp_path / "r.jsonl.1").read_text().splitlines()
+    current = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert all(len(p.read_text()) <= 1100 for p in tmp_path.iterdir())
+    last = [int(line.split(",")[0][5:]) for line in newest_old + current]
+    assert last == sorted(last) and last[-1] == 99
