@@ -10,6 +10,7 @@ what overflows it is counted, never silently lost.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -59,6 +60,8 @@ class Exporter:
         self.session = None
         self.templates_due = 0.0
         self._errors_seen = 0
+        self.lost = {"flows": 0, "packets": 0, "octets": 0, "first_ms": 0, "last_ms": 0}
+        self._options_sent: tuple | None = None
         self._sent_messages = self._sent_records = 0
 
     def export(self, records: np.ndarray, ifnames: Mapping[int, str], pods=None) -> None:
@@ -70,7 +73,7 @@ class Exporter:
             self._bound_backlog()
         if self.backlog_records and self.transport.ready():
             self._start_session_if_new()
-            self._send_templates_if_due()
+            self._send_templates_if_due(ifnames)
             while self.backlog:
                 batch = self.backlog.popleft()
                 self.backlog_records -= len(batch)
@@ -88,11 +91,21 @@ class Exporter:
             oldest = self.backlog[0]
             drop = min(over, len(oldest))
             self.metrics.records_dropped.inc(drop)
+            self._count_lost(oldest[:drop])
             self.backlog_records -= drop
             if drop == len(oldest):
                 self.backlog.popleft()
             else:
                 self.backlog[0] = oldest[drop:]
+
+    def _count_lost(self, gone: np.ndarray) -> None:
+        lost = self.lost
+        lost["flows"] += len(gone)
+        lost["packets"] += int(gone["packets"].sum())
+        lost["octets"] += int(gone["octets"].sum())
+        first, last = int(gone["first_ms"].min()), int(gone["last_ms"].max())
+        lost["first_ms"] = min(lost["first_ms"] or first, first)
+        lost["last_ms"] = max(lost["last_ms"], last)
 
     def _start_session_if_new(self) -> None:
         if self.transport.session != self.session:
@@ -100,32 +113,70 @@ class Exporter:
             self.sequence = 0
             self.templates_due = 0.0
 
-    def _send_templates_if_due(self) -> None:
+    def _send_templates_if_due(self, ifnames: Mapping[int, str]) -> None:
         now = self.clock()
         if now < self.templates_due:
+            self._send_options_if_changed(ifnames)
             return
-        body, records = self._announcement()
+        body, records = self._announcement(ifnames)
         if self._emit(message(body, int(now), self.sequence, self.domain), records):
             refresh = self.template_refresh_s if self.transport.kind == "udp" else float("inf")
             self.templates_due = now + refresh
+            self._options_sent = (dict(ifnames), dict(self.lost))
 
-    def _announcement(self) -> tuple[bytes, int]:
-        """Templates, preceded (with pods) by the RFC 5610 type records of the Antrea
-        elements: collectors must learn those before the data templates using them."""
-        flows = list(self.flow_templates.values())
-        if not self.with_pods:
-            return template_sets(flows), 0
-        names = flowmap.POD_STRINGS
-        groups = encode_records(flowmap.IE_TYPES, flowmap.ie_type_columns(names), len(names))
-        types = b"".join(set_bytes(flowmap.IE_TYPES.id, g.data.tobytes()) for g in groups)
-        return template_sets([flowmap.IE_TYPES]) + types + template_sets(flows), len(names)
+    def _options_templates(self) -> list:
+        return ([flowmap.IE_TYPES] if self.with_pods else []) + [flowmap.EXPORT_STATS,
+                                                                 flowmap.INTERFACES]
+
+    def _options_data(self, ifnames: Mapping[int, str]) -> tuple[bytes, int]:
+        """Options records: RFC 5610 types (with pods), export statistics, interfaces."""
+        parts, count = [], 0
+        blocks = [(flowmap.EXPORT_STATS, flowmap.export_stats_columns(self.domain, self.lost), 1)]
+        if ifnames:
+            blocks.append((flowmap.INTERFACES, flowmap.interface_columns(ifnames), len(ifnames)))
+        if self.with_pods:
+            names = flowmap.POD_STRINGS
+            blocks.insert(0, (flowmap.IE_TYPES, flowmap.ie_type_columns(names), len(names)))
+        for template, cols, n in blocks:
+            for g in encode_records(template, cols, n):
+                parts.append(set_bytes(template.id, g.data.tobytes()))
+            count += n
+        return b"".join(parts), count
+
+    def _announcement(self, ifnames: Mapping[int, str]) -> tuple[bytes, int]:
+        """Options templates and their records first (collectors must learn the RFC
+        5610 types before the data templates that use them), then data templates."""
+        data, count = self._options_data(ifnames)
+        return (template_sets(self._options_templates()) + data
+                + template_sets(list(self.flow_templates.values())), count)
+
+    def _send_options_if_changed(self, ifnames: Mapping[int, str]) -> None:
+        """New interfaces or new losses are told at once, not at the next refresh."""
+        if self._options_sent == (dict(ifnames), dict(self.lost)):
+            return
+        body, count = self._options_data(ifnames)
+        if self._emit(message(body, int(self.clock()), self.sequence, self.domain), count):
+            self._options_sent = (dict(ifnames), dict(self.lost))
+
+    def close(self) -> None:
+        """Over TCP, withdraw every template before the connection ends (RFC 7011 8.1)."""
+        if self.transport.kind == "tcp" and self.session == self.transport.session and \
+                self.transport.ready():
+            withdraw = b"".join(struct.pack("!HH", t.id, 0)
+                                for t in self.flow_templates.values())
+            # Options templates are not withdrawn: they end with the connection (RFC 7011
+            # 10.4.2), and Wireshark 4.0 misreads options withdrawal records.
+            body = set_bytes(2, withdraw)
+            self._emit(message(body, int(self.clock()), self.sequence, self.domain), 0)
+        self._count()
+        self.transport.close()
 
     def _emit(self, msg: bytes, records: int) -> bool:
+        """Send a message of templates or options records (not flow records)."""
         ok = self.transport.send(msg)
         if ok:
-            self.sequence = (self.sequence + records) & 0xFFFFFFFF
+            self.sequence = (self.sequence + records) & 0xFFFFFFFF  # options records count
             self._sent_messages += 1
-            self._sent_records += records
         return ok
 
     def _count(self) -> None:

@@ -151,7 +151,7 @@ class Agent:
         finally:
             if self.cluster is not None:
                 self.cluster.stop()
-            self.transport.close()
+            self.exporter.close()
             self.program.close()
             self.ipr.close()
             log.info("agent stopped")

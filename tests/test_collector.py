@@ -116,6 +116,7 @@ import signal  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
 
+import netlab  # noqa: E402
 import oracles  # noqa: E402
 from conftest import CNIFLOW, agent, wait_for  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -176,6 +177,19 @@ def test_the_agents_export_read_by_cniflow_collector(node, transport):
     assert {r["interfaceName"] for r in v4} == {a.host_if, b.host_if}
     assert {r["sourceIPv6Address"] for r in v6} == {a.ipv6}
     assert all(r["@domain"] == 1 and r["@template"] in (256, 257) for r in flows)
+    # options records: the interface table and the export statistics (nothing lost)
+    index = {name: int(netlab.sh(node.exec(f"cat /sys/class/net/{name}/ifindex")).stdout)
+             for name in (a.host_if, b.host_if)}
+    table = {r["interfaceName"]: r["ingressInterface"] for r in rows if r["@template"] == 262}
+    assert table == index
+    stats = [r for r in rows if r["@template"] == 261]
+    assert stats and all(r["notSentFlowTotalCount"] == 0 for r in stats)
+    if transport == "tcp":  # the data templates withdrawn before the connection closed
+        out = subprocess.run(["tshark", "-r", str(tshark.pcap), *tshark.decode_args(),
+                              "-Y", "cflow.template_field_count == 0", "-T", "fields",
+                              "-e", "cflow.template_id", "-E", "occurrence=a",
+                              "-E", "aggregator=,"], capture_output=True, text=True).stdout
+        assert set(out.split()[-1].split(",")) == {"256", "257"}
     if transport == "udp":  # tshark reads the same datagrams: every record agrees
         def key(r):
             return (r.get("sourceIPv4Address") or r.get("sourceIPv6Address"),

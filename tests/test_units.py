@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,7 @@ def test_messages_fit_the_size_and_sequence_numbers_count_records(size):
     assert all(len(m) <= size for m in got)
     assert all(struct.unpack("!H", m[2:4])[0] == len(m) for m in got)
     fixed = TEMPLATE_V4.fixed_dtype.itemsize
-    expected = 0
+    expected = 1 + 3  # options records in the announcement: export statistics, 3 interfaces
     for m in got[1:]:  # the first carries the templates
         assert struct.unpack("!I", m[8:12])[0] == expected  # records sent before it
         off = 16
@@ -182,7 +183,7 @@ def test_messages_fit_the_size_and_sequence_numbers_count_records(size):
             assert rec == end
             off += length
         assert off == len(m)
-    assert expected == e.sequence == 500
+    assert expected == e.sequence == 504
     assert e.metrics.records_exported._value.get() == 500
 
 
@@ -210,13 +211,13 @@ def test_udp_templates_go_first_and_again_after_the_refresh_interval():
             return out
 
     e.export(flows(2), {})
-    assert set_ids() == [2, 256]  # templates, then data
+    assert set_ids() == [3, 256]  # options templates (and records, templates), then data
     now[0] += 29
     e.export(flows(2), {})
     assert set_ids() == [256]
     now[0] += 2
     e.export(flows(2), {})
-    assert set_ids() == [2, 256]  # refreshed after 30 s
+    assert set_ids() == [3, 256]  # refreshed after 30 s
 
 
 def test_opt_in_rules_pod_first_then_namespace_and_bad_values_named():
@@ -249,3 +250,44 @@ def test_the_collectors_output_rotates_by_size_and_keeps_n_files(tmp_path):
     assert all(len(p.read_text()) <= 1100 for p in tmp_path.iterdir())
     last = [int(line.split(",")[0][5:]) for line in newest_old + current]
     assert last == sorted(last) and last[-1] == 99
+
+
+def test_records_lost_while_the_collector_is_away_are_reported_in_export_statistics():
+    """RFC 7011 4.3: the backlog overflowed, so the statistics record says how much."""
+    import socket
+
+    from agent.exporter import Exporter
+    from agent.ipfix.decoder import Decoder, records, split_stream
+    from agent.metrics import Metrics
+    from agent.transport import TcpTransport
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nobody listens yet
+    e = Exporter(TcpTransport("127.0.0.1", port, backoff_min=0.01), 1, Metrics(),
+                 backlog_limit=10)
+    lost = flows(25)
+    e.export(lost, {})  # refused: kept in a backlog of 10, 15 dropped
+    assert e.backlog_records == 10 and e.lost["flows"] == 15 and e.lost["packets"] == 15
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen()
+    time.sleep(0.05)
+    e.export(flows(0), {3: "veth3"})
+    conn, _ = srv.accept()
+    e.close()
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    d = Decoder()
+    rows = [r for m in split_stream(data)[0] for rs in d.message(m, "x") for r in records(rs)]
+    stats = [r for r in rows if "notSentFlowTotalCount" in r]
+    assert [(r["notSentFlowTotalCount"], r["notSentPacketTotalCount"],
+             r["notSentOctetTotalCount"]) for r in stats] == [(15, 15, 1500)]
+    assert sum(1 for r in rows if "octetDeltaCount" in r) == 10
+    assert {r["interfaceName"]: r["ingressInterface"] for r in rows if "interfaceName" in r
+            and "octetDeltaCount" not in r} == {"veth3": 3}
+    templates = {tid for s in d.sessions.values() for tid in s.templates}
+    assert templates == {261, 262}  # data templates withdrawn at close; options stay

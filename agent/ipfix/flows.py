@@ -77,8 +77,42 @@ IE_TYPES = Template.of(
 )
 
 
+# Exporting Process Reliability Statistics (RFC 7011 section 4.3): what was lost
+EXPORT_STATS = Template.of(
+    261,
+    [
+        "exportingProcessId",
+        "notSentFlowTotalCount",
+        "notSentPacketTotalCount",
+        "notSentOctetTotalCount",
+        "flowStartMilliseconds",  # first and last flow not sent
+        "flowEndMilliseconds",
+    ],
+    scope_count=1,
+)
+# The interface table: ifindex to name, for collectors that map the index fields
+INTERFACES = Template.of(262, ["ingressInterface", "interfaceName"], scope_count=1)
+
+
 def templates(with_pods: bool) -> dict[int, Template]:
     return POD_TEMPLATES if with_pods else TEMPLATES
+
+
+def interface_columns(ifnames: Mapping[int, str]) -> dict[str, np.ndarray | Strings]:
+    keys = sorted(ifnames)
+    return {"ingressInterface": np.array(keys, np.uint32),
+            "interfaceName": Strings([ifnames[k] for k in keys], np.arange(len(keys)))}
+
+
+def export_stats_columns(process: int, lost: Mapping[str, int]) -> dict[str, np.ndarray]:
+    return {
+        "exportingProcessId": np.array([process], np.uint32),
+        "notSentFlowTotalCount": np.array([lost["flows"]], np.uint64),
+        "notSentPacketTotalCount": np.array([lost["packets"]], np.uint64),
+        "notSentOctetTotalCount": np.array([lost["octets"]], np.uint64),
+        "flowStartMilliseconds": np.array([lost["first_ms"]], np.uint64),
+        "flowEndMilliseconds": np.array([lost["last_ms"]], np.uint64),
+    }
 
 
 def ie_type_columns(names: list[str]) -> dict[str, np.ndarray | Strings]:

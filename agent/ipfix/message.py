@@ -171,11 +171,11 @@ def set_bytes(set_id: int, body: bytes) -> bytes:
 
 
 def template_sets(templates: Sequence[Template]) -> bytes:
+    """Options templates first, one a set (pmacct's nfacctd 1.7.7 rejects a set of
+    several and drops the rest of the message), then the data templates in one set."""
     data = b"".join(t.record() for t in templates if not t.scope_count)
-    opts = b"".join(t.record() for t in templates if t.scope_count)
-    out = b""
-    if opts:
-        out += set_bytes(OPTIONS_TEMPLATE_SET, opts)
+    out = b"".join(set_bytes(OPTIONS_TEMPLATE_SET, t.record()) for t in templates
+                   if t.scope_count)
     if data:
         out += set_bytes(TEMPLATE_SET, data)
     return out
