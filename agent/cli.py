@@ -41,7 +41,7 @@ def fail(message: str) -> int:
 def run_agent(args: argparse.Namespace) -> int:
     from agent import logs, memory
     from agent.interfaces import InterfaceError
-    from agent.transport import ResolveError
+    from agent.transport import ResolveError, TlsError
 
     try:
         cfg = config.from_sources(args)
@@ -58,6 +58,8 @@ def run_agent(args: argparse.Namespace) -> int:
     try:
         agent = Agent(cfg)
     except (ResolveError, InterfaceError) as e:
+        return fail(str(e))
+    except TlsError as e:
         return fail(str(e))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,7 +88,14 @@ def run_collector(args: argparse.Namespace) -> int:
         output = Output(cfg.output, cfg.rotate_bytes, cfg.rotate_keep)
     except OSError as e:
         return fail(f"--output {cfg.output}: {e.strerror}")
-    collector = Collector(cfg, output)
+    from agent.transport import TlsError, server_tls
+
+    try:
+        tls = server_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.transport == "tls" else None
+    except TlsError as e:
+        output.close()
+        return fail(str(e))
+    collector = Collector(cfg, output, tls=tls)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import selectors
 import socket
 import sys
 import threading
@@ -177,8 +176,9 @@ class CollectorMetrics:
 
 class Collector:
     def __init__(self, cfg: CollectorConfig, output: Output,
-                 metrics: CollectorMetrics | None = None) -> None:
-        self.cfg, self.output = cfg, output
+                 metrics: CollectorMetrics | None = None, tls=None) -> None:
+        self.cfg, self.output, self.tls = cfg, output, tls
+        self.lock = threading.Lock()  # decoder and output, shared by TCP connections
         self.metrics = metrics or CollectorMetrics()
         self.decoder = Decoder(hold_seconds=cfg.hold_seconds)
         self._seen_stats: dict[str, int] = {}
@@ -257,46 +257,60 @@ class Collector:
         sock.close()
 
     def _serve_tcp(self, family, host, port, stop) -> None:
+        """One thread a connection (TLS handshakes block); decoding under one lock."""
         srv = socket.socket(family, socket.SOCK_STREAM)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind((host, port))
         srv.listen(64)
-        sel = selectors.DefaultSelector()
-        sel.register(srv, selectors.EVENT_READ, None)
-        buffers: dict[socket.socket, tuple[str, bytes]] = {}
-        log.info("collector listening", extra={"listen": self.cfg.listen, "transport": "tcp"})
+        srv.settimeout(0.5)
+        log.info("collector listening", extra={"listen": self.cfg.listen,
+                                               "transport": self.cfg.transport})
         while not stop.is_set():
-            for key, _ in sel.select(0.5):
-                if key.data is None:
-                    conn, addr = srv.accept()
-                    conn.setblocking(False)
-                    sel.register(conn, selectors.EVENT_READ, True)
-                    buffers[conn] = (f"{addr[0]}:{addr[1]}", b"")
-                    continue
-                conn = key.fileobj
-                exporter, pending = buffers[conn]
+            try:
+                conn, addr = srv.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._connection, args=(conn, addr, stop),
+                             daemon=True).start()
+        srv.close()
+
+    def _connection(self, conn: socket.socket, addr, stop: threading.Event) -> None:
+        exporter = f"{addr[0]}:{addr[1]}"
+        conn.settimeout(5)
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+        except OSError as e:  # a bad or missing certificate, a plain TCP client
+            with self.lock:
+                self.decoder.errors[f"tls handshake failed: {type(e).__name__}"] += 1
+                self._sync(exporter)
+            conn.close()
+            return
+        conn.settimeout(0.5)
+        pending = b""
+        try:
+            while not stop.is_set():
                 try:
                     chunk = conn.recv(1 << 20)
-                except OSError:
-                    chunk = b""
-                if chunk:
-                    try:
-                        msgs, pending = split_stream(pending + chunk)
-                    except Malformed as e:  # a stream out of frame cannot be resynced
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                try:
+                    msgs, pending = split_stream(pending + chunk)
+                except Malformed as e:  # a stream out of frame cannot be resynced
+                    with self.lock:
                         self.decoder.errors[str(e)] += 1
                         self._sync(exporter)
-                        chunk = b""
-                    else:
-                        buffers[conn] = (exporter, pending)
-                        self.handle([(m, exporter) for m in msgs])
-                if not chunk:
-                    sel.unregister(conn)
-                    conn.close()
-                    del buffers[conn]
-                    self.decoder.forget(exporter)  # templates die with the connection
-        for conn in list(buffers):
+                    break
+                with self.lock:
+                    self.handle([(m, exporter) for m in msgs])
+        except OSError:
+            pass
+        finally:
             conn.close()
-        srv.close()
+            with self.lock:
+                self.decoder.forget(exporter)  # templates die with the connection
 
 
 def udp_drops(inode: int) -> int:

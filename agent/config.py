@@ -107,7 +107,19 @@ class Config:
         metadata={"parse": lambda t: (host_port(t), t)[1], "help": "IPFIX collector, HOST:PORT"},
     )
     transport: str = field(
-        default="udp", metadata={"parse": _choice("udp", "tcp"), "help": "udp or tcp"}
+        default="udp", metadata={"parse": _choice("udp", "tcp", "tls"),
+                                 "help": "udp, tcp, or tls (TCP with TLS)"}
+    )
+    tls_ca: str = field(
+        default="", metadata={"parse": str, "help":
+                              "with tls: CA file that signed the collector's certificate"}
+    )
+    tls_cert: str = field(
+        default="", metadata={"parse": str, "help":
+                              "with tls: this agent's certificate, when the collector asks for one"}
+    )
+    tls_key: str = field(
+        default="", metadata={"parse": str, "help": "with tls: the key of --tls-cert"}
     )
     active_timeout: float = field(
         default=60.0,
@@ -205,7 +217,19 @@ class CollectorConfig:
         metadata={"parse": lambda t: (host_port(t), t)[1], "help": "HOST:PORT to receive IPFIX on"},
     )
     transport: str = field(
-        default="udp", metadata={"parse": _choice("udp", "tcp"), "help": "udp or tcp"}
+        default="udp", metadata={"parse": _choice("udp", "tcp", "tls"),
+                                 "help": "udp, tcp, or tls (TCP with TLS)"}
+    )
+    tls_cert: str = field(
+        default="", metadata={"parse": str, "help": "with tls: the collector's certificate"}
+    )
+    tls_key: str = field(
+        default="", metadata={"parse": str, "help": "with tls: the key of --tls-cert"}
+    )
+    tls_ca: str = field(
+        default="", metadata={"parse": str, "help":
+                              "with tls: CA file; if given, exporters must present a certificate "
+                              "it signed"}
     )
     output: str = field(
         default="-",

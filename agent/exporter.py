@@ -160,7 +160,7 @@ class Exporter:
 
     def close(self) -> None:
         """Over TCP, withdraw every template before the connection ends (RFC 7011 8.1)."""
-        if self.transport.kind == "tcp" and self.session == self.transport.session and \
+        if self.transport.kind != "udp" and self.session == self.transport.session and \
                 self.transport.ready():
             withdraw = b"".join(struct.pack("!HH", t.id, 0)
                                 for t in self.flow_templates.values())

@@ -36,7 +36,12 @@ class Agent:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         host, port = cfg.collector_host_port
-        self.transport = make_transport(cfg.transport, host, port)
+        tls = None
+        if cfg.transport == "tls":
+            from agent.transport import client_tls
+
+            tls = client_tls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+        self.transport = make_transport(cfg.transport, host, port, tls)
         self.ipr = IPRoute()
         self.cluster = None
         if cfg.kubernetes:

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import time
 
 import numpy as np
@@ -105,8 +106,10 @@ class TcpTransport:
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
         timeout: float = 2.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.family, self.addr = resolve(host, port, socket.SOCK_STREAM)
+        self.host, self.tls = host, tls
         self.backoff_min, self.backoff_max, self.timeout = backoff_min, backoff_max, timeout
         self.backoff = backoff_min
         self.next_try = 0.0
@@ -125,7 +128,9 @@ class TcpTransport:
         s.settimeout(self.timeout)
         try:
             s.connect(self.addr)
-        except OSError as e:
+            if self.tls is not None:  # the handshake verifies the collector's certificate
+                s = self.tls.wrap_socket(s, server_hostname=self.host)
+        except OSError as e:  # ssl.SSLError is an OSError too
             s.close()
             self._failed(str(e))
             return False
@@ -181,5 +186,41 @@ class TcpTransport:
             self.sock = None
 
 
-def make(kind: str, host: str, port: int) -> UdpTransport | TcpTransport:
-    return UdpTransport(host, port) if kind == "udp" else TcpTransport(host, port)
+class TlsError(ValueError):
+    """A TLS file is missing or unusable."""
+
+
+def client_tls(ca: str, cert: str = "", key: str = "") -> ssl.SSLContext:
+    """TLS towards the collector: its certificate verified against ca (the system's
+    CAs if empty), and ours presented when given."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+        if cert:
+            ctx.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(f"TLS files ({ca or 'system CAs'}, {cert or 'no certificate'}): {e}") \
+            from None
+    return ctx
+
+
+def server_tls(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
+    """TLS for the collector: its certificate, and client certificates required and
+    verified against ca when ca is given."""
+    if not cert:
+        raise TlsError("--tls-cert is needed with --transport tls")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca or None)
+        ctx.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(f"TLS files ({cert}, {key or 'key in the certificate file'}): {e}") \
+            from None
+    ctx.verify_mode = ssl.CERT_REQUIRED if ca else ssl.CERT_NONE
+    return ctx
+
+
+def make(kind: str, host: str, port: int, tls: ssl.SSLContext | None = None):
+    if kind == "udp":
+        return UdpTransport(host, port)
+    transport = TcpTransport(host, port, tls=tls if kind == "tls" else None)
+    transport.kind = kind
+    return transport

@@ -285,3 +285,60 @@ def test_json_lines_say_exactly_what_the_decoder_says(pcap):
     assert [{k: v for k, v in o.items() if not k.startswith("@")} for o in out] == [
         json.loads(json.dumps(r)) for r in expected]
     assert all(o["@exporter"] and "@template" in o for o in out)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, the collector's certificate for 127.0.0.1, an agent certificate, and an
+    agent certificate from another CA."""
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for ca in ("ca", "rogue-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            f"/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, ca in (("collector", "ca"), ("agent", "ca"), ("rogue", "rogue-ca")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+            f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem")
+    return tmp_path
+
+
+def test_over_tls_with_certificates_both_ways(node, pki):
+    a, b = node.pods
+    collector_dir = pki
+    out = collector_dir / "records.jsonl"
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", node.netns, str(CNIFLOW), "collector", "--listen",
+         "127.0.0.1:4740", "--transport", "tls", "--tls-cert", str(pki / "collector.pem"),
+         "--tls-key", str(pki / "collector.key"), "--tls-ca", str(pki / "ca.pem"), "--output",
+         str(out), "--metrics-address", "127.0.0.1:9478"], stderr=(pki / "log").open("w"))
+    oracles._wait_port(node.netns, 4740, "t", 15)
+    tls = ("--transport", "tls", "--tls-ca", str(pki / "ca.pem"))
+    rogue = subprocess.Popen(  # another CA's certificate: refused, and harmless
+        ["ip", "netns", "exec", node.netns, str(CNIFLOW), "agent", "--interface", "lo",
+         "--collector", "127.0.0.1:4740", *tls, "--tls-cert", str(pki / "rogue.pem"),
+         "--tls-key", str(pki / "rogue.key"), "--metrics-address", "127.0.0.1:9479",
+         "--poll-interval", "0.5"], stderr=subprocess.DEVNULL)
+    try:
+        with agent(node, "--idle-timeout", "1", *tls, "--tls-cert", str(pki / "agent.pem"),
+                   "--tls-key", str(pki / "agent.key"), collector="127.0.0.1:4740"):
+            send_udp(node, 0, b.ipv4, 9850, count=9, size=50)
+            subprocess.run(node.in_pod(0, "ping -c 3 -i 0.2 -q 127.0.0.1").split(),
+                           stdout=subprocess.DEVNULL)
+            time.sleep(3)
+            assert rogue.poll() is None
+    finally:
+        rogue.send_signal(signal.SIGTERM)
+        assert rogue.wait(30) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    sent = [r for r in rows if r.get("destinationTransportPort") == 9850]
+    assert sum(r["packetDeltaCount"] for r in sent) == 18
+    assert sum(r["octetDeltaCount"] for r in sent) == 18 * 78
+    assert {r["interfaceName"] for r in sent} == {a.host_if, b.host_if}
+    assert "tls handshake failed" in (pki / "log").read_text()
+    assert not [r for r in rows if r.get("interfaceName") == "lo"]
