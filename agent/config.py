@@ -121,6 +121,11 @@ class Config:
     tls_key: str = field(
         default="", metadata={"parse": str, "help": "with tls: the key of --tls-cert"}
     )
+    biflow: bool = field(
+        default=False,
+        metadata={"parse": _bool, "switch": True, "help":
+                  "export RFC 5103 biflows: both directions of a connection in one record"},
+    )
     active_timeout: float = field(
         default=60.0,
         metadata={

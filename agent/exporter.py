@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from agent.biflow import pair
 from agent.ipfix import flows as flowmap
 from agent.ipfix.message import (
     HEADER,
@@ -44,6 +45,7 @@ class Exporter:
         backlog_limit: int = 100_000,
         clock: Callable[[], float] = time.time,
         with_pods: bool = False,
+        biflow: bool = False,
     ) -> None:
         self.transport = transport
         self.domain = domain
@@ -52,7 +54,8 @@ class Exporter:
         self.template_refresh_s = template_refresh_s
         self.backlog_limit = backlog_limit
         self.clock = clock
-        self.flow_templates = flowmap.templates(with_pods)
+        self.flow_templates = flowmap.templates(with_pods, biflow)
+        self.biflow = biflow
         self.with_pods = with_pods
         self.backlog: deque[np.ndarray] = deque()
         self.backlog_records = 0
@@ -68,6 +71,8 @@ class Exporter:
         """Queue records and send everything the collector can take now. pods: an
         agent.podmeta.PodTable naming the pods (required when built with_pods)."""
         if len(records):
+            if self.biflow:  # pairs are made from what is due together
+                records = pair(records)
             self.backlog.append(records)
             self.backlog_records += len(records)
             self._bound_backlog()

@@ -225,6 +225,32 @@ class FlowTable:
             self._remove(np.flatnonzero(gone))
         return out
 
+    def partners(self, due: np.ndarray) -> np.ndarray:
+        """For biflows: the partners (same interface, opposite direction, swapped
+        addresses and ports) of records being reported, reported with them and with
+        the same reason. An active timeout keeps the partner, as it keeps the flow."""
+        from agent.biflow import reversed_keys
+
+        if not len(due) or not len(self.flows):
+            return self.flows[:0]
+        rev = np.ascontiguousarray(reversed_keys(due)).view("<u8").reshape(-1, 6)
+        match = self._find(key_hash(rev), rev)
+        hit = match >= 0
+        slots, reasons = match[hit], due["end_reason"][hit]
+        slots, first = np.unique(slots, return_index=True)
+        reasons = reasons[first]
+        out = take(self.flows, slots)
+        live = out["packets"] > 0
+        out["end_reason"] = reasons
+        out = take(out, live)
+        active = reasons == ACTIVE_TIMEOUT
+        if active.any():
+            for name in ("packets", "octets", "tcp_flags", "min_ttl", "max_ttl"):
+                self.flows[name][slots[active]] = 0
+        if (~active).any():
+            self._remove(slots[~active])
+        return out
+
     def flush(self) -> np.ndarray:
         """Everything pending, as at shutdown (4)."""
         out = take(self.flows, self.flows["packets"] > 0)

@@ -68,6 +68,7 @@ class Agent:
             cfg.template_refresh,
             cfg.export_backlog,
             with_pods=cfg.kubernetes,
+            biflow=cfg.biflow,
         )
         self.names: dict[int, str] = {}
         self.failed: set[int] = set()
@@ -105,6 +106,8 @@ class Agent:
         self.metrics.kernel_stats(self.program.stats())
         evicted = self.table.update(batch, unique=True)  # map keys
         due = self.table.flush() if final else self.table.expire(int(time.time() * 1000))
+        if self.cfg.biflow:  # both directions leave together, to be paired
+            due = np.concatenate([due, self.table.partners(due)])
         out = np.concatenate([evicted, due]) if len(evicted) else due
         reported = set(self.attacher.attached) | set(
             np.unique(self.table.flows["key"]["ifindex"]).tolist()) | set(

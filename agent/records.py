@@ -58,13 +58,11 @@ INGRESS = 0
 EGRESS = 1
 
 
-_VOID = np.dtype((np.void, FLOW_DTYPE.itemsize))
-
-
 def take(flows: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """flows[index] (integer or boolean), copied as opaque 88-octet rows: numpy's
+    """flows[index] (integer or boolean), copied as opaque rows: numpy's
     field-by-field path for nested structured dtypes is several times slower."""
-    return flows.view(_VOID)[index].view(FLOW_DTYPE)
+    dtype = flows.dtype
+    return flows.view(np.dtype((np.void, dtype.itemsize)))[index].view(dtype)
 
 
 def empty(n: int = 0) -> np.ndarray:

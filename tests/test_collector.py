@@ -342,3 +342,48 @@ def test_over_tls_with_certificates_both_ways(node, pki):
     assert {r["interfaceName"] for r in sent} == {a.host_if, b.host_if}
     assert "tls handshake failed" in (pki / "log").read_text()
     assert not [r for r in rows if r.get("interfaceName") == "lo"]
+
+
+def test_biflows_read_by_cniflow_collector_tshark_and_nfdump(node):
+    a, b = node.pods
+    collector = RunningCollector(node.netns, 4739)
+    tshark = oracles.Tshark(node.netns, 4739)
+    subprocess.run(node.in_pod(1, f"iperf3 -s -D -1 -B {b.ipv4} -p 5201").split(), check=True)
+    time.sleep(0.5)
+    with agent(node, "--idle-timeout", "1", "--biflow"):
+        subprocess.run(node.in_pod(0, f"ping -c 4 -i 0.1 -q {b.ipv4}").split(),
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(node.in_pod(0, f"iperf3 -c {b.ipv4} -p 5201 -n 1M").split(),
+                       stdout=subprocess.DEVNULL, check=True)
+        time.sleep(3)
+    pcap = tshark.stop()
+    rows = collector.stop()
+    assert tshark.expert() == []
+    on_a = [r for r in rows if r.get("interfaceName") == a.host_if and "octetDeltaCount" in r]
+    echo = [r for r in on_a if r["protocolIdentifier"] == 1]
+    assert [(r["sourceIPv4Address"], r["icmpTypeCodeIPv4"], r["packetDeltaCount"],
+             r["reversePacketDeltaCount"], r["octetDeltaCount"], r["reverseOctetDeltaCount"],
+             r["biflowDirection"]) for r in echo] == [(a.ipv4, 0x0800, 4, 4, 336, 336, 1)]
+    tcp = [r for r in on_a if r["protocolIdentifier"] == 6]
+    assert tcp and all(r["sourceIPv4Address"] == a.ipv4 and r["destinationTransportPort"] == 5201
+                       and r["biflowDirection"] == 1 and r["reversePacketDeltaCount"] > 0
+                       for r in tcp)
+    assert sum(r["octetDeltaCount"] for r in tcp) > 1024 * 1024 // 2
+    # nfdump keeps RFC 5103 reverse counters as out_bytes / out_packets
+    other = netlab.up(node.prefix + "x", 0)
+    try:
+        nfcapd = oracles.Nfcapd(other.netns, 4741)
+        oracles.replay(pcap, other.netns, 4741, decode_port=4739)
+        time.sleep(0.5)
+        nf = nfcapd.stop()
+    finally:
+        netlab.down(node.prefix + "x")
+    raw = subprocess.run(["nfdump", "-R", str(nfcapd.dir), "-o", "csv", "-q"],
+                         capture_output=True, text=True, check=True).stdout
+    assert nf and raw
+    # csv: ts,te,td,sa,da,sp,dp,pr,flg,fwd,stos,ipkt,ibyt,opkt,obyt,in,...
+    icmp_rows = [line.split(",") for line in raw.splitlines()
+                 if line.split(",")[3] == a.ipv4 and line.split(",")[7].strip() == "ICMP"
+                 and int(line.split(",")[15]) > 0]
+    assert [(int(c[11]), int(c[12]), int(c[13]), int(c[14])) for c in icmp_rows] == [
+        (4, 336, 4, 336)]

@@ -291,3 +291,64 @@ def test_records_lost_while_the_collector_is_away_are_reported_in_export_statist
             and "octetDeltaCount" not in r} == {"veth3": 3}
     templates = {tid for s in d.sessions.values() for tid in s.templates}
     assert templates == {261, 262}  # data templates withdrawn at close; options stay
+
+
+def test_biflow_pairs_partners_on_one_interface_initiator_first():
+    from agent.biflow import pair
+    from agent.records import EGRESS, INGRESS
+
+    f = flows(4, t=1000)
+    k = f["key"]
+    k["ifindex"] = 5
+    k["src"][:, :4], k["dst"][:, :4] = [10, 0, 0, 1], [10, 0, 0, 2]
+    # 0: a UDP request (ingress), 1: its reply (egress), arriving 5 ms later
+    k["sport"][0], k["dport"][0], k["direction"][0] = 4000, 53, INGRESS
+    k["src"][1, :4], k["dst"][1, :4] = [10, 0, 0, 2], [10, 0, 0, 1]
+    k["sport"][1], k["dport"][1], k["direction"][1] = 53, 4000, EGRESS
+    f["first_ms"][1], f["last_ms"][1], f["packets"][1], f["octets"][1] = 1005, 1005, 2, 900
+    # 2: an ICMP echo reply seen first in the batch, 3: its request, earlier
+    k["proto"][2:] = 1
+    k["src"][2, :4], k["dst"][2, :4] = [10, 0, 0, 2], [10, 0, 0, 1]
+    k["sport"][2:], k["dport"][2], k["direction"][2] = 0, 0x0000, EGRESS
+    k["dport"][3], k["direction"][3] = 0x0800, INGRESS
+    f["first_ms"][3] = 990
+    out = pair(f)
+    assert len(out) == 2
+    udp, icmp = sorted(out, key=lambda r: r["key"]["proto"], reverse=True)
+    assert (udp["key"]["sport"], udp["key"]["dport"], udp["packets"], udp["rev_packets"],
+            udp["rev_octets"], udp["biflow_direction"], udp["last_ms"]) == (
+                4000, 53, 1, 2, 900, 1, 1005)
+    assert (icmp["key"]["dport"], icmp["biflow_direction"], icmp["rev_packets"]) == (0x0800, 1, 1)
+    lone = pair(f[:1])
+    assert lone["biflow_direction"][0] == 0 and lone["rev_packets"][0] == 0
+
+
+def test_a_reported_flow_takes_its_partner_along_for_biflows():
+    from agent.records import EGRESS
+
+    table = flowtable.FlowTable(idle_timeout_s=5)
+    f = flows(2, t=1000)
+    f["key"]["sport"][1], f["key"]["dport"][1] = f["key"]["dport"][0], f["key"]["sport"][0]
+    f["key"]["direction"][1] = EGRESS
+    f["last_ms"][1] = 4000  # the reply went on later
+    table.update(f)
+    due = table.expire(6500)  # only the first is idle
+    assert len(due) == 1
+    partners = table.partners(due)
+    assert len(partners) == 1 and partners["end_reason"][0] == 1 and len(table) == 0
+
+
+def test_biflow_ties_in_one_millisecond_go_to_the_request_or_the_client_port():
+    from agent.biflow import pair
+    from agent.records import EGRESS
+
+    f = flows(4, t=1000)  # all four in the same millisecond
+    k = f["key"]
+    k["sport"][0], k["dport"][0] = 80, 40000  # server's answer, listed first
+    k["sport"][1], k["dport"][1], k["direction"][1] = 40000, 80, EGRESS
+    k["proto"][2:], k["sport"][2:] = 58, 0
+    k["dport"][2], k["dport"][3], k["direction"][3] = 129 << 8, 128 << 8, EGRESS  # reply first
+    out = pair(f)
+    got = sorted((int(r["key"]["proto"]), int(r["key"]["sport"]), int(r["key"]["dport"]))
+                 for r in out)
+    assert got == [(17, 40000, 80), (58, 0, 128 << 8)]

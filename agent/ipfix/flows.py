@@ -57,6 +57,17 @@ TEMPLATES = {4: TEMPLATE_V4, 6: TEMPLATE_V6}
 TEMPLATE_V4_PODS = Template.of(258, V4 + COMMON + STRINGS + POD_STRINGS)
 TEMPLATE_V6_PODS = Template.of(259, V6 + COMMON + STRINGS + POD_STRINGS)
 POD_TEMPLATES = {4: TEMPLATE_V4_PODS, 6: TEMPLATE_V6_PODS}
+REVERSE = [  # RFC 5103: the partner direction's counters, under PEN 29305
+    "reverseOctetDeltaCount",
+    "reversePacketDeltaCount",
+    "reverseTcpControlBits",
+    "reverseIpClassOfService",
+    "biflowDirection",
+]
+BIFLOW_TEMPLATES = {4: Template.of(263, V4 + COMMON + REVERSE + STRINGS),
+                    6: Template.of(264, V6 + COMMON + REVERSE + STRINGS)}
+BIFLOW_POD_TEMPLATES = {4: Template.of(265, V4 + COMMON + REVERSE + STRINGS + POD_STRINGS),
+                        6: Template.of(266, V6 + COMMON + REVERSE + STRINGS + POD_STRINGS)}
 
 # RFC 5610 information element type records, so generic collectors learn the
 # Antrea elements' names and types. All nine fields: libfixbuf ignores fewer.
@@ -94,7 +105,9 @@ EXPORT_STATS = Template.of(
 INTERFACES = Template.of(262, ["ingressInterface", "interfaceName"], scope_count=1)
 
 
-def templates(with_pods: bool) -> dict[int, Template]:
+def templates(with_pods: bool, biflow: bool = False) -> dict[int, Template]:
+    if biflow:
+        return BIFLOW_POD_TEMPLATES if with_pods else BIFLOW_TEMPLATES
     return POD_TEMPLATES if with_pods else TEMPLATES
 
 
@@ -148,6 +161,14 @@ def columns(
 ) -> dict[str, np.ndarray | Strings]:
     """IPFIX columns of a batch; pods (an agent.podmeta.PodTable) adds the Antrea ones."""
     out = _flow_columns(flows, ifnames)
+    if "rev_packets" in flows.dtype.names:  # biflows (agent.biflow)
+        out.update({
+            "reverseOctetDeltaCount": flows["rev_octets"],
+            "reversePacketDeltaCount": flows["rev_packets"],
+            "reverseTcpControlBits": flows["rev_tcp_flags"],
+            "reverseIpClassOfService": flows["rev_tos"],
+            "biflowDirection": flows["biflow_direction"],
+        })
     if pods is not None:
         out.update(pods.columns(flows))
     return out

@@ -94,7 +94,12 @@ def lookup(pen: int, ie: int) -> Element | None:
 
 
 def element(name: str) -> Element:
-    try:
-        return elements()[name]
-    except KeyError:
-        raise KeyError(f"unknown information element {name!r}") from None
+    """By name; "reverseX" is RFC 5103's reverse of the IANA element x (PEN 29305)."""
+    e = elements().get(name)
+    if e is None and name.startswith("reverse") and len(name) > 7:
+        fwd = elements().get(name[7].lower() + name[8:])
+        if fwd is not None and fwd.pen == 0:
+            e = Element(REVERSE_PEN, fwd.id, name, fwd.type)
+    if e is None:
+        raise KeyError(f"unknown information element {name!r}")
+    return e
