@@ -387,3 +387,24 @@ def test_biflows_read_by_cniflow_collector_tshark_and_nfdump(node):
                  and int(line.split(",")[15]) > 0]
     assert [(int(c[11]), int(c[12]), int(c[13]), int(c[14])) for c in icmp_rows] == [
         (4, 336, 4, 336)]
+
+
+def test_data_before_its_template_is_held_then_released_or_dropped():
+    from test_units import flows
+
+    from agent.ipfix.flows import TEMPLATE_V4, columns
+    from agent.ipfix.message import encode_records, message, set_bytes, template_sets
+
+    now = [0.0]
+    d = Decoder(hold_seconds=5, clock=lambda: now[0])
+    groups = encode_records(TEMPLATE_V4, columns(flows(3), {0: "eth0"}), 3)
+    data = message(b"".join(set_bytes(256, g.data.tobytes()) for g in groups), 0, 0, 5)
+    tmpl = message(template_sets([TEMPLATE_V4]), 0, 3, 5)
+    assert d.message(data, "e:1") == [] and d.stats["template_misses"] == 1
+    out = d.message(tmpl, "e:1")  # the template arrives: the held records come out
+    assert sum(len(rs) for rs in out) == 3
+    d.message(data, "other:2")  # another exporter's data, never given a template
+    now[0] = 6
+    d.message(struct.pack("!HHIII", 10, 16, 0, 0, 5), "other:2")
+    assert d.stats["dropped_sets"] == 1
+    assert not d.sessions[("other:2", 5)].held

@@ -12,9 +12,10 @@ one exporter's errors never touch another exporter's state.
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,10 +101,19 @@ def _dtype(fields: list[Field]) -> np.dtype | None:
     return np.dtype(out)
 
 
+def reason(text: str) -> str:
+    """Numbers folded out: a hostile exporter must not grow the set of reasons."""
+    return re.sub(r"\d+", "N", text)[:80]
+
+
 class Decoder:
     def __init__(self, hold_seconds: float = 5.0, hold_bytes: int = 1 << 20,
-                 clock=time.monotonic) -> None:
-        self.sessions: dict[tuple[str, int], Session] = {}
+                 clock=time.monotonic, max_sessions: int = 1024,
+                 max_templates: int = 1024, max_templates_total: int = 4096) -> None:
+        self.sessions: OrderedDict[tuple[str, int], Session] = OrderedDict()
+        self.max_sessions, self.max_templates = max_sessions, max_templates
+        self.max_templates_total = max_templates_total
+        self.templates_total = 0  # over all sessions: what bounds this decoder's memory
         self.names: dict[tuple[str, int], dict] = {}  # RFC 5610: (pen, id) -> (name, type)
         self.hold_seconds, self.hold_bytes, self.clock = hold_seconds, hold_bytes, clock
         self.errors: Counter = Counter()  # reason -> count
@@ -112,14 +122,14 @@ class Decoder:
     def forget(self, exporter: str) -> None:
         """A TCP connection closed: its templates die with it (RFC 7011 10.4.2)."""
         for key in [k for k in self.sessions if k[0] == exporter]:
-            del self.sessions[key]
+            self.templates_total -= len(self.sessions.pop(key).templates)
             self.names.pop(key, None)
 
     def message(self, data: bytes, exporter: str) -> list[RecordSet]:
         try:
             return self._message(memoryview(data), exporter)
         except Malformed as e:
-            self.errors[str(e)] += 1
+            self.errors[reason(str(e))] += 1
             return []
 
     def _message(self, data: memoryview, exporter: str) -> list[RecordSet]:
@@ -132,7 +142,7 @@ class Decoder:
             raise Malformed("message length beyond the data")
         self.stats["messages"] += 1
         key = (exporter, domain)
-        session = self.sessions.setdefault(key, Session())
+        session = self._session(key)
         names = self.names.setdefault(key, {})
         out: list[RecordSet] = []
         records = 0
@@ -149,7 +159,7 @@ class Decoder:
                 if set_id in (2, 3):
                     self._templates(session, body, set_id == 3, names)
                 elif set_id < 256:
-                    self.errors[f"reserved set id {set_id}"] += 1
+                    self.errors["reserved set id"] += 1
                 else:
                     rs = self._data(session, key, set_id, body, export_time)
                     if rs is not None:
@@ -157,7 +167,7 @@ class Decoder:
                         out.append(rs)
                         self._learn(rs, names)
             except Malformed as e:  # this set is lost, the rest of the message is not
-                self.errors[str(e)] += 1
+                self.errors[reason(str(e))] += 1
         if session.next_sequence is not None and sequence != session.next_sequence:
             self.stats["sequence_gaps"] += 1
         session.next_sequence = (sequence + records) & 0xFFFFFFFF
@@ -165,16 +175,33 @@ class Decoder:
         self.stats["records"] += records
         return out
 
+    def _session(self, key) -> Session:
+        """Template state of (exporter, domain), least recently used evicted past the
+        limit: random domain ids cannot grow it without bound."""
+        session = self.sessions.get(key)
+        if session is None:
+            session = self.sessions[key] = Session()
+            while len(self.sessions) > self.max_sessions:
+                old, gone = self.sessions.popitem(last=False)
+                self.templates_total -= len(gone.templates)
+                self.names.pop(old, None)
+                self.stats["sessions_evicted"] += 1
+        else:
+            self.sessions.move_to_end(key)
+        return session
+
     def _templates(self, session: Session, body: memoryview, options: bool, names) -> None:
         off = 0
         while len(body) - off >= 4:
             tid, count = struct.unpack_from("!HH", body, off)
             off += 4
             if count == 0:  # withdrawal; 2 or 3 withdraws every template of that kind
+                before = len(session.templates)
                 if tid in (2, 3):
                     session.templates.clear()
                 else:
                     session.templates.pop(tid, None)
+                self.templates_total -= before - len(session.templates)
                 continue
             if tid < 256:
                 raise Malformed(f"template id {tid} below 256")
@@ -204,9 +231,15 @@ class Decoder:
                 if flen == 0:
                     raise Malformed("field of length 0")
                 fields.append(_field(pen, ie, flen, names))
+            new = tid not in session.templates
+            if new and len(session.templates) >= self.max_templates:
+                raise Malformed("too many templates in one session")
+            if new and self.templates_total >= self.max_templates_total:
+                raise Malformed("too many templates in all")
             dtype = _dtype(fields)
             minimum = sum(1 if f.length == VARLEN else f.length for f in fields)
             session.templates[tid] = Spec(tid, fields, scope, dtype, minimum)
+            self.templates_total += new
         # what is left is padding
 
     def _data(self, session: Session, key, set_id: int, body: memoryview,
@@ -276,7 +309,7 @@ class Decoder:
                     out.append(rs)
                     self.stats["records"] += len(rs)
                 except Malformed as e:
-                    self.errors[str(e)] += 1
+                    self.errors[reason(str(e))] += 1
             elif now - t > self.hold_seconds:
                 self.stats["dropped_sets"] += 1
             else:
