@@ -8,8 +8,6 @@ buffer is copied in one assignment and hashed as six 64-bit words.
 
 from __future__ import annotations
 
-import ipaddress
-
 import numpy as np
 
 KEY_DTYPE = np.dtype(
@@ -63,13 +61,3 @@ def take(flows: np.ndarray, index: np.ndarray) -> np.ndarray:
     field-by-field path for nested structured dtypes is several times slower."""
     dtype = flows.dtype
     return flows.view(np.dtype((np.void, dtype.itemsize)))[index].view(dtype)
-
-
-def empty(n: int = 0) -> np.ndarray:
-    return np.zeros(n, FLOW_DTYPE)
-
-
-def address(raw: np.ndarray, version: int) -> str:
-    """Text form of one key address (for tests, logs and the demo, not hot paths)."""
-    data = bytes(raw[:4] if version == 4 else raw)
-    return str(ipaddress.ip_address(data))

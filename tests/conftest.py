@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -116,10 +115,3 @@ def wait_for(predicate, timeout: float = 10.0, step: float = 0.1):
             return value
         time.sleep(step)
     return predicate()
-
-
-def http_ok(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url, timeout=1).status == 200
-    except OSError:
-        return False
