@@ -13,6 +13,11 @@ from agent.ipfix.decoder import Decoder, records, split_stream
 CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "captures"
 PCAPS = sorted(CAPTURES.glob("*.pcap"))
 
+
+def test_the_shared_captures_are_there():
+    """The capture tests below are parametrized by these files: none would be a skip."""
+    assert len(PCAPS) >= 16, f"{CAPTURES} is missing: shared/ must sit beside the checkout"
+
 # tshark field -> our element names whose values it shows (forward and RFC 5103 reverse)
 COMPARED = {
     "cflow.srcaddr": ["sourceIPv4Address"],
