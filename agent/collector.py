@@ -19,7 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    start_http_server,
+)
 
 from agent.config import CollectorConfig
 from agent.ipfix.decoder import (
@@ -154,6 +160,7 @@ def _reason(text: str) -> str:
 class CollectorMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
         self.records = Counter("cniflow_collector_records", "Data records decoded",
                                ["exporter"], registry=r)
         self.messages = Counter("cniflow_collector_messages", "IPFIX messages received",

@@ -1,0 +1,177 @@
+"""The manifests: they render, validate against the API schemas of a current
+Kubernetes release (the kubernetes client's models, extra fields forbidden), keep
+their promises, and their commands and environment start a working agent."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import filters, wait_for
+from fakeapi import FakeApiServer
+from kubernetes import client
+
+from agent.config import SETTINGS, env_name
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBECTL = Path(sys.executable).with_name("kubectl")
+MODELS = {
+    "Namespace": client.V1Namespace,
+    "ServiceAccount": client.V1ServiceAccount,
+    "ClusterRole": client.V1ClusterRole,
+    "ClusterRoleBinding": client.V1ClusterRoleBinding,
+    "ConfigMap": client.V1ConfigMap,
+    "DaemonSet": client.V1DaemonSet,
+}
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[str, dict]:
+    out = subprocess.run([str(KUBECTL), "kustomize", str(ROOT / "daemonset")],
+                         capture_output=True, text=True, check=True).stdout
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in yaml.safe_load_all(out)}
+
+
+def by_kind(objects, kind: str) -> list[dict]:
+    return [o for o in objects.values() if o["kind"] == kind]
+
+
+def test_the_manifests_render_and_validate(objects):
+    kinds = sorted(o["kind"] for o in objects.values())
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "DaemonSet",
+                     "Namespace", "PodMonitor", "ServiceAccount"]
+    for obj in objects.values():
+        if obj["kind"] in MODELS:
+            MODELS[obj["kind"]].model_validate(obj)  # raises on a misspelt or mistyped field
+    pm = by_kind(objects, "PodMonitor")[0]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(pm["spec"]) == {"selector", "podMetricsEndpoints"}
+
+
+def test_rbac_asks_only_to_read_pods_and_namespaces(objects):
+    role = by_kind(objects, "ClusterRole")[0]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
+    binding = by_kind(objects, "ClusterRoleBinding")[0]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cniflow",
+                                    "namespace": "cniflow"}]
+
+
+def test_capabilities_are_the_listed_ones_and_export_stays_on_the_node(objects):
+    ds = by_kind(objects, "DaemonSet")[0]
+    pod = ds["spec"]["template"]["spec"]
+    agent, collector = pod["containers"]
+    assert pod["hostNetwork"] is True  # so 127.0.0.1 is the node's own loopback
+    assert agent["securityContext"]["capabilities"] == {
+        "drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"]}
+    assert collector["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in pod["containers"])
+    config = by_kind(objects, "ConfigMap")
+    data = next(c for c in config if c["metadata"]["name"].startswith("cniflow-config"))["data"]
+    assert data["CNIFLOW_COLLECTOR"] == "127.0.0.1:4739"
+    listen = collector["command"][collector["command"].index("--listen") + 1]
+    assert listen == "127.0.0.1:4739"  # the collector is reachable from this node only
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert {"/sys/fs/bpf", "/lib/modules", "/usr/src", "/sys/kernel/btf"} <= mounts
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_the_config_map_holds_every_agent_setting(objects):
+    data = next(c for c in by_kind(objects, "ConfigMap")
+                if c["metadata"]["name"].startswith("cniflow-config"))["data"]
+    assert set(data) == {env_name(f.name) for f in SETTINGS}
+
+
+def test_the_pod_monitor_scrapes_what_the_containers_serve(objects):
+    pod = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
+    ports = {p["name"]: (c, p["containerPort"]) for c in pod["containers"] for p in c["ports"]}
+    pm = by_kind(objects, "PodMonitor")[0]
+    for ep in pm["spec"]["podMetricsEndpoints"]:
+        container, port = ports[ep["port"]]
+        assert ep["path"] == container["livenessProbe"]["httpGet"]["path"] == "/metrics"
+        assert container["livenessProbe"]["httpGet"]["port"] == port
+    data = next(c for c in by_kind(objects, "ConfigMap")
+                if c["metadata"]["name"].startswith("cniflow-config"))["data"]
+    assert data["CNIFLOW_METRICS_ADDRESS"].endswith(f":{ports['metrics'][1]}")
+    assert pm["spec"]["selector"]["matchLabels"] == \
+        by_kind(objects, "DaemonSet")[0]["spec"]["selector"]["matchLabels"]
+
+
+def test_the_dashboard_ships_as_a_labelled_config_map_and_queries_real_metrics(objects):
+    cm = objects["ConfigMap/cniflow-grafana-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dash = json.loads(cm["data"]["cniflow.json"])
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    names = set(re.findall(r"\b((?:cniflow|process)_[a-z_]+)", " ".join(exprs)))
+    known = metric_names()
+    assert names and names <= known, names - known
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "node"}
+
+
+def metric_names() -> set[str]:
+    from agent.collector import CollectorMetrics
+    from agent.metrics import Metrics
+
+    out = set()
+    for registry in (Metrics().registry, CollectorMetrics().registry):
+        for family in registry.collect():  # labelled families have no samples yet
+            out |= {s.name for s in family.samples} | {family.name, family.name + "_total"}
+    return out
+
+
+def test_the_daemonsets_commands_and_environment_start_an_agent_that_exports(objects, node):
+    """The two containers' command and environment, as rendered, on a lab node; the
+    API server is the fake one, reached through KUBECONFIG instead of in-cluster."""
+    web, db = node.pods
+    pod = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
+    agent, collector = pod["containers"]
+    config = next(c for c in by_kind(objects, "ConfigMap")
+                  if c["metadata"]["name"].startswith("cniflow-config"))["data"]
+    api = FakeApiServer(node.netns)
+    api.namespace("shop", {"cniflow.io/export": "true"})
+    api.pod("shop", "web", "node-a", [web.ipv4])
+    api.pod("shop", "db", "node-a", [db.ipv4])
+    records = Path(f"/tmp/{node.prefix}-records")
+    records.mkdir(exist_ok=True)
+    bin_dir = str(Path(sys.executable).parent)
+    base = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    agent_env = {**base, **config, "NODE_NAME": "node-a",
+                 "KUBECONFIG": str(api.kubeconfig(records / "kubeconfig"))}
+    collector_env = {**base, **{e["name"]: e["value"] for e in collector["env"]}}
+    collector_cmd = [a.replace("/var/log/cniflow", str(records)) for a in collector["command"]]
+    assert agent["command"] == ["cniflow", "agent"]
+    procs = [
+        subprocess.Popen(["ip", "netns", "exec", node.netns, *collector_cmd], env=collector_env,
+                         stderr=subprocess.DEVNULL),
+        subprocess.Popen(["ip", "netns", "exec", node.netns, *agent["command"]], env=agent_env,
+                         stderr=(records / "agent.log").open("w")),
+    ]
+    try:
+        assert wait_for(lambda: "cniflow_ingress" in filters(node, web.host_if), 30), \
+            (records / "agent.log").read_text()
+        subprocess.run(node.in_pod(0, f"ping -c 3 -i 0.2 -q {db.ipv4}").split(),
+                       stdout=subprocess.DEVNULL)
+        time.sleep(17)  # the configured idle timeout (15 s) and a poll
+        metrics = subprocess.run(node.exec("curl -s 127.0.0.1:9477/metrics").split(),
+                                 capture_output=True, text=True).stdout
+        assert "cniflow_records_exported_total" in metrics
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(30) == 0
+        api.stop()
+    rows = [json.loads(line) for line in (records / "records.jsonl").read_text().splitlines()]
+    echo = [r for r in rows if r.get("icmpTypeCodeIPv4") == 0x0800
+            and r.get("interfaceName") == web.host_if]
+    assert [(r["sourcePodName"], r["destinationPodName"], r["packetDeltaCount"])
+            for r in echo] == [("web", "db", 3)]
