@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -54,6 +57,9 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
+        self.export_seconds = Histogram(
+            "cniflow_export_duration_seconds", "Time to encode and send one poll's records",
+            registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.flows_active = Gauge(
             "cniflow_flows_active", "Flows held in the agent's flow table", registry=r
         )
@@ -76,6 +82,16 @@ class Metrics:
         self.api_errors = Counter(
             "cniflow_api_errors", "Failed list or watch requests to the API server",
             registry=r)
+        self.pods_attached = Gauge(
+            "cniflow_pods_attached", "Opted-in pods whose interface is metered", registry=r)
+        self.pod_bytes = Counter(
+            "cniflow_pod_bytes",
+            "Octets (IP header and payload) a metered pod sent or received",
+            ["namespace", "pod", "direction"], registry=r)
+        self.pod_packets = Counter(
+            "cniflow_pod_packets", "Packets a metered pod sent or received",
+            ["namespace", "pod", "direction"], registry=r)
+        self._pod_series: set[tuple[str, str]] = set()
         self._kernel_seen: dict[str, int] = {}
 
     def kernel_stats(self, stats: dict[str, int]) -> None:
@@ -90,6 +106,33 @@ class Metrics:
             if delta > 0:
                 counter.inc(delta)
             self._kernel_seen[name] = value
+
+    def pod_traffic(self, batch: np.ndarray, by_ifindex: Mapping[int, object]) -> None:
+        """Per-pod counters from a drained batch, summed per interface and direction in
+        whole arrays. The TC ingress of a pod's host-side veth is what the pod sent."""
+        if len(batch):
+            k = batch["key"]
+            slot = k["ifindex"].astype(np.int64) * 2 + k["direction"]
+            keys, inverse = np.unique(slot, return_inverse=True)
+            octets = np.bincount(inverse, weights=batch["octets"])
+            packets = np.bincount(inverse, weights=batch["packets"])
+            for key, o, p in zip(keys.tolist(), octets.tolist(), packets.tolist(), strict=True):
+                pod = by_ifindex.get(key // 2)
+                if pod is None:
+                    continue
+                direction = "sent" if key % 2 == 0 else "received"
+                self.pod_bytes.labels(pod.namespace, pod.name, direction).inc(o)
+                self.pod_packets.labels(pod.namespace, pod.name, direction).inc(p)
+                self._pod_series.add((pod.namespace, pod.name))
+        live = {(p.namespace, p.name) for p in by_ifindex.values()}
+        for ns, name in self._pod_series - live:  # the pod is gone: so are its series
+            for direction in ("sent", "received"):
+                for metric in (self.pod_bytes, self.pod_packets):
+                    try:
+                        metric.remove(ns, name, direction)
+                    except KeyError:
+                        pass
+        self._pod_series &= live
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

@@ -112,8 +112,15 @@ class Agent:
         reported = set(self.attacher.attached) | set(
             np.unique(self.table.flows["key"]["ifindex"]).tolist()) | set(
             np.unique(out["key"]["ifindex"]).tolist())
-        pods = self.source.table(reported) if self.cluster is not None else None
+        pods = None
+        if self.cluster is not None:
+            pods = self.source.table(reported)
+            self.metrics.pod_traffic(batch, {**self.source.remembered, **self.source.by_ifindex})
+            self.metrics.pods_attached.set(
+                sum(1 for i in self.source.by_ifindex if i in self.attacher.attached))
+        t1 = time.perf_counter()
         self.exporter.export(out if len(out) else np.zeros(0, FLOW_DTYPE), self.names, pods)
+        self.metrics.export_seconds.observe(time.perf_counter() - t1)
         self.metrics.flows_active.set(len(self.table))
         for ifindex in [i for i in self.names if i not in reported]:
             del self.names[ifindex]

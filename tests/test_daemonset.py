@@ -115,7 +115,7 @@ def test_the_dashboard_ships_as_a_labelled_config_map_and_queries_real_metrics(o
     names = set(re.findall(r"\b((?:cniflow|process)_[a-z_]+)", " ".join(exprs)))
     known = metric_names()
     assert names and names <= known, names - known
-    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "node"}
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "node", "namespace"}
 
 
 def metric_names() -> set[str]:
@@ -175,3 +175,61 @@ def test_the_daemonsets_commands_and_environment_start_an_agent_that_exports(obj
             and r.get("interfaceName") == web.host_if]
     assert [(r["sourcePodName"], r["destinationPodName"], r["packetDeltaCount"])
             for r in echo] == [("web", "db", 3)]
+
+
+def test_prometheus_scrapes_a_real_agent_and_every_panel_has_data(node, objects, tmp_path):
+    """Debian's Prometheus scrapes the agent and the collector (labels as the PodMonitor
+    gives them: node, container); each dashboard query returns series."""
+    from urllib.parse import quote
+
+    from test_collector import RunningCollector
+    from test_kubernetes import k8s_agent
+
+    web, db = node.pods
+    api = FakeApiServer(node.netns)
+    api.namespace("shop", {"cniflow.io/export": "true"})
+    api.pod("shop", "web", "node-a", [web.ipv4])
+    api.pod("shop", "db", "node-a", [db.ipv4])
+    collector = RunningCollector(node.netns, 4739)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{port}"],
+                                                   "labels": {"node": "node-a",
+                                                              "container": name}}]}
+            for name, port in (("agent", 9477), ("collector", 9478))]}))
+    prom = subprocess.Popen(
+        ["ip", "netns", "exec", node.netns, "prometheus",
+         f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", "--web.listen-address=127.0.0.1:9090"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def query(expr: str) -> list:
+        out = subprocess.run(node.exec(
+            f"curl -s 127.0.0.1:9090/api/v1/query?query={quote(expr)}").split(),
+            capture_output=True, text=True).stdout
+        return json.loads(out)["data"]["result"] if out else []
+
+    dash = json.loads(objects["ConfigMap/cniflow-grafana-dashboard"]["data"]["cniflow.json"])
+    exprs = {p["title"]: t["expr"].replace("$node", ".*").replace("$namespace", ".*")
+             for p in dash["panels"] for t in p["targets"]}
+    try:
+        with k8s_agent(node, api, "--idle-timeout", "1", "--active-timeout", "2"):
+            assert wait_for(lambda: "cniflow_ingress" in filters(node, web.host_if), 20)
+            pinger = subprocess.Popen(node.in_pod(0, f"ping -i 0.2 {db.ipv4}").split(),
+                                      stdout=subprocess.DEVNULL)
+            try:
+                deadline = time.time() + 40
+                while time.time() < deadline:
+                    empty = [t for t, e in exprs.items() if not query(e)]
+                    if not empty:
+                        break
+                    time.sleep(2)
+            finally:
+                pinger.terminate()
+        assert empty == [], (empty, query("up"), query("cniflow_collector_messages_total"))
+    finally:
+        prom.terminate()
+        prom.wait(20)
+        collector.stop()
+        api.stop()

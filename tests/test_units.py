@@ -352,3 +352,24 @@ def test_biflow_ties_in_one_millisecond_go_to_the_request_or_the_client_port():
     got = sorted((int(r["key"]["proto"]), int(r["key"]["sport"]), int(r["key"]["dport"]))
                  for r in out)
     assert got == [(17, 40000, 80), (58, 0, 128 << 8)]
+
+
+def test_a_pods_traffic_series_go_when_the_pod_goes():
+    from agent.kube import Pod
+    from agent.metrics import Metrics
+    from agent.records import EGRESS
+
+    m = Metrics()
+    web = Pod("u1", "shop", "web", ("10.0.0.1",), False, "true")
+    batch = flows(3)
+    batch["key"]["ifindex"] = 4
+    batch["key"]["direction"][2] = EGRESS
+    m.pod_traffic(batch, {4: web})
+    get = m.registry.get_sample_value
+    assert get("cniflow_pod_bytes_total", {"namespace": "shop", "pod": "web",
+                                           "direction": "sent"}) == 200
+    assert get("cniflow_pod_packets_total", {"namespace": "shop", "pod": "web",
+                                             "direction": "received"}) == 1
+    m.pod_traffic(batch[:0], {})  # the pod is gone
+    assert get("cniflow_pod_bytes_total", {"namespace": "shop", "pod": "web",
+                                           "direction": "sent"}) is None
