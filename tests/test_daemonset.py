@@ -233,3 +233,19 @@ def test_prometheus_scrapes_a_real_agent_and_every_panel_has_data(node, objects,
         prom.wait(20)
         collector.stop()
         api.stop()
+
+
+def test_the_readmes_overlay_swaps_in_another_collector(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    overlay = readme.split("# overlays/my-collector/kustomization.yaml\n", 1)[1].split("```")[0]
+    d = tmp_path / "overlays" / "my-collector"
+    d.mkdir(parents=True)
+    (tmp_path / "daemonset").symlink_to(ROOT / "daemonset")
+    (d / "kustomization.yaml").write_text(overlay)
+    out = subprocess.run([str(KUBECTL), "kustomize", str(d)], capture_output=True, text=True,
+                         check=True).stdout
+    ds = next(o for o in yaml.safe_load_all(out) if o["kind"] == "DaemonSet")
+    containers = ds["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["agent"]
+    env = {e["name"]: e.get("value") for e in containers[0]["env"]}
+    assert env["CNIFLOW_COLLECTOR"] == "127.0.0.1:2055"  # env wins over the ConfigMap's
