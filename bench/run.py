@@ -70,7 +70,8 @@ def per_packet(rounds: int, seconds: float) -> dict:
         pod = node.pods[0]
         ipr = IPRoute(netns=node.netns)
         ifindex = ipr.link_lookup(ifname=pod.host_if)[0]
-        programs = {"none": None, "empty": Loaded(), "cniflow": FlowProgram(65536)}
+        programs = {"none": None, "empty": Loaded(), "cniflow": FlowProgram(65536),
+                    "cniflow_percpu": FlowProgram(65536, shared=False)}
         rates: dict[str, list[float]] = {k: [] for k in programs}
         cmd = node.in_pod(0, f"taskset -c 1 {flood} 10.77.0.1 1024 {seconds} 22").split()
         subprocess.run(
@@ -94,6 +95,7 @@ def per_packet(rounds: int, seconds: float) -> dict:
             "cniflow_vs_empty": med["cniflow"] / med["empty"],
             "cniflow_vs_none": med["cniflow"] / med["none"],
             "empty_vs_none": med["empty"] / med["none"],
+            "percpu_vs_empty": med["cniflow_percpu"] / med["empty"],
             "rounds": rounds,
         }
     finally:
@@ -121,7 +123,7 @@ def fill(prog, fd: int, n: int, ncpu: int) -> None:
         syscall.update_batch(fd, keys[i:].ctypes.data, vals[i:].ctypes.data, min(step, n - i))
 
 
-def drain_to_wire(n: int, rounds: int) -> dict:
+def drain_to_wire(n: int, rounds: int, shared: bool = True) -> dict:
     from agent import memory
     from agent.exporter import Exporter
     from agent.flowtable import FlowTable
@@ -133,7 +135,7 @@ def drain_to_wire(n: int, rounds: int) -> dict:
     memory.keep_heap()  # as the agent does
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
-    prog = FlowProgram(n)
+    prog = FlowProgram(n, shared=shared)
     drain = BatchDrain(prog)
     raw, full, records = [], [], 0
     for _ in range(rounds):
@@ -216,6 +218,9 @@ def main() -> int:
         "per_packet": per_packet(rounds=3 if args.quick else 7, seconds=1 if args.quick else 2),
         "drain_to_wire": drain_to_wire(
             200_000 if args.quick else 1_000_000, rounds=2 if args.quick else 3
+        ),
+        "drain_to_wire_percpu": drain_to_wire(  # the alternative map layout, same run
+            200_000 if args.quick else 1_000_000, rounds=2 if args.quick else 3, shared=False
         ),
         "memory": memory(100_000),
     }

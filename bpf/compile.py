@@ -22,10 +22,12 @@ MAPS = ("flows_a", "flows_b", "slot", "stats")
 def main() -> int:
     sock = socket.socket(fileno=int(sys.argv[1]))
     map_size = int(sys.argv[2])
+    shared = len(sys.argv) > 3 and sys.argv[3] == "shared"
     try:
         from bcc import BPF
 
-        b = BPF(src_file=str(SOURCE), cflags=[f"-DMAP_SIZE={map_size}", "-w"])
+        flags = [f"-DMAP_SIZE={map_size}", "-w"] + (["-DSHARED_MAP"] if shared else [])
+        b = BPF(src_file=str(SOURCE), cflags=flags)
         progs = [b.load_func(name, BPF.SCHED_CLS) for name in PROGRAMS]
         fds = [p.fd for p in progs] + [b[name].map_fd for name in MAPS]
         names = list(PROGRAMS) + list(MAPS)

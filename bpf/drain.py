@@ -47,7 +47,7 @@ class BatchDrain:
     def __init__(self, program, ncpu: int | None = None) -> None:
         self.program = program
         self.capacity = program.map_size
-        self.ncpu = ncpu or program.ncpu
+        self.ncpu = ncpu or program.value_copies
         self.fds = list(program.flow_map_fds)
         self.keys = np.zeros(self.capacity, KEY_DTYPE)
         self.vals = np.zeros((self.capacity, self.ncpu), VAL_DTYPE)
@@ -86,6 +86,15 @@ def merge(keys: np.ndarray, vals: np.ndarray, offset_ns: int) -> np.ndarray:
     if not n:
         return out
     out["key"] = keys
+    off = np.uint64(offset_ns)
+    ms = np.uint64(1_000_000)
+    if vals.shape[1] == 1:  # a shared map: one value a key, nothing to fold
+        v = vals[:, 0]
+        for name in ("packets", "octets", "tcp_flags", "min_ttl", "max_ttl", "tos"):
+            out[name] = v[name]
+        out["first_ms"] = (v["first_ns"] + off) // ms
+        out["last_ms"] = (v["last_ns"] + off) // ms
+        return out
     never = np.uint64(np.iinfo(np.uint64).max)
     packets = np.zeros(n, np.uint64)
     octets = np.zeros(n, np.uint64)

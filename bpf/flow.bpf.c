@@ -9,7 +9,10 @@
 // program writes into a map while it is drained, so no count is ever lost to
 // the race between the kernel's copy and delete.
 //
-// Compile-time parameters (cflags): MAP_SIZE.
+// Compile-time parameters (cflags): MAP_SIZE; SHARED_MAP for one hash shared by all
+// CPUs (the default the loader asks for): packets and octets are added atomically,
+// TCP flags, TTL range and TOS are last-writer-wins when two CPUs update one flow at
+// the same instant. Without it, a per-CPU hash: no atomics, user space folds values.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -75,8 +78,14 @@ struct ext_hdr_ {
     u8 hdrlen;
 };
 
+#ifdef SHARED_MAP
+// one value for all CPUs: counters added atomically, the rest last-writer-wins
+BPF_HASH(flows_a, struct flow_key, struct flow_val, MAP_SIZE);
+BPF_HASH(flows_b, struct flow_key, struct flow_val, MAP_SIZE);
+#else
 BPF_PERCPU_HASH(flows_a, struct flow_key, struct flow_val, MAP_SIZE);
 BPF_PERCPU_HASH(flows_b, struct flow_key, struct flow_val, MAP_SIZE);
+#endif
 BPF_ARRAY(slot, u32, 1);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 
@@ -97,12 +106,17 @@ static __always_inline void stat_inc(int index) {
 // A per-CPU value is zero on every CPU but the one that inserted the flow, so
 // the first packet a CPU sees starts its slot.
 static __always_inline void fold(struct flow_val *v, const struct pkt *p) {
+#ifdef SHARED_MAP
+    __sync_fetch_and_add(&v->packets, 1);
+    __sync_fetch_and_add(&v->octets, p->len);
+#else
     if (v->packets == 0) {
         v->first_ns = p->now;
         v->min_ttl = p->ttl;
     }
     v->packets += 1;
     v->octets += p->len;
+#endif
     v->last_ns = p->now;
     v->tcp_flags |= p->flags;
     if (p->ttl < v->min_ttl)

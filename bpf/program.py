@@ -33,10 +33,15 @@ class Prog(NamedTuple):
 
 
 class FlowProgram:
-    def __init__(self, map_size: int = 65536) -> None:
+    def __init__(self, map_size: int = 65536, shared: bool = True) -> None:
+        """shared: one hash for all CPUs, counters added atomically (the default: the
+        drain copies half as much and merges nothing, bench/run.py); False: a per-CPU
+        hash, no atomics, values folded in user space."""
         self.map_size = map_size
+        self.shared = shared
         self.ncpu = syscall.possible_cpus()
-        fds = self._load(map_size)
+        self.value_copies = 1 if shared else self.ncpu  # values a map entry holds
+        fds = self._load(map_size, shared)
         self.ingress = Prog(fds["cniflow_ingress"], "cniflow_ingress")
         self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
         self.flow_map_fds = (fds["flows_a"], fds["flows_b"])
@@ -45,11 +50,12 @@ class FlowProgram:
         log.info("program loaded", extra={"map_size": map_size})
 
     @staticmethod
-    def _load(map_size: int) -> dict[str, int]:
+    def _load(map_size: int, shared: bool = False) -> dict[str, int]:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with parent, child:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "bpf.compile", str(child.fileno()), str(map_size)],
+                [sys.executable, "-m", "bpf.compile", str(child.fileno()), str(map_size),
+                 "shared" if shared else "percpu"],
                 pass_fds=[child.fileno()],
                 stderr=subprocess.PIPE,
                 text=True,
