@@ -1,10 +1,10 @@
 """Drain the kernel flow map into a FLOW_DTYPE batch: one syscall per many flows.
 
-The program writes into one of two per-CPU hash maps (see flow.bpf.c). A drain
-flips the slot, waits out programs still running on the old map, then empties
-it with BPF_MAP_LOOKUP_AND_DELETE_BATCH into buffers allocated once. Per-CPU
-values are merged with numpy reductions, and monotonic nanoseconds become
-wall-clock milliseconds.
+The program writes into one of two hash maps (see flow.bpf.c). A drain flips
+the slot, waits out programs still running on the old map, then empties it with
+BPF_MAP_LOOKUP_AND_DELETE_BATCH into buffers allocated once. Values of the
+per-CPU layout are folded with numpy reductions, and monotonic nanoseconds
+become wall-clock milliseconds.
 """
 
 from __future__ import annotations

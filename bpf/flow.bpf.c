@@ -1,5 +1,5 @@
 // cniflow TC classifier: counts flows per (interface, direction, addresses,
-// ports or ICMP type/code, protocol) in a per-CPU hash, and never changes the
+// ports or ICMP type/code, protocol) in a hash map, and never changes the
 // packet or its verdict (TC_ACT_UNSPEC lets the next filter, a CNI's, run).
 //
 // Only uapi headers: the build host's kernel headers may be a near version.
