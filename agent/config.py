@@ -154,7 +154,7 @@ class Config:
     max_message_size: int = field(
         default=1400,
         metadata={
-            "parse": _ranged(256, 65535),
+            "parse": _ranged(512, 65535),
             "help": "largest IPFIX message in octets (keep UDP under the path MTU)",
         },
     )
