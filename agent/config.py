@@ -76,6 +76,26 @@ def _split(text: str) -> list[str]:
     return [p for p in text.replace(",", " ").split() if p]
 
 
+def _transport():
+    return field(default="udp", metadata={"parse": _choice("udp", "tcp", "tls"),
+                                          "help": "udp, tcp, or tls (TCP with TLS)"})
+
+
+def _metrics_address(default: str):
+    return field(default=default, metadata={
+        "parse": _address, "help": "Prometheus /metrics HOST:PORT; empty or 'off' disables"})
+
+
+def _log_level():
+    return field(default="info", metadata={"parse": _choice("debug", "info", "warning", "error"),
+                                           "help": "debug, info, warning or error"})
+
+
+def _log_format():
+    return field(default="json", metadata={"parse": _choice("json", "text"),
+                                           "help": "json (lines) or text"})
+
+
 @dataclass
 class Config:
     interface: list[str] = field(
@@ -106,10 +126,7 @@ class Config:
         default="127.0.0.1:4739",
         metadata={"parse": lambda t: (host_port(t), t)[1], "help": "IPFIX collector, HOST:PORT"},
     )
-    transport: str = field(
-        default="udp", metadata={"parse": _choice("udp", "tcp", "tls"),
-                                 "help": "udp, tcp, or tls (TCP with TLS)"}
-    )
+    transport: str = _transport()
     tls_ca: str = field(
         default="", metadata={"parse": str, "help":
                               "with tls: CA file that signed the collector's certificate"}
@@ -187,23 +204,9 @@ class Config:
         default=1,
         metadata={"parse": _ranged(1, 0xFFFF), "help": "tc filter priority of cniflow's filters"},
     )
-    metrics_address: str = field(
-        default="0.0.0.0:9477",
-        metadata={
-            "parse": _address,
-            "help": "Prometheus /metrics HOST:PORT; empty or 'off' disables",
-        },
-    )
-    log_level: str = field(
-        default="info",
-        metadata={
-            "parse": _choice("debug", "info", "warning", "error"),
-            "help": "debug, info, warning or error",
-        },
-    )
-    log_format: str = field(
-        default="json", metadata={"parse": _choice("json", "text"), "help": "json (lines) or text"}
-    )
+    metrics_address: str = _metrics_address("0.0.0.0:9477")
+    log_level: str = _log_level()
+    log_format: str = _log_format()
 
     @property
     def collector_host_port(self) -> tuple[str, int]:
@@ -221,10 +224,7 @@ class CollectorConfig:
         default="0.0.0.0:4739",
         metadata={"parse": lambda t: (host_port(t), t)[1], "help": "HOST:PORT to receive IPFIX on"},
     )
-    transport: str = field(
-        default="udp", metadata={"parse": _choice("udp", "tcp", "tls"),
-                                 "help": "udp, tcp, or tls (TCP with TLS)"}
-    )
+    transport: str = _transport()
     tls_cert: str = field(
         default="", metadata={"parse": str, "help": "with tls: the collector's certificate"}
     )
@@ -253,18 +253,9 @@ class CollectorConfig:
         metadata={"parse": _positive(float), "help":
                   "how long data waits for its template before it is counted as dropped"},
     )
-    metrics_address: str = field(
-        default="0.0.0.0:9478",
-        metadata={"parse": _address, "help":
-                  "Prometheus /metrics HOST:PORT; empty or 'off' disables"},
-    )
-    log_level: str = field(
-        default="info", metadata={"parse": _choice("debug", "info", "warning", "error"),
-                                  "help": "debug, info, warning or error"}
-    )
-    log_format: str = field(
-        default="json", metadata={"parse": _choice("json", "text"), "help": "json (lines) or text"}
-    )
+    metrics_address: str = _metrics_address("0.0.0.0:9478")
+    log_level: str = _log_level()
+    log_format: str = _log_format()
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
