@@ -72,7 +72,7 @@ def run_agent(args: argparse.Namespace) -> int:
             agent.shutdown()
             return fail(f"--metrics-address {cfg.metrics_address}: {e}")
     agent.run(stop)
-    return 0
+    return agent.exit_code
 
 
 def run_collector(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ keeps them equal), and the DaemonSet's ConfigMap sets the variables.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -94,6 +95,15 @@ def _log_level():
 def _log_format():
     return field(default="json", metadata={"parse": _choice("json", "text"),
                                            "help": "json (lines) or text"})
+
+
+VPP_SOCKETS = ("/run/vpp/api.sock", "/var/run/vpp/vpp-api.sock", "/run/vpp-api.sock")
+
+
+def _ip_or_empty(text: str) -> str:
+    if text:
+        ipaddress.IPv4Address(text)  # VPP's flowprobe exports over IPv4 only
+    return text
 
 
 @dataclass
@@ -203,6 +213,61 @@ class Config:
     tc_priority: int = field(
         default=1,
         metadata={"parse": _ranged(1, 0xFFFF), "help": "tc filter priority of cniflow's filters"},
+    )
+    dataplane: str = field(
+        default="auto",
+        metadata={"parse": _choice("auto", "ebpf", "vpp"), "help":
+                  "ebpf (TC on veths), vpp (VPP's flowprobe, mediated), or auto: vpp when a "
+                  "VPP API socket is found"},
+    )
+    vpp_socket: str = field(
+        default="",
+        metadata={"parse": str, "help": "VPP API socket; default: the first that exists of "
+                  + ", ".join(VPP_SOCKETS)},
+    )
+    vpp_collector_address: str = field(
+        default="",
+        metadata={"parse": _ip_or_empty, "help":
+                  "host address VPP sends IPFIX to, where the agent listens; default: "
+                  "discovered (Contiv: --vpp-host-interface; Calico/VPP: the node IP)"},
+    )
+    vpp_source_address: str = field(
+        default="",
+        metadata={"parse": _ip_or_empty, "help":
+                  "VPP's source address for IPFIX; default: discovered (Contiv: VPP's end of "
+                  "the host interconnect; Calico/VPP: 169.254.0.1)"},
+    )
+    vpp_vrf: int = field(
+        default=-1,
+        metadata={"parse": _ranged(-1, 0xFFFFFFFE), "help":
+                  "VPP table the IPFIX is routed in; -1: discovered (Contiv 0; Calico/VPP: "
+                  "the host-tap table)"},
+    )
+    vpp_host_interface: str = field(
+        default="vpp1",
+        metadata={"parse": str, "help":
+                  "Contiv-VPP: the host's end of the VPP interconnect (its IPv4 is the default "
+                  "collector address)"},
+    )
+    vpp_port: int = field(
+        default=4739,
+        metadata={"parse": _ranged(1, 65535), "help":
+                  "UDP port VPP sends to and the agent listens on (19.08 sends data to 4739 "
+                  "whatever is set)"},
+    )
+    vpp_path_mtu: int = field(
+        default=1450,
+        metadata={"parse": _ranged(68, 1450), "help": "VPP's IPFIX path MTU"},
+    )
+    vpp_template_interval: int = field(
+        default=20,
+        metadata={"parse": _ranged(1, 3600), "help": "seconds between VPP's template resends"},
+    )
+    vpp_observation_domain_id: int = field(
+        default=0,
+        metadata={"parse": _ranged(0, 0xFFFFFFFF), "help":
+                  "observation domain of the mediated VPP records; 0: --observation-domain-id "
+                  "+ 1000"},
     )
     metrics_address: str = _metrics_address("0.0.0.0:9477")
     log_level: str = _log_level()

@@ -91,6 +91,22 @@ class Metrics:
         self.pod_packets = Counter(
             "cniflow_pod_packets", "Packets a metered pod sent or received",
             ["namespace", "pod", "direction"], registry=r)
+        self.vpp_connected = Gauge(
+            "cniflow_vpp_connected", "1 while the agent holds a working VPP API connection",
+            registry=r)
+        self.vpp_errors = Counter(
+            "cniflow_vpp_errors",
+            "VPP API failures by kind: connect, crc, refused, lost, config",
+            ["kind"], registry=r)
+        self.vpp_records = Counter(
+            "cniflow_vpp_records", "Flow records received from VPP's flowprobe", registry=r)
+        self.vpp_unknown_interface_records = Counter(
+            "cniflow_vpp_unknown_interface_records",
+            "VPP records from interfaces of no known pod (exported without pod metadata)",
+            registry=r)
+        self.vpp_decode_errors = Counter(
+            "cniflow_vpp_decode_errors", "Malformed IPFIX from VPP, by reason", ["reason"],
+            registry=r)
         self._pod_series: set[tuple[str, str]] = set()
         self._kernel_seen: dict[str, int] = {}
 

@@ -1,18 +1,21 @@
-"""The composition root: resolve, attach, drain, aggregate, export, once per poll.
+"""The composition root: discover, resolve, attach, drain, aggregate, export, once
+per poll, over one of two dataplanes with the same shape:
 
-interfaces --> bpf.attach --> (kernel meters) --> bpf.drain
+eBPF: interfaces --> bpf.attach --> (kernel meters) --> bpf.drain
+VPP:  VPP interfaces --> flowprobe on them --> (VPP meters) --> mediation listener
     --> flowtable (timeouts, end of flow) --> exporter (IPFIX) --> transport
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 import numpy as np
 
-from agent.config import Config
+from agent.config import VPP_SOCKETS, Config, ConfigError
 from agent.exporter import Exporter
 from agent.flowtable import FlowTable
 from agent.interfaces import InterfaceSet, links
@@ -23,15 +26,28 @@ from agent.transport import make as make_transport
 log = logging.getLogger(__name__)
 
 
+class ReleaseChanged(RuntimeError):
+    """The dataplane came back as something this process cannot drive: restart."""
+
+
+def choose_dataplane(cfg: Config) -> tuple[str, str]:
+    """("ebpf", "") or ("vpp", socket path), as --dataplane and the host say."""
+    if cfg.dataplane == "ebpf":
+        return "ebpf", ""
+    found = cfg.vpp_socket or next((p for p in VPP_SOCKETS if os.path.exists(p)), "")
+    if found:
+        return "vpp", found
+    if cfg.dataplane == "vpp":
+        raise ConfigError("--dataplane vpp: no VPP API socket at " + ", ".join(VPP_SOCKETS)
+                          + "; set --vpp-socket")
+    return "ebpf", ""
+
+
 class Agent:
     def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
         """Everything that can be wrong with the input is checked before the
         program is loaded, so a bad setting attaches nothing."""
         from pyroute2 import IPRoute
-
-        from bpf.attach import Attacher
-        from bpf.drain import BatchDrain
-        from bpf.program import FlowProgram
 
         self.cfg = cfg
         self.metrics = metrics or Metrics()
@@ -43,26 +59,38 @@ class Agent:
             tls = client_tls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         self.transport = make_transport(cfg.transport, host, port, tls)
         self.ipr = IPRoute()
+        self.kind, vpp_socket = choose_dataplane(cfg)
+        if not cfg.kubernetes and self.kind == "ebpf":
+            InterfaceSet(cfg.interface).check_named(links(self.ipr))
+        if self.kind == "vpp":
+            from vpp_plugin.dataplane import VppDataplane
+
+            self.dataplane = VppDataplane(cfg, vpp_socket, self.metrics)
+            resolver = self.dataplane.interfaces
+            domain = cfg.vpp_observation_domain_id or cfg.observation_domain_id + 1000
+        else:
+            from agent.resolve import Resolver
+            from bpf.dataplane import EbpfDataplane
+
+            self.dataplane = EbpfDataplane(cfg, self.metrics, self.ipr)
+            resolver = Resolver(self.ipr)
+            domain = cfg.observation_domain_id
         self.cluster = None
         if cfg.kubernetes:
             from agent.kube import Cluster
             from agent.pods import PodSource
-            from agent.resolve import Resolver
 
             self.cluster = Cluster(cfg.node_name, cfg.kubeconfig, self.metrics)
-            self.source = PodSource(self.cluster, Resolver(self.ipr), self.metrics)
+            self.source = PodSource(self.cluster, resolver, self.metrics)
         else:
             self.source = InterfaceSet(cfg.interface)
-            self.source.check_named(links(self.ipr))
-        self.program = FlowProgram(cfg.map_size)
-        self.drain = BatchDrain(self.program)
-        self.attacher = Attacher(self.program, cfg.tc_priority, self.ipr)
+        self.generation = self.dataplane.generation
         self.table = FlowTable(
             cfg.active_timeout, cfg.idle_timeout, cfg.max_flows, end_grace_s=cfg.poll_interval
         )
         self.exporter = Exporter(
             self.transport,
-            cfg.observation_domain_id,
+            domain,
             self.metrics,
             cfg.max_message_size,
             cfg.template_refresh,
@@ -71,53 +99,42 @@ class Agent:
             biflow=cfg.biflow,
         )
         self.names: dict[int, str] = {}
-        self.failed: set[int] = set()
-        self.metrics.map_size.set(cfg.map_size)
+        self.exit_code = 0
 
     def reconcile(self) -> None:
-        """Desired against attached, in one place: attach what is wanted, detach what
-        is no longer wanted (opt-out), forget what vanished (its filters went with it)."""
-        present = links(self.ipr)
+        """Desired against metered, in one place (the dataplane applies it)."""
+        present = self.dataplane.present()
+        if self.dataplane.generation != self.generation:  # VPP restarted: indexes moved
+            self.generation = self.dataplane.generation
+            if self.cluster is not None:
+                self.source.resolved.clear()
         want = self.source.desired(present)
-        for ifindex in list(self.attacher.attached):
-            if ifindex not in present:
-                self.attacher.forget(ifindex)
-                log.info("interface vanished", extra={"ifindex": ifindex})
-            elif ifindex not in want:
-                self.attacher.detach(ifindex)
-        for ifindex, name in want.items():
-            if ifindex in self.attacher.attached or ifindex in self.failed:
-                continue
-            try:
-                self.attacher.attach(ifindex, name)
-                self.names[ifindex] = name
-            except Exception as e:  # the interface may vanish between scan and attach
-                self.failed.add(ifindex)
-                self.metrics.attach_failures.inc()
-                log.warning("attach failed", extra={"interface": name, "err": str(e)})
-        self.failed &= set(present)
-        self.metrics.interfaces_attached.set(len(self.attacher.attached))
+        self.dataplane.apply(want, present)
+        self.names.update(want)
 
     def poll(self, final: bool = False) -> None:
         t0 = time.perf_counter()
-        batch = self.drain.drain()
+        batch = self.dataplane.drain()
         self.metrics.drain_seconds.observe(time.perf_counter() - t0)
-        self.metrics.map_entries.set(len(batch))
-        self.metrics.kernel_stats(self.program.stats())
-        evicted = self.table.update(batch, unique=True)  # map keys
+        evicted = self.table.update(batch, unique=self.dataplane.unique)
         due = self.table.flush() if final else self.table.expire(int(time.time() * 1000))
         if self.cfg.biflow:  # both directions leave together, to be paired
             due = np.concatenate([due, self.table.partners(due)])
         out = np.concatenate([evicted, due]) if len(evicted) else due
-        reported = set(self.attacher.attached) | set(
+        attached = self.dataplane.attached
+        reported = attached | set(
             np.unique(self.table.flows["key"]["ifindex"]).tolist()) | set(
             np.unique(out["key"]["ifindex"]).tolist())
         pods = None
         if self.cluster is not None:
             pods = self.source.table(reported)
             self.metrics.pod_traffic(batch, {**self.source.remembered, **self.source.by_ifindex})
+            if self.kind == "vpp" and len(batch):  # flowprobe on an interface of no pod
+                known = np.array(sorted(self.source.by_ifindex), np.uint32)
+                self.metrics.vpp_unknown_interface_records.inc(
+                    int((~np.isin(batch["key"]["ifindex"], known)).sum()))
             self.metrics.pods_attached.set(
-                sum(1 for i in self.source.by_ifindex if i in self.attacher.attached))
+                sum(1 for i in self.source.by_ifindex if i in attached))
         t1 = time.perf_counter()
         self.exporter.export(out if len(out) else np.zeros(0, FLOW_DTYPE), self.names, pods)
         self.metrics.export_seconds.observe(time.perf_counter() - t1)
@@ -146,6 +163,10 @@ class Agent:
                 try:
                     self.reconcile()
                     self.poll()
+                except ReleaseChanged as e:  # this process holds the old release's layouts
+                    log.error(str(e))
+                    self.exit_code = 3
+                    break
                 except Exception:  # one bad poll must not stop metering for the node
                     self.metrics.poll_errors.inc()
                     log.exception("poll failed")
@@ -154,9 +175,10 @@ class Agent:
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Export what is pending (flowEndReason 4), then remove exactly our filters."""
+        """Export what is pending (flowEndReason 4), then remove exactly what the
+        agent added (TC filters, or flowprobe on VPP interfaces)."""
         try:
-            self.attacher.detach_all()
+            self.dataplane.detach_all()
             self.poll(final=True)
             if self.exporter.backlog_records:
                 log.warning(
@@ -167,6 +189,6 @@ class Agent:
             if self.cluster is not None:
                 self.cluster.stop()
             self.exporter.close()
-            self.program.close()
+            self.dataplane.close()
             self.ipr.close()
             log.info("agent stopped")

@@ -1,0 +1,268 @@
+"""Stories of the VPP dataplane: the real vpp-papi client (inside the real agent)
+against the VPP simulator on a unix socket, for Contiv-VPP's 19.08 and current
+VPP (Calico/VPP), the pods from the fake API server, the mediated records read
+by cniflow collector."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import netlab
+import pytest
+from conftest import agent, wait_for
+from fakeapi import FakeApiServer
+from test_collector import RunningCollector
+from vppsim import BOTH, IP4, L2, RX, SIZES, TX, VppSim
+
+NODE = "node-a"
+OPT_IN = {"cniflow.io/export": "true"}
+CONTIV, CURRENT, MIDDLE = "19.08.2", "24.10.0-release", "21.06.0-release"
+
+
+@dataclass
+class Lab:
+    node: netlab.Node
+    api: FakeApiServer
+    sim: VppSim
+    collector_ip: str
+    source_ip: str
+    vrf: int
+    pods: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (sw, ip)
+
+    @property
+    def contiv(self) -> bool:
+        return self.sim.old
+
+    def pod(self, name: str, ip: str, annotations: dict | None = None) -> int:
+        """A pod as the CNI builds it in VPP, and as the API server lists it."""
+        if name not in self.pods:
+            if self.contiv:  # tap v2, tagged by sandbox id, with a static neighbour
+                sw = self.sim.add_interface(f"tap{len(self.pods) + 1}",
+                                            "vpp-tap-" + uuid.uuid4().hex * 2)
+                self.sim.neighbors.append((sw, ip, bytes([2, 0xFE, 1, 2, 3, sw]), 3))
+            else:  # Calico/VPP: a tun and a route in table 0
+                sw = self.sim.add_interface(f"tun{len(self.pods)}",
+                                            f"e0D4of/d-eth0-cni-{uuid.uuid4()}")
+                self.sim.routes[ip] = sw
+            self.pods[name] = (sw, ip)
+        self.api.pod("shop", name, NODE, [ip], annotations)
+        return self.pods[name][0]
+
+
+def link(ns: str, name: str, address: str) -> None:
+    """A named host interface holding an address (a veth: this kernel has no dummy)."""
+    for cmd in (f"link add {name} type veth peer name {name}p", f"link set {name} up",
+                f"link set {name}p up", f"addr add {address} dev {name}"):
+        subprocess.run(["ip", "-n", ns, *cmd.split()], check=True)
+
+
+@contextlib.contextmanager
+def lab(version: str, **sim_args):
+    prefix = f"vpp{version[:2]}{uuid.uuid4().hex[:4]}"
+    node = netlab.up(prefix, 0)
+    ns = node.netns
+    api = FakeApiServer(ns)
+    api.namespace("shop")
+    sim = VppSim(f"/tmp/{prefix}-api.sock", version, netns=ns, **sim_args)
+    try:
+        if sim.old:  # Contiv-VPP: the interconnect vpp1 (host) / tap-vpp2 (VPP), table 0
+            collector, source, vrf = "172.30.1.2", "172.30.1.1", 0
+            link(ns, "vpp1", f"{collector}/24")
+            tap = sim.add_interface("tap0", "tap-vpp2")
+            sim.addresses[tap] = [f"{source}/24"]
+        else:  # Calico/VPP: the node IP on the host tap, 169.254.0.1 in its VRF
+            collector, source, vrf = "10.0.5.10", "169.254.0.1", 5
+            link(ns, "uplink0", f"{collector}/24")
+            sim.tables[(vrf, False)] = "host-tap-uplink0-ip4"
+            sim.add_interface("tap0", "host-uplink0")
+        # VPP's own end, where the simulated dataplane sends from
+        link(ns, "vppend", f"{source}/32")
+        yield Lab(node, api, sim, collector, source, vrf)
+        # every request the agent sent had the size the reference gives for that release
+        wrong = {(n, size) for n, size in sim.requests if n in SIZES and size != SIZES[n][sim.old]}
+        assert not wrong, wrong
+    finally:
+        sim.stop()
+        api.stop()
+        netlab.down(prefix)
+
+
+@contextlib.contextmanager
+def vpp_agent(lb: Lab, *args: str, metrics_port: int = 9477):
+    kubeconfig = lb.api.kubeconfig(Path(f"/tmp/{lb.node.prefix}-kubeconfig"))
+    with agent(lb.node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
+               "--dataplane", "vpp", "--vpp-socket", lb.sim.path, "--idle-timeout", "2",
+               "--active-timeout", "30", *args, interfaces=(), wait_attached=False,
+               metrics_port=metrics_port) as running:
+        yield running
+
+
+def enabled(lb: Lab, sw: int):
+    return lb.sim.state.enabled.get(sw)
+
+
+def records(collector: RunningCollector) -> list[dict]:
+    out = []
+    for line in collector.out.read_text().splitlines() if collector.out.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return [r for r in out if "packetDeltaCount" in r]
+
+
+def flows(ip: str, peer: str, n: int = 3) -> list[dict]:
+    return [{"src": peer, "dst": ip, "proto": 17, "sport": 5000 + i, "dport": 53,
+             "packets": 10 + i, "octets": 1000 * (i + 1)} for i in range(n)]
+
+
+def pod_totals(rows: list[dict], name: str, side: str) -> tuple[int, int]:
+    sel = [r for r in rows if r.get(f"{side}PodName") == name]
+    return sum(r["packetDeltaCount"] for r in sel), sum(r["octetDeltaCount"] for r in sel)
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT, MIDDLE])
+def test_a_pod_opts_in_and_its_vpp_flows_reach_the_collector_with_its_names(version):
+    with lab(version) as lb:
+        collector = RunningCollector(lb.node.netns, 4739)
+        web = lb.pod("web-7d9f", "10.1.0.5")
+        db = lb.pod("db-0", "10.1.0.6")  # not opted in
+        with vpp_agent(lb) as running:
+            assert wait_for(lambda: "VPP configured" in running.log.read_text(), 15), \
+                running.log.read_text()
+            assert enabled(lb, web) is None
+            lb.pod("web-7d9f", "10.1.0.5", OPT_IN)  # opts in while the agent runs
+            assert wait_for(lambda: enabled(lb, web), 10), running.log.read_text()
+            s = lb.sim.state
+            # the exporter aims at the agent's listener, every field explicit
+            e = s.exporter
+            assert (e.collector, e.port, e.src, e.vrf, e.mtu, e.interval) == (
+                lb.collector_ip, 4739, lb.source_ip, lb.vrf, 1450, 20)
+            assert (s.record_flags, s.active, s.passive) == (6, 2, 30)
+            # the variant and direction each release allows (19.08: raw "which", TX only)
+            if lb.contiv:
+                assert s.enabled[web] == (L2, TX)
+            elif version == CURRENT:
+                assert s.enabled[web] == (IP4, BOTH)
+            else:
+                assert s.enabled[web] == (IP4, TX)
+            assert enabled(lb, db) is None
+            # VPP meters: traffic to the pod (TX) always, from it (RX) where it can
+            sent = lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9"), TX)
+            back = lb.sim.traffic(web, [{"src": "10.1.0.5", "dst": "10.9.9.9", "proto": 6,
+                                         "sport": 443, "dport": 40000, "packets": 7,
+                                         "octets": 4200, "tcp_flags": 0x18}], RX)
+            assert sent == 3 and back == (1 if version == CURRENT else 0)
+            # a second report of the same flows (VPP's active timer): folded together
+            lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9"), TX)
+            # an interface of no pod that someone else metered: exported without names
+            other = lb.sim.add_interface("tap99" if lb.contiv else "tun99")
+            lb.sim.state.enabled[other] = (L2 if lb.contiv else IP4, BOTH)
+            lb.sim.traffic(other, flows("10.1.0.99", "10.9.9.9", 1), TX)
+
+            def received():
+                rows = records(collector)
+                return pod_totals(rows, "web-7d9f", "destination")[0] >= 2 * 33 and rows
+            rows = wait_for(received, 15)
+            assert rows, running.log.read_text()
+            metrics = running.metrics()
+        rows = records(collector)
+        collector.stop()
+        assert pod_totals(rows, "web-7d9f", "destination") == (2 * 33, 2 * 6000)
+        to_web = [r for r in rows if r.get("destinationPodName") == "web-7d9f"]
+        assert {r["destinationPodNamespace"] for r in to_web} == {"shop"}
+        assert {r["observationDomainId"] if "observationDomainId" in r else r["@domain"]
+                for r in to_web} == {1001}
+        assert {(r["sourceTransportPort"], r["packetDeltaCount"]) for r in to_web} == {
+            (5000, 20), (5001, 22), (5002, 24)}
+        if version == CURRENT:
+            assert pod_totals(rows, "web-7d9f", "source") == (7, 4200)
+            [r] = [r for r in rows if r.get("sourcePodName") == "web-7d9f"]
+            assert r["tcpControlBits"] == 0x18
+        unknown = [r for r in rows if r.get("sourceIPv4Address") == "10.9.9.9"
+                   and r.get("destinationIPv4Address") == "10.1.0.99"]
+        assert unknown and not unknown[0].get("destinationPodName")
+        assert metrics["cniflow_vpp_unknown_interface_records_total"] >= 1
+        assert metrics["cniflow_vpp_connected"] == 1
+        # SIGTERM: flowprobe off where the agent turned it on, and nowhere else
+        assert enabled(lb, web) is None and enabled(lb, other) is not None
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_opt_out_and_delete_turn_flowprobe_off_and_a_vpp_restart_heals(version):
+    with lab(version) as lb:
+        web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        db = lb.pod("db-0", "10.1.0.6", OPT_IN)
+        collector = RunningCollector(lb.node.netns, 4739)
+        with vpp_agent(lb) as running:
+            assert wait_for(lambda: enabled(lb, web) and enabled(lb, db), 15), \
+                running.log.read_text()
+            lb.pod("web-7d9f", "10.1.0.5", {"cniflow.io/export": "false"})
+            assert wait_for(lambda: enabled(lb, web) is None, 10)
+            lb.api.delete_pod("shop", "db-0")
+            assert wait_for(lambda: enabled(lb, db) is None, 10)
+            lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+            assert wait_for(lambda: enabled(lb, web), 10)
+            # VPP restarts: it forgets the exporter, the parameters and flowprobe
+            lb.sim.restart(1.0)
+            assert lb.sim.state.enabled == {}
+            assert wait_for(lambda: enabled(lb, web), 20), running.log.read_text()
+            assert lb.sim.state.exporter.collector == lb.collector_ip
+            lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
+            assert wait_for(lambda: pod_totals(records(collector), "web-7d9f",
+                                               "destination")[0] == 10, 15)
+            assert running.proc.poll() is None
+        collector.stop()
+
+
+def test_a_crc_mismatch_is_a_clear_error_and_the_agent_keeps_trying():
+    with lab(CURRENT, crc_override={"set_ipfix_exporter": "deadbeef"}) as lb:
+        lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        with vpp_agent(lb) as running:
+            assert wait_for(lambda: "set_ipfix_exporter" in running.log.read_text(), 15)
+            assert wait_for(lambda: running.metrics().get(
+                'cniflow_vpp_errors_total{kind="crc"}', 0) >= 1, 10)
+            line = next(json.loads(x) for x in running.log.read_text().splitlines()
+                        if "deadbeef" in x)
+            assert "24.10.0-release" in line["msg"] and "5530c8a0" in line["msg"], line
+            assert running.proc.poll() is None
+            assert lb.sim.state.enabled == {}
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_refused_requests_and_malformed_ipfix_are_counted_and_survived(version):
+    with lab(version) as lb:
+        web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        name = ("flowprobe_tx_interface_add_del" if version == CONTIV
+                else "flowprobe_interface_add_del")
+        lb.sim.refuse[name] = -100
+        collector = RunningCollector(lb.node.netns, 4739)
+        with vpp_agent(lb) as running:
+            assert wait_for(lambda: running.metrics().get(
+                'cniflow_vpp_errors_total{kind="refused"}', 0) >= 1, 15), running.log.read_text()
+            assert f"{name} refused by VPP: CANNOT_ENABLE_DISABLE_FEATURE (-100)" in \
+                running.log.read_text()
+            del lb.sim.refuse[name]
+            assert wait_for(lambda: enabled(lb, web), 10)  # retried on the next poll
+            # garbage where VPP's IPFIX arrives
+            netns_send(lb, [b"\x00\x0a\x00\x40" + b"\xff" * 60, b"junk", b"\x00\x0a" * 9])
+            assert wait_for(lambda: sum(v for k, v in running.metrics().items()
+                                        if k.startswith("cniflow_vpp_decode_errors_total")) >= 2,
+                            10)
+            lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
+            assert wait_for(lambda: pod_totals(records(collector), "web-7d9f",
+                                               "destination")[0] == 10, 15)
+            assert running.proc.poll() is None
+        collector.stop()
+
+
+def netns_send(lb: Lab, payloads: list[bytes]) -> None:
+    """Datagrams to the agent's listener, sent from inside the lab's namespace."""
+    code = ("import socket,sys;s=socket.socket(2,2);"
+            + ";".join(f"s.sendto({p!r},('{lb.collector_ip}',4739))" for p in payloads))
+    subprocess.run(["ip", "netns", "exec", lb.node.netns, "/usr/bin/python3", "-c", code],
+                   check=True)
+

@@ -1,0 +1,139 @@
+"""The VPP dataplane as the pipeline sees it: interfaces present, apply the wanted
+set, drain flow records.
+
+VPP may be down, restarting, or another release than the agent expects; none of
+that stops the agent. Each poll checks the connection (control_ping's vpe_pid);
+when VPP is new it re-resolves pods and re-applies everything, since VPP forgets
+its configuration when it restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from agent.config import Config
+from agent.metrics import Metrics
+from agent.records import FLOW_DTYPE
+from vpp_plugin.apidefs import CrcMismatch
+from vpp_plugin.connection import Connection, ReleaseChanged, VppError
+from vpp_plugin.flowprobe import IP4, IP6, L2, Flowprobe, discover
+from vpp_plugin.interfaces import VppInterfaces
+from vpp_plugin.mediate import Mediator
+
+log = logging.getLogger(__name__)
+
+
+class VppDataplane:
+    unique = False  # VPP reports a flow again every active timer: fold repeats
+    def __init__(self, cfg: Config, socket_path: str, metrics: Metrics) -> None:
+        self.cfg, self.metrics = cfg, metrics
+        self.conn = Connection(socket_path)
+        self.interfaces = VppInterfaces(self.conn)
+        self.flowprobe = Flowprobe(self.conn, cfg.active_timeout, cfg.idle_timeout)
+        self.mediator: Mediator | None = None
+        self.generation = 0  # bumps when VPP is a new process: interface indexes changed
+        self._retry_at = 0.0
+        self._backoff = 1.0
+        self._last_error = ""
+
+    @property
+    def attached(self) -> set[int]:
+        return set(self.flowprobe.ours)
+
+    def present(self) -> dict[int, str]:
+        """VPP's interfaces now ({} while VPP is unreachable)."""
+        if not self._ready():
+            return {}
+        try:
+            return self.interfaces.scan()
+        except VppError as e:
+            self._failed("lost", e)
+            return {}
+
+    def apply(self, want: dict[int, str], present: dict[int, str]) -> None:
+        if not self.conn.connected:
+            return
+        variants = {i: self._variant(i) for i in want}
+        try:
+            for failure in self.flowprobe.reconcile(variants):
+                self.metrics.vpp_errors.labels("refused").inc()
+                log.warning("flowprobe request refused", extra={"err": failure})
+        except VppError as e:
+            self._failed("lost", e)
+        self.metrics.interfaces_attached.set(len(self.flowprobe.ours))
+
+    def _variant(self, index: int) -> int:
+        itf = self.interfaces.by_index.get(index)
+        if itf is not None and not itf.l3:
+            return L2  # an Ethernet tap: one variant covers IPv4 and IPv6 (VPP-2003)
+        return IP6 if index in self.interfaces.ipv6 else IP4
+
+    def drain(self) -> np.ndarray:
+        if self.mediator is None:
+            return np.zeros(0, FLOW_DTYPE)
+        batch = self.mediator.drain()
+        errors = self.mediator.decoder.errors
+        for why, count in list(errors.items()):
+            self.metrics.vpp_decode_errors.labels(why).inc(count)
+            log.warning("malformed IPFIX from VPP", extra={"reason": why, "count": count})
+        errors.clear()
+        self.metrics.vpp_records.inc(len(batch))
+        return batch
+
+    def _ready(self) -> bool:
+        """Connected to a configured VPP, (re)connecting when due."""
+        if self.conn.connected and self.conn.alive():
+            return True
+        self.metrics.vpp_connected.set(0)
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        try:
+            fresh = self.conn.connect()
+            self.interfaces.scan()
+            target = discover(self.conn, self.interfaces, self.cfg)
+            if self.mediator is None or (self.mediator.address, self.mediator.port) != (
+                    target.collector, target.port):
+                if self.mediator is not None:
+                    self.mediator.close()
+                self.mediator = Mediator(target.collector, target.port)
+            if fresh:
+                self.flowprobe.ours.clear()  # a new VPP process remembers nothing
+                self.generation += 1
+            self.flowprobe.configure(target)
+        except ReleaseChanged:
+            raise
+        except CrcMismatch as e:
+            self._failed("crc", e)
+            return False
+        except (VppError, OSError) as e:
+            self._failed("connect" if not self.conn.connected else "config", e)
+            return False
+        self._backoff, self._last_error = 1.0, ""
+        self.metrics.vpp_connected.set(1)
+        log.info("VPP configured", extra={"version": self.conn.version,
+                                           "exporter": f"{target.source} -> {target.collector}:"
+                                                       f"{target.port} vrf {target.vrf}"})
+        return True
+
+    def _failed(self, kind: str, e: Exception) -> None:
+        self.metrics.vpp_errors.labels(kind).inc()
+        self.metrics.vpp_connected.set(0)
+        if str(e) != self._last_error:  # one line per distinct problem, not per retry
+            log.error("VPP: " + str(e), extra={"kind": kind})
+            self._last_error = str(e)
+        self.conn.drop()
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 30.0)
+
+    def detach_all(self) -> None:
+        if self.conn.connected:
+            self.flowprobe.disable_all()
+
+    def close(self) -> None:
+        if self.mediator is not None:
+            self.mediator.close()
+        self.conn.close()
