@@ -82,13 +82,13 @@ def aggregate(batch: np.ndarray) -> np.ndarray:
         return batch
     words = key_words(batch)
     order = sort_exact(key_hash(words), words)
-    b, w = batch[order], words[order]
+    b, w = take(batch, order), words[order]
     new_group = np.ones(len(b), bool)
     new_group[1:] = (w[1:] != w[:-1]).any(axis=1)
     if new_group.all():
         return batch
     starts = np.nonzero(new_group)[0]
-    out = b[starts].copy()
+    out = take(b, starts)
     for name in ("packets", "octets"):
         out[name] = np.add.reduceat(b[name], starts)
     out["first_ms"] = np.minimum.reduceat(b["first_ms"], starts)

@@ -266,3 +266,19 @@ def netns_send(lb: Lab, payloads: list[bytes]) -> None:
     subprocess.run(["ip", "netns", "exec", lb.node.netns, "/usr/bin/python3", "-c", code],
                    check=True)
 
+
+
+def test_vpp_coming_back_as_another_release_restarts_the_agent_cleanly():
+    """One process holds one release's layouts (vpp-papi's registry is global):
+    the agent says so and exits 3, for Kubernetes to start it afresh."""
+    with lab(CURRENT) as lb:
+        lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        with vpp_agent(lb) as running:
+            assert wait_for(lambda: lb.sim.state.enabled, 15), running.log.read_text()
+            lb.sim.stop()
+            old = VppSim(lb.sim.path, CONTIV, netns=lb.node.netns)
+            try:
+                assert running.proc.wait(30) == 3, running.log.read_text()
+            finally:
+                old.stop()
+            assert "restart cniflow" in running.log.read_text()

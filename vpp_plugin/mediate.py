@@ -87,12 +87,14 @@ class Mediator:
             except BlockingIOError:
                 break
             sets += self.decoder.message(bytes(view[:n]), f"{peer[0]}:{peer[1]}")
-        batches = []
+        by_layout: dict[np.dtype, list[bytes]] = {}  # sets of one template: one conversion
         for rs in sets:
             if rs.array is None or rs.spec.scope_count:
                 self.unusable += len(rs)
                 continue
-            batches.append(to_flows(rs.array))
+            by_layout.setdefault(rs.array.dtype, []).append(rs.array.tobytes())
+        batches = [to_flows(np.frombuffer(b"".join(parts), dtype))
+                   for dtype, parts in by_layout.items()]
         if not batches:
             return np.zeros(0, FLOW_DTYPE)
         return np.concatenate(batches) if len(batches) > 1 else batches[0]
