@@ -57,7 +57,7 @@ def run_agent(args: argparse.Namespace) -> int:
 
     try:
         agent = Agent(cfg)
-    except (ResolveError, InterfaceError) as e:
+    except (ResolveError, InterfaceError, config.ConfigError) as e:
         return fail(str(e))
     except TlsError as e:
         return fail(str(e))

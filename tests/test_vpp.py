@@ -282,3 +282,38 @@ def test_vpp_coming_back_as_another_release_restarts_the_agent_cleanly():
             finally:
                 old.stop()
             assert "restart cniflow" in running.log.read_text()
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_settings_override_what_is_discovered(version):
+    with lab(version) as lb:
+        lb.sim.tables[(7, False)] = "operator-chosen"
+        web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        collector = RunningCollector(lb.node.netns, 4739)
+        with vpp_agent(lb, "--vpp-vrf", "7", "--vpp-port", "4800",
+                       "--vpp-source-address", lb.source_ip) as running:
+            assert wait_for(lambda: enabled(lb, web), 15), running.log.read_text()
+            e = lb.sim.state.exporter
+            # 19.08 sends data to 4739 whatever the port (VPP-1859): the agent keeps 4739
+            assert (e.vrf, e.port) == (7, 4739 if lb.contiv else 4800)
+            if lb.contiv:
+                assert "sends flowprobe data to port 4739" in running.log.read_text()
+            lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
+            assert wait_for(lambda: pod_totals(records(collector), "web-7d9f",
+                                               "destination")[0] == 10, 15)
+        collector.stop()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataplane", "vpp"], "no VPP API socket"),
+    (["--dataplane", "vpp", "--vpp-collector-address", "fd00::1"],
+     "--vpp-collector-address / CNIFLOW_VPP_COLLECTOR_ADDRESS"),
+    (["--vpp-path-mtu", "1500"], "--vpp-path-mtu / CNIFLOW_VPP_PATH_MTU"),
+    (["--dataplane", "dpdk"], "--dataplane / CNIFLOW_DATAPLANE"),
+])
+def test_bad_vpp_settings_are_one_line_and_exit_2(args, message):
+    from conftest import CNIFLOW
+
+    r = subprocess.run([str(CNIFLOW), "agent", "--kubernetes", "--node-name", NODE, *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r

@@ -84,8 +84,12 @@ def discover(conn: Connection, interfaces: VppInterfaces, cfg) -> Target:
     if not collector or not source:
         raise VppError("cannot tell where VPP should send IPFIX: set --vpp-collector-address "
                        "and --vpp-source-address")
-    return Target(collector, source, vrf, cfg.vpp_port, cfg.vpp_path_mtu,
-                  cfg.vpp_template_interval)
+    port = cfg.vpp_port
+    if port != 4739 and conn.version[:5] < "21.06":  # VPP-1859: data ignores the port
+        log.warning("VPP before 21.06 sends flowprobe data to port 4739 whatever is set: "
+                    "using 4739", extra={"version": conn.version, "asked": port})
+        port = 4739
+    return Target(collector, source, vrf, port, cfg.vpp_path_mtu, cfg.vpp_template_interval)
 
 
 def _prefix_ip(prefix) -> str:
