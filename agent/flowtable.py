@@ -19,6 +19,7 @@ from agent.records import (
     FLOW_DTYPE,
     FORCED_END,
     IDLE_TIMEOUT,
+    KEY_DTYPE,
     LACK_OF_RESOURCES,
     TCP_FIN,
     TCP_RST,
@@ -30,9 +31,15 @@ _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
 
 
+_KEY_AND_REST = np.dtype([("key", np.void, KEY_DTYPE.itemsize),
+                          ("rest", np.void, FLOW_DTYPE.itemsize - KEY_DTYPE.itemsize)])
+
+
 def key_words(flows: np.ndarray) -> np.ndarray:
-    """The 48-byte keys as an (n, 6) uint64 array."""
-    return np.ascontiguousarray(flows["key"]).view("<u8").reshape(-1, 6)
+    """The 48-byte keys as an (n, 6) uint64 array (copied as opaque bytes: numpy's
+    copy of a nested structured field is several times slower)."""
+    keys = np.ascontiguousarray(flows.view(_KEY_AND_REST)["key"])
+    return keys.view("<u8").reshape(-1, 6)
 
 
 def key_hash(words: np.ndarray) -> np.ndarray:

@@ -41,6 +41,12 @@ def clock_offset_ns() -> int:
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
+_ROW = np.dtype([("key", np.void, KEY_DTYPE.itemsize), ("val", np.void, VAL_DTYPE.itemsize)])
+assert _ROW.itemsize == FLOW_DTYPE.itemsize
+assert [FLOW_DTYPE.fields[n][1] - KEY_DTYPE.itemsize for n in ("packets", "first_ms", "tos")] == [
+    VAL_DTYPE.fields[n][1] for n in ("packets", "first_ns", "tos")]
+
+
 class BatchDrain:
     """Owns the preallocated buffers and the slot flip for one FlowProgram."""
 
@@ -79,22 +85,31 @@ class BatchDrain:
 
 
 def merge(keys: np.ndarray, vals: np.ndarray, offset_ns: int) -> np.ndarray:
-    """Fold per-CPU values (n x ncpu) into one record per key, a CPU at a time
-    (1-D operations beat 2-D strided reductions for the few CPUs of a node)."""
+    """Keys and values (n x copies) as flow records. Per-CPU values are folded a
+    CPU at a time (1-D operations beat 2-D strided reductions for the few CPUs of
+    a node); records are written through void views, numpy's slow path for nested
+    structured dtypes avoided."""
     n = len(keys)
-    out = np.zeros(n, FLOW_DTYPE)
-    if not n:
-        return out
-    out["key"] = keys
     off = np.uint64(offset_ns)
     ms = np.uint64(1_000_000)
     if vals.shape[1] == 1:  # a shared map: one value a key, nothing to fold
-        v = vals[:, 0]
-        for name in ("packets", "octets", "tcp_flags", "min_ttl", "max_ttl", "tos"):
-            out[name] = v[name]
-        out["first_ms"] = (v["first_ns"] + off) // ms
-        out["last_ms"] = (v["last_ns"] + off) // ms
+        # A record is the key then the value's bytes (the same fields in the same
+        # order): two opaque copies, then the times from ns to ms in place.
+        out = np.empty(n, FLOW_DTYPE)
+        rows = out.view(_ROW)
+        rows["key"] = np.ascontiguousarray(keys).view(_ROW["key"])
+        rows["val"] = np.ascontiguousarray(vals[:, 0]).view(_ROW["val"])
+        out["end_reason"] = 0
+        out["pad"] = 0
+        for name in ("first_ms", "last_ms"):
+            t = out[name]
+            t += off
+            t //= ms
         return out
+    out = np.zeros(n, FLOW_DTYPE)
+    if not n:
+        return out
+    out.view(_ROW)["key"] = np.ascontiguousarray(keys).view(_ROW["key"])
     never = np.uint64(np.iinfo(np.uint64).max)
     packets = np.zeros(n, np.uint64)
     octets = np.zeros(n, np.uint64)
@@ -116,8 +131,6 @@ def merge(keys: np.ndarray, vals: np.ndarray, offset_ns: int) -> np.ndarray:
         np.minimum(min_ttl, np.where(seen, v["min_ttl"], 255).astype(np.uint8), out=min_ttl)
         np.maximum(max_ttl, v["max_ttl"], out=max_ttl)
         np.copyto(tos, v["tos"], where=later & seen)
-    off = np.uint64(offset_ns)
-    ms = np.uint64(1_000_000)
     out["packets"], out["octets"] = packets, octets
     out["first_ms"], out["last_ms"] = (first + off) // ms, (last + off) // ms
     out["tcp_flags"], out["min_ttl"], out["max_ttl"], out["tos"] = flags, min_ttl, max_ttl, tos
