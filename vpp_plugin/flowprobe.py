@@ -159,7 +159,7 @@ class Flowprobe:
             self.ours = {i: v for i, v in self.ours.items() if i in actual}
         failures = []
         for index, variant in want.items():
-            present = (actual or self.ours).get(index)
+            present = (actual if actual is not None else self.ours).get(index)
             if present == variant:
                 self.ours[index] = variant
                 continue
