@@ -90,8 +90,17 @@ def per_packet(rounds: int, seconds: float) -> dict:
                 if att:
                     att.detach_all()
         med = {k: statistics.median(v) for k, v in rates.items()}
+
+        def paired(a: str, b: str) -> float:
+            """Median of the rounds' own ratios: each pair ran seconds apart, so a
+            slow drift of the shared machine cancels out within a pair."""
+            return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
         return {
             "pps_median": {k: round(v) for k, v in med.items()},
+            "paired": {"cniflow_vs_empty": paired("cniflow", "empty"),
+                       "cniflow_vs_none": paired("cniflow", "none"),
+                       "percpu_vs_empty": paired("cniflow_percpu", "empty")},
             "cniflow_vs_empty": med["cniflow"] / med["empty"],
             "cniflow_vs_none": med["cniflow"] / med["none"],
             "empty_vs_none": med["empty"] / med["none"],

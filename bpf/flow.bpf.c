@@ -117,17 +117,30 @@ static __always_inline void fold(struct flow_val *v, const struct pkt *p) {
     v->packets += 1;
     v->octets += p->len;
 #endif
-    v->last_ns = p->now;
-    v->tcp_flags |= p->flags;
+    // Stores only when something changes (the coarse clock ticks every few ms):
+    // fewer writes to a line other CPUs may be reading.
+    if (v->last_ns != p->now)
+        v->last_ns = p->now;
+    if ((v->tcp_flags | p->flags) != v->tcp_flags)
+        v->tcp_flags |= p->flags;
     if (p->ttl < v->min_ttl)
         v->min_ttl = p->ttl;
     if (p->ttl > v->max_ttl)
         v->max_ttl = p->ttl;
-    v->tos = p->tos;
+    if (v->tos != p->tos)
+        v->tos = p->tos;
 }
 
 static __always_inline void account(struct flow_key *key, const struct pkt *p) {
-    struct flow_val init = {};
+    int zero = 0;
+    u32 *s = slot.lookup(&zero);
+    int b = s && *s;
+    struct flow_val *v = b ? flows_b.lookup(key) : flows_a.lookup(key);
+    if (v) {
+        fold(v, p);
+        return;
+    }
+    struct flow_val init = {};  // a new flow: built only now
     init.packets = 1;
     init.octets = p->len;
     init.first_ns = p->now;
@@ -136,26 +149,12 @@ static __always_inline void account(struct flow_key *key, const struct pkt *p) {
     init.min_ttl = p->ttl;
     init.max_ttl = p->ttl;
     init.tos = p->tos;
-
-    int zero = 0;
-    u32 *s = slot.lookup(&zero);
-    struct flow_val *v;
-    int err;
-    if (s && *s) {
-        v = flows_b.lookup(key);
-        if (v) { fold(v, p); return; }
-        err = flows_b.insert(key, &init);
-        if (err == -17 /* EEXIST: another CPU inserted first */) {
-            v = flows_b.lookup(key);
-            if (v) { fold(v, p); err = 0; }
-        }
-    } else {
-        v = flows_a.lookup(key);
-        if (v) { fold(v, p); return; }
-        err = flows_a.insert(key, &init);
-        if (err == -17) {
-            v = flows_a.lookup(key);
-            if (v) { fold(v, p); err = 0; }
+    int err = b ? flows_b.insert(key, &init) : flows_a.insert(key, &init);
+    if (err == -17 /* EEXIST: another CPU inserted first */) {
+        v = b ? flows_b.lookup(key) : flows_a.lookup(key);
+        if (v) {
+            fold(v, p);
+            err = 0;
         }
     }
     if (err)
