@@ -26,10 +26,6 @@ from agent.transport import make as make_transport
 log = logging.getLogger(__name__)
 
 
-class ReleaseChanged(RuntimeError):
-    """The dataplane came back as something this process cannot drive: restart."""
-
-
 def choose_dataplane(cfg: Config) -> tuple[str, str]:
     """("ebpf", "") or ("vpp", socket path), as --dataplane and the host say."""
     if cfg.dataplane == "ebpf":
@@ -163,13 +159,13 @@ class Agent:
                 try:
                     self.reconcile()
                     self.poll()
-                except ReleaseChanged as e:  # this process holds the old release's layouts
-                    log.error(str(e))
-                    self.exit_code = 3
-                    break
                 except Exception:  # one bad poll must not stop metering for the node
                     self.metrics.poll_errors.inc()
                     log.exception("poll failed")
+                if self.dataplane.restart_needed:  # e.g. VPP came back as another release
+                    log.error(self.dataplane.restart_needed)
+                    self.exit_code = 3
+                    break
                 stop.wait(max(0.0, self.cfg.poll_interval - (time.monotonic() - started)))
         finally:
             self.shutdown()

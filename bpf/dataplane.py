@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 class EbpfDataplane:
     generation = 0  # Linux ifindexes do not move under the agent
     unique = True  # a drained map never repeats a key
+    restart_needed = ""
 
     def __init__(self, cfg: Config, metrics: Metrics, ipr) -> None:
         self.metrics, self.ipr = metrics, ipr

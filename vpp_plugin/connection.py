@@ -13,7 +13,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-from agent import pipeline
 from vpp_plugin import apidefs
 from vpp_plugin.probe import ProbeError, probe
 
@@ -37,7 +36,7 @@ class Refused(VppError):
         self.message, self.retval = message, retval
 
 
-class ReleaseChanged(pipeline.ReleaseChanged):
+class ReleaseChanged(VppError):
     """VPP came back as another release: this process holds the old layouts."""
 
 

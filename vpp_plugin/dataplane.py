@@ -38,6 +38,7 @@ class VppDataplane:
         self._retry_at = 0.0
         self._backoff = 1.0
         self._last_error = ""
+        self.restart_needed = ""  # set when only a new process can go on
 
     @property
     def attached(self) -> set[int]:
@@ -104,8 +105,9 @@ class VppDataplane:
                 self.flowprobe.ours.clear()  # a new VPP process remembers nothing
                 self.generation += 1
             self.flowprobe.configure(target)
-        except ReleaseChanged:
-            raise
+        except ReleaseChanged as e:  # this process holds the old release's layouts
+            self.restart_needed = str(e)
+            return False
         except CrcMismatch as e:
             self._failed("crc", e)
             return False
