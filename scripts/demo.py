@@ -55,6 +55,16 @@ def table(rows: list[dict]) -> None:
             REASONS.get(r["flowEndReason"], "?")))
 
 
+def report(out: Path, note: str) -> int:
+    """The collector's JSON lines as a table; exit status 1 if there were none."""
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    flows = [r for r in rows if "octetDeltaCount" in r]
+    step(f"{len(flows)} flow records written by cniflow collector ({out})")
+    table(flows)
+    print("\n" + note)
+    return 0 if flows else 1
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cniflow-demo-"))
     node = netlab.up(PREFIX, 2)
@@ -102,13 +112,9 @@ def main() -> int:
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=20)
         procs.clear()
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
-        flows = [r for r in rows if "octetDeltaCount" in r]
-        step(f"{len(flows)} flow records written by cniflow collector ({out})")
-        table(flows)
-        print("\n'in' is the TC ingress of the host-side veth: traffic the pod sent. "
-              "Every packet between\ntwo pods on one node is seen twice, once per veth.")
-        return 0 if flows else 1
+        return report(out, "'in' is the TC ingress of the host-side veth: traffic the pod "
+                      "sent. Every packet between\ntwo pods on one node is seen twice, once "
+                      "per veth.")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -119,4 +125,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if "--vpp" in sys.argv[1:]:
+        from demo_vpp import main as vpp_main
+
+        sys.exit(vpp_main())
     sys.exit(main())
