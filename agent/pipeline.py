@@ -57,7 +57,7 @@ class Agent:
         self.ipr = IPRoute()
         self.kind, vpp_socket = choose_dataplane(cfg)
         if not cfg.kubernetes and self.kind == "ebpf":
-            InterfaceSet(cfg.interface).check_named(links(self.ipr))
+            InterfaceSet(cfg.interface).check_named(links())
         if self.kind == "vpp":
             from vpp_plugin.dataplane import VppDataplane
 

@@ -18,15 +18,12 @@ import socket
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent.interfaces import driver
+
 log = logging.getLogger(__name__)
 
 NETNS_DIRS = ("/run/netns", "/var/run/netns")
 AF_BRIDGE = 7
-
-
-def _kind(link) -> str:
-    info = link.get_attr("IFLA_LINKINFO")
-    return (info.get_attr("IFLA_INFO_KIND") if info else "") or ""
 
 
 class Resolver:
@@ -40,11 +37,12 @@ class Resolver:
                 return ifindex
         return self._by_netns(ips)
 
-    def _link(self, ifindex: int):
+    def _peer(self, ifindex: int) -> int:
+        """A veth's peer index (the last resort's path only: see agent.interfaces)."""
         try:
-            return self.ipr.get_links(ifindex)[0]
+            return self.ipr.get_links(ifindex)[0].get_attr("IFLA_LINK") or 0
         except (NetlinkError, IndexError):
-            return None
+            return 0
 
     def _by_route(self, ip: str) -> int | None:
         try:
@@ -54,10 +52,7 @@ class Resolver:
         if not routes:
             return None
         oif = routes[0].get_attr("RTA_OIF")
-        link = self._link(oif) if oif else None
-        if link is None or link.get_attr("IFLA_IFNAME") == "lo":
-            return None
-        kind = _kind(link)
+        kind = driver(oif) if oif else ""
         if kind == "bridge":
             return self._by_bridge(ip, oif)
         return oif if kind == "veth" else None
@@ -89,10 +84,9 @@ class Resolver:
                                 continue
                             link = ns.get_links(addr["index"])[0]
                             peer = link.get_attr("IFLA_LINK")
-                            host = self._link(peer) if peer else None
                             # ifindexes are per namespace: the pair must point at each other
-                            if (host is not None and _kind(host) == "veth"
-                                    and host.get_attr("IFLA_LINK") == addr["index"]):
+                            if peer and driver(peer) == "veth" and self._peer(peer) == addr[
+                                    "index"]:
                                 return peer
                 except Exception as e:  # a namespace that vanished or is not ours to read
                     log.debug("netns scan", extra={"netns": name, "err": str(e)})

@@ -210,6 +210,10 @@ def churn(seconds: float, rate: float) -> dict:
     node = netlab.up("cfkc", 0)
     api = FakeApiServer(node.netns)
     api.namespace("bench", OPT_IN)
+    # a live collector: with none, the agent keeps records for it (the bounded backlog)
+    sink = subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c",
+                             "import socket\ns=socket.socket(2,2);s.bind(('127.0.0.1',4739))\n"
+                             "while True: s.recv(65535)"])
     agent = Agent(node, api, "--idle-timeout", "1")
     try:
         time.sleep(4)
@@ -218,8 +222,12 @@ def churn(seconds: float, rate: float) -> dict:
         live: list[tuple[int, netlab.Pod]] = []
         t_end = time.time() + seconds
         i = 0
+        samples, next_sample = [rss0], time.time() + 60  # the trend tells a leak from a plateau
         while time.time() < t_end:
             tick = time.time()
+            if tick >= next_sample:
+                samples.append(agent.fds_and_rss()[1])
+                next_sample += 60
             p = pod_for(node, i % 1000)
             netlab.add_pod(node, p)
             api.pod("bench", f"c{i}", NODE, [p.ipv4])
@@ -244,22 +252,25 @@ def churn(seconds: float, rate: float) -> dict:
             capture_output=True,
             text=True,
         ).stdout
-        attached = [
-            line for line in metrics.splitlines() if line.startswith("cniflow_interfaces_attached ")
-        ]
+        values = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                      if line and not line.startswith("#"))
         return {
             "seconds": seconds,
             "achieved_rate_per_s": round(created / seconds, 1),
             "created": created,
             "deleted": deleted,
             "veths_left": len(left.splitlines()),
-            "interfaces_attached_after": attached[0].split()[1] if attached else None,
+            "interfaces_attached_after": values.get("cniflow_interfaces_attached"),
+            "records_exported": values.get("cniflow_records_exported_total"),
+            "export_backlog_after": values.get("cniflow_export_backlog_records"),
             "fds_before_after": [fds0, fds1],
             "rss_mb_before_after": [rss0, rss1],
+            "rss_mb_every_60_s": samples + [rss1],
             "agent_alive": agent.proc.poll() is None,
         }
     finally:
         agent.stop()
+        sink.terminate()
         api.stop()
         netlab.down("cfkc")
 

@@ -36,7 +36,7 @@ class EbpfDataplane:
         return set(self.attacher.attached)
 
     def present(self) -> dict[int, str]:
-        return links(self.ipr)
+        return links()
 
     def apply(self, want: dict[int, str], present: dict[int, str]) -> None:
         """Attach what is wanted, detach what is no longer wanted (opt-out), forget

@@ -378,6 +378,7 @@ class Tshark:
                     ("IfName", "interface"),
                     ("Protocol", "proto"),
                     ("DstPort", "dport"),
+                    ("Direction", "direction"),  # Ingress or Egress
                 ):
                     if text.startswith(label + ":"):
                         cur[key] = text.split(":", 1)[1].strip().split(" ")[0]

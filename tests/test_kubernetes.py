@@ -4,7 +4,9 @@ server (real list and watch over HTTP), pods built as namespaces and veths."""
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,9 +73,11 @@ def test_a_pod_annotated_after_start_gets_flows_with_its_names_and_exact_counts(
     assert {(r["interface"], r["src_pod_ns"], r["src_pod"], r["dst_pod_ns"], r["dst_pod"],
              r["src_node"], r["dst_node"]) for r in sent} == {
         (web.host_if, "shop", "web-7d9f", "shop", "db-0", NODE, NODE)}
-    # every record names the observed pod on its side of the veth
+    # every record names the observed pod on its side of the veth: the source of what
+    # the veth's ingress saw (the pod sent it, from a link-local address too), the
+    # destination on its egress
     for r in records:
-        observed = r["src_pod"] if r["src"] in (web.ipv4, web.ipv6) else r["dst_pod"]
+        observed = r.get("src_pod") if r["direction"] == "Ingress" else r.get("dst_pod")
         assert observed == "web-7d9f", r
     # pmacct's nfacctd, given the Antrea elements as custom primitives, stores the names
     node2 = netlab.up(prefix + "n", 0)
@@ -182,30 +186,44 @@ def test_a_bad_annotation_value_warns_and_attaches_nothing(node, api):
     assert log.count("hostNetwork pod opted in") == 1
 
 
+RESOLVE = """
+import json, sys
+from pyroute2 import IPRoute
+from agent.interfaces import links
+from agent.resolve import Resolver
+r = Resolver(IPRoute())
+out = {"links": {n: i for i, n in links().items()}}
+for ips in json.loads(sys.argv[1]):
+    out[",".join(ips)] = [r.resolve(tuple(ips)), r._by_route(ips[-1])]
+print(json.dumps(out))
+"""
+
+
+def resolve_in(node, *ip_sets: tuple[str, ...]) -> dict:
+    """The resolver as the agent runs it: inside the node's network namespace."""
+    cmd = ["ip", "netns", "exec", node.netns, sys.executable, "-c", RESOLVE,
+           json.dumps(ip_sets)]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
 def test_each_way_of_finding_a_pods_interface():
     """Routed: the route. Bridged: neighbour and FDB. No route at all: the pod's
     namespace names its veth peer."""
-    from pyroute2 import IPRoute
-
-    from agent.resolve import Resolver
-
     routed = netlab.up("rsr", 2)
     bridged = netlab.up("rsb", 2, layout="bridged")
     try:
         for node in (routed, bridged):
-            with IPRoute(netns=node.netns) as ipr:
-                index = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
-                r = Resolver(ipr)
-                for pod in node.pods:
-                    assert r.resolve((pod.ipv4, pod.ipv6)) == index[pod.host_if], pod
-                    assert r._by_route(pod.ipv6) == index[pod.host_if], pod
-                if node is routed:  # no route to pod1 any more: only its namespace knows
-                    p = node.pods[1]
-                    netlab.sh(f"ip -n {node.netns} route del {p.ipv4}/32")
-                    netlab.sh(f"ip -n {node.netns} -6 route del {p.ipv6}/128")
-                    assert r._by_route(p.ipv4) is None
-                    assert r.resolve((p.ipv4, p.ipv6)) == index[p.host_if]
-                assert r.resolve(("10.250.0.1",)) is None  # nobody's
+            got = resolve_in(node, *[(p.ipv4, p.ipv6) for p in node.pods], ("10.250.0.1",))
+            index = got["links"]
+            for pod in node.pods:  # by either address, and by the route alone
+                assert got[f"{pod.ipv4},{pod.ipv6}"] == [index[pod.host_if]] * 2, (pod, got)
+            assert got["10.250.0.1"] == [None, None]  # nobody's
+            if node is routed:  # no route to pod1 any more: only its namespace knows
+                p = node.pods[1]
+                netlab.sh(f"ip -n {node.netns} route del {p.ipv4}/32")
+                netlab.sh(f"ip -n {node.netns} -6 route del {p.ipv6}/128")
+                assert resolve_in(node, (p.ipv4, p.ipv6))[f"{p.ipv4},{p.ipv6}"] == [
+                    index[p.host_if], None]
     finally:
         netlab.down("rsr")
         netlab.down("rsb")
