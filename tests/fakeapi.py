@@ -25,32 +25,41 @@ from urllib.parse import parse_qs, urlparse
 CLONE_NEWNET = 0x40000000
 
 
-def socket_in_netns(netns: str | None, port: int = 0) -> socket.socket:
-    """A listening TCP socket on 127.0.0.1 inside netns (made from a throwaway thread,
-    since setns changes only the calling thread)."""
+def in_netns(netns: str | None, make):
+    """make() run inside netns, from a throwaway thread (setns changes only the
+    calling thread; a socket keeps the namespace it was made in)."""
     out: list = []
 
-    def make():
+    def run():
         try:
             if netns:
                 libc = ctypes.CDLL(None, use_errno=True)
                 with open(f"/run/netns/{netns}") as f:
                     if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
                         raise OSError(ctypes.get_errno(), "setns")
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", port))
-            s.listen(64)
-            out.append(s)
+            out.append(make())
         except Exception as e:  # reported in the caller's thread
             out.append(e)
 
-    t = threading.Thread(target=make)
+    t = threading.Thread(target=run)
     t.start()
     t.join()
     if isinstance(out[0], Exception):
         raise out[0]
     return out[0]
+
+
+def socket_in_netns(netns: str | None, port: int = 0) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 inside netns."""
+
+    def make():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(64)
+        return s
+
+    return in_netns(netns, make)
 
 
 class State:

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from fakeapi import CLONE_NEWNET
+from fakeapi import in_netns
 
 ALL = 0xFFFFFFFF
 FRAME = struct.Struct(">QII")
@@ -461,29 +461,14 @@ class VppSim:
     def _udp_socket(self) -> socket.socket:
         e = self.state.exporter
         if self._udp is None or self._udp.getsockname()[0] != e.src:
-            out: list = []
 
             def make():
-                try:
-                    if self.netns:
-                        import ctypes
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((e.src, 4739))  # flowprobe's source port is always 4739
+                return s
 
-                        libc = ctypes.CDLL(None, use_errno=True)
-                        with open(f"/run/netns/{self.netns}") as f:
-                            libc.setns(f.fileno(), CLONE_NEWNET)
-                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind((e.src, 4739))  # flowprobe's source port is always 4739
-                    out.append(s)
-                except Exception as err:
-                    out.append(err)
-
-            t = threading.Thread(target=make)
-            t.start()
-            t.join()
-            if isinstance(out[0], Exception):
-                raise out[0]
-            self._udp = out[0]
+            self._udp = in_netns(self.netns, make)
         return self._udp
 
     def template(self, variant: int, v6: bool) -> list[tuple[int, int]]:
