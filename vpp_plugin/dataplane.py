@@ -81,6 +81,10 @@ class VppDataplane:
             self.metrics.vpp_decode_errors.labels(why).inc(count)
             log.warning("malformed IPFIX from VPP", extra={"reason": why, "count": count})
         errors.clear()
+        if self.mediator.unusable:  # variable-length or options records: not flowprobe's
+            self.metrics.vpp_decode_errors.labels("records not in a flowprobe layout").inc(
+                self.mediator.unusable)
+            self.mediator.unusable = 0
         self.metrics.vpp_records.inc(len(batch))
         return batch
 
