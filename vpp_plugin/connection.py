@@ -51,6 +51,11 @@ class Connection:
         self._dir = Path(tempfile.mkdtemp(prefix="cniflow-vpp-api-"))
 
     @property
+    def v1908(self) -> bool:
+        """19.08.x: raw addresses, separate record flags, u32 enums in the messages."""
+        return self.layout is not None and self.layout.v1908
+
+    @property
     def connected(self) -> bool:
         return self.client is not None
 

@@ -75,10 +75,9 @@ def discover(conn: Connection, interfaces: VppInterfaces, cfg) -> Target:
         collector = collector or host_ipv4(cfg.vpp_host_interface) or ""
         if not source:
             tap = interfaces.tagged("tap-vpp2")
-            v19 = conn.layout is not None and conn.layout.v1908
             if tap is not None:
                 for d in conn.dump("ip_address_dump", sw_if_index=tap.sw_if_index,
-                                   is_ipv6=0 if v19 else False):
+                                   is_ipv6=0 if conn.v1908 else False):
                     source = _prefix_ip(d.prefix)
                     break
     if not collector or not source:
@@ -114,7 +113,7 @@ class Flowprobe:
     def configure(self, target: Target) -> None:
         """Exporter 0 and the record parameters (before any interface is enabled)."""
         c = self.conn
-        v19 = c.layout is not None and c.layout.v1908
+        v19 = c.v1908
         addr = ((lambda a: ipaddress.ip_address(a).packed.ljust(16, b"\0")) if v19
                 else ipaddress.ip_address)
         c.call("set_ipfix_exporter", collector_address=addr(target.collector),
@@ -193,6 +192,6 @@ class Flowprobe:
             self.conn.call("flowprobe_interface_add_del", is_add=add, which=variant,
                            direction=BOTH, sw_if_index=index)
         else:  # the raw variant number: the declared flag values select the wrong one
-            v19 = self.conn.layout is not None and self.conn.layout.v1908
-            self.conn.call("flowprobe_tx_interface_add_del", is_add=int(add) if v19 else add,
-                           which=variant, sw_if_index=index)
+            self.conn.call("flowprobe_tx_interface_add_del",
+                           is_add=int(add) if self.conn.v1908 else add, which=variant,
+                           sw_if_index=index)

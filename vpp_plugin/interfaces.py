@@ -93,9 +93,8 @@ class VppInterfaces:
     def _by_neighbor(self, ip: str) -> int | None:
         if self._neighbors is None:
             self._neighbors = {}
-            v19 = self.conn.layout is not None and self.conn.layout.v1908
             for v6 in (0, 1):
-                family = {"is_ipv6": v6} if v19 else {"af": v6}
+                family = {"is_ipv6": v6} if self.conn.v1908 else {"af": v6}
                 for d in self.conn.dump("ip_neighbor_dump", sw_if_index=ALL, **family):
                     n = d.neighbor
                     if int(n.flags) & NEIGHBOR_STATIC:
