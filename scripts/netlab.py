@@ -21,6 +21,14 @@ def sh(cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, shell=True, check=check, capture_output=True, text=True)
 
 
+# Receiver: read to EOF, then close (FIN); prints the byte count.
+_SINK = ("import socket;s=socket.create_server(('',{port}));print('ready',flush=True);"
+         "c,_=s.accept();n=0\nwhile (b:=c.recv(1<<16)): n+=len(b)\nc.close();print(n)")
+# Sender: all bytes, FIN, then wait for the receiver's FIN.
+_SOURCE = ("import socket;c=socket.create_connection(('{ip}',{port}));"
+           "c.sendall(bytes({n}));c.shutdown(socket.SHUT_WR);c.recv(1);c.close()")
+
+
 @dataclass
 class Pod:
     netns: str
@@ -45,6 +53,22 @@ class Node:
 
     def in_pod(self, i: int, cmd: str) -> str:
         return f"ip netns exec {self.pods[i].netns} {cmd}"
+
+    def tcp_transfer(self, src: int, dst: int, nbytes: int, port: int = 5201) -> int:
+        """Send nbytes over one TCP connection from pod src to pod dst and close it
+        gracefully both ways (unlike iperf3, whose server may reset while data is still
+        in flight). Returns the bytes the receiver read."""
+        server = subprocess.Popen(
+            self.in_pod(dst, f"/usr/bin/python3 -c \"{_SINK.format(port=port)}\""),
+            shell=True, stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "ready"
+            code = _SOURCE.format(ip=self.pods[dst].ipv4, port=port, n=nbytes)
+            sh(self.in_pod(src, f"/usr/bin/python3 -c \"{code}\""))
+            return int(server.communicate(timeout=30)[0])
+        finally:
+            if server.poll() is None:
+                server.kill()
 
     def link_stats(self, ifname: str) -> dict[str, int]:
         """rx/tx packets and bytes of an interface in the node namespace."""
