@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("flow.bpf.c")
-PROGRAMS = ("cniflow_ingress", "cniflow_egress")
+PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_jiffies")
 MAPS = ("flows_a", "flows_b", "slot", "stats")
 
 

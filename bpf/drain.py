@@ -3,13 +3,16 @@
 The program writes into one of two hash maps (see flow.bpf.c). A drain flips
 the slot, waits out programs still running on the old map, then empties it with
 BPF_MAP_LOOKUP_AND_DELETE_BATCH into buffers allocated once. Values of the
-per-CPU layout are folded with numpy reductions, and monotonic nanoseconds
-become wall-clock milliseconds.
+per-CPU layout are folded with numpy reductions, and jiffies become wall-clock
+milliseconds.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,8 +23,8 @@ VAL_DTYPE = np.dtype(
     [
         ("packets", "<u8"),
         ("octets", "<u8"),
-        ("first_ns", "<u8"),
-        ("last_ns", "<u8"),
+        ("first", "<u8"),  # jiffies
+        ("last", "<u8"),
         ("tcp_flags", "<u2"),
         ("min_ttl", "u1"),
         ("max_ttl", "u1"),
@@ -36,15 +39,53 @@ assert VAL_DTYPE.itemsize % 8 == 0  # the kernel pads per-CPU values to 8 octets
 GRACE_SECONDS = 0.002
 
 
-def clock_offset_ns() -> int:
-    """Wall clock minus CLOCK_MONOTONIC, the base of bpf_ktime_get_coarse_ns."""
-    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+log = logging.getLogger(__name__)
+
+HZ_CHOICES = (100, 250, 300, 1000)  # CONFIG_HZ's choices
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+class Jiffies:
+    """Turns the program's jiffies into wall-clock milliseconds. A program reads
+    jiffies for 2 ns, the coarse clock for 15; HZ is a kernel build option, so it
+    is measured once against CLOCK_MONOTONIC and rounded to the nearest choice."""
+
+    def __init__(self, read: Callable[[], int], seconds: float = 0.2) -> None:
+        self.read = read  # the kernel's jiffies, low 32 bits
+        j0, t0 = self._edge()
+        time.sleep(seconds)
+        j1, t1 = self._edge()
+        rate = ((j1 - j0) & 0xFFFFFFFF) / (t1 - t0)
+        self.hz = min(HZ_CHOICES, key=lambda hz: abs(math.log(rate / hz)))
+        log.info("kernel clock", extra={"hz": self.hz, "measured": round(rate, 1)})
+
+    def _edge(self) -> tuple[int, float]:
+        """Jiffies and monotonic time just after a tick: no fraction of a tick lost."""
+        first = self.read()
+        while (j := self.read()) == first:
+            pass
+        return j, time.monotonic()
+
+    def placer(self) -> Callable[[np.ndarray], None]:
+        """Read the clocks now; returns a function that turns an array of jiffies up
+        to now into wall-clock milliseconds, in place."""
+        now_j, now_ms = np.uint64(self.read()), np.uint64(time.time_ns() // 1_000_000)
+        ms_per, hz = np.uint64(1000), np.uint64(self.hz)
+
+        def place(t: np.ndarray) -> None:
+            np.subtract(now_j, t, out=t)  # ticks ago; modulo 2**32, as the reading
+            t &= _LOW32
+            t *= ms_per
+            t //= hz
+            np.subtract(now_ms, t, out=t)
+
+        return place
 
 
 _ROW = np.dtype([("key", np.void, KEY_DTYPE.itemsize), ("val", np.void, VAL_DTYPE.itemsize)])
 assert _ROW.itemsize == FLOW_DTYPE.itemsize
 assert [FLOW_DTYPE.fields[n][1] - KEY_DTYPE.itemsize for n in ("packets", "first_ms", "tos")] == [
-    VAL_DTYPE.fields[n][1] for n in ("packets", "first_ns", "tos")]
+    VAL_DTYPE.fields[n][1] for n in ("packets", "first", "tos")]
 
 
 class BatchDrain:
@@ -59,6 +100,7 @@ class BatchDrain:
         self.vals = np.zeros((self.capacity, self.ncpu), VAL_DTYPE)
         self.active = 0
         program.set_slot(self.active)
+        self.clock = Jiffies(program.jiffies)
 
     def drain_raw(self) -> int:
         """Flip and empty the idle map into self.keys / self.vals; return the count."""
@@ -81,17 +123,17 @@ class BatchDrain:
     def drain(self) -> np.ndarray:
         """Empty the kernel map and return its flows as a FLOW_DTYPE batch."""
         n = self.drain_raw()
-        return merge(self.keys[:n], self.vals[:n], clock_offset_ns())
+        return merge(self.keys[:n], self.vals[:n], self.clock.placer())
 
 
-def merge(keys: np.ndarray, vals: np.ndarray, offset_ns: int) -> np.ndarray:
+def merge(
+    keys: np.ndarray, vals: np.ndarray, place: Callable[[np.ndarray], None]
+) -> np.ndarray:
     """Keys and values (n x copies) as flow records. Per-CPU values are folded a
     CPU at a time (1-D operations beat 2-D strided reductions for the few CPUs of
     a node); records are written through void views, numpy's slow path for nested
     structured dtypes avoided."""
     n = len(keys)
-    off = np.uint64(offset_ns)
-    ms = np.uint64(1_000_000)
     if vals.shape[1] == 1:  # a shared map: one value a key, nothing to fold
         # A record is the key then the value's bytes (the same fields in the same
         # order): two opaque copies, then the times from ns to ms in place.
@@ -101,10 +143,8 @@ def merge(keys: np.ndarray, vals: np.ndarray, offset_ns: int) -> np.ndarray:
         rows["val"] = np.ascontiguousarray(vals[:, 0]).view(_ROW["val"])
         out["end_reason"] = 0
         out["pad"] = 0
-        for name in ("first_ms", "last_ms"):
-            t = out[name]
-            t += off
-            t //= ms
+        place(out["first_ms"])
+        place(out["last_ms"])
         return out
     out = np.zeros(n, FLOW_DTYPE)
     if not n:
@@ -124,14 +164,16 @@ def merge(keys: np.ndarray, vals: np.ndarray, offset_ns: int) -> np.ndarray:
         seen = v["packets"] > 0
         packets += v["packets"]
         octets += v["octets"]
-        np.minimum(first, np.where(seen, v["first_ns"], never), out=first)
-        later = v["last_ns"] >= last
-        np.maximum(last, v["last_ns"], out=last)
+        np.minimum(first, np.where(seen, v["first"], never), out=first)
+        later = v["last"] >= last
+        np.maximum(last, v["last"], out=last)
         flags |= v["tcp_flags"]
         np.minimum(min_ttl, np.where(seen, v["min_ttl"], 255).astype(np.uint8), out=min_ttl)
         np.maximum(max_ttl, v["max_ttl"], out=max_ttl)
         np.copyto(tos, v["tos"], where=later & seen)
     out["packets"], out["octets"] = packets, octets
-    out["first_ms"], out["last_ms"] = (first + off) // ms, (last + off) // ms
+    place(first)
+    place(last)
+    out["first_ms"], out["last_ms"] = first, last
     out["tcp_flags"], out["min_ttl"], out["max_ttl"], out["tos"] = flags, min_ttl, max_ttl, tos
     return out

@@ -44,6 +44,7 @@ class FlowProgram:
         fds = self._load(map_size, shared)
         self.ingress = Prog(fds["cniflow_ingress"], "cniflow_ingress")
         self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
+        self._jiffies = fds["cniflow_jiffies"]
         self.flow_map_fds = (fds["flows_a"], fds["flows_b"])
         self._slot, self._stats = fds["slot"], fds["stats"]
         self._fds = list(fds.values())
@@ -74,6 +75,10 @@ class FlowProgram:
     def set_slot(self, value: int) -> None:
         """Point the program at flows_a (0) or flows_b (1)."""
         syscall.update(self._slot, struct.pack("<I", 0), struct.pack("<I", value))
+
+    def jiffies(self) -> int:
+        """The kernel's jiffies now (low 32 bits), the clock of the flow times."""
+        return syscall.test_run(self._jiffies)[0]
 
     def stats(self) -> dict[str, int]:
         """Per-CPU counters of flow.bpf.c, summed."""

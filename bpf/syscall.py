@@ -20,6 +20,7 @@ MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_LOOKUP_AND_DELETE_BATCH = 25
 MAP_UPDATE_BATCH = 26
+PROG_TEST_RUN = 10
 
 
 class _Elem(ct.Structure):
@@ -42,6 +43,19 @@ class _Batch(ct.Structure):
         ("map_fd", ct.c_uint32),
         ("elem_flags", ct.c_uint64),
         ("flags", ct.c_uint64),
+    ]
+
+
+class _TestRun(ct.Structure):
+    _fields_ = [
+        ("prog_fd", ct.c_uint32),
+        ("retval", ct.c_uint32),
+        ("data_size_in", ct.c_uint32),
+        ("data_size_out", ct.c_uint32),
+        ("data_in", ct.c_uint64),
+        ("data_out", ct.c_uint64),
+        ("repeat", ct.c_uint32),
+        ("duration", ct.c_uint32),
     ]
 
 
@@ -99,6 +113,18 @@ def lookup_and_delete_batch(
 def update_batch(fd: int, keys: int, values: int, count: int) -> None:
     attr = _Batch(0, 0, keys, values, count, fd, 0, 0)
     _check(_bpf(MAP_UPDATE_BATCH, attr), "BPF_MAP_UPDATE_BATCH")
+
+
+_FRAME = b"\0" * 12 + b"\x08\x00" + b"\0" * 50  # an Ethernet frame, nothing in it
+
+
+def test_run(fd: int, frame: bytes = _FRAME, repeat: int = 1) -> tuple[int, int]:
+    """Run a TC program `repeat` times on a frame: what it returned, and the
+    kernel's measure of nanoseconds per run."""
+    buf = ct.create_string_buffer(frame, len(frame))
+    attr = _TestRun(fd, 0, len(frame), 0, ct.addressof(buf), 0, repeat, 0)
+    _check(_bpf(PROG_TEST_RUN, attr), "BPF_PROG_TEST_RUN")
+    return attr.retval, attr.duration
 
 
 def possible_cpus() -> int:
