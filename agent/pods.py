@@ -39,6 +39,7 @@ class PodSource:
                 log.info("hostNetwork pod opted in: it has no interface of its own, not metered",
                          extra={"pod": f"{pod.namespace}/{pod.name}"})
         self.known = pods
+        self._host_logged &= {p.uid for p in pods}
         want: dict[int, str] = {}
         by_ifindex: dict[int, Pod] = {}
         live = {p.uid for p in d.metered}

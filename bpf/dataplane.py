@@ -27,7 +27,6 @@ class EbpfDataplane:
         self.program = FlowProgram(cfg.map_size)
         self.drainer = BatchDrain(self.program)
         self.attacher = Attacher(self.program, cfg.tc_priority, ipr)
-        self.names: dict[int, str] = {}
         self.failed: set[int] = set()
         metrics.map_size.set(cfg.map_size)
 
@@ -52,7 +51,6 @@ class EbpfDataplane:
                 continue
             try:
                 self.attacher.attach(ifindex, name)
-                self.names[ifindex] = name
             except Exception as e:  # the interface may vanish between scan and attach
                 self.failed.add(ifindex)
                 self.metrics.attach_failures.inc()

@@ -55,6 +55,7 @@ class VppInterfaces:
                          for d in self.conn.dump("sw_interface_dump", sw_if_index=ALL,
                                                  name_filter_valid=False, name_filter="")}
         self._neighbors = None
+        self.ipv6 &= set(self.by_index)  # an index VPP freed may come back as another pod's
         return {i: itf.name for i, itf in self.by_index.items()}
 
     def tagged(self, tag: str) -> Interface | None:
