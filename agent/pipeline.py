@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from agent import netlink
 from agent.config import VPP_SOCKETS, Config, ConfigError
 from agent.exporter import Exporter
 from agent.flowtable import FlowTable
@@ -55,6 +56,7 @@ class Agent:
             tls = client_tls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         self.transport = make_transport(cfg.transport, host, port, tls)
         self.ipr = IPRoute()
+        netlink.check(self.ipr)
         self.kind, vpp_socket = choose_dataplane(cfg)
         if not cfg.kubernetes and self.kind == "ebpf":
             InterfaceSet(cfg.interface).check_named(links())
@@ -107,6 +109,7 @@ class Agent:
         want = self.source.desired(present)
         self.dataplane.apply(want, present)
         self.names.update(want)
+        netlink.drop_strays(self.ipr)
 
     def poll(self, final: bool = False) -> None:
         t0 = time.perf_counter()
