@@ -373,3 +373,27 @@ def test_a_pods_traffic_series_go_when_the_pod_goes():
     m.pod_traffic(batch[:0], {})  # the pod is gone
     assert get("cniflow_pod_bytes_total", {"namespace": "shop", "pod": "web",
                                            "direction": "sent"}) is None
+
+
+@pytest.mark.parametrize("hz", [100, 250, 300, 1000])
+def test_jiffies_become_wall_clock_milliseconds_at_any_hz(hz):
+    """The drain's clock: HZ measured from readings, and a flow's jiffies placed in
+    wall-clock time. The stored jiffies are past 2**32 (as on Linux from boot on), the
+    readings only their low 32 bits."""
+    from bpf.drain import Jiffies
+
+    base = (1 << 32) - 5 * hz
+
+    def read() -> int:
+        return (base + int(time.monotonic() * hz)) & 0xFFFFFFFF
+
+    clock = Jiffies(read, seconds=0.1)
+    assert clock.hz == hz
+    now_j = base + int(time.monotonic() * hz)  # 64-bit jiffies, as the program stores them
+    place = clock.placer()
+    t = np.array([now_j, now_j - hz, now_j - 10 * hz], np.uint64)
+    place(t)
+    now_ms = time.time() * 1000
+    tick = 1000 / hz
+    assert abs(t[0] - now_ms) <= tick + 5
+    assert list(np.diff(t.astype(np.int64))) == [-1000, -9000]
