@@ -238,8 +238,8 @@ def test_each_map_call_site_in_the_program_has_one_map():
     src = Path(__file__).resolve().parents[1] / "bpf" / "flow.bpf.c"
     for shared in (True, False):
         flags = ["-DMAP_SIZE=1024", "-w"] + (["-DSHARED_MAP"] if shared else [])
-        b = BPF(src_file=str(src), cflags=flags)
-        for fn in ("cniflow_ingress", "cniflow_egress"):
+        b = BPF(src_file=str(src).encode(), cflags=flags)
+        for fn in (b"cniflow_ingress", b"cniflow_egress"):
             raw = b.dump_func(fn)
             loaded, calls = set(), 0
             for i in range(0, len(raw), 8):
