@@ -19,6 +19,8 @@ import numpy as np
 from agent.records import FLOW_DTYPE, KEY_DTYPE
 from bpf import syscall
 
+log = logging.getLogger(__name__)
+
 VAL_DTYPE = np.dtype(
     [
         ("packets", "<u8"),
@@ -37,9 +39,6 @@ assert VAL_DTYPE.itemsize % 8 == 0  # the kernel pads per-CPU values to 8 octets
 # TC programs run with bottom halves off and finish in microseconds; this is
 # ample for every program that read the old slot to be done with its map.
 GRACE_SECONDS = 0.002
-
-
-log = logging.getLogger(__name__)
 
 HZ_CHOICES = (100, 250, 300, 1000)  # CONFIG_HZ's choices
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -139,7 +138,7 @@ def merge(
     n = len(keys)
     if vals.shape[1] == 1:  # a shared map: one value a key, nothing to fold
         # A record is the key then the value's bytes (the same fields in the same
-        # order): two opaque copies, then the times from ns to ms in place.
+        # order): two opaque copies, then the times from jiffies to ms in place.
         out = np.empty(n, FLOW_DTYPE)
         rows = out.view(_ROW)
         rows["key"] = np.ascontiguousarray(keys).view(_ROW["key"])
