@@ -77,6 +77,10 @@ def _split(text: str) -> list[str]:
     return [p for p in text.replace(",", " ").split() if p]
 
 
+def _cidrs(text: str) -> list[str]:
+    return [str(ipaddress.ip_network(p, strict=False)) for p in _split(text)]
+
+
 def _transport():
     return field(default="udp", metadata={"parse": _choice("udp", "tcp", "tls"),
                                           "help": "udp, tcp, or tls (TCP with TLS)"})
@@ -213,6 +217,30 @@ class Config:
     tc_priority: int = field(
         default=1,
         metadata={"parse": _ranged(1, 0xFFFF), "help": "tc filter priority of cniflow's filters"},
+    )
+    attach: str = field(
+        default="auto",
+        metadata={"parse": _choice("auto", "tcx", "tc"), "help":
+                  "tcx (BPF links at the head of the TCX chain, before a CNI's programs), tc "
+                  "(clsact + cls_bpf), or auto: tcx where the kernel has it (6.6+)"},
+    )
+    dedup: bool = field(
+        default=True,
+        metadata={"parse": _bool, "help":
+                  "a packet between two metered interfaces of this node is counted once, at "
+                  "the sender's; off: at every metered interface it crosses"},
+    )
+    cluster_cidr: list[str] = field(
+        default_factory=list,
+        metadata={"parse": _cidrs, "many": True, "help":
+                  "the cluster's pod address ranges (repeatable or comma-separated): the other "
+                  "end of a flow in them is inter-node (flowType 2), outside them external"},
+    )
+    cilium_endpoints: str = field(
+        default="/sys/fs/bpf/tc/globals/cilium_lxc",
+        metadata={"parse": str, "help":
+                  "Cilium's pinned endpoint map, read to find pods' lxc interfaces where Cilium "
+                  "installs no per-pod routes"},
     )
     dataplane: str = field(
         default="auto",

@@ -42,9 +42,29 @@ class Metrics:
         self.map_size = Gauge("cniflow_map_size", "Capacity of the kernel flow map", registry=r)
         self.map_failed_inserts = Counter(
             "cniflow_map_failed_inserts",
-            "Packets not counted because the kernel flow map was full",
+            "Packets the kernel flow map had no room for (counted in overflow records)",
             registry=r,
         )
+        self.packets_lost = Counter(
+            "cniflow_packets_lost",
+            "Packets neither the flow map nor the overflow map had room for (counted only here)",
+            registry=r)
+        self.packets_deduplicated = Counter(
+            "cniflow_packets_deduplicated",
+            "Packets not counted again at a metered interface's egress: counted at the "
+            "metered sender's ingress", registry=r)
+        self.overflow_packets = Counter(
+            "cniflow_overflow_packets", "Packets in overflow records (addresses unknown)",
+            ["interface", "direction"], registry=r)
+        self.overflow_bytes = Counter(
+            "cniflow_overflow_bytes", "Octets in overflow records (addresses unknown)",
+            ["interface", "direction"], registry=r)
+        self.early_drains = Counter(
+            "cniflow_early_drains", "Drains before the poll interval because the map filled",
+            registry=r)
+        self.interfaces_not_metered = Gauge(
+            "cniflow_interfaces_not_metered",
+            "Wanted interfaces cniflow cannot meter, by reason (netkit)", ["reason"], registry=r)
         self.packets_not_ip = Counter(
             "cniflow_packets_not_ip", "Frames that are not IPv4 or IPv6, passed on", registry=r
         )
@@ -109,6 +129,7 @@ class Metrics:
             registry=r)
         self._pod_series: set[tuple[str, str]] = set()
         self._kernel_seen: dict[str, int] = {}
+        self._overflow_series: set[str] = set()
 
     def kernel_stats(self, stats: dict[str, int]) -> None:
         """Turn the program's running totals into counter increments."""
@@ -116,6 +137,8 @@ class Metrics:
             ("map_full", self.map_failed_inserts),
             ("not_ip", self.packets_not_ip),
             ("malformed", self.packets_malformed),
+            ("lost", self.packets_lost),
+            ("dedup", self.packets_deduplicated),
         ):
             value = stats.get(name, 0)
             delta = value - self._kernel_seen.get(name, 0)
@@ -149,6 +172,26 @@ class Metrics:
                     except KeyError:
                         pass
         self._pod_series &= live
+
+    def overflow(self, batch: np.ndarray, names: Mapping[int, str]) -> None:
+        """Per-interface overflow counters from a drained batch's overflow entries; the
+        series of interfaces no longer metered go."""
+        over = batch[batch["key"]["overflow"] == 1] if len(batch) else batch
+        for r in over.tolist() if len(over) else []:
+            key, packets, octets = r[0], r[1], r[2]
+            name = names.get(key[0], str(key[0]))
+            direction = "in" if key[1] == 0 else "out"
+            self.overflow_packets.labels(name, direction).inc(packets)
+            self.overflow_bytes.labels(name, direction).inc(octets)
+            self._overflow_series.add(name)
+        for name in self._overflow_series - set(names.values()):
+            for direction in ("in", "out"):
+                for metric in (self.overflow_packets, self.overflow_bytes):
+                    try:
+                        metric.remove(name, direction)
+                    except KeyError:
+                        pass
+        self._overflow_series &= set(names.values())
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

@@ -157,21 +157,28 @@ class Agent:
             if not self.cluster.wait_synced(10):
                 log.warning("API server not reached yet: metering what is known, retrying")
         try:
+            next_reconcile = 0.0
             while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    self.reconcile()
-                    self.poll()
-                except Exception:  # one bad poll must not stop metering for the node
-                    self.metrics.poll_errors.inc()
-                    log.exception("poll failed")
+                # Reconcile on the clock; drain on the clock or as soon as the map fills. A
+                # failure in one never skips the other: metering goes on for the node.
+                if time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + self.cfg.poll_interval
+                    self._guarded(self.reconcile, "reconcile failed")
+                self._guarded(self.poll, "poll failed")
                 if self.dataplane.restart_needed:  # e.g. VPP came back as another release
                     log.error(self.dataplane.restart_needed)
                     self.exit_code = 3
                     break
-                stop.wait(max(0.0, self.cfg.poll_interval - (time.monotonic() - started)))
+                self.dataplane.wait(stop, max(0.0, next_reconcile - time.monotonic()))
         finally:
             self.shutdown()
+
+    def _guarded(self, step, what: str) -> None:
+        try:
+            step()
+        except Exception:
+            self.metrics.poll_errors.inc()
+            log.exception(what)
 
     def shutdown(self) -> None:
         """Export what is pending (flowEndReason 4), then remove exactly what the

@@ -16,7 +16,7 @@ KEY_DTYPE = np.dtype(
         ("direction", "u1"),  # 0: ingress of the interface, 1: egress
         ("ip_version", "u1"),
         ("proto", "u1"),
-        ("pad0", "u1"),
+        ("overflow", "u1"),  # 1: an interface's total of packets the map had no room for
         ("src", "u1", (16,)),  # IPv4 in the first 4 octets
         ("dst", "u1", (16,)),
         ("sport", "<u2"),

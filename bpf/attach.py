@@ -1,19 +1,28 @@
-"""Attach the classifier to interfaces with pyroute2 (clsact + cls_bpf direct-action).
+"""Attach the classifier to interfaces: TCX links at the head of the chain where the
+kernel has TCX (6.6+), clsact + cls_bpf direct-action elsewhere.
 
-cniflow's filters carry a handle and priority of their own and return
-TC_ACT_UNSPEC, so a CNI's filters on the same hook still run. It removes only
-what it added: its filters always, the clsact qdisc only if it created it and
-nothing else hangs on it any more.
+On TCX a program's verdict other than "next" ends the hook: a CNI that attaches with
+TCX (Cilium does on current kernels) and passes or redirects would hide every packet
+from a cls_bpf filter, which runs after all TCX programs. cniflow's links go to the
+head of the chain and return "next" (TC_ACT_UNSPEC), so the CNI's programs still run,
+after it, on every packet.
+
+cniflow removes only what it added: its links, its filters, the clsact qdisc only if it
+created it and nothing else hangs on it. What an earlier cniflow left (a filter under
+cniflow's handle, a link to a program named cniflow_*) is replaced, never doubled.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from bpf import syscall
 
 log = logging.getLogger(__name__)
 
@@ -21,30 +30,68 @@ HANDLE = 0xCF10
 PARENT_INGRESS = 0xFFFFFFF2  # clsact ffff:fff2
 PARENT_EGRESS = 0xFFFFFFF3  # clsact ffff:fff3
 GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)
+PREFIX = "cniflow_"  # the names cniflow's programs are loaded with
+MODES = ("auto", "tcx", "tc")
 
 
 class AttachError(RuntimeError):
-    """The kernel refused a qdisc or filter on an interface that exists."""
+    """The kernel refused a qdisc, filter or link on an interface that exists."""
 
 
 @dataclass
 class Attachment:
     ifindex: int
     name: str
-    created_clsact: bool
+    created_clsact: bool = False
+    links: list[int] = field(default_factory=list)  # TCX link fds, ingress then egress
+
+
+def choose_mode(mode: str) -> str:
+    """"tcx" or "tc" for --attach auto|tcx|tc; tcx asked of a kernel without it fails."""
+    tcx = syscall.supports(syscall.TCX_INGRESS)
+    if mode == "tcx" and not tcx:
+        raise AttachError("--attach tcx: this kernel has no TCX (Linux 6.6 or later)")
+    return "tcx" if mode == "tcx" or (mode == "auto" and tcx) else "tc"
 
 
 class Attacher:
-    def __init__(self, program, priority: int = 1, ipr: IPRoute | None = None) -> None:
+    def __init__(self, program, mode: str = "auto", priority: int = 1,
+                 ipr: IPRoute | None = None, dedup: bool = True) -> None:
         self.program = program
+        self.mode = choose_mode(mode)
+        self.tcx = syscall.supports(syscall.TCX_INGRESS)  # leftovers to sweep either way
         self.priority = priority
         self.ipr = ipr or IPRoute()
+        self.dedup = dedup
         self.attached: dict[int, Attachment] = {}
+        self.ours = {syscall.prog_id(program.ingress.fd), syscall.prog_id(program.egress.fd)}
+        log.info("attach mode", extra={"mode": self.mode, "tcx": self.tcx})
 
     def attach(self, ifindex: int, name: str) -> Attachment:
-        """Idempotent: a filter of ours left by a crashed run is replaced, not doubled."""
+        """Idempotent: what an earlier cniflow left is replaced, not doubled."""
         if ifindex in self.attached:
             return self.attached[ifindex]
+        self._sweep(ifindex, name)
+        att = self._attach_tcx(ifindex, name) if self.mode == "tcx" else \
+            self._attach_tc(ifindex, name)
+        if self.dedup:  # only once its ingress counts: no packet skipped and not counted
+            self.program.meter(ifindex, True)
+        self.attached[ifindex] = att
+        log.info("attached", extra={"interface": name, "ifindex": ifindex, "mode": self.mode})
+        return att
+
+    def _attach_tcx(self, ifindex: int, name: str) -> Attachment:
+        att = Attachment(ifindex, name)
+        try:
+            for hook, prog in ((syscall.TCX_INGRESS, self.program.ingress),
+                               (syscall.TCX_EGRESS, self.program.egress)):
+                att.links.append(syscall.link_create(prog.fd, ifindex, hook, syscall.F_BEFORE))
+        except OSError as e:
+            self._remove(att)
+            raise AttachError(f"{name}: attaching with TCX failed: {e.strerror}") from e
+        return att
+
+    def _attach_tc(self, ifindex: int, name: str) -> Attachment:
         created = False
         try:
             self.ipr.tc("add", "clsact", ifindex)
@@ -52,57 +99,83 @@ class Attacher:
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise AttachError(f"{name}: adding clsact failed: {e}") from e
+        att = Attachment(ifindex, name, created)
         try:
-            for parent, fn in (
-                (PARENT_INGRESS, self.program.ingress),
-                (PARENT_EGRESS, self.program.egress),
-            ):
-                self.ipr.tc(
-                    "replace-filter",
-                    "bpf",
-                    ifindex,
-                    HANDLE,
-                    fd=fn.fd,
-                    name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
-                    parent=parent,
-                    prio=self.priority,
-                    classid=1,
-                    direct_action=True,
-                )
+            for parent, fn in ((PARENT_INGRESS, self.program.ingress),
+                               (PARENT_EGRESS, self.program.egress)):
+                self.ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fn.fd, name=fn.name,
+                            parent=parent, prio=self.priority, classid=1, direct_action=True)
         except NetlinkError as e:
-            att = Attachment(ifindex, name, created)
             self._remove(att)
             raise AttachError(f"{name}: adding the bpf filter failed: {e}") from e
-        att = Attachment(ifindex, name, created)
-        self.attached[ifindex] = att
-        log.info("attached", extra={"interface": name, "ifindex": ifindex})
         return att
+
+    def _sweep(self, ifindex: int, name: str) -> None:
+        """Remove what an earlier cniflow left on the interface: TCX links to programs
+        named cniflow_* that are not this agent's (kept by a pin, or by a process that
+        has not exited yet), and, when attaching with TCX, the cls_bpf filters under
+        cniflow's handle. Programs of any other name are never touched."""
+        if self.tcx:
+            for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
+                try:
+                    entries = syscall.query(ifindex, hook)
+                except OSError:
+                    return
+                for prog_id, link_id in entries:
+                    if prog_id in self.ours or not link_id:
+                        continue
+                    try:
+                        if not syscall.prog_name(prog_id).startswith(PREFIX):
+                            continue
+                        fd = syscall.link_fd(link_id)
+                        try:
+                            syscall.link_detach(fd)
+                        finally:
+                            os.close(fd)
+                        log.info("replaced an earlier cniflow's link",
+                                 extra={"interface": name, "link_id": link_id})
+                    except OSError as e:  # gone meanwhile
+                        log.debug("sweep", extra={"interface": name, "err": str(e)})
+        if self.mode == "tcx":
+            self._delete_filters(ifindex, name, quiet=True)
 
     def detach(self, ifindex: int) -> None:
         att = self.attached.pop(ifindex, None)
         if att is not None:
+            self._unmeter(ifindex)
             self._remove(att)
             log.info("detached", extra={"interface": att.name, "ifindex": ifindex})
 
     def forget(self, ifindex: int) -> None:
-        """The interface vanished: the kernel took our filters with it."""
-        self.attached.pop(ifindex, None)
+        """The interface vanished: the kernel took our filters and links with it."""
+        att = self.attached.pop(ifindex, None)
+        if att is not None:
+            self._unmeter(ifindex)  # the index may come back as another interface
+            for fd in att.links:
+                os.close(fd)
 
     def detach_all(self) -> None:
         for ifindex in list(self.attached):
             self.detach(ifindex)
 
+    def _unmeter(self, ifindex: int) -> None:
+        if self.dedup:
+            self.program.meter(ifindex, False)
+
     def _remove(self, att: Attachment) -> None:
-        for parent in (PARENT_INGRESS, PARENT_EGRESS):
-            try:
-                self.ipr.tc(
-                    "del-filter", "bpf", att.ifindex, HANDLE, parent=parent, prio=self.priority
-                )
-            except NetlinkError as e:
-                if e.code not in GONE:
-                    log.warning(
-                        "removing filter failed", extra={"interface": att.name, "err": str(e)}
-                    )
+        if att.links:
+            for fd in att.links:
+                try:
+                    syscall.link_detach(fd)
+                except OSError as e:
+                    if e.errno not in GONE + (errno.ENOLINK,):
+                        log.warning("removing link failed",
+                                    extra={"interface": att.name, "err": str(e)})
+                finally:
+                    os.close(fd)
+            att.links = []
+            return
+        self._delete_filters(att.ifindex, att.name)
         if att.created_clsact and not self._other_filters(att.ifindex):
             try:
                 self.ipr.tc("del", "clsact", att.ifindex)
@@ -111,6 +184,18 @@ class Attacher:
                     log.warning(
                         "removing clsact failed", extra={"interface": att.name, "err": str(e)}
                     )
+
+    def _delete_filters(self, ifindex: int, name: str, quiet: bool = False) -> None:
+        for parent in (PARENT_INGRESS, PARENT_EGRESS):
+            try:
+                self.ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=parent,
+                            prio=self.priority)
+                if quiet:
+                    log.info("removed an earlier cniflow's filter", extra={"interface": name})
+            except NetlinkError as e:
+                if e.code not in GONE and not quiet:
+                    log.warning("removing filter failed", extra={"interface": name,
+                                                                 "err": str(e)})
 
     def _other_filters(self, ifindex: int) -> bool:
         try:

@@ -16,7 +16,15 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("flow.bpf.c")
 PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_jiffies")
-MAPS = ("flows_a", "flows_b", "slot", "stats")
+MAPS = ("flows_a", "flows_b", "overflow_a", "overflow_b", "slot", "stats", "fill", "metered")
+# Overflow entries: one per interface, direction and IP version; metered interfaces.
+OVERFLOW_SIZE = 16384
+METERED_SIZE = 8192
+
+
+def cflags(map_size: int, shared: bool) -> list[str]:
+    return [f"-DMAP_SIZE={map_size}", f"-DOVERFLOW_SIZE={OVERFLOW_SIZE}",
+            f"-DMETERED_SIZE={METERED_SIZE}", "-w"] + (["-DSHARED_MAP"] if shared else [])
 
 
 def main() -> int:
@@ -26,8 +34,7 @@ def main() -> int:
     try:
         from bcc import BPF
 
-        flags = [f"-DMAP_SIZE={map_size}", "-w"] + (["-DSHARED_MAP"] if shared else [])
-        b = BPF(src_file=str(SOURCE), cflags=flags)
+        b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared))
         progs = [b.load_func(name, BPF.SCHED_CLS) for name in PROGRAMS]
         fds = [p.fd for p in progs] + [b[name].map_fd for name in MAPS]
         names = list(PROGRAMS) + list(MAPS)

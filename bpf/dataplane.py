@@ -4,17 +4,22 @@ the wanted ones, and the kernel map drained once per poll."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
-from agent.config import Config
-from agent.interfaces import links
+from agent.config import Config, ConfigError
+from agent.interfaces import driver, links
 from agent.metrics import Metrics
-from bpf.attach import Attacher
+from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
 from bpf.program import FlowProgram
 
 log = logging.getLogger(__name__)
+
+# How often the active map's fill level is read (one bpf(2) call): at 500,000 new flows a
+# second, 10,000 flows arrive between two readings, far below the half map left.
+FILL_CHECK_SECONDS = 0.02
 
 
 class EbpfDataplane:
@@ -26,8 +31,14 @@ class EbpfDataplane:
         self.metrics, self.ipr = metrics, ipr
         self.program = FlowProgram(cfg.map_size)
         self.drainer = BatchDrain(self.program)
-        self.attacher = Attacher(self.program, cfg.tc_priority, ipr)
+        try:
+            self.attacher = Attacher(self.program, cfg.attach, cfg.tc_priority, ipr, cfg.dedup)
+        except AttachError as e:
+            self.program.close()
+            raise ConfigError(str(e)) from None
         self.failed: set[int] = set()
+        self.netkit: set[int] = set()  # wanted, but netkit devices: not metered (logged once)
+        self.wake_at = cfg.map_size // 2  # drain early once the active map is half full
         metrics.map_size.set(cfg.map_size)
 
     @property
@@ -47,7 +58,15 @@ class EbpfDataplane:
             elif ifindex not in want:
                 self.attacher.detach(ifindex)
         for ifindex, name in want.items():
-            if ifindex in self.attacher.attached or ifindex in self.failed:
+            if ifindex in self.attacher.attached or ifindex in self.failed or \
+                    ifindex in self.netkit:
+                continue
+            if driver(ifindex) == "netkit":
+                # netkit runs its own program chain in place of TC on the pod's traffic, and
+                # a CNI's netkit program that redirects hides it from TC: not metered.
+                self.netkit.add(ifindex)
+                log.warning("netkit device: not metered (cniflow attaches to TC hooks, which "
+                            "a netkit CNI's programs bypass)", extra={"interface": name})
                 continue
             try:
                 self.attacher.attach(ifindex, name)
@@ -56,12 +75,27 @@ class EbpfDataplane:
                 self.metrics.attach_failures.inc()
                 log.warning("attach failed", extra={"interface": name, "err": str(e)})
         self.failed &= set(present)
+        self.netkit &= set(want)
+        self.metrics.interfaces_not_metered.labels("netkit").set(len(self.netkit))
         self.metrics.interfaces_attached.set(len(self.attacher.attached))
+
+    def wait(self, stop, seconds: float) -> bool:
+        """Sleep until the next poll, or less: True as soon as the map the program writes
+        is half full (a flood of new flows drains early, before inserts fail)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if stop.wait(min(left, FILL_CHECK_SECONDS)):
+                return False
+            if self.drainer.fill() >= self.wake_at:
+                self.metrics.early_drains.inc()
+                return True
+        return False
 
     def drain(self) -> np.ndarray:
         batch = self.drainer.drain()
         self.metrics.map_entries.set(len(batch))
         self.metrics.kernel_stats(self.program.stats())
+        self.metrics.overflow(batch, {i: a.name for i, a in self.attacher.attached.items()})
         return batch
 
     def detach_all(self) -> None:

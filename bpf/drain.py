@@ -98,23 +98,37 @@ class BatchDrain:
         self.capacity = program.map_size
         self.ncpu = ncpu or program.value_copies
         self.fds = list(program.flow_map_fds)
+        self.overflow_fds = list(program.overflow_map_fds)
+        self.overflow_capacity = program.overflow_size
         self.keys = np.zeros(self.capacity, KEY_DTYPE)
         self.vals = np.zeros((self.capacity, self.ncpu), VAL_DTYPE)
+        # Overflow entries are few (one per interface, direction and IP version) and
+        # always in a shared map: their own small buffers.
+        self.overflow_keys = np.zeros(self.overflow_capacity, KEY_DTYPE)
+        self.overflow_vals = np.zeros((self.overflow_capacity, 1), VAL_DTYPE)
+        self.overflowed = 0  # entries of the last drain's overflow map
         self.active = 0
         program.set_slot(self.active)
         self.clock = Jiffies(program.jiffies)
 
+    def fill(self) -> int:
+        """New flows in the map the program writes now (drain early when it fills)."""
+        return self.program.fill(self.active)
+
     def drain_raw(self) -> int:
-        """Flip and empty the idle map into self.keys / self.vals; return the count."""
+        """Flip and empty the idle map into self.keys / self.vals and its overflow map
+        into self.overflow_keys / _vals (count in self.overflowed); return the count."""
         idle = self.active
         self.active ^= 1
         self.program.set_slot(self.active)
         time.sleep(GRACE_SECONDS)
-        return self._lookup_and_delete(self.fds[idle])
-
-    def _lookup_and_delete(self, fd: int) -> int:
+        self.program.reset_fill(idle)
+        self.overflowed = syscall.lookup_and_delete_batch(
+            self.overflow_fds[idle], self.overflow_keys.ctypes.data,
+            self.overflow_vals.ctypes.data, KEY_DTYPE.itemsize, VAL_DTYPE.itemsize,
+            self.overflow_capacity)
         return syscall.lookup_and_delete_batch(
-            fd,
+            self.fds[idle],
             self.keys.ctypes.data,
             self.vals.ctypes.data,
             KEY_DTYPE.itemsize,
@@ -123,9 +137,16 @@ class BatchDrain:
         )
 
     def drain(self) -> np.ndarray:
-        """Empty the kernel map and return its flows as a FLOW_DTYPE batch."""
+        """Empty the kernel maps and return their flows as a FLOW_DTYPE batch, the
+        overflow entries (key.overflow 1) last."""
         n = self.drain_raw()
-        return merge(self.keys[:n], self.vals[:n], self.clock.placer())
+        place = self.clock.placer()
+        flows = merge(self.keys[:n], self.vals[:n], place)
+        if not self.overflowed:
+            return flows
+        m = self.overflowed
+        return np.concatenate([flows, merge(self.overflow_keys[:m], self.overflow_vals[:m],
+                                            place)])
 
 
 def merge(

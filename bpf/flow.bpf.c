@@ -9,7 +9,8 @@
 // program writes into a map while it is drained, so no count is ever lost to
 // the race between the kernel's copy and delete.
 //
-// Compile-time parameters (cflags): MAP_SIZE; SHARED_MAP for one hash shared by all
+// Compile-time parameters (cflags): MAP_SIZE, OVERFLOW_SIZE, METERED_SIZE (entries of
+// the flow, overflow and metered-interface maps); SHARED_MAP for one hash shared by all
 // CPUs (the default the loader asks for): packets and octets are added atomically,
 // TCP flags, TTL range and TOS are last-writer-wins when two CPUs update one flow at
 // the same instant. Without it, a per-CPU hash: no atomics, user space folds values.
@@ -35,10 +36,12 @@
 #define NEXTHDR_DEST 60
 
 enum stat_index {
-    STAT_MAP_FULL = 0,    // inserts refused: the map holds MAP_SIZE flows
+    STAT_MAP_FULL = 0,    // packets the flow map had no room for: in overflow records instead
     STAT_NOT_IP = 1,      // frames that are not IPv4 or IPv6: passed on, not counted
     STAT_MALFORMED = 2,   // truncated or invalid IP headers: passed on, not counted
-    STAT_MAX = 3,
+    STAT_LOST = 3,        // no room in the overflow map either: counted here only
+    STAT_DEDUP = 4,       // egress packets already counted at a metered sender's ingress
+    STAT_MAX = 5,
 };
 
 struct flow_key {
@@ -46,7 +49,7 @@ struct flow_key {
     u8 direction;   // 0: TC ingress of the interface, 1: TC egress
     u8 ip_version;  // 4 or 6
     u8 proto;
-    u8 pad0;
+    u8 overflow;    // 1: the per-interface total of packets the flow map had no room for
     u8 src[16];     // IPv4 uses the first 4 octets
     u8 dst[16];
     u16 sport;      // host order; 0 without ports
@@ -86,8 +89,19 @@ BPF_HASH(flows_b, struct flow_key, struct flow_val, MAP_SIZE);
 BPF_PERCPU_HASH(flows_a, struct flow_key, struct flow_val, MAP_SIZE);
 BPF_PERCPU_HASH(flows_b, struct flow_key, struct flow_val, MAP_SIZE);
 #endif
+// When a flow map is full, a packet is still counted: in its interface's, direction's
+// and IP version's overflow entry (addresses unknown, counts exact). Shared, atomic.
+BPF_HASH(overflow_a, struct flow_key, struct flow_val, OVERFLOW_SIZE);
+BPF_HASH(overflow_b, struct flow_key, struct flow_val, OVERFLOW_SIZE);
 BPF_ARRAY(slot, u32, 1);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+// New flows inserted into flows_a (0) and flows_b (1) since user space last drained
+// them: user space reads the active one often and drains early when it fills.
+BPF_PERCPU_ARRAY(fill, u64, 2);
+// ifindex -> 1 for every interface cniflow meters, kept by user space. A packet that
+// entered through one of them was counted at that interface's ingress (the sender's
+// side): its egress on another metered interface is not counted again.
+BPF_HASH(metered, u32, u32, METERED_SIZE);
 
 struct pkt {
     u64 now;
@@ -131,6 +145,13 @@ static __always_inline void fold(struct flow_val *v, const struct pkt *p) {
         v->tos = p->tos;
 }
 
+static __always_inline void fold_shared(struct flow_val *v, const struct pkt *p) {
+    __sync_fetch_and_add(&v->packets, 1);
+    __sync_fetch_and_add(&v->octets, p->len);
+    if (v->last != p->now)
+        v->last = p->now;
+}
+
 static __always_inline void start(struct flow_val *v, const struct pkt *p) {
     v->packets = 1;
     v->octets = p->len;
@@ -142,21 +163,28 @@ static __always_inline void start(struct flow_val *v, const struct pkt *p) {
     v->tos = p->tos;
 }
 
-// After inserting a new flow: 1 when done (inserted, or the map is full and that is
-// counted), 0 when another CPU inserted the key first and it must be looked up again.
-static __always_inline int inserted(int err) {
+// After inserting a new flow: 1 when done (inserted, or the map is full and the packet
+// must go to the overflow map), 0 when another CPU inserted the key first and it must be
+// looked up again. *full is set when the map had no room.
+static __always_inline int inserted(int err, int *full, u32 s) {
     if (err == -17 /* EEXIST */)
         return 0;
-    if (err)
-        stat_inc(STAT_MAP_FULL);
+    if (err) {
+        *full = 1;
+    } else {
+        u64 *c = fill.lookup(&s);
+        if (c)
+            *c += 1;
+    }
     return 1;
 }
 
-static __always_inline void fold_or_count(struct flow_val *v, const struct pkt *p) {
-    if (v)
-        fold(v, p);
-    else
-        stat_inc(STAT_MAP_FULL);
+// The overflow entry's key: interface, direction and IP version only.
+static __always_inline void overflow_key(struct flow_key *o, const struct flow_key *k) {
+    o->ifindex = k->ifindex;
+    o->direction = k->direction;
+    o->ip_version = k->ip_version;
+    o->overflow = 1;
 }
 
 // One function per map, not `b ? flows_b.lookup(k) : flows_a.lookup(k)`: LLVM merges
@@ -164,27 +192,72 @@ static __always_inline void fold_or_count(struct flow_val *v, const struct pkt *
 // cannot inline the hash lookup (an indirect call per packet: 16 of the 72 ns the
 // program cost). tests/test_metering.py checks that every map call site has one map.
 static __always_inline void account_a(struct flow_key *key, const struct pkt *p) {
+    int full = 0;
     struct flow_val *v = flows_a.lookup(key);
     if (!v) {
         struct flow_val init = {};  // a new flow: built only now
         start(&init, p);
-        if (inserted(flows_a.insert(key, &init)))
+        if (!inserted(flows_a.insert(key, &init), &full, 0))
+            v = flows_a.lookup(key);
+        else if (!full)
             return;
-        v = flows_a.lookup(key);
     }
-    fold_or_count(v, p);
+    if (v) {
+        fold(v, p);
+        return;
+    }
+    // The flow map is full (or the flow vanished between insert and lookup).
+    stat_inc(STAT_MAP_FULL);
+    struct flow_key o = {};
+    overflow_key(&o, key);
+    v = overflow_a.lookup(&o);
+    if (!v) {
+        struct flow_val init = {};
+        start(&init, p);
+        init.min_ttl = init.max_ttl = init.tos = init.tcp_flags = 0;
+        int err = overflow_a.insert(&o, &init);
+        if (err == 0)
+            return;
+        v = overflow_a.lookup(&o);
+    }
+    if (v)
+        fold_shared(v, p);
+    else
+        stat_inc(STAT_LOST);
 }
 
 static __always_inline void account_b(struct flow_key *key, const struct pkt *p) {
+    int full = 0;
     struct flow_val *v = flows_b.lookup(key);
     if (!v) {
         struct flow_val init = {};
         start(&init, p);
-        if (inserted(flows_b.insert(key, &init)))
+        if (!inserted(flows_b.insert(key, &init), &full, 1))
+            v = flows_b.lookup(key);
+        else if (!full)
             return;
-        v = flows_b.lookup(key);
     }
-    fold_or_count(v, p);
+    if (v) {
+        fold(v, p);
+        return;
+    }
+    stat_inc(STAT_MAP_FULL);
+    struct flow_key o = {};
+    overflow_key(&o, key);
+    v = overflow_b.lookup(&o);
+    if (!v) {
+        struct flow_val init = {};
+        start(&init, p);
+        init.min_ttl = init.max_ttl = init.tos = init.tcp_flags = 0;
+        int err = overflow_b.insert(&o, &init);
+        if (err == 0)
+            return;
+        v = overflow_b.lookup(&o);
+    }
+    if (v)
+        fold_shared(v, p);
+    else
+        stat_inc(STAT_LOST);
 }
 
 static __always_inline void account(struct flow_key *key, const struct pkt *p) {
@@ -196,21 +269,37 @@ static __always_inline void account(struct flow_key *key, const struct pkt *p) {
         account_a(key, p);
 }
 
-static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
+// What parse() made of a frame.
+enum verdict {
+    PARSED = 0,     // key and packet filled in
+    NOT_IP = 1,     // counted in STAT_NOT_IP
+    MALFORMED = 2,  // counted in STAT_MALFORMED
+    SHORT = 3,      // a header lies beyond the linear part, in paged fragments
+};
+
+// Bytes made linear on the slow path: Ethernet, two VLAN tags, IPv4 with options and a
+// TCP header, or IPv6 with a few extension headers. A deeper chain keeps its ports unread.
+#define PULL_LEN 256
+
+// A header that does not fit in the linear data is SHORT when the skb holds more (an
+// AF_PACKET TX ring frame keeps only the Ethernet header linear), else truncated.
+#define NEED(ptr, n, bad) \
+    if ((void *)(ptr) + (n) > end) \
+        return paged ? SHORT : (bad)
+
+// Parses with direct packet access. Inlined twice: once on the frame as it comes, and
+// once more after bpf_skb_pull_data() only when the first pass found it SHORT.
+static __always_inline int parse(struct __sk_buff *skb, struct flow_key *key, struct pkt *p) {
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
-    struct flow_key key = {};
-    struct pkt p = {};
+    int paged = skb->len > (u32)(end - data);
     u32 off = sizeof(struct ethhdr);
     u16 l3proto;
     u8 proto;
     int nonfirst = 0;
 
     struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > end) {
-        stat_inc(STAT_NOT_IP);
-        return TC_ACT_UNSPEC;
-    }
+    NEED(eth, sizeof(*eth), NOT_IP);
     l3proto = eth->h_proto;
     // 802.1ad outer and 802.1Q inner tags (an offloaded tag is not in the data).
 #pragma unroll
@@ -218,10 +307,7 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
         if (l3proto != bpf_htons(ETH_P_8021Q_) && l3proto != bpf_htons(ETH_P_8021AD_))
             break;
         __be16 *inner = data + off + 2;
-        if ((void *)(inner + 1) > end) {
-            stat_inc(STAT_NOT_IP);
-            return TC_ACT_UNSPEC;
-        }
+        NEED(inner, sizeof(*inner), NOT_IP);
         l3proto = *inner;
         off += 4;
     }
@@ -230,31 +316,29 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
     u32 iplen;
     if (l3proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = data + off;
-        if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5) {
-            stat_inc(STAT_MALFORMED);
-            return TC_ACT_UNSPEC;
-        }
-        key.ip_version = 4;
-        __builtin_memcpy(key.src, &ip->saddr, 4);
-        __builtin_memcpy(key.dst, &ip->daddr, 4);
+        NEED(ip, sizeof(*ip), MALFORMED);
+        if (ip->version != 4 || ip->ihl < 5)
+            return MALFORMED;
+        key->ip_version = 4;
+        __builtin_memcpy(key->src, &ip->saddr, 4);
+        __builtin_memcpy(key->dst, &ip->daddr, 4);
         proto = ip->protocol;
-        p.ttl = ip->ttl;
-        p.tos = ip->tos;
+        p->ttl = ip->ttl;
+        p->tos = ip->tos;
         iplen = bpf_ntohs(ip->tot_len);
         nonfirst = (bpf_ntohs(ip->frag_off) & 0x1FFF) != 0;
         off += ip->ihl * 4;
     } else if (l3proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = data + off;
-        if ((void *)(ip6 + 1) > end || ip6->version != 6) {
-            stat_inc(STAT_MALFORMED);
-            return TC_ACT_UNSPEC;
-        }
-        key.ip_version = 6;
-        __builtin_memcpy(key.src, &ip6->saddr, 16);
-        __builtin_memcpy(key.dst, &ip6->daddr, 16);
+        NEED(ip6, sizeof(*ip6), MALFORMED);
+        if (ip6->version != 6)
+            return MALFORMED;
+        key->ip_version = 6;
+        __builtin_memcpy(key->src, &ip6->saddr, 16);
+        __builtin_memcpy(key->dst, &ip6->daddr, 16);
         proto = ip6->nexthdr;
-        p.ttl = ip6->hop_limit;
-        p.tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
+        p->ttl = ip6->hop_limit;
+        p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
         iplen = bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr);
         off += sizeof(struct ipv6hdr);
 #pragma unroll
@@ -265,12 +349,18 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
             if (off > MAX_L4_OFFSET)
                 break;
             struct ext_hdr_ *x = data + off;
-            if ((void *)(x + 1) > end)
+            if ((void *)(x + 1) > end) {
+                if (paged && off + sizeof(*x) <= PULL_LEN)
+                    return SHORT;
                 break;
+            }
             if (proto == NEXTHDR_FRAGMENT) {
                 struct frag_hdr_ *f = data + off;
-                if ((void *)(f + 1) > end)
+                if ((void *)(f + 1) > end) {
+                    if (paged && off + sizeof(*f) <= PULL_LEN)
+                        return SHORT;
                     break;
+                }
                 nonfirst = (bpf_ntohs(f->frag_off) & 0xFFF8) != 0;
                 off += sizeof(struct frag_hdr_);
             } else if (proto == NEXTHDR_AUTH) {
@@ -283,43 +373,78 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
                 break;
         }
     } else {
-        stat_inc(STAT_NOT_IP);
-        return TC_ACT_UNSPEC;
+        return NOT_IP;
     }
 
     // A lying or zero length (BIG TCP) falls back to what the skb holds.
     u32 have = skb->len > l3off ? skb->len - l3off : 0;
-    p.len = (iplen == 0 || iplen > have) ? have : iplen;
-    key.proto = proto;
-    key.ifindex = skb->ifindex;
-    key.direction = direction;
+    p->len = (iplen == 0 || iplen > have) ? have : iplen;
+    key->proto = proto;
 
     if (!nonfirst && off <= MAX_L4_OFFSET) {
         u8 *l4 = data + off;
+        // Ports beyond the linear part are pulled in when they are within reach.
+        int reach = paged && off + 14 <= PULL_LEN;
         if (proto == IPPROTO_TCP) {
             if ((void *)(l4 + 14) <= end) {
-                key.sport = (l4[0] << 8) | l4[1];
-                key.dport = (l4[2] << 8) | l4[3];
-                p.flags = l4[13] | ((l4[12] & 1) << 8);
+                key->sport = (l4[0] << 8) | l4[1];
+                key->dport = (l4[2] << 8) | l4[3];
+                p->flags = l4[13] | ((l4[12] & 1) << 8);
+            } else if (reach) {
+                return SHORT;
             }
         } else if (proto == IPPROTO_UDP || proto == IPPROTO_SCTP || proto == IPPROTO_UDPLITE) {
             if ((void *)(l4 + 4) <= end) {
-                key.sport = (l4[0] << 8) | l4[1];
-                key.dport = (l4[2] << 8) | l4[3];
+                key->sport = (l4[0] << 8) | l4[1];
+                key->dport = (l4[2] << 8) | l4[3];
+            } else if (reach) {
+                return SHORT;
             }
         } else if (proto == IPPROTO_ICMP || proto == 58 /* ICMPv6 */) {
             if ((void *)(l4 + 2) <= end)
-                key.dport = (l4[0] << 8) | l4[1];
+                key->dport = (l4[0] << 8) | l4[1];
+            else if (reach)
+                return SHORT;
         }
     }
+    return PARSED;
+}
 
+static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
+    struct flow_key key = {};
+    struct pkt p = {};
+    int v = parse(skb, &key, &p);
+    if (v == SHORT) {
+        // The slow path: headers in paged fragments (AF_PACKET TX rings, some GSO/GRO
+        // layouts). Pull them into the linear part and parse again from the start.
+        u32 len = skb->len < PULL_LEN ? skb->len : PULL_LEN;
+        __builtin_memset(&key, 0, sizeof(key));
+        __builtin_memset(&p, 0, sizeof(p));
+        v = bpf_skb_pull_data(skb, len) ? MALFORMED : parse(skb, &key, &p);
+        if (v == SHORT)  // still short after the pull: the frame itself is cut short
+            v = MALFORMED;
+    }
+    if (v != PARSED) {
+        stat_inc(v == NOT_IP ? STAT_NOT_IP : STAT_MALFORMED);
+        return TC_ACT_UNSPEC;
+    }
+    key.ifindex = skb->ifindex;
+    key.direction = direction;
     p.now = bpf_jiffies64();  // 2 ns; bpf_ktime_get_coarse_ns() costs 15
     account(&key, &p);
     return TC_ACT_UNSPEC;
 }
 
 int cniflow_ingress(struct __sk_buff *skb) { return classify(skb, 0); }
-int cniflow_egress(struct __sk_buff *skb) { return classify(skb, 1); }
+int cniflow_egress(struct __sk_buff *skb) {
+    // Entered through a metered interface: counted there, on the sender's side.
+    u32 from = skb->ingress_ifindex;
+    if (from && metered.lookup(&from)) {
+        stat_inc(STAT_DEDUP);
+        return TC_ACT_UNSPEC;
+    }
+    return classify(skb, 1);
+}
 
 // Run by user space (BPF_PROG_TEST_RUN) to read the jiffies the flow times are in.
 int cniflow_jiffies(struct __sk_buff *skb) { return (u32)bpf_jiffies64(); }

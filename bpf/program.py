@@ -16,11 +16,12 @@ import sys
 from typing import NamedTuple
 
 from bpf import syscall
+from bpf.compile import OVERFLOW_SIZE
 
 log = logging.getLogger(__name__)
 
 # enum stat_index in flow.bpf.c
-STAT_NAMES = ("map_full", "not_ip", "malformed")
+STAT_NAMES = ("map_full", "not_ip", "malformed", "lost", "dedup")
 
 
 class LoadError(RuntimeError):
@@ -46,7 +47,10 @@ class FlowProgram:
         self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
         self._jiffies = fds["cniflow_jiffies"]
         self.flow_map_fds = (fds["flows_a"], fds["flows_b"])
-        self._slot, self._stats = fds["slot"], fds["stats"]
+        self.overflow_map_fds = (fds["overflow_a"], fds["overflow_b"])
+        self.overflow_size = OVERFLOW_SIZE
+        self._slot, self._stats, self._fill = fds["slot"], fds["stats"], fds["fill"]
+        self._metered = fds["metered"]
         self._fds = list(fds.values())
         log.info("program loaded", extra={"map_size": map_size})
 
@@ -75,6 +79,23 @@ class FlowProgram:
     def set_slot(self, value: int) -> None:
         """Point the program at flows_a (0) or flows_b (1)."""
         syscall.update(self._slot, struct.pack("<I", 0), struct.pack("<I", value))
+
+    def fill(self, slot: int) -> int:
+        """New flows inserted into a flow map since it was last drained."""
+        raw = syscall.lookup(self._fill, struct.pack("<I", slot), 8 * self.ncpu)
+        return sum(struct.unpack(f"<{self.ncpu}Q", raw))
+
+    def reset_fill(self, slot: int) -> None:
+        syscall.update(self._fill, struct.pack("<I", slot), bytes(8 * self.ncpu))
+
+    def meter(self, ifindex: int, on: bool) -> None:
+        """Tell the program an interface is metered (its senders' packets are counted at
+        its ingress, so not again at another metered interface's egress), or no longer."""
+        key = struct.pack("<I", ifindex)
+        if on:
+            syscall.update(self._metered, key, struct.pack("<I", 1))
+        else:
+            syscall.delete(self._metered, key)
 
     def jiffies(self) -> int:
         """The kernel's jiffies now (low 32 bits), the clock of the flow times."""

@@ -135,3 +135,145 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         count += int(hi or lo) - int(lo) + 1
     return count
+
+
+# TCX (kernel 6.6+): programs attached through BPF links, in an ordered chain per hook.
+PROG_GET_FD_BY_ID = 13
+OBJ_GET_INFO_BY_FD = 15
+PROG_QUERY = 16
+LINK_CREATE = 28
+LINK_GET_FD_BY_ID = 30
+LINK_DETACH = 34
+OBJ_GET = 7
+MAP_LOOKUP_BATCH = 24
+MAP_DELETE_ELEM = 3
+
+TCX_INGRESS = 46
+TCX_EGRESS = 47
+NETKIT_PRIMARY = 54
+NETKIT_PEER = 55
+F_BEFORE = 1 << 3  # with no relative program or link: the head of the chain
+
+
+class _LinkCreate(ct.Structure):
+    _fields_ = [
+        ("prog_fd", ct.c_uint32),
+        ("target_ifindex", ct.c_uint32),
+        ("attach_type", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("relative_fd", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("expected_revision", ct.c_uint64),
+    ]
+
+
+class _Query(ct.Structure):
+    _fields_ = [
+        ("target_ifindex", ct.c_uint32),
+        ("attach_type", ct.c_uint32),
+        ("query_flags", ct.c_uint32),
+        ("attach_flags", ct.c_uint32),
+        ("prog_ids", ct.c_uint64),
+        ("count", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("prog_attach_flags", ct.c_uint64),
+        ("link_ids", ct.c_uint64),
+        ("link_attach_flags", ct.c_uint64),
+        ("revision", ct.c_uint64),
+    ]
+
+
+class _GetById(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
+
+
+class _Info(ct.Structure):
+    _fields_ = [("fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
+
+
+class _ObjGet(ct.Structure):
+    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32)]
+
+
+def link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = F_BEFORE) -> int:
+    """Attach a program to a TCX (or netkit) hook through a new BPF link; returns the
+    link's fd. The link lives as long as the fd (or a pin) does."""
+    attr = _LinkCreate(prog_fd, ifindex, attach_type, flags, 0, 0, 0)
+    return _check(_bpf(LINK_CREATE, attr), "BPF_LINK_CREATE")
+
+
+def link_detach(link_fd: int) -> None:
+    _check(_bpf(LINK_DETACH, ct.c_uint32(link_fd)), "BPF_LINK_DETACH")
+
+
+def query(ifindex: int, attach_type: int) -> list[tuple[int, int]]:
+    """(program id, link id) of every program on a TCX or netkit hook, in run order."""
+    ids = (ct.c_uint32 * 64)()
+    links = (ct.c_uint32 * 64)()
+    attr = _Query(ifindex, attach_type, 0, 0, ct.addressof(ids), 64, 0, 0, ct.addressof(links))
+    _check(_bpf(PROG_QUERY, attr), "BPF_PROG_QUERY")
+    return [(ids[i], links[i]) for i in range(min(attr.count, 64))]
+
+
+def supports(attach_type: int) -> bool:
+    """Whether the kernel knows this hook (TCX: 6.6 and later), asked of loopback."""
+    try:
+        query(1, attach_type)
+        return True
+    except OSError:
+        return False
+
+
+def _fd_by_id(cmd: int, obj_id: int) -> int:
+    return _check(_bpf(cmd, _GetById(obj_id, 0, 0)), "get fd by id")
+
+
+def link_fd(link_id: int) -> int:
+    return _fd_by_id(LINK_GET_FD_BY_ID, link_id)
+
+
+def prog_name(prog_id: int) -> str:
+    """The name a program was loaded with (at most 15 characters)."""
+    fd = _fd_by_id(PROG_GET_FD_BY_ID, prog_id)
+    try:
+        info = ct.create_string_buffer(256)
+        _check(_bpf(OBJ_GET_INFO_BY_FD, _Info(fd, 256, ct.addressof(info))), "prog info")
+        return info.raw[64:80].split(b"\0")[0].decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def prog_id(fd: int) -> int:
+    info = ct.create_string_buffer(256)
+    _check(_bpf(OBJ_GET_INFO_BY_FD, _Info(fd, 256, ct.addressof(info))), "prog info")
+    return int.from_bytes(info.raw[4:8], "little")
+
+
+def obj_get(path: str) -> int:
+    """The fd of a pinned map, program or link."""
+    p = ct.create_string_buffer(path.encode())
+    return _check(_bpf(OBJ_GET, _ObjGet(ct.addressof(p), 0, 0)), f"BPF_OBJ_GET {path}")
+
+
+def delete(fd: int, key: bytes) -> bool:
+    k = ct.create_string_buffer(key, len(key))
+    return _bpf(MAP_DELETE_ELEM, _Elem(fd, 0, ct.addressof(k), 0, 0)) == 0
+
+
+def lookup_batch(fd: int, key_size: int, value_size: int,
+                 capacity: int) -> list[tuple[bytes, bytes]]:
+    """Every entry of a hash map, read (not deleted) in batches."""
+    keys = ct.create_string_buffer(key_size * capacity)
+    vals = ct.create_string_buffer(value_size * capacity)
+    token = ct.c_uint32(0)
+    out, first = [], True
+    while True:
+        attr = _Batch(0 if first else ct.addressof(token), ct.addressof(token),
+                      ct.addressof(keys), ct.addressof(vals), capacity, fd, 0, 0)
+        ret = _bpf(MAP_LOOKUP_BATCH, attr)
+        out += [(keys.raw[i * key_size:(i + 1) * key_size],
+                 vals.raw[i * value_size:(i + 1) * value_size]) for i in range(attr.count)]
+        first = False
+        if ret == -errno.ENOENT:
+            return out
+        _check(ret, "BPF_MAP_LOOKUP_BATCH")

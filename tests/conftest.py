@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,9 +54,30 @@ def node():
         netlab.down(prefix)
 
 
+def tcx_programs(netns: str, ifname: str, parent: str = "ingress") -> list[str]:
+    """Names of the programs on an interface's TCX hook, in the order they run."""
+    from fakeapi import in_netns
+
+    from bpf import syscall
+
+    hook = syscall.TCX_INGRESS if parent == "ingress" else syscall.TCX_EGRESS
+
+    def names() -> list[str]:
+        try:
+            return [syscall.prog_name(p) for p, _ in
+                    syscall.query(socket.if_nametoindex(ifname), hook)]
+        except OSError:
+            return []  # the interface is gone
+
+    return in_netns(netns, names)
+
+
 def filters(node, ifname: str, parent: str = "ingress") -> str:
-    return subprocess.run(node.exec(f"tc filter show dev {ifname} {parent}").split(),
-                          capture_output=True, text=True).stdout
+    """What runs on an interface's hook: its tc filters, then a line naming the TCX
+    programs (cniflow attaches with either)."""
+    tc = subprocess.run(node.exec(f"tc filter show dev {ifname} {parent}").split(),
+                        capture_output=True, text=True).stdout
+    return tc + "tcx: " + " ".join(tcx_programs(node.netns, ifname, parent)) + "\n"
 
 
 class RunningAgent:
