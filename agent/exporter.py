@@ -75,7 +75,6 @@ class Exporter:
                 records = pair(records)
             self.backlog.append(records)
             self.backlog_records += len(records)
-            self._bound_backlog()
         if self.backlog_records and self.transport.ready():
             self._start_session_if_new()
             self._send_templates_if_due(ifnames)
@@ -87,6 +86,7 @@ class Exporter:
                     self.backlog.appendleft(rest)
                     self.backlog_records += len(rest)
                     break
+        self._bound_backlog()  # what the collector could not take now: kept, up to the bound
         self._count()
         self.metrics.export_backlog.set(self.backlog_records)
 

@@ -5,8 +5,9 @@
  * packet access.
  *
  * usage: txring DEV DSTMAC SRCIP DSTIP FLOWS COUNT PAYLOAD
- * Sends COUNT frames (as fast as the ring drains), destination ports 10000 +
- * (i % FLOWS), source port 4242. Prints "frames bytes seconds" (bytes: what the
+ * Sends COUNT frames (as fast as the ring drains), frame i in flow i % FLOWS (flow j:
+ * destination port 1 + j % 60000, source port 1024 + j / 60000; FLOWS = COUNT makes
+ * every frame a new flow, a port scan's or a flood's shape). Prints "frames bytes seconds" (bytes: what the
  * interface's tx counter should grow by, Ethernet header included). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -94,8 +95,9 @@ int main(int argc, char **argv) {
         inet_pton(AF_INET, argv[4], &ip->daddr);
         ip->check = csum(ip, sizeof *ip);
         struct udphdr *udp = (void *)(ip + 1);
-        udp->source = htons(4242);
-        udp->dest = htons(10000 + sent % flows);
+        long j = sent % flows;
+        udp->source = htons(1024 + j / 60000);
+        udp->dest = htons(1 + j % 60000);
         udp->len = htons(sizeof *udp + payload);
         udp->check = 0;
         memset(udp + 1, 0, payload);

@@ -137,3 +137,11 @@ def wait_for(predicate, timeout: float = 10.0, step: float = 0.1):
             return value
         time.sleep(step)
     return predicate()
+
+
+@pytest.fixture(scope="session")
+def txring(tmp_path_factory) -> Path:
+    """bench/txring.c built: a sender through an AF_PACKET TX ring (paged skbs)."""
+    out = tmp_path_factory.mktemp("bin") / "txring"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / "txring.c")], check=True)
+    return out

@@ -130,7 +130,8 @@ from test_metering import send_udp  # noqa: E402
 
 
 class RunningCollector:
-    def __init__(self, netns: str, port: int, transport: str = "udp", metrics_port: int = 9478):
+    def __init__(self, netns: str, port: int, transport: str = "udp", metrics_port: int = 9478,
+                 *extra: str):
         self.dir = Path(f"/tmp/cniflow-collector-{os.getpid()}-{port}")
         self.dir.mkdir(exist_ok=True)
         self.out = self.dir / "records.jsonl"
@@ -139,7 +140,7 @@ class RunningCollector:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, str(CNIFLOW), "collector", "--listen",
              f"127.0.0.1:{port}", "--transport", transport, "--output", str(self.out),
-             "--metrics-address", f"127.0.0.1:{metrics_port}"],
+             "--metrics-address", f"127.0.0.1:{metrics_port}", *extra],
             stderr=(self.dir / "log").open("w"))
         oracles._wait_port(netns, port, "u" if transport == "udp" else "t", 15)
 

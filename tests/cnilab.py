@@ -1,0 +1,257 @@
+"""Stand-ins of CNI datapaths, compiled with BCC and attached with TCX at the tail of
+the chain (as Cilium's link.Tail() anchor), each counting the packets it sees per
+interface so tests can check the CNI still saw every packet.
+
+- CiliumDatapath(node): Cilium's BPF host routing for a netlab "cilium" node. On
+  every lxc's TCX ingress: a local endpoint (cilium_lxc, flags without
+  ENDPOINT_F_HOST) gets the packet through bpf_redirect_peer (the destination lxc's
+  egress hook never sees it), anything else is TC_ACT_OK (TCX_PASS: the chain ends,
+  as Cilium's programs never return TCX_NEXT). On cilium_host's TCX egress: a local
+  endpoint gets it through bpf_redirect to its lxc (whose egress hook sees it).
+  Importing this module registers it as netlab.DATAPATHS["cilium"].
+- StandIn(netns, ifnames, mode): a generic CNI program that ends the hook ("pass")
+  or redirects ("redirect").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+
+import netlab
+from bcc import BPF
+from fakeapi import in_netns
+
+from bpf import syscall
+
+F_AFTER = 1 << 4  # BPF_F_AFTER with no relative program: the tail of the chain
+
+CILIUM = r"""
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/pkt_cls.h>
+
+struct endpoint_key {  /* Cilium's bpf/lib/eps.h */
+    __u8 ip[16];
+    __u8 family;  /* 1 IPv4 (in ip[0..3]), 2 IPv6 */
+    __u8 key;
+    __u16 cluster_id;
+} __attribute__((packed));
+
+struct endpoint_info {
+    __u32 ifindex;
+    __u16 unused;
+    __u16 lxc_id;
+    __u32 flags;
+    __u32 pad0;
+    __u64 mac;
+    __u64 node_mac;
+    __u32 sec_id;
+    __u32 parent_ifindex;
+    __u32 pad[2];
+};
+
+BPF_TABLE_PINNED("hash", struct endpoint_key, struct endpoint_info, cilium_lxc, 65535,
+                 "LXC_MAP");
+BPF_HASH(seen, __u32, __u64, 1024);
+
+/* The local endpoint the packet is for, with the MACs rewritten as Cilium's
+ * ipv4_local_delivery does; 0 when it is not for one. */
+static __always_inline __u32 local_endpoint(struct __sk_buff *skb) {
+    struct endpoint_key key = {};
+    __u16 proto = 0;
+    seen.atomic_increment(skb->ifindex);
+    bpf_skb_load_bytes(skb, 12, &proto, 2);
+    if (proto == htons(ETH_P_IP)) {
+        key.family = 1;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 16, key.ip, 4))
+            return 0;
+    } else if (proto == htons(ETH_P_IPV6)) {
+        key.family = 2;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, key.ip, 16))
+            return 0;
+    } else {
+        return 0;
+    }
+    struct endpoint_info *ep = cilium_lxc.lookup(&key);
+    if (!ep || (ep->flags & 1))  /* ENDPOINT_F_HOST: the stack delivers */
+        return 0;
+    __u64 dst = ep->mac, src = ep->node_mac;
+    __u32 ifindex = ep->ifindex;
+    bpf_skb_store_bytes(skb, 0, &dst, 6, 0);
+    bpf_skb_store_bytes(skb, 6, &src, 6, 0);
+    return ifindex;
+}
+
+int cil_from_container(struct __sk_buff *skb) {
+    __u32 ifindex = local_endpoint(skb);
+    return ifindex ? bpf_redirect_peer(ifindex, 0) : TC_ACT_OK;
+}
+
+int cil_from_host(struct __sk_buff *skb) {
+    __u32 ifindex = local_endpoint(skb);
+    return ifindex ? bpf_redirect(ifindex, 0) : TC_ACT_OK;
+}
+"""
+
+STANDIN = r"""
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/pkt_cls.h>
+
+BPF_HASH(seen, __u64, __u64, 1024);      /* ifindex | egress << 32 -> packets */
+BPF_HASH(targets, __u32, __u32, 1024);   /* destination IPv4 -> ifindex; 0: everything */
+
+static __always_inline int run(struct __sk_buff *skb, __u64 egress) {
+    __u64 key = skb->ifindex | egress << 32;
+    __u32 dst = 0, *ifindex;
+    __u16 proto = 0;
+    seen.atomic_increment(key);
+#ifdef REDIRECT
+    bpf_skb_load_bytes(skb, 12, &proto, 2);
+    if (proto == htons(ETH_P_IP) && !bpf_skb_load_bytes(skb, ETH_HLEN + 16, &dst, 4)) {
+        ifindex = targets.lookup(&dst);
+        if (ifindex)  /* to that veth's peer, the pod (from ingress only) */
+            return egress ? bpf_redirect(*ifindex, 0) : bpf_redirect_peer(*ifindex, 0);
+    }
+    dst = 0;
+    ifindex = targets.lookup(&dst);
+    if (ifindex)
+        return bpf_redirect(*ifindex, 0);
+#endif
+    return TC_ACT_OK;  /* TCX_PASS: what runs after this on the hook never sees it */
+}
+
+int standin_ingress(struct __sk_buff *skb) { return run(skb, 0); }
+int standin_egress(struct __sk_buff *skb) { return run(skb, 1); }
+"""
+
+HOOKS = {"ingress": syscall.TCX_INGRESS, "egress": syscall.TCX_EGRESS}
+
+
+class _Tcx:
+    """Programs of one BPF object attached by TCX links in one namespace."""
+
+    def __init__(self, netns: str, b: BPF) -> None:
+        self.netns, self.bpf = netns, b
+        self.links: dict[tuple[str, str], int] = {}  # (ifname, hook) -> link fd
+        self.ifindex: dict[str, int] = {}
+
+    def attach(self, ifname: str, hook: str, prog_fd: int) -> None:
+        def run() -> tuple[int, int]:  # ifindex and BPF_LINK_CREATE are per namespace
+            idx = socket.if_nametoindex(ifname)
+            return idx, syscall.link_create(prog_fd, idx, HOOKS[hook], F_AFTER)
+
+        self.ifindex[ifname], self.links[(ifname, hook)] = in_netns(self.netns, run)
+
+    def attached(self, ifname: str, hook: str, prog_fd: int) -> bool:
+        """Still on the hook (BPF_PROG_QUERY)?"""
+        pid = syscall.prog_id(prog_fd)
+        try:
+            progs = in_netns(self.netns, lambda: syscall.query(self.ifindex[ifname], HOOKS[hook]))
+        except OSError:  # the interface is gone
+            return False
+        return any(p == pid for p, _ in progs)
+
+    def close(self) -> None:
+        for fd in self.links.values():  # the links are not pinned: closing detaches
+            os.close(fd)
+        self.links.clear()
+        self.bpf.cleanup()
+
+
+class CiliumDatapath:
+    """Cilium's datapath for a netlab "cilium" node (see the module's doc)."""
+
+    def __init__(self, node: netlab.Node) -> None:
+        self.node = node
+        b = BPF(text=CILIUM.replace("LXC_MAP", node.lxc_map).encode(), cflags=["-w"])
+        self.from_container = b.load_func(b"cil_from_container", BPF.SCHED_CLS)
+        self.from_host = b.load_func(b"cil_from_host", BPF.SCHED_CLS)
+        self.tcx = _Tcx(node.netns, b)
+        self.tcx.attach("cilium_host", "egress", self.from_host.fd)
+        for pod in node.pods:
+            self.add(pod)
+        if node.datapath is None:
+            node.datapath = self  # add_pod() hands it new pods
+        netlab.running.setdefault(node.prefix, self)  # down() closes it
+
+    def add(self, pod: netlab.Pod) -> None:
+        """A new pod's lxc: from-container on its ingress."""
+        self.tcx.attach(pod.host_if, "ingress", self.from_container.fd)
+
+    def ifindex(self, ifname: str) -> int:
+        return self.tcx.ifindex[ifname]
+
+    def seen(self, iface: int | str) -> int:
+        """Packets the datapath saw on an interface (ifindex or name)."""
+        idx = self.tcx.ifindex[iface] if isinstance(iface, str) else iface
+        v = self.tcx.bpf[b"seen"].get(self.tcx.bpf[b"seen"].Key(idx))
+        return v.value if v is not None else 0
+
+    def attached(self, ifname: str) -> bool:
+        hook, fd = (("egress", self.from_host.fd) if ifname == "cilium_host"
+                    else ("ingress", self.from_container.fd))
+        return self.tcx.attached(ifname, hook, fd)
+
+    def close(self) -> None:
+        if self.tcx.links or self.tcx.bpf is not None:
+            self.tcx.close()
+            self.tcx.bpf = None
+        if netlab.running.get(self.node.prefix) is self:
+            del netlab.running[self.node.prefix]
+        if self.node.datapath is self:
+            self.node.datapath = None
+
+
+netlab.DATAPATHS["cilium"] = CiliumDatapath
+
+
+class StandIn:
+    """A generic CNI program at the tail of TCX on each of ifnames, in netns, on the
+    given hooks. mode "pass": count, TC_ACT_OK (ends the hook). mode "redirect": count,
+    then for an IPv4 destination in targets ({ip: veth}) bpf_redirect_peer to that
+    veth's pod (bpf_redirect from egress), everything else bpf_redirect to target's
+    egress when target is given, else TC_ACT_OK. Frames are redirected as they are
+    (no MAC rewrite)."""
+
+    def __init__(self, netns: str, ifnames: Iterable[str], mode: str = "pass",
+                 targets: dict[str, str] | None = None, target: str = "",
+                 hooks: Iterable[str] = ("ingress",)) -> None:
+        if mode not in ("pass", "redirect"):
+            raise ValueError(f"mode {mode!r}")
+        b = BPF(text=STANDIN.encode(), cflags=["-w"] + (["-DREDIRECT"] if mode == "redirect"
+                                                        else []))
+        self.progs = {h: b.load_func(f"standin_{h}".encode(), BPF.SCHED_CLS) for h in HOOKS}
+        self.tcx = _Tcx(netns, b)
+        names = list(ifnames) + list((targets or {}).values()) + ([target] if target else [])
+        index = in_netns(netns, lambda: {n: socket.if_nametoindex(n) for n in names})
+        table = b[b"targets"]
+        for ip, ifname in (targets or {}).items():
+            table[table.Key(int.from_bytes(socket.inet_aton(ip), "little"))] = \
+                table.Leaf(index[ifname])
+        if target:
+            table[table.Key(0)] = table.Leaf(index[target])
+        self.hooks = tuple(hooks)
+        for ifname in ifnames:
+            for hook in self.hooks:
+                self.tcx.attach(ifname, hook, self.progs[hook].fd)
+
+    def seen(self, ifname: str, hook: str | None = None) -> int:
+        """Packets seen on ifname's hook (both hooks when None)."""
+        t, idx = self.tcx.bpf[b"seen"], self.tcx.ifindex[ifname]
+        total = 0
+        for h in [hook] if hook else list(HOOKS):
+            v = t.get(t.Key(idx | (h == "egress") << 32))
+            total += v.value if v is not None else 0
+        return total
+
+    def attached(self, ifname: str | None = None) -> bool:
+        """Still on every hook of ifname (of every interface when None)?"""
+        names = [ifname] if ifname else list(self.tcx.ifindex)
+        return all(self.tcx.attached(n, h, self.progs[h].fd) for n in names
+                   for h in self.hooks if (n, h) in self.tcx.links)
+
+    def close(self) -> None:
+        if self.tcx.bpf is not None:
+            self.tcx.close()
+            self.tcx.bpf = None
