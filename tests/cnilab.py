@@ -194,7 +194,7 @@ class CiliumDatapath:
         return self.tcx.attached(ifname, hook, fd)
 
     def close(self) -> None:
-        if self.tcx.links or self.tcx.bpf is not None:
+        if self.tcx.bpf is not None:
             self.tcx.close()
             self.tcx.bpf = None
         if netlab.running.get(self.node.prefix) is self:
