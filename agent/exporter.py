@@ -140,7 +140,7 @@ class Exporter:
         if ifnames:
             blocks.append((flowmap.INTERFACES, flowmap.interface_columns(ifnames), len(ifnames)))
         if self.with_pods:
-            names = flowmap.POD_STRINGS
+            names = flowmap.POD_FIELDS
             blocks.insert(0, (flowmap.IE_TYPES, flowmap.ie_type_columns(names), len(names)))
         for template, cols, n in blocks:
             for g in encode_records(template, cols, n):

@@ -146,15 +146,24 @@ class Metrics:
                 counter.inc(delta)
             self._kernel_seen[name] = value
 
-    def pod_traffic(self, batch: np.ndarray, by_ifindex: Mapping[int, object]) -> None:
+    def pod_traffic(self, batch: np.ndarray, by_ifindex: Mapping[int, object],
+                    receivers: np.ndarray | None = None) -> None:
         """Per-pod counters from a drained batch, summed per interface and direction in
-        whole arrays. The TC ingress of a pod's host-side veth is what the pod sent."""
+        whole arrays. The TC ingress of a pod's host-side veth is what the pod sent, its
+        egress what it received; receivers (agent.podmeta.PodTable.receivers, given with
+        dedup) names the metered pod a sent packet went to, counted only at the sender."""
         if len(batch):
             k = batch["key"]
             slot = k["ifindex"].astype(np.int64) * 2 + k["direction"]
+            octets, packets = batch["octets"], batch["packets"]
+            if receivers is not None and receivers.any():
+                to = receivers != 0
+                slot = np.concatenate([slot, receivers[to].astype(np.int64) * 2 + 1])
+                octets = np.concatenate([octets, octets[to]])
+                packets = np.concatenate([packets, packets[to]])
             keys, inverse = np.unique(slot, return_inverse=True)
-            octets = np.bincount(inverse, weights=batch["octets"])
-            packets = np.bincount(inverse, weights=batch["packets"])
+            octets = np.bincount(inverse, weights=octets)
+            packets = np.bincount(inverse, weights=packets)
             for key, o, p in zip(keys.tolist(), octets.tolist(), packets.tolist(), strict=True):
                 pod = by_ifindex.get(key // 2)
                 if pod is None:

@@ -79,7 +79,8 @@ class Agent:
             from agent.pods import PodSource
 
             self.cluster = Cluster(cfg.node_name, cfg.kubeconfig, self.metrics)
-            self.source = PodSource(self.cluster, resolver, self.metrics)
+            self.source = PodSource(self.cluster, resolver, self.metrics,
+                                    tuple(cfg.cluster_cidr))
         else:
             self.source = InterfaceSet(cfg.interface)
         self.generation = self.dataplane.generation
@@ -127,7 +128,9 @@ class Agent:
         pods = None
         if self.cluster is not None:
             pods = self.source.table(reported)
-            self.metrics.pod_traffic(batch, {**self.source.remembered, **self.source.by_ifindex})
+            dedup = self.cfg.dedup and self.kind == "ebpf"
+            self.metrics.pod_traffic(batch, {**self.source.remembered, **self.source.by_ifindex},
+                                     pods.receivers(batch) if dedup and len(batch) else None)
             if self.kind == "vpp" and len(batch):  # flowprobe on an interface of no pod
                 known = np.array(sorted(self.source.by_ifindex), np.uint32)
                 self.metrics.vpp_unknown_interface_records.inc(

@@ -10,7 +10,7 @@ whole batches.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,8 +28,35 @@ def _address_words(raw16: np.ndarray, version: np.ndarray) -> np.ndarray:
     return words
 
 
+# Antrea's flowType values
+UNKNOWN, INTRA_NODE, INTER_NODE, TO_EXTERNAL, FROM_EXTERNAL = 0, 1, 2, 3, 4
+
+
+def in_networks(raw16: np.ndarray, version: np.ndarray, cidrs: Sequence[str]) -> np.ndarray:
+    """Whether each address (16 octets, IPv4 in the first 4) lies in one of the CIDRs."""
+    out = np.zeros(len(raw16), bool)
+    if not len(raw16):
+        return out
+    hi = raw16[:, :8].copy().view(">u8")[:, 0]
+    lo = raw16[:, 8:].copy().view(">u8")[:, 0]
+    for text in cidrs:
+        net = ipaddress.ip_network(text)
+        bits = net.max_prefixlen
+        addr = int(net.network_address) << (128 - bits)  # IPv4 in the top 32 bits
+        prefix = net.prefixlen
+        mask = ((1 << prefix) - 1) << (128 - prefix) if prefix else 0
+        m_hi, m_lo = np.uint64(mask >> 64), np.uint64(mask & (2**64 - 1))
+        a_hi, a_lo = np.uint64(addr >> 64), np.uint64(addr & (2**64 - 1))
+        out |= (version == net.version) & ((hi & m_hi) == a_hi) & ((lo & m_lo) == a_lo)
+    return out
+
+
 class PodTable:
-    def __init__(self, node: str, by_ifindex: Mapping[int, Pod], known: Iterable[Pod]) -> None:
+    def __init__(self, node: str, by_ifindex: Mapping[int, Pod], known: Iterable[Pod],
+                 cluster_cidrs: Sequence[str] = ()) -> None:
+        """cluster_cidrs: the cluster's pod ranges (flowType 2 when the other end is in
+        them); without them flowType tells intra-node flows only."""
+        self.cluster_cidrs = list(cluster_cidrs)
         pods = list({p.uid: p for p in list(known) + list(by_ifindex.values())}.values())
         self.node = node
         index = {p.uid: i for i, p in enumerate(pods)}
@@ -40,6 +67,9 @@ class PodTable:
         keys = sorted(by_ifindex)
         self.if_keys = np.array(keys, np.int64)
         self.if_pod = np.array([index[by_ifindex[k].uid] for k in keys], np.int64)
+        # each pod's metered interface (0: none), for the egressInterface of its receptions
+        self.pod_if = np.zeros(none + 1, np.uint32)
+        self.pod_if[self.if_pod] = self.if_keys
         raw, versions, owner = [], [], []
         for p in pods:
             for ip in p.ips:
@@ -74,7 +104,17 @@ class PodTable:
         out[hit] = self.ip_pod[pos[hit]]
         return out
 
-    def columns(self, flows: np.ndarray) -> dict[str, Strings]:
+    def receivers(self, flows: np.ndarray) -> np.ndarray:
+        """For records of packets a pod sent (ingress), the metered interface of the pod of
+        this node that they went to (0: none): with dedup, its only observation."""
+        k = flows["key"]
+        remote = self._by_address(k["dst"], k["ip_version"])
+        return np.where(k["direction"] == INGRESS, self.pod_if[remote], 0).astype(np.uint32)
+
+    def columns(self, flows: np.ndarray) -> dict[str, Strings | np.ndarray]:
+        """Pod names, flowType, and for a packet a metered pod of this node sent to
+        another metered pod of this node (counted once, at the sender's ingress), the
+        receiver's interface as egressInterface."""
         k = flows["key"]
         ingress = k["direction"] == INGRESS
         observed = self._by_ifindex(k["ifindex"].astype(np.int64))
@@ -83,6 +123,14 @@ class PodTable:
         src = np.where(ingress, observed, remote)
         dst = np.where(ingress, remote, observed)
         nodes = [self.node, ""]
+        local = remote != self.none
+        flow_type = np.where(local, INTRA_NODE, UNKNOWN).astype(np.uint8)
+        if self.cluster_cidrs:
+            pod = in_networks(other, k["ip_version"], self.cluster_cidrs)
+            outside = np.where(ingress, TO_EXTERNAL, FROM_EXTERNAL)
+            flow_type = np.where(local, INTRA_NODE, np.where(pod, INTER_NODE, outside))
+        flow_type = np.where(k["overflow"] == 1, UNKNOWN, flow_type).astype(np.uint8)
+        egress = np.where(ingress, self.pod_if[remote], k["ifindex"]).astype(np.uint32)
         return {
             "sourcePodNamespace": Strings(self.namespaces, src),
             "sourcePodName": Strings(self.names, src),
@@ -90,4 +138,6 @@ class PodTable:
             "destinationPodName": Strings(self.names, dst),
             "sourceNodeName": Strings(nodes, (src == self.none).astype(np.int64)),
             "destinationNodeName": Strings(nodes, (dst == self.none).astype(np.int64)),
+            "flowType": flow_type,
+            "egressInterface": egress,
         }

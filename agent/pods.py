@@ -15,8 +15,10 @@ log = logging.getLogger(__name__)
 
 
 class PodSource:
-    def __init__(self, cluster: Cluster, resolver: Resolver, metrics: Metrics) -> None:
+    def __init__(self, cluster: Cluster, resolver: Resolver, metrics: Metrics,
+                 cluster_cidrs: tuple[str, ...] = ()) -> None:
         self.cluster, self.resolver, self.metrics = cluster, resolver, metrics
+        self.cluster_cidrs = cluster_cidrs
         self.resolved: dict[str, tuple[tuple[str, ...], int]] = {}  # uid -> (ips, ifindex)
         self.by_ifindex: dict[int, Pod] = {}  # metered now
         self.remembered: dict[int, Pod] = {}  # gone, while their flows are still reported
@@ -68,4 +70,4 @@ class PodSource:
         for ifindex in [i for i in self.remembered if i not in still_reported]:
             del self.remembered[ifindex]
         return PodTable(self.cluster.node_name, {**self.remembered, **self.by_ifindex},
-                        self.known)
+                        self.known, self.cluster_cidrs)

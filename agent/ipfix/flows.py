@@ -54,8 +54,13 @@ POD_STRINGS = [  # Antrea's enterprise elements (PEN 56506)
 TEMPLATE_V4 = Template.of(256, V4 + COMMON + STRINGS)
 TEMPLATE_V6 = Template.of(257, V6 + COMMON + STRINGS)
 TEMPLATES = {4: TEMPLATE_V4, 6: TEMPLATE_V6}
-TEMPLATE_V4_PODS = Template.of(258, V4 + COMMON + STRINGS + POD_STRINGS)
-TEMPLATE_V6_PODS = Template.of(259, V6 + COMMON + STRINGS + POD_STRINGS)
+# Antrea's flowType (56506/137) beside the pod names: whether the other end is a pod of
+# this node (1), of another node (2), or outside the cluster (3 to, 4 from).
+# Fixed-length before the strings, as templates order them.
+FLOW_TYPE = ["flowType"]
+POD_FIELDS = POD_STRINGS + FLOW_TYPE  # announced with RFC 5610 type records
+TEMPLATE_V4_PODS = Template.of(258, V4 + COMMON + FLOW_TYPE + STRINGS + POD_STRINGS)
+TEMPLATE_V6_PODS = Template.of(259, V6 + COMMON + FLOW_TYPE + STRINGS + POD_STRINGS)
 POD_TEMPLATES = {4: TEMPLATE_V4_PODS, 6: TEMPLATE_V6_PODS}
 REVERSE = [  # RFC 5103: the partner direction's counters, under PEN 29305
     "reverseOctetDeltaCount",
@@ -66,8 +71,9 @@ REVERSE = [  # RFC 5103: the partner direction's counters, under PEN 29305
 ]
 BIFLOW_TEMPLATES = {4: Template.of(263, V4 + COMMON + REVERSE + STRINGS),
                     6: Template.of(264, V6 + COMMON + REVERSE + STRINGS)}
-BIFLOW_POD_TEMPLATES = {4: Template.of(265, V4 + COMMON + REVERSE + STRINGS + POD_STRINGS),
-                        6: Template.of(266, V6 + COMMON + REVERSE + STRINGS + POD_STRINGS)}
+BIFLOW_POD_TEMPLATES = {
+    4: Template.of(265, V4 + COMMON + REVERSE + FLOW_TYPE + STRINGS + POD_STRINGS),
+    6: Template.of(266, V6 + COMMON + REVERSE + FLOW_TYPE + STRINGS + POD_STRINGS)}
 
 # RFC 5610 information element type records, so generic collectors learn the
 # Antrea elements' names and types. All nine fields: libfixbuf ignores fewer.
