@@ -71,7 +71,7 @@ class Agent:
             from bpf.dataplane import EbpfDataplane
 
             self.dataplane = EbpfDataplane(cfg, self.metrics, self.ipr)
-            resolver = Resolver(self.ipr)
+            resolver = Resolver(self.ipr, cfg.cilium_endpoints)
             domain = cfg.observation_domain_id
         self.cluster = None
         if cfg.kubernetes:

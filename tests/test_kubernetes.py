@@ -191,7 +191,7 @@ import json, sys
 from pyroute2 import IPRoute
 from agent.interfaces import links
 from agent.resolve import Resolver
-r = Resolver(IPRoute())
+r = Resolver(IPRoute(), sys.argv[2])
 out = {"links": {n: i for i, n in links().items()}}
 for ips in json.loads(sys.argv[1]):
     out[",".join(ips)] = [r.resolve(tuple(ips)), r._by_route(ips[-1])]
@@ -202,31 +202,44 @@ print(json.dumps(out))
 def resolve_in(node, *ip_sets: tuple[str, ...]) -> dict:
     """The resolver as the agent runs it: inside the node's network namespace."""
     cmd = ["ip", "netns", "exec", node.netns, sys.executable, "-c", RESOLVE,
-           json.dumps(ip_sets)]
+           json.dumps(ip_sets), node.lxc_map if node.layout == "cilium" else ""]
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
 def test_each_way_of_finding_a_pods_interface():
-    """Routed: the route. Bridged: neighbour and FDB. No route at all: the pod's
-    namespace names its veth peer."""
-    routed = netlab.up("rsr", 2)
+    """Routed: the route. Bridged: neighbour and FDB. Cilium (the pod CIDR routed through
+    cilium_host, itself a veth, and no per-pod routes): Cilium's endpoint map. No route
+    at all: the pod's namespace names its veth peer, named under /run/netns or only held
+    by a process. A pod's second interface never stands for it."""
+    import cnilab  # noqa: F401  (registers the Cilium datapath stand-in)
+
+    routed = netlab.up("rsr", 3, unnamed=(2,), net1=(0,))
     bridged = netlab.up("rsb", 2, layout="bridged")
+    cilium = netlab.up("rsc", 2, layout="cilium")
     try:
-        for node in (routed, bridged):
+        for node in (routed, bridged, cilium):
             got = resolve_in(node, *[(p.ipv4, p.ipv6) for p in node.pods], ("10.250.0.1",))
             index = got["links"]
             for pod in node.pods:  # by either address, and by the route alone
-                assert got[f"{pod.ipv4},{pod.ipv6}"] == [index[pod.host_if]] * 2, (pod, got)
+                by_route = index[pod.host_if] if node is not cilium else None
+                assert got[f"{pod.ipv4},{pod.ipv6}"] == [index[pod.host_if], by_route], (
+                    pod, got)
             assert got["10.250.0.1"] == [None, None]  # nobody's
-            if node is routed:  # no route to pod1 any more: only its namespace knows
-                p = node.pods[1]
-                netlab.sh(f"ip -n {node.netns} route del {p.ipv4}/32")
-                netlab.sh(f"ip -n {node.netns} -6 route del {p.ipv6}/128")
-                assert resolve_in(node, (p.ipv4, p.ipv6))[f"{p.ipv4},{p.ipv6}"] == [
-                    index[p.host_if], None]
+            if node is cilium:  # the route leads to cilium_host, a veth of no pod
+                assert "cilium_host" in index and "cilium_net" in index
+            if node is routed:  # no route to pod1 or pod2 any more: only namespaces know
+                for p in node.pods[1:]:
+                    netlab.sh(f"ip -n {node.netns} route del {p.ipv4}/32")
+                    netlab.sh(f"ip -n {node.netns} -6 route del {p.ipv6}/128")
+                    assert resolve_in(node, (p.ipv4, p.ipv6))[f"{p.ipv4},{p.ipv6}"] == [
+                        index[p.host_if], None], p
+                assert node.pods[2].pid and not Path(f"/run/netns/{node.pods[2].netns}").exists()
+                # the second interface's address names its own veth, not the pod's
+                extra = node.pods[0].extra_ips[0]
+                assert resolve_in(node, (extra,))[extra][0] != index[node.pods[0].host_if]
     finally:
-        netlab.down("rsr")
-        netlab.down("rsb")
+        for prefix in ("rsr", "rsb", "rsc"):
+            netlab.down(prefix)
 
 
 def test_stray_netlink_replies_are_dropped_each_reconcile():

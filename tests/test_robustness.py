@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import time
 
-from conftest import CNIFLOW, agent, filters, wait_for
+import pytest
+from conftest import CNIFLOW, agent, filters, tcx_programs, wait_for
 from test_metering import ping, send_udp
 
 CNI_LIKE = """
@@ -22,8 +24,10 @@ int cni(struct __sk_buff *skb) {
 """
 
 
-def test_a_filter_added_before_cniflow_keeps_seeing_every_packet_and_survives_it(node):
-    """A CNI's own direct-action program, with its own counter, at another priority."""
+@pytest.mark.parametrize("mode", ["tcx", "tc"])
+def test_a_filter_added_before_cniflow_keeps_seeing_every_packet_and_survives_it(node, mode):
+    """A CNI's own direct-action program, with its own counter, at another priority:
+    cniflow's TCX link runs before it and says "next"; its cls_bpf filter runs beside it."""
     from bcc import BPF
     from pyroute2 import IPRoute
 
@@ -36,7 +40,7 @@ def test_a_filter_added_before_cniflow_keeps_seeing_every_packet_and_survives_it
         ipr.tc("add-filter", "bpf", idx, 7, fd=fn.fd, name="cni", parent=0xFFFFFFF2, prio=100,
                classid=1, direct_action=True)
     seen = lambda: cni["count"][0].value  # noqa: E731
-    with agent(node):
+    with agent(node, "--attach", mode):
         before, rx0 = seen(), node.link_stats(a.host_if)["rx_packets"]
         ping(node, 0, b.ipv4, 5)
         send_udp(node, 0, b.ipv4, 9500, count=20, size=30)
@@ -118,3 +122,50 @@ def test_over_tcp_the_agent_waits_for_the_collector_then_delivers_with_templates
     assert struct.unpack("!I", msgs[0][8:12])[0] == 0  # sequence restarts per session
     records = sum(1 for _ in msgs[1:])
     assert records >= 1
+
+
+def test_a_restarted_agent_replaces_what_an_earlier_one_left(node, tmp_path):
+    """An agent killed with SIGKILL leaves its cls_bpf filters; another still running (a
+    rolling update) holds TCX links. A new agent replaces both: one cniflow program per
+    hook, every packet counted once, and nothing of cniflow's left when it stops."""
+    import signal
+    import socket as sock
+
+    import oracles
+    from fakeapi import in_netns
+
+    from bpf import syscall
+    from bpf.program import FlowProgram
+
+    a, b = node.pods
+    with agent(node, "--attach", "tc") as killed:
+        killed.proc.send_signal(signal.SIGKILL)
+        killed.proc.wait()
+    assert "cniflow_ingress" in filters(node, a.host_if).split("tcx:")[0]  # left behind
+    older = FlowProgram(1024)  # an earlier cniflow, still running, its links on a's hooks
+    ifindex = in_netns(node.netns, lambda: sock.if_nametoindex(a.host_if))
+    links = [in_netns(node.netns, lambda h=h, p=p: syscall.link_create(p.fd, ifindex, h))
+             for h, p in ((syscall.TCX_INGRESS, older.ingress),
+                          (syscall.TCX_EGRESS, older.egress))]
+    assert tcx_programs(node.netns, a.host_if) == ["cniflow_ingress"]
+    tshark = oracles.Tshark(node.netns, 4739)
+    try:
+        with agent(node, "--idle-timeout", "1", wait_attached=False) as running:
+            # (what was left would satisfy a wait on the hooks: wait for the log instead)
+            assert wait_for(lambda: running.log.read_text().count('"msg": "attached"') == 2,
+                            30), running.log.read_text()
+            for parent in ("ingress", "egress"):
+                hooks = filters(node, a.host_if, parent)
+                assert "cniflow" not in hooks.split("tcx:")[0], hooks  # no filter of ours
+                assert hooks.split("tcx:")[1].split() == [f"cniflow_{parent}"], hooks
+            send_udp(node, 0, b.ipv4, 9800, count=5, size=20)
+            time.sleep(2)
+        tshark.stop()
+        assert sum(r["packets"] for r in tshark.records() if r["dport"] == 9800) == 5
+        for p in node.pods:
+            for parent in ("ingress", "egress"):
+                assert "cniflow" not in filters(node, p.host_if, parent)
+    finally:
+        for fd in links:
+            os.close(fd)
+        older.close()
