@@ -1,7 +1,10 @@
 """RFC 5103 biflows: both directions of a connection, seen on one interface, in one record.
 
 A record and its reverse carry the same interface, opposite directions and
-swapped addresses and ports (for ICMP and ICMPv6, echo request and reply). The
+swapped addresses and ports (for ICMP and ICMPv6, echo request and reply). Between
+two metered pods of one node each direction is counted once, at its sender's veth
+ingress (dedup): there the reverse is the ingress record of the other interface,
+paired when both are due in one batch. The
 pairing is done on each batch the flow table hands over, and the flow table
 reports a flow's partner together with it (FlowTable.partners); a direction
 with no partner leaves as a biflow of its own with zero reverse counters and
@@ -15,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.flowtable import key_hash, key_words
-from agent.records import FLOW_DTYPE, take
+from agent.records import FLOW_DTYPE, INGRESS, take
 
 BIFLOW_DTYPE = np.dtype(FLOW_DTYPE.descr + [
     ("rev_packets", "<u8"),
@@ -44,6 +47,20 @@ def reversed_keys(flows: np.ndarray) -> np.ndarray:
     return rev
 
 
+_IFINDEX = np.array([0xFFFFFFFF, 0, 0, 0, 0, 0], np.uint64)  # the key's first word, low half
+
+
+def _match(words: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """For each query key (n x 6 words), the index of the equal key in words, or -1."""
+    h = key_hash(words)
+    order = np.argsort(h)
+    sorted_h = h[order]
+    qh = key_hash(query)
+    pos = np.minimum(np.searchsorted(sorted_h, qh), len(words) - 1)
+    found = order[pos]
+    return np.where((sorted_h[pos] == qh) & (words[found] == query).all(axis=1), found, -1)
+
+
 def pair(flows: np.ndarray) -> np.ndarray:
     """FLOW_DTYPE records to BIFLOW_DTYPE records, partners joined."""
     n = len(flows)
@@ -51,15 +68,21 @@ def pair(flows: np.ndarray) -> np.ndarray:
     if not n:
         return out
     words = key_words(flows)
-    h = key_hash(words)
-    order = np.argsort(h)
-    sorted_h = h[order]
-    rwords = np.ascontiguousarray(reversed_keys(flows)).view("<u8").reshape(-1, 6)
-    rh = key_hash(rwords)
-    pos = np.minimum(np.searchsorted(sorted_h, rh), n - 1)
-    partner = order[pos]
-    found = (sorted_h[pos] == rh) & (words[partner] == rwords).all(axis=1)
-    partner = np.where(found, partner, -1)
+    rev = reversed_keys(flows)
+    partner = _match(words, np.ascontiguousarray(rev).view("<u8").reshape(-1, 6))
+    # A pod-to-pod connection of one node, deduplicated: each direction at its sender's
+    # ingress, on two interfaces. Matched on the key without the interface.
+    ingress = flows["key"]["direction"] == INGRESS
+    if ((partner < 0) & ingress).any():
+        rev["direction"] = INGRESS
+        rwords = np.ascontiguousarray(rev).view("<u8").reshape(-1, 6) & ~_IFINDEX
+        loose = np.where(ingress[:, None], words & ~_IFINDEX, ~np.uint64(0))
+        crossed = _match(loose, rwords)
+        ifindex = flows["key"]["ifindex"]
+        crossed = np.where((crossed >= 0) & (ifindex[np.maximum(crossed, 0)] != ifindex),
+                           crossed, -1)
+        partner = np.where((partner < 0) & ingress, crossed, partner)
+    found = partner >= 0
     idx = np.arange(n)
     # keep each pair once, from its initiator's side: the earlier first packet; in the
     # same millisecond (the clock is coarse), the ICMP request or the higher (client) port

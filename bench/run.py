@@ -5,7 +5,8 @@ as a ratio, because the machine is shared and noisy.
 
 1. Per-packet cost: 64-octet UDP frames over a veth from one pinned core,
    round-robin over 1024 flows, with no program / an empty program / cniflow's
-   program attached the same way (clsact, cls_bpf direct-action, both hooks).
+   program attached the same way, by TCX links and by clsact + cls_bpf
+   direct-action, on both hooks.
    Also the programs alone, by BPF_PROG_TEST_RUN: nanoseconds per run on one
    frame of a known flow (the hit path), free of the veth's noise.
 2. Drain to wire: a kernel map holding 1,000,000 flows drained, folded into the
@@ -72,9 +73,13 @@ def per_packet(rounds: int, seconds: float) -> dict:
         pod = node.pods[0]
         ipr = IPRoute(netns=node.netns)
         ifindex = ipr.link_lookup(ifname=pod.host_if)[0]
-        programs = {"none": None, "empty": Loaded(), "cniflow": FlowProgram(65536),
-                    "cniflow_percpu": FlowProgram(65536, shared=False)}
-        rates: dict[str, list[float]] = {k: [] for k in programs}
+        empty, cniflow = Loaded(), FlowProgram(65536)
+        # (program, attach mode): each attached the same way on both hooks
+        variants = {"none": (None, ""), "empty_tcx": (empty, "tcx"),
+                    "cniflow_tcx": (cniflow, "tcx"), "empty_tc": (empty, "tc"),
+                    "cniflow_tc": (cniflow, "tc"),
+                    "cniflow_percpu_tc": (FlowProgram(65536, shared=False), "tc")}
+        rates: dict[str, list[float]] = {k: [] for k in variants}
         cmd = node.in_pod(0, f"taskset -c 1 {flood} 10.77.0.1 1024 {seconds} 22").split()
         subprocess.run(
             node.in_pod(0, f"{flood} 10.77.0.1 1024 0.5 22").split(),
@@ -82,15 +87,17 @@ def per_packet(rounds: int, seconds: float) -> dict:
             capture_output=True,
         )  # warm ARP and caches
         for _ in range(rounds):
-            for name, prog in programs.items():
-                att = Attacher(prog, ipr=ipr) if prog else None
-                if att:
-                    att.attach(ifindex, pod.host_if)
+            for name, (prog, mode) in variants.items():
+                att = None
+                if prog:  # TCX links take the ifindex of the calling thread's namespace
+                    att = netlab.in_netns(node.netns, lambda p=prog, m=mode: Attacher(
+                        p, m, ipr=ipr, dedup=p is not empty))
+                    netlab.in_netns(node.netns, lambda a=att: a.attach(ifindex, pod.host_if))
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 sent, elapsed = out.split()
                 rates[name].append(int(sent) / float(elapsed))
                 if att:
-                    att.detach_all()
+                    netlab.in_netns(node.netns, att.detach_all)
         med = {k: statistics.median(v) for k, v in rates.items()}
 
         def paired(a: str, b: str) -> float:
@@ -100,13 +107,17 @@ def per_packet(rounds: int, seconds: float) -> dict:
 
         return {
             "pps_median": {k: round(v) for k, v in med.items()},
-            "paired": {"cniflow_vs_empty": paired("cniflow", "empty"),
-                       "cniflow_vs_none": paired("cniflow", "none"),
-                       "percpu_vs_empty": paired("cniflow_percpu", "empty")},
-            "cniflow_vs_empty": med["cniflow"] / med["empty"],
-            "cniflow_vs_none": med["cniflow"] / med["none"],
-            "empty_vs_none": med["empty"] / med["none"],
-            "percpu_vs_empty": med["cniflow_percpu"] / med["empty"],
+            "paired": {"tcx_cniflow_vs_none": paired("cniflow_tcx", "none"),
+                       "tcx_cniflow_vs_empty": paired("cniflow_tcx", "empty_tcx"),
+                       "tcx_empty_vs_none": paired("empty_tcx", "none"),
+                       "tc_cniflow_vs_none": paired("cniflow_tc", "none"),
+                       "tc_cniflow_vs_empty": paired("cniflow_tc", "empty_tc"),
+                       "tc_empty_vs_none": paired("empty_tc", "none"),
+                       "tc_percpu_vs_empty": paired("cniflow_percpu_tc", "empty_tc")},
+            "medians": {"tcx_cniflow_vs_none": med["cniflow_tcx"] / med["none"],
+                        "tcx_cniflow_vs_empty": med["cniflow_tcx"] / med["empty_tcx"],
+                        "tc_cniflow_vs_none": med["cniflow_tc"] / med["none"],
+                        "tc_cniflow_vs_empty": med["cniflow_tc"] / med["empty_tc"]},
             "rounds": rounds,
         }
     finally:

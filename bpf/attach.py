@@ -103,7 +103,8 @@ class Attacher:
         try:
             for parent, fn in ((PARENT_INGRESS, self.program.ingress),
                                (PARENT_EGRESS, self.program.egress)):
-                self.ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fn.fd, name=fn.name,
+                name_ = fn.name.decode() if isinstance(fn.name, bytes) else fn.name
+                self.ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fn.fd, name=name_,
                             parent=parent, prio=self.priority, classid=1, direct_action=True)
         except NetlinkError as e:
             self._remove(att)

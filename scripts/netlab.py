@@ -34,6 +34,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,30 @@ from pathlib import Path
 from typing import Any
 
 LAB = Path("/run/cniflow-lab")  # per prefix: bpffs mount, pids of namespace holders
+
+
+def in_netns(netns: str | None, make):
+    """make() run inside netns, from a throwaway thread (setns changes only the
+    calling thread; a socket keeps the namespace it was made in)."""
+    out: list = []
+
+    def run():
+        try:
+            if netns:
+                libc = ctypes.CDLL(None, use_errno=True)
+                with open(f"/run/netns/{netns}") as f:
+                    if libc.setns(f.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+                        raise OSError(ctypes.get_errno(), "setns")
+            out.append(make())
+        except Exception as e:  # reported in the caller's thread
+            out.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if isinstance(out[0], Exception):
+        raise out[0]
+    return out[0]
 
 
 def sh(cmd: str, check: bool = True) -> subprocess.CompletedProcess:

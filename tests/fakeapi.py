@@ -12,7 +12,6 @@ namespace, so an agent running there reaches it on its own loopback.
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import socket
 import threading
@@ -22,31 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-CLONE_NEWNET = 0x40000000
-
-
-def in_netns(netns: str | None, make):
-    """make() run inside netns, from a throwaway thread (setns changes only the
-    calling thread; a socket keeps the namespace it was made in)."""
-    out: list = []
-
-    def run():
-        try:
-            if netns:
-                libc = ctypes.CDLL(None, use_errno=True)
-                with open(f"/run/netns/{netns}") as f:
-                    if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns")
-            out.append(make())
-        except Exception as e:  # reported in the caller's thread
-            out.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if isinstance(out[0], Exception):
-        raise out[0]
-    return out[0]
+from netlab import in_netns  # noqa: F401  (the tests' helpers import it from here)
 
 
 def socket_in_netns(netns: str | None, port: int = 0) -> socket.socket:

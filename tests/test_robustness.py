@@ -44,6 +44,7 @@ def test_a_filter_added_before_cniflow_keeps_seeing_every_packet_and_survives_it
         before, rx0 = seen(), node.link_stats(a.host_if)["rx_packets"]
         ping(node, 0, b.ipv4, 5)
         send_udp(node, 0, b.ipv4, 9500, count=20, size=30)
+        time.sleep(0.3)  # the last frames may still wait in the veth's backlog
         after, rx1 = seen(), node.link_stats(a.host_if)["rx_packets"]
         assert after - before == rx1 - rx0 >= 25
         assert "cniflow_ingress" in filters(node, a.host_if)
