@@ -73,7 +73,8 @@ def sh(cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 # Receiver: read to EOF, then close (FIN); prints the byte count.
-_SINK = ("import socket;s=socket.create_server(('',{port}));print('ready',flush=True);"
+_SINK = ("import socket;s=socket.create_server(('',{port}),family=socket.AF_INET6,"
+         "dualstack_ipv6=True);print('ready',flush=True);"
          "c,_=s.accept();n=0\nwhile (b:=c.recv(1<<16)): n+=len(b)\nc.close();print(n)")
 # Sender: all bytes, FIN, then wait for the receiver's FIN.
 _SOURCE = ("import socket;c=socket.create_connection(('{ip}',{port}));"
@@ -129,7 +130,8 @@ class Node:
     def in_remote(self, cmd: str) -> str:
         return f"ip netns exec {self.remote_netns} {cmd}"
 
-    def tcp_transfer(self, src: int, dst: int, nbytes: int, port: int = 5201) -> int:
+    def tcp_transfer(self, src: int, dst: int, nbytes: int, port: int = 5201,
+                     ipv6: bool = False) -> int:
         """Send nbytes over one TCP connection from pod src to pod dst and close it
         gracefully both ways (unlike iperf3, whose server may reset while data is still
         in flight). Returns the bytes the receiver read."""
@@ -138,7 +140,8 @@ class Node:
             shell=True, stdout=subprocess.PIPE, text=True)
         try:
             assert server.stdout.readline().strip() == "ready"
-            code = _SOURCE.format(ip=self.pods[dst].ipv4, port=port, n=nbytes)
+            ip = self.pods[dst].ipv6 if ipv6 else self.pods[dst].ipv4
+            code = _SOURCE.format(ip=ip, port=port, n=nbytes)
             sh(self.in_pod(src, f"/usr/bin/python3 -c \"{code}\""))
             return int(server.communicate(timeout=30)[0])
         finally:

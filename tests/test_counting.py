@@ -10,9 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import agent
+import pytest
+from conftest import agent, tcx_programs
 from test_collector import RunningCollector
-from test_metering import pin_neighbours, quiet
+from test_metering import pin_neighbours, quiet, send_udp
 
 
 def mac_of(node, ifname: str) -> str:
@@ -158,3 +159,38 @@ def test_gro_super_packets_count_the_segments_the_veth_counted(node):
     assert max(sizes) > 1500 and len(sizes) < packets, (max(sizes), len(sizes), packets)
     assert ingress_totals(rows, ifindex_of(node, a.host_if)) == (packets, octets)
 
+
+
+@pytest.mark.parametrize("cni", ["pass", "redirect"])
+def test_a_cni_attached_with_tcx_that_ends_the_hook_hides_nothing(node, cni):
+    """A CNI program on the veth's TCX ingress that ends the hook (TCX_PASS), or redirects
+    to the receiving pod's peer, as Cilium's do. cniflow's link goes to the head of the
+    chain: it counts every packet, the CNI's program still sees every one, and is still
+    attached after cniflow exits. With --attach tc, cls_bpf runs after every TCX program
+    and sees nothing: what the issue measured (0 of 150)."""
+    import cnilab
+
+    a, b = node.pods
+    pin_neighbours(node, 0)
+    targets = {b.ipv4: b.host_if} if cni == "redirect" else {}
+    standin = cnilab.StandIn(node.netns, [a.host_if], mode=cni, targets=targets)
+    try:
+        counted = {}
+        for mode in ("tcx", "tc"):
+            quiet(node, a.host_if, still=1)
+            collector = RunningCollector(node.netns, 4739, "tcp")
+            seen0, rx0 = standin.seen(a.host_if), node.link_stats(a.host_if)["rx_packets"]
+            with agent(node, "--transport", "tcp", "--idle-timeout", "1", "--attach", mode):
+                if mode == "tcx":
+                    assert tcx_programs(node.netns, a.host_if) == ["cniflow_ingress",
+                                                                   "standin_ingress"]
+                send_udp(node, 0, b.ipv4, 9900, count=150, size=50)
+                time.sleep(2)
+            rx = node.link_stats(a.host_if)["rx_packets"] - rx0
+            rows = settled(collector)
+            counted[mode] = ingress_totals(rows, ifindex_of(node, a.host_if))
+            assert rx == 150 and standin.seen(a.host_if) - seen0 == 150
+            assert standin.attached(a.host_if)
+    finally:
+        standin.close()
+    assert counted == {"tcx": (150, 150 * 78), "tc": (0, 0)}
