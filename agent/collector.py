@@ -204,7 +204,22 @@ class Collector:
             if self.decoder.stats["messages"] > msgs_before:
                 self.metrics.messages.labels(exporter).inc()
             self._sync(exporter)
-        self.output.write(lines(sets))
+        self.output.write(self._lines(sets))
+
+    def _lines(self, sets: list[RecordSet]) -> list[str]:
+        """JSON lines of a batch; a set that cannot be formatted (values the checks let
+        through) is its exporter's counted error, never the batch's or the process's."""
+        try:
+            return lines(sets)
+        except Exception:  # noqa: BLE001
+            out: list[str] = []
+            for rs in sets:
+                try:
+                    out += lines([rs])
+                except Exception as e:  # noqa: BLE001
+                    self.decoder.errors[f"unexpected {type(e).__name__} formatting"] += 1
+                    self._sync(rs.exporter)
+            return out
 
     def _sync(self, exporter: str) -> None:
         s = self.decoder.stats

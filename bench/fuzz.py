@@ -35,7 +35,12 @@ def rss_mb() -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--messages", type=int, default=1_000_000)
+    p.add_argument("--stateful", action="store_true",
+                   help="tests/statefuzz.py's hostile exporters (state across messages), "
+                   "through the collector's decoder and JSON lines, beside a good exporter")
     args = p.parse_args()
+    if args.stateful:
+        return stateful(args.messages)
     seeds = [m for pcap in PCAPS for m, _ in exporter_payloads(pcap)]
     rng = random.Random(1)
     d = Decoder(hold_bytes=1 << 16)
@@ -64,6 +69,43 @@ def main() -> int:
         "errors_by_kind": len(d.errors), "errors_total": sum(d.errors.values()),
         "sessions": len(d.sessions), "templates": d.templates_total, "held_bytes": held,
         "rss_mb_every_100k": samples + [rss_mb()]}, indent=2))
+    return 0
+
+
+def stateful(count: int) -> int:
+    """Hostile exporters (64 of them, each its own state across messages) and a good one
+    through the collector as it runs: every good record must arrive, memory flat."""
+    import tempfile
+
+    import statefuzz
+
+    from agent.collector import Collector, Output
+    from agent.config import CollectorConfig
+
+    out = Path(tempfile.mkdtemp()) / "out.jsonl"
+    collector = Collector(CollectorConfig(), Output(str(out), 50_000_000, 1))
+    rng = random.Random(1)
+    hostile = [statefuzz.Hostile(random.Random(i)) for i in range(64)]
+    samples, sent, t0 = [], 0, time.perf_counter()
+    for i in range(0, count, 64):
+        batch = [(h.next(), f"10.0.{k}.1:4739") for k, h in enumerate(hostile)]
+        sent += 1
+        batch.insert(rng.randrange(65), (statefuzz.good(0, sent), "10.9.9.9:4739"))
+        collector.handle(batch)
+        if i % 1_000_000 < 64:
+            samples.append(rss_mb())
+    elapsed = time.perf_counter() - t0
+    collector.output.close()
+    d = collector.decoder
+    good = sum(v for k, v in collector.metrics.records._metrics.items()
+               if k == ("10.9.9.9:4739",) for v in [v._value.get()])
+    print(json.dumps({
+        "messages": count + sent, "seconds": round(elapsed, 1),
+        "good_records_sent": sent, "good_records_decoded": int(good),
+        "errors_by_kind": len(d.errors), "errors_total": sum(d.errors.values()),
+        "sessions": len(d.sessions), "templates": d.templates_total,
+        "names": sum(len(n) for n in d.names.values()),
+        "rss_mb_every_1m": samples + [rss_mb()]}, indent=2))
     return 0
 
 

@@ -307,6 +307,41 @@ def test_fuzzed_messages_never_crash_the_decoder(case, noise):
         assert s.held_bytes <= 1 << 16
 
 
+def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_exporter(tmp_path):
+    """Stateful fuzzing (tests/statefuzz.py): 20,000 messages of a hostile exporter that
+    builds, renames (RFC 5610 names colliding with registry names, with each other and
+    with numbered repeats), withdraws and reuses state across messages, interleaved
+    with a good exporter. Nothing escapes the collector, every good record arrives with
+    its values, the hostile one's errors are counted, and its state stays bounded."""
+    import random
+
+    import statefuzz
+
+    from agent.collector import Collector, Output
+    from agent.config import CollectorConfig
+
+    out = tmp_path / "out.jsonl"
+    collector = Collector(CollectorConfig(), Output(str(out), 0, 1))
+    rng = random.Random(7)
+    hostile = [statefuzz.Hostile(random.Random(rng.random())) for _ in range(3)]
+    sent = 0
+    for i in range(20_000):
+        batch = [(h.next(), f"10.0.0.{k}:4739") for k, h in enumerate(hostile)]
+        if i % 10 == 0:
+            sent += 1
+            batch.insert(rng.randint(0, 3), (statefuzz.good(i // 10 * 5, sent), "10.9.9.9:4739"))
+        collector.handle(batch)
+    collector.output.close()
+    good = [json.loads(line) for line in out.read_text().splitlines()
+            if '"@exporter":"10.9.9.9:4739"' in line]
+    assert [(r["sourceIPv4Address"], r["packetDeltaCount"], r["octetDeltaCount"])
+            for r in good] == [("10.0.0.1", n, n * 100) for n in range(1, sent + 1)]
+    d = collector.decoder
+    assert sum(d.errors.values()) > 1000 and len(d.errors) < 60, d.errors
+    assert all(len(n) <= 1024 for n in d.names.values())
+    assert d.templates_total <= 4096
+
+
 @pytest.mark.parametrize("pcap", PCAPS, ids=[p.name[:40] for p in PCAPS])
 def test_json_lines_say_exactly_what_the_decoder_says(pcap):
     from agent.collector import lines

@@ -70,6 +70,9 @@ class RecordSet:
         return len(self.array) if self.array is not None else len(self.rows or [])
 
 
+MAX_NAMES = 1024  # RFC 5610 names one session may teach
+
+
 class Malformed(ValueError):
     """A message or set that breaks RFC 7011; the message names the reason."""
 
@@ -90,12 +93,16 @@ _TYPE_CODES = {code: name for name, (_, code) in TYPES.items()}
 def _dtype(fields: list[Field]) -> np.dtype | None:
     if any(f.length == VARLEN for f in fields):
         return None
-    # duplicate names are legal (the same element twice): number them
-    seen: Counter = Counter()
+    # duplicate names are legal (the same element twice): number them, and never reuse a
+    # name already taken (an exporter's RFC 5610 records may teach "x#2" beside two "x")
+    used: set[str] = set()
     out = []
     for f in fields:
-        seen[f.name] += 1
-        name = f.name if seen[f.name] == 1 else f"{f.name}#{seen[f.name]}"
+        name, k = f.name, 1
+        while name in used:
+            k += 1
+            name = f"{f.name}#{k}"
+        used.add(name)
         out.append((name, np.uint8, (f.length,)) if f.length not in (1, 2, 4, 8)
                    else (name, f">u{f.length}"))
     return np.dtype(out)
@@ -126,11 +133,15 @@ class Decoder:
             self.names.pop(key, None)
 
     def message(self, data: bytes, exporter: str) -> list[RecordSet]:
+        """The record sets of one message. Whatever the bytes, an error is this
+        exporter's, counted by reason: never an exception out of here."""
         try:
             return self._message(memoryview(data), exporter)
         except Malformed as e:
             self.errors[reason(str(e))] += 1
-            return []
+        except Exception as e:  # noqa: BLE001  (a case the checks above missed)
+            self.errors[reason(f"unexpected {type(e).__name__}")] += 1
+        return []
 
     def _message(self, data: memoryview, exporter: str) -> list[RecordSet]:
         if len(data) < HEADER.size:
@@ -168,6 +179,8 @@ class Decoder:
                         self._learn(rs, names)
             except Malformed as e:  # this set is lost, the rest of the message is not
                 self.errors[reason(str(e))] += 1
+            except Exception as e:  # noqa: BLE001  (a case the checks missed: the same)
+                self.errors[reason(f"unexpected {type(e).__name__}")] += 1
         if session.next_sequence is not None and sequence != session.next_sequence:
             self.stats["sequence_gaps"] += 1
         session.next_sequence = (sequence + records) & 0xFFFFFFFF
@@ -319,15 +332,21 @@ class Decoder:
         return out
 
     def _learn(self, rs: RecordSet, names: dict) -> None:
-        """RFC 5610 type records teach names and types of enterprise elements."""
+        """RFC 5610 type records teach names and types of enterprise elements: at most
+        MAX_NAMES per session, each a short printable name (the rest counted)."""
         cols = {f.name for f in rs.spec.fields}
         if not {"informationElementId", "informationElementName"} <= cols:
             return
         for row in records(rs):
             pen = row.get("privateEnterpriseNumber", 0)
             code = row.get("informationElementDataType")
-            names[(pen, row["informationElementId"])] = (
-                row["informationElementName"], _TYPE_CODES.get(code, "octetArray"))
+            name, key = row["informationElementName"], (pen, row["informationElementId"])
+            if not isinstance(name, str) or not name.isprintable() or not 0 < len(name) <= 64:
+                self.errors["RFC 5610 name not a short printable string"] += 1
+            elif key not in names and len(names) >= MAX_NAMES:
+                self.stats["names_refused"] += 1
+            else:
+                names[key] = (name, _TYPE_CODES.get(code, "octetArray"))
 
 
 def split_stream(buf: bytes) -> tuple[list[bytes], bytes]:
