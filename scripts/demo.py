@@ -38,10 +38,13 @@ def start(node, *args: str, log: Path) -> subprocess.Popen:
                             stderr=log.open("w"))
 
 
+FLOW_TYPES = {1: "intra-node", 2: "inter-node", 3: "to ext", 4: "from ext"}
+
+
 def table(rows: list[dict]) -> None:
-    fmt = "{:<26} {:>5} {:<26} {:>6} {:<6} {:>7} {:>9} {:<12} {:<12} {:<12} {:<11}"
+    fmt = "{:<26} {:>5} {:<26} {:>6} {:<6} {:>7} {:>9} {:<12} {:<12} {:<12} {:<10} {:<11}"
     print(fmt.format("source", "sport", "destination", "dport", "proto", "packets", "octets",
-                     "interface", "source pod", "dest pod", "end reason"))
+                     "interface", "source pod", "dest pod", "flow type", "end reason"))
     for r in sorted(rows, key=lambda r: (r["flowStartMilliseconds"], r["flowDirection"])):
         proto = r["protocolIdentifier"]
         icmp = r.get("icmpTypeCodeIPv4") or r.get("icmpTypeCodeIPv6") or 0
@@ -52,7 +55,7 @@ def table(rows: list[dict]) -> None:
             r.get("destinationIPv4Address") or r["destinationIPv6Address"], dport,
             PROTOS.get(proto, proto), r["packetDeltaCount"], r["octetDeltaCount"], where,
             r.get("sourcePodName") or "-", r.get("destinationPodName") or "-",
-            REASONS.get(r["flowEndReason"], "?")))
+            FLOW_TYPES.get(r.get("flowType", 0), "-"), REASONS.get(r["flowEndReason"], "?")))
 
 
 def report(out: Path, note: str) -> int:
@@ -113,8 +116,8 @@ def main() -> int:
             p.wait(timeout=20)
         procs.clear()
         return report(out, "'in' is the TC ingress of the host-side veth: traffic the pod "
-                      "sent. Every packet between\ntwo pods on one node is seen twice, once "
-                      "per veth.")
+                      "sent. A packet between two\nmetered pods of the node is counted once, "
+                      "at the sender's veth (--dedup).")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
