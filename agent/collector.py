@@ -157,6 +157,9 @@ def _reason(text: str) -> str:
     return re.sub(r"\d+", "N", text)[:60]
 
 
+MAX_EXPORTER_LABELS = 256  # Prometheus series per metric a remote party can make
+
+
 class CollectorMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -179,6 +182,24 @@ class CollectorMetrics:
         self.socket_drops = Gauge("cniflow_collector_socket_drops",
                                   "Datagrams the kernel dropped on the UDP socket "
                                   "(from /proc/net/udp)", registry=r)
+        self.exporters_over_cap = Counter(
+            "cniflow_collector_exporters_over_cap",
+            f"Messages of exporter addresses beyond the first {MAX_EXPORTER_LABELS} "
+            "(labelled \"other\")", registry=r)
+        self._labels: set[str] = set()
+
+    def exporter(self, exporter: str) -> str:
+        """The label of an exporter: its address, not its port (an exporter's source port
+        may change with every restart or connection), the first MAX_EXPORTER_LABELS of
+        them; the rest share "other"."""
+        address = exporter.rsplit(":", 1)[0]
+        if address in self._labels:
+            return address
+        if len(self._labels) < MAX_EXPORTER_LABELS:
+            self._labels.add(address)
+            return address
+        self.exporters_over_cap.inc()
+        return "other"
 
 
 class Collector:
@@ -199,10 +220,11 @@ class Collector:
             msgs_before = self.decoder.stats["messages"]
             got = self.decoder.message(data, exporter)
             sets += got
+            label = self.metrics.exporter(exporter)
             if got:
-                self.metrics.records.labels(exporter).inc(sum(len(rs) for rs in got))
+                self.metrics.records.labels(label).inc(sum(len(rs) for rs in got))
             if self.decoder.stats["messages"] > msgs_before:
-                self.metrics.messages.labels(exporter).inc()
+                self.metrics.messages.labels(label).inc()
             self._sync(exporter)
         self.output.write(self._lines(sets))
 

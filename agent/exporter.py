@@ -190,6 +190,10 @@ class Exporter:
         if errors:
             self.metrics.export_errors.inc(errors)
             self._errors_seen = self.transport.errors
+            if self.transport.kind == "udp":
+                # Refused: the collector is away or restarting, and one that comes back
+                # knows no template. They go out again with the next data.
+                self.templates_due = 0.0
         if self._sent_messages:
             self.metrics.messages_exported.inc(self._sent_messages)
             self.metrics.records_exported.inc(self._sent_records)

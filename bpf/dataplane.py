@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # How often the active map's fill level is read (one bpf(2) call): at 500,000 new flows a
 # second, 10,000 flows arrive between two readings, far below the half map left.
 FILL_CHECK_SECONDS = 0.02
+RETRY_MAX_SECONDS = 60.0  # a refused attach is tried again, backing off to this
 
 
 class EbpfDataplane:
@@ -36,7 +37,7 @@ class EbpfDataplane:
         except AttachError as e:
             self.program.close()
             raise ConfigError(str(e)) from None
-        self.failed: set[int] = set()
+        self.failed: dict[int, tuple[float, float]] = {}  # ifindex -> (next try, delay)
         self.netkit: set[int] = set()  # wanted, but netkit devices: not metered (logged once)
         self.wake_at = cfg.map_size // 2  # drain early once the active map is half full
         metrics.map_size.set(cfg.map_size)
@@ -53,13 +54,15 @@ class EbpfDataplane:
         what vanished (its filters went with it)."""
         for ifindex in list(self.attacher.attached):
             if ifindex not in present:
-                self.attacher.forget(ifindex)
-                log.info("interface vanished", extra={"ifindex": ifindex})
+                name = self.attacher.attached[ifindex].name
+                self.attacher.forget(ifindex)  # its last records still leave, with its name
+                log.info("interface vanished", extra={"interface": name, "ifindex": ifindex})
             elif ifindex not in want:
                 self.attacher.detach(ifindex)
+        now = time.monotonic()
         for ifindex, name in want.items():
-            if ifindex in self.attacher.attached or ifindex in self.failed or \
-                    ifindex in self.netkit:
+            if ifindex in self.attacher.attached or ifindex in self.netkit or \
+                    self.failed.get(ifindex, (0.0, 0.0))[0] > now:
                 continue
             if driver(ifindex) == "netkit":
                 # netkit runs its own program chain in place of TC on the pod's traffic, and
@@ -70,11 +73,16 @@ class EbpfDataplane:
                 continue
             try:
                 self.attacher.attach(ifindex, name)
+                self.failed.pop(ifindex, None)
             except Exception as e:  # the interface may vanish between scan and attach
-                self.failed.add(ifindex)
+                # tried again after 1, 2, 4 ... 60 s
+                delay = min(RETRY_MAX_SECONDS, 2 * self.failed.get(ifindex, (0.0, 0.5))[1])
+                self.failed[ifindex] = (now + delay, delay)
                 self.metrics.attach_failures.inc()
-                log.warning("attach failed", extra={"interface": name, "err": str(e)})
-        self.failed &= set(present)
+                log.warning("attach failed", extra={"interface": name, "err": str(e),
+                                                    "retry_in_s": delay})
+        for ifindex in [i for i in self.failed if i not in want]:
+            del self.failed[ifindex]
         self.netkit &= set(want)
         self.metrics.interfaces_not_metered.labels("netkit").set(len(self.netkit))
         self.metrics.interfaces_attached.set(len(self.attacher.attached))

@@ -34,6 +34,20 @@ def send(cmd_prefix: str, dst: str, port: int, count: int, size: int) -> None:
     subprocess.run(f"{cmd_prefix} {PY} -c \"{code}\"", shell=True, check=True)
 
 
+def quiet_all(node, still: float = 2.0, timeout: float = 20) -> None:
+    """Wait until no pod has sent anything for `still` seconds (a new pod's MLD reports
+    and the like), so the veths' counters hold only what the test sends."""
+    deadline = time.monotonic() + timeout
+    def snapshot():
+        return [node.link_stats(p.host_if)["rx_packets"] for p in node.pods]
+    last, since = snapshot(), time.monotonic()
+    while time.monotonic() - since < still:
+        assert time.monotonic() < deadline, "the pods never went quiet"
+        time.sleep(0.1)
+        if (now := snapshot()) != last:
+            last, since = now, time.monotonic()
+
+
 def flows(rows: list[dict], **match) -> list[dict]:
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
 
@@ -61,11 +75,11 @@ def run_layout(layout: str, dedup: bool) -> tuple[netlab.Node, list[dict], dict]
         if layout == "routed":  # no ARP or NUD frames: the veths carry only the test's
             for i in range(len(node.pods)):
                 pin_neighbours(node, i)
+        quiet_all(node)  # nothing in flight when the counters are read
+        before = {p.host_if: node.link_stats(p.host_if) for p in node.pods}
+        seen0 = {p.host_if: node.datapath.seen(p.host_if) for p in node.pods} \
+            if node.datapath else {}
         with agent(node, *args, interfaces=()) as running:
-            time.sleep(0.5)
-            before = {p.host_if: node.link_stats(p.host_if) for p in node.pods}
-            seen0 = {p.host_if: node.datapath.seen(p.host_if) for p in node.pods} \
-                if node.datapath else {}
             web, db, job = node.pods
             send(node.in_pod(0, ""), db.ipv4, 9000, 10, 200)       # pod to pod, one node
             send(node.in_pod(0, ""), db.ipv6, 9001, 5, 1000)       # the same, IPv6
@@ -75,7 +89,7 @@ def run_layout(layout: str, dedup: bool) -> tuple[netlab.Node, list[dict], dict]
             ping(node, 1, web.ipv4, 3)                              # both ways
             time.sleep(2.5)
             metrics = running.metrics()
-            after = {p.host_if: node.link_stats(p.host_if) for p in node.pods}
+        after = {p.host_if: node.link_stats(p.host_if) for p in node.pods}
         tshark.stop()
         assert tshark.expert() == []
         rows = collector.stop()

@@ -155,10 +155,15 @@ class RunningCollector:
                 vals[k] = float(v)
         return vals
 
+    def records(self) -> list[dict]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line]
+
     def stop(self) -> list[dict]:
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(15) == 0, (self.dir / "log").read_text()
-        return [json.loads(line) for line in self.out.read_text().splitlines()]
+        return self.records()
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -305,6 +310,28 @@ def test_fuzzed_messages_never_crash_the_decoder(case, noise):
             records(rs)
     for s in d.sessions.values():
         assert s.held_bytes <= 1 << 16
+
+
+def test_a_udp_collector_that_restarts_gets_templates_with_the_first_data(node):
+    """While the collector is away, sends are refused (ICMP port unreachable); the agent
+    sends its templates again with the next data, so a restarted collector decodes the
+    first poll's records at once instead of a template refresh (60 s) later."""
+    a, b = node.pods
+    first = RunningCollector(node.netns, 4739)
+    with agent(node, "--idle-timeout", "0.5") as running:
+        send_udp(node, 0, b.ipv4, 9860, count=5, size=10)
+        assert wait_for(lambda: first.metrics().get(
+            'cniflow_collector_records_total{exporter="127.0.0.1"}'), 10)
+        first.stop()
+        send_udp(node, 0, b.ipv4, 9861, count=5, size=10)  # exported into the void
+        assert wait_for(lambda: running.metrics()["cniflow_export_errors_total"] > 0, 10)
+        second = RunningCollector(node.netns, 4739)
+        send_udp(node, 0, b.ipv4, 9862, count=150, size=10)
+        got = wait_for(lambda: [r for r in second.records() if
+                                r.get("destinationTransportPort") == 9862], 5)
+    rows = second.stop()
+    assert sum(r["packetDeltaCount"] for r in rows
+               if r.get("destinationTransportPort") == 9862) == 150, got
 
 
 def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_exporter(tmp_path):

@@ -276,14 +276,28 @@ def test_a_full_flow_table_ends_the_oldest_flows_and_loses_no_count(node):
     assert sum(r["packets"] for r in records) == 2 * 20  # once, at the sender's veth
 
 
-def test_a_full_kernel_map_never_harms_traffic_and_is_counted(node):
+def test_a_full_kernel_map_never_harms_traffic_and_loses_no_count(node):
+    """A map of 4 flows and a burst of 300 datagrams to 30 ports: traffic passes, the
+    packets with no room are counted in the interface's overflow record, and the sum of
+    all records is still every packet."""
     a, b = node.pods
-    with agent(node, "--map-size", "4", "--poll-interval", "5") as running:
-        for port in range(30):
-            send_udp(node, 0, b.ipv4, 9300 + port, count=1, size=10)
+    tshark = oracles.Tshark(node.netns, 4739)
+    with agent(node, "--map-size", "4", "--poll-interval", "5", "--idle-timeout", "1") \
+            as running:
+        code = (f"import socket;s=socket.socket(2,2);"
+                f"[s.sendto(b'x'*10,('{b.ipv4}',9300+i%30)) for i in range(300)]")
+        subprocess.run(node.in_pod(0, f"{PY} -c \"{code}\""), shell=True, check=True)
         ping(node, 0, b.ipv4, 2)  # traffic still flows
         failed = wait_for(lambda: running.metrics().get("cniflow_map_failed_inserts_total"), 8)
         assert failed and failed > 0
+        time.sleep(1.5)
+    tshark.stop()
+    records = tshark.records()
+    mine = [r for r in records if r["interface"] == a.host_if and r["direction"] == 0]
+    overflow = totals(mine, proto=0, src="0.0.0.0")[0]  # addresses unknown, counts exact
+    udp = sum(r["packets"] for r in mine if r["proto"] == 17 and 9300 <= r["dport"] < 9330)
+    echo = totals(mine, proto=1, dport=8 << 8)[0]
+    assert overflow > 0 and udp + echo + overflow == 300 + 2, (udp, echo, overflow)
 
 
 def test_garbage_and_truncated_frames_pass_untouched_and_do_not_skew_counts(node):

@@ -170,3 +170,46 @@ def test_a_restarted_agent_replaces_what_an_earlier_one_left(node, tmp_path):
         for fd in links:
             os.close(fd)
         older.close()
+
+
+def test_a_refused_attach_is_tried_again_with_backoff(node):
+    """The kernel refuses cniflow's link while the TCX chain is full (64 programs): the
+    attach is counted, tried again after 1, 2, 4 ... s, and succeeds once there is room."""
+    import errno
+    import socket as sock
+
+    from bcc import BPF
+    from fakeapi import in_netns
+
+    from bpf import syscall
+
+    a, b = node.pods
+    src = "".join(f"int p{i}(struct __sk_buff *skb) {{ return -1; }}\n" for i in range(64))
+    progs = BPF(text=src.encode(), cflags=["-w"])
+    fns = [progs.load_func(f"p{i}".encode(), BPF.SCHED_CLS) for i in range(64)]
+    ifindex = in_netns(node.netns, lambda: sock.if_nametoindex(a.host_if))
+    links: list[int] = []
+    for f in fns:  # until the kernel says the chain is full
+        try:
+            links.append(in_netns(node.netns, lambda f=f: syscall.link_create(
+                f.fd, ifindex, syscall.TCX_INGRESS, 0)))
+        except OSError as e:
+            assert e.errno == errno.ERANGE, e
+            break
+    assert len(links) >= 60
+    try:
+        with agent(node, "--attach", "tcx", interfaces=(a.host_if,),
+                   wait_attached=False) as running:
+            assert wait_for(lambda: running.metrics().get(
+                "cniflow_attach_failures_total", 0) >= 2, 15), running.log.read_text()
+            assert "cniflow_ingress" not in tcx_programs(node.netns, a.host_if)
+            os.close(links.pop())  # room for one
+            assert wait_for(lambda: "cniflow_ingress" in tcx_programs(node.netns, a.host_if),
+                            15), running.log.read_text()
+            assert tcx_programs(node.netns, a.host_if)[0] == "cniflow_ingress"
+            log = running.log.read_text()
+            assert '"retry_in_s": 1.0' in log and '"retry_in_s": 2.0' in log, log
+    finally:
+        for fd in links:
+            os.close(fd)
+        progs.cleanup()
