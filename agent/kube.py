@@ -26,6 +26,15 @@ class Pod:
     ips: tuple[str, ...]
     host_network: bool
     annotation: str | None  # the value of cniflow.io/export, if present
+    phase: str = "Running"
+    created: str = ""  # metadata.creationTimestamp (RFC 3339, UTC: sorts as text)
+
+    @property
+    def owns_addresses(self) -> bool:
+        """A pod names its addresses only while it holds them: Pending or Running, with
+        an interface of its own. A finished Job pod keeps its podIPs in the API after the
+        address was given to another pod."""
+        return self.phase in ("Pending", "Running") and not self.host_network
 
 
 def pod_from(obj: dict) -> Pod:
@@ -34,7 +43,15 @@ def pod_from(obj: dict) -> Pod:
     if not ips and status.get("podIP"):
         ips = (status["podIP"],)
     return Pod(meta.get("uid", ""), meta["namespace"], meta["name"], ips,
-               bool(spec.get("hostNetwork")), (meta.get("annotations") or {}).get(ANNOTATION))
+               bool(spec.get("hostNetwork")), (meta.get("annotations") or {}).get(ANNOTATION),
+               status.get("phase") or "Pending", meta.get("creationTimestamp") or "")
+
+
+def node_from(obj: dict) -> tuple[str, tuple[str, ...]]:
+    """A node's name and addresses (InternalIP, ExternalIP: the ones traffic comes from)."""
+    addresses = (obj.get("status") or {}).get("addresses") or []
+    return obj["metadata"]["name"], tuple(
+        a["address"] for a in addresses if a.get("type") in ("InternalIP", "ExternalIP"))
 
 
 def namespace_from(obj: dict) -> tuple[str, str | None]:
@@ -145,10 +162,17 @@ class Cluster:
                              self.stop_event, self.changed, metrics)
         self.namespaces = Follower("namespaces", v1.list_namespace, None, namespace_from,
                                    lambda n: n[0], self.stop_event, self.changed, metrics)
+        self.nodes = Follower("nodes", v1.list_node, f"metadata.name={node_name}", node_from,
+                              lambda n: n[0], self.stop_event, self.changed, metrics)
 
     def start(self) -> None:
         self.pods.start()
         self.namespaces.start()
+        self.nodes.start()
+
+    def node_addresses(self) -> tuple[str, ...]:
+        """This node's own addresses, as its Node object says."""
+        return tuple(a for _, addresses in self.nodes.snapshot().values() for a in addresses)
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

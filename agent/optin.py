@@ -35,7 +35,7 @@ def decide(pods: Iterable[Pod], namespaces: Mapping[str, str | None]) -> Decisio
                             "not metered"))
             continue
         opted = value == TRUE or (value is None and namespaces.get(pod.namespace) == TRUE)
-        if not opted:
+        if not opted or pod.phase not in ("Pending", "Running"):  # finished: no interface
             continue
         (host if pod.host_network else metered).append(pod)
     return Decision(metered, host, invalid)

@@ -53,30 +53,43 @@ def in_networks(raw16: np.ndarray, version: np.ndarray, cidrs: Sequence[str]) ->
 
 class PodTable:
     def __init__(self, node: str, by_ifindex: Mapping[int, Pod], known: Iterable[Pod],
-                 cluster_cidrs: Sequence[str] = ()) -> None:
-        """cluster_cidrs: the cluster's pod ranges (flowType 2 when the other end is in
-        them); without them flowType tells intra-node flows only."""
+                 cluster_cidrs: Sequence[str] = (), node_addresses: Iterable[str] = ()) -> None:
+        """by_ifindex: the metered pods; known: every pod of the node, whose addresses
+        name the other side of a record while they own them (Pending or Running, not
+        hostNetwork; of two claiming one address, the one created last); node_addresses
+        (and hostNetwork pods' addresses) name the node, never a pod. cluster_cidrs: the
+        cluster's pod ranges (flowType 2 when the other end is in them)."""
         self.cluster_cidrs = list(cluster_cidrs)
-        pods = list({p.uid: p for p in list(known) + list(by_ifindex.values())}.values())
+        known = list(known)
+        pods = list({p.uid: p for p in known + list(by_ifindex.values())}.values())
         self.node = node
         index = {p.uid: i for i, p in enumerate(pods)}
         none = len(pods)  # the index of "", for records with no pod on that side
-        self.namespaces = [p.namespace for p in pods] + [""]
-        self.names = [p.name for p in pods] + [""]
+        self.node_side = none + 1  # the other side is this node itself (no pod)
+        self.namespaces = [p.namespace for p in pods] + ["", ""]
+        self.names = [p.name for p in pods] + ["", ""]
         self.none = none
         keys = sorted(by_ifindex)
         self.if_keys = np.array(keys, np.int64)
         self.if_pod = np.array([index[by_ifindex[k].uid] for k in keys], np.int64)
         # each pod's metered interface (0: none), for the egressInterface of its receptions
-        self.pod_if = np.zeros(none + 1, np.uint32)
+        self.pod_if = np.zeros(none + 2, np.uint32)
         self.pod_if[self.if_pod] = self.if_keys
+        owners: dict[str, int] = {}
+        for ip in list(node_addresses) + [ip for p in known if p.host_network for ip in p.ips]:
+            owners[ip] = self.node_side
+        metered = list(by_ifindex.values())
+        for p in sorted((p for p in known + metered if p.owns_addresses),
+                        key=lambda p: (p.created, p in metered)):
+            for ip in p.ips:  # created last wins; the node's addresses are never a pod's
+                if owners.get(ip) != self.node_side:
+                    owners[ip] = index[p.uid]
         raw, versions, owner = [], [], []
-        for p in pods:
-            for ip in p.ips:
-                a = ipaddress.ip_address(ip)
-                raw.append(a.packed.ljust(16, b"\0"))
-                versions.append(a.version)
-                owner.append(index[p.uid])
+        for ip, who in owners.items():
+            a = ipaddress.ip_address(ip)
+            raw.append(a.packed.ljust(16, b"\0"))
+            versions.append(a.version)
+            owner.append(who)
         words = np.zeros((0, 3), np.uint64)
         if raw:
             octets = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, 16)
@@ -123,7 +136,7 @@ class PodTable:
         src = np.where(ingress, observed, remote)
         dst = np.where(ingress, remote, observed)
         nodes = [self.node, ""]
-        local = remote != self.none
+        local = remote != self.none  # a pod of this node, or the node itself
         flow_type = np.where(local, INTRA_NODE, UNKNOWN).astype(np.uint8)
         if self.cluster_cidrs:
             pod = in_networks(other, k["ip_version"], self.cluster_cidrs)
@@ -136,7 +149,7 @@ class PodTable:
             "sourcePodName": Strings(self.names, src),
             "destinationPodNamespace": Strings(self.namespaces, dst),
             "destinationPodName": Strings(self.names, dst),
-            "sourceNodeName": Strings(nodes, (src == self.none).astype(np.int64)),
+            "sourceNodeName": Strings(nodes, (src == self.none).astype(np.int64)),  # pod or node
             "destinationNodeName": Strings(nodes, (dst == self.none).astype(np.int64)),
             "flowType": flow_type,
             "egressInterface": egress,

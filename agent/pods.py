@@ -57,7 +57,9 @@ class PodSource:
                     continue  # not there yet: tried again next poll
                 self.resolved[pod.uid] = (pod.ips, ifindex)
             want[ifindex] = present[ifindex]
-            by_ifindex[ifindex] = pod
+            other = by_ifindex.get(ifindex)
+            if other is None or other.created <= pod.created:  # one interface, the newer pod
+                by_ifindex[ifindex] = pod
         for ifindex, pod in self.by_ifindex.items():
             if ifindex not in by_ifindex:
                 self.remembered[ifindex] = pod
@@ -70,4 +72,4 @@ class PodSource:
         for ifindex in [i for i in self.remembered if i not in still_reported]:
             del self.remembered[ifindex]
         return PodTable(self.cluster.node_name, {**self.remembered, **self.by_ifindex},
-                        self.known, self.cluster_cidrs)
+                        self.known, self.cluster_cidrs, self.cluster.node_addresses())

@@ -362,13 +362,12 @@ class Tshark:
             elif text.startswith("Set ") or text.startswith("Frame "):
                 cur = None
             elif cur is not None:
-                m = re.match(
-                    r"Enterprise Private entry: \(Project Antrea\) Type (\d+): "
-                    r"Value \(hex bytes\):?\s*([0-9a-f ]*)",
-                    text,
-                )
-                if m and int(m.group(1)) in self.ANTREA:
-                    cur[self.ANTREA[int(m.group(1))]] = bytes.fromhex(m.group(2)).decode()
+                m = re.match(r"Enterprise Private entry: \(Project Antrea\) Type (\d+)(.*)",
+                             text)
+                if m and int(m.group(1)) in self.ANTREA:  # an empty string shows no bytes
+                    hexed = re.search(r"Value \(hex bytes\):?\s*([0-9a-f ]*)", m.group(2))
+                    cur[self.ANTREA[int(m.group(1))]] = bytes.fromhex(
+                        hexed.group(1) if hexed else "").decode()
                     continue
                 for label, key in (
                     ("SrcAddr", "src"),
@@ -382,7 +381,10 @@ class Tshark:
                 ):
                     if text.startswith(label + ":"):
                         cur[key] = text.split(":", 1)[1].strip().split(" ")[0]
-        flows = [r for r in records if "src_pod" in r]
+        # tshark shows no line for an empty string: a record with any Antrea field has
+        # them all, the missing ones empty
+        names = set(self.ANTREA.values())
+        flows = [{**dict.fromkeys(names, ""), **r} for r in records if names & set(r)]
         for r in flows:
             r["packets"], r["octets"], r["dport"] = (
                 int(r["packets"]),

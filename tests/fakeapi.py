@@ -43,7 +43,7 @@ class State:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.rv = 100
-        self.objects: dict[str, dict[str, dict]] = {"pods": {}, "namespaces": {}}
+        self.objects: dict[str, dict[str, dict]] = {"pods": {}, "namespaces": {}, "nodes": {}}
         self.history: list[tuple[int, str, str, dict]] = []  # (rv, kind, type, object)
         self.oldest = self.rv  # watches from an older version get 410 Gone
         self.epoch = 0  # bumped to drop every open watch
@@ -87,8 +87,18 @@ class State:
         return f"{m['namespace']}/{m['name']}" if "namespace" in m else m["name"]
 
 
-def _node_of(obj: dict) -> str | None:
-    return obj.get("spec", {}).get("nodeName")
+def _field(obj: dict, path: str):
+    """A fieldSelector's field of an object: spec.nodeName, metadata.name."""
+    for part in path.split("."):
+        obj = (obj or {}).get(part)
+    return obj
+
+
+LISTS = {"pods": "PodList", "namespaces": "NamespaceList", "nodes": "NodeList"}
+
+
+def _selected(obj: dict, selector) -> bool:
+    return selector is None or _field(obj, selector[0]) == selector[1]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -100,20 +110,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         url = urlparse(self.path)
-        kind = {"/api/v1/pods": "pods", "/api/v1/namespaces": "namespaces"}.get(url.path)
-        if kind is None:
+        kind = url.path.removeprefix("/api/v1/")
+        if kind not in LISTS:
             return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        node = None
-        if q.get("fieldSelector", "").startswith("spec.nodeName="):
-            node = q["fieldSelector"].split("=", 1)[1]
+        selector = None  # (field, value): spec.nodeName for pods, metadata.name for nodes
+        if "=" in q.get("fieldSelector", ""):
+            selector = tuple(q["fieldSelector"].split("=", 1))
         if q.get("watch") in ("true", "1"):
-            return self._watch(kind, node, int(q.get("resourceVersion") or 0),
+            return self._watch(kind, selector, int(q.get("resourceVersion") or 0),
                                float(q.get("timeoutSeconds") or 300))
         st = self.state
         with st.cond:
-            items = [o for o in st.objects[kind].values() if node is None or _node_of(o) == node]
-            body = {"kind": "PodList" if kind == "pods" else "NamespaceList", "apiVersion": "v1",
+            items = [o for o in st.objects[kind].values() if _selected(o, selector)]
+            body = {"kind": LISTS[kind], "apiVersion": "v1",
                     "metadata": {"resourceVersion": str(st.rv)}, "items": items}
         self._json(200, body)
 
@@ -125,21 +135,21 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _watch(self, kind: str, node: str | None, since: int, timeout: float) -> None:
+    def _watch(self, kind: str, selector, since: int, timeout: float) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.close_connection = True
         try:
-            if self._stream(kind, node, since, timeout):
+            if self._stream(kind, selector, since, timeout):
                 self.wfile.write(b"0\r\n\r\n")  # the watch ends cleanly
             else:  # dropped: cut the connection mid-stream, no closing chunk
                 self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
-    def _stream(self, kind: str, node: str | None, since: int, timeout: float) -> bool:
+    def _stream(self, kind: str, selector, since: int, timeout: float) -> bool:
         """Events after `since` until the timeout (True) or until dropped (False)."""
         st = self.state
         deadline = time.time() + timeout
@@ -162,7 +172,7 @@ class Handler(BaseHTTPRequestHandler):
                     continue
             for rv, _, etype, obj in pending:
                 sent = rv
-                if node is not None and _node_of(obj) != node:
+                if not _selected(obj, selector):
                     continue
                 self._line({"type": etype, "object": obj})
         return True
@@ -218,16 +228,28 @@ class FakeApiServer:
 
     def pod(self, namespace: str, name: str, node: str, ips: list[str],
             annotations: dict | None = None, host_network: bool = False,
-            uid: str | None = None) -> dict:
+            uid: str | None = None, phase: str = "Running", created: str = "") -> dict:
+        """created: metadata.creationTimestamp (RFC 3339, seconds, as the API server
+        writes it); default: now, or what the pod already had."""
         existing = self.state.objects["pods"].get(f"{namespace}/{name}")
         uid = uid or (existing["metadata"]["uid"] if existing else str(uuid.uuid4()))
+        created = created or (existing["metadata"]["creationTimestamp"] if existing else
+                              time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         return self.state.put("pods", {
             "metadata": {"name": name, "namespace": namespace, "uid": uid,
-                         "annotations": annotations or {}},
+                         "annotations": annotations or {}, "creationTimestamp": created},
             "spec": {"nodeName": node, "hostNetwork": host_network,
                      "containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
-            "status": {"phase": "Running", "podIP": ips[0] if ips else None,
+            "status": {"phase": phase, "podIP": ips[0] if ips else None,
                        "podIPs": [{"ip": ip} for ip in ips]},
+        })
+
+    def node(self, name: str, addresses: list[str]) -> dict:
+        """A Node with its InternalIP addresses (the agent reads its own node's)."""
+        return self.state.put("nodes", {
+            "metadata": {"name": name, "uid": str(uuid.uuid4())},
+            "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]
+                       + [{"type": "Hostname", "address": name}]},
         })
 
     def delete_pod(self, namespace: str, name: str) -> None:

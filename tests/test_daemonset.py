@@ -55,9 +55,9 @@ def test_the_manifests_render_and_validate(objects):
     assert set(pm["spec"]) == {"selector", "podMetricsEndpoints"}
 
 
-def test_rbac_asks_only_to_read_pods_and_namespaces(objects):
+def test_rbac_asks_only_to_read_pods_namespaces_and_nodes(objects):
     role = by_kind(objects, "ClusterRole")[0]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces"],
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces", "nodes"],
                               "verbs": ["get", "list", "watch"]}]
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
     binding = by_kind(objects, "ClusterRoleBinding")[0]

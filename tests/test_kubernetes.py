@@ -269,3 +269,42 @@ def test_stray_netlink_replies_are_dropped_each_reconcile():
     finally:
         program.close()
         netlab.down("rsq")
+
+
+def test_an_address_names_the_pod_that_owns_it_and_the_node_is_never_a_pod():
+    """db-0's address is also in the status of a finished Job pod created after it (the
+    API keeps a Succeeded pod's podIPs): the records name db-0. The node's own address
+    (its Node's InternalIP, which a hostNetwork pod shows too) names the node, never the
+    hostNetwork pod. The Job pod, opted in, is not metered."""
+    node = netlab.up("k8so", 2, remote=True)
+    server = FakeApiServer(node.netns)
+    node_ip = "10.99.200.1"  # the node's end of its uplink
+    try:
+        web, db = node.pods
+        server.node(NODE, [node_ip])
+        server.namespace("shop", OPT_IN)
+        server.pod("shop", "web-7d9f", NODE, [web.ipv4], created="2026-12-06T10:00:00Z")
+        server.pod("shop", "job-1", NODE, [db.ipv4], phase="Succeeded",
+                   created="2026-12-06T11:00:00Z")
+        server.pod("shop", "db-0", NODE, [db.ipv4], OPT_OUT, created="2026-12-06T10:30:00Z")
+        server.pod("kube-system", "kube-proxy", NODE, [node_ip], host_network=True)
+        tshark = oracles.Tshark(node.netns, 4739)
+        with k8s_agent(node, server, "--idle-timeout", "1") as running:
+            assert wait_for(lambda: attached(node, web), 10), running.log.read_text()
+            send_udp(node, 0, db.ipv4, 9950, count=4, size=10)
+            subprocess.run(node.exec(f"ping -c 3 -i 0.2 -q -I {node_ip} {web.ipv4}").split(),
+                           check=True, stdout=subprocess.DEVNULL)
+            time.sleep(2.5)
+            assert running.metrics()["cniflow_pods_opted_in"] == 1  # web; not job-1
+        tshark.stop()
+        records = tshark.pod_records()
+    finally:
+        server.stop()
+        netlab.down("k8so")
+    sent = [r for r in records if r["dport"] == 9950 and r["interface"] == web.host_if]
+    assert [(r["src_pod"], r["dst_pod"], r["packets"]) for r in sent] == [
+        ("web-7d9f", "db-0", 4)], sent
+    echo = [r for r in records if r["proto"] == "ICMP" and r["src"] == node_ip]
+    assert echo and all((r["src_pod"], r["src_node"], r["dst_pod"]) == ("", NODE, "web-7d9f")
+                        for r in echo), echo
+    assert sum(r["packets"] for r in echo) == 3
