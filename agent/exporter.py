@@ -123,8 +123,7 @@ class Exporter:
         if now < self.templates_due:
             self._send_options_if_changed(ifnames)
             return
-        body, records = self._announcement(ifnames)
-        if self._emit(message(body, int(now), self.sequence, self.domain), records):
+        if self._emit_sets(self._announcement(ifnames)):
             refresh = self.template_refresh_s if self.transport.kind == "udp" else float("inf")
             self.templates_due = now + refresh
             self._options_sent = (dict(ifnames), dict(self.lost))
@@ -133,35 +132,60 @@ class Exporter:
         return ([flowmap.IE_TYPES] if self.with_pods else []) + [flowmap.EXPORT_STATS,
                                                                  flowmap.INTERFACES]
 
-    def _options_data(self, ifnames: Mapping[int, str]) -> tuple[bytes, int]:
-        """Options records: RFC 5610 types (with pods), export statistics, interfaces."""
-        parts, count = [], 0
+    def _options_data(self, ifnames: Mapping[int, str]) -> list[tuple[bytes, int]]:
+        """Options records (RFC 5610 types with pods, export statistics, interfaces) as
+        sets of at most one message's room each, with their record counts."""
+        room = self.max_message - HEADER.size - SET_HEADER.size
         blocks = [(flowmap.EXPORT_STATS, flowmap.export_stats_columns(self.domain, self.lost), 1)]
         if ifnames:
             blocks.append((flowmap.INTERFACES, flowmap.interface_columns(ifnames), len(ifnames)))
         if self.with_pods:
             names = flowmap.POD_FIELDS
             blocks.insert(0, (flowmap.IE_TYPES, flowmap.ie_type_columns(names), len(names)))
+        sets = []
         for template, cols, n in blocks:
-            for g in encode_records(template, cols, n):
-                parts.append(set_bytes(template.id, g.data.tobytes()))
-            count += n
-        return b"".join(parts), count
+            for g in encode_records(template, cols, n, max_record=room):
+                per = room // g.size
+                for i in range(0, len(g.rows), per):
+                    chunk = g.data[i * g.size:(i + per) * g.size]
+                    sets.append((set_bytes(template.id, chunk.tobytes()), len(chunk) // g.size))
+        return sets
 
-    def _announcement(self, ifnames: Mapping[int, str]) -> tuple[bytes, int]:
+    def _announcement(self, ifnames: Mapping[int, str]) -> list[tuple[bytes, int]]:
         """Options templates and their records first (collectors must learn the RFC
         5610 types before the data templates that use them), then data templates."""
-        data, count = self._options_data(ifnames)
-        return (template_sets(self._options_templates()) + data
-                + template_sets(list(self.flow_templates.values())), count)
+        data_templates = list(self.flow_templates.values())
+        together = template_sets(data_templates)
+        room = self.max_message - HEADER.size
+        return ([(template_sets([t]), 0) for t in self._options_templates()]
+                + self._options_data(ifnames)
+                + ([(together, 0)] if len(together) <= room else
+                   [(template_sets([t]), 0) for t in data_templates]))
 
     def _send_options_if_changed(self, ifnames: Mapping[int, str]) -> None:
         """New interfaces or new losses are told at once, not at the next refresh."""
         if self._options_sent == (dict(ifnames), dict(self.lost)):
             return
-        body, count = self._options_data(ifnames)
-        if self._emit(message(body, int(self.clock()), self.sequence, self.domain), count):
+        if self._emit_sets(self._options_data(ifnames)):
             self._options_sent = (dict(ifnames), dict(self.lost))
+
+    def _emit_sets(self, sets: list[tuple[bytes, int]]) -> bool:
+        """Sets (with their record counts) in as few messages as fit --max-message-size,
+        in order; False when the transport refused one (the rest waits for next time)."""
+        room = self.max_message - HEADER.size
+        body: list[bytes] = []
+        size = count = 0
+        for data, n in sets + [(b"", -1)]:
+            if body and (n < 0 or size + len(data) > room):
+                msg = message(b"".join(body), int(self.clock()), self.sequence, self.domain)
+                if not self._emit(msg, count):
+                    return False
+                body, size, count = [], 0, 0
+            if n >= 0:
+                body.append(data)
+                size += len(data)
+                count += n
+        return True
 
     def close(self) -> None:
         """Over TCP, withdraw every template before the connection ends (RFC 7011 8.1)."""

@@ -124,6 +124,10 @@ class Metrics:
             "cniflow_vpp_unknown_interface_records",
             "VPP records from interfaces of no known pod (exported without pod metadata)",
             registry=r)
+        self.vpp_foreign_datagrams = Counter(
+            "cniflow_vpp_foreign_datagrams",
+            "Datagrams at the VPP listener not from VPP's configured IPFIX source and port: "
+            "dropped", registry=r)
         self.vpp_decode_errors = Counter(
             "cniflow_vpp_decode_errors", "Malformed IPFIX from VPP, by reason", ["reason"],
             registry=r)

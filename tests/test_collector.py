@@ -114,10 +114,12 @@ def test_an_ipfix_file_of_reduced_size_counters_decodes_whole():
 
 # ---- the running collector ----------------------------------------------------------
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
 
@@ -332,6 +334,51 @@ def test_a_udp_collector_that_restarts_gets_templates_with_the_first_data(node):
     rows = second.stop()
     assert sum(r["packetDeltaCount"] for r in rows
                if r.get("destinationTransportPort") == 9862) == 150, got
+
+
+@pytest.mark.parametrize("max_message", [512, 1400])
+def test_templates_and_options_fit_the_message_size_with_300_pods(node, max_message):
+    """300 pods' interfaces (long names) and the RFC 5610 type records: templates and
+    options are split over messages of at most --max-message-size octets, sequence
+    numbers count them, and every interface arrives, read by cniflow's decoder and by
+    tshark (no expert warning)."""
+    import numpy as np
+    from fakeapi import in_netns
+
+    from agent.exporter import Exporter
+    from agent.ipfix.decoder import Decoder, records
+    from agent.metrics import Metrics
+    from agent.records import FLOW_DTYPE
+    from agent.transport import UdpTransport
+
+    tshark = oracles.Tshark(node.netns, 4739)
+    ifnames = {1000 + i: f"lxc{i:04d}abcdef01" for i in range(300)}
+    transport = in_netns(node.netns, lambda: UdpTransport("127.0.0.1", 4739))
+    sink = in_netns(node.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    sink.bind(("127.0.0.1", 4739))
+    exporter = Exporter(transport, 1, Metrics(), max_message=max_message, with_pods=True)
+    exporter._send_templates_if_due(ifnames)
+    ifnames[2000] = "lxc-late-one"  # a pod more: the options again, at once
+    exporter.export(np.zeros(0, FLOW_DTYPE), ifnames, None)
+    exporter._send_options_if_changed(ifnames)
+    sink.settimeout(1)
+    datagrams = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            datagrams.append(sink.recv(65536))
+    sink.close()
+    transport.close()
+    tshark.stop()
+    assert len(datagrams) > 3 and max(map(len, datagrams)) <= max_message
+    d = Decoder()
+    table: dict[int, str] = {}
+    for msg in datagrams:
+        for rs in d.message(msg, "agent"):
+            if rs.spec.id == 262:
+                table.update((r["ingressInterface"], r["interfaceName"]) for r in records(rs))
+    assert table == ifnames and not d.errors and d.stats["sequence_gaps"] == 0
+    assert {258, 259, 260, 261, 262} <= set(d.sessions[("agent", 1)].templates)
+    assert tshark.expert() == []
 
 
 def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_exporter(tmp_path):

@@ -97,13 +97,16 @@ def test_a_flood_of_new_flows_keeps_the_totals_exact(node, txring):
         rate = tx_ring(node, txring, 0, b.ipv4, flows=count, count=count, payload=18)
         key = f'cniflow_overflow_packets_total{{direction="in",interface="{a.host_if}"}}'
         seen: tuple = ()
-        while True:  # until every drained count is out
+        while True:  # until every drained count is out, and the collector has it all
             m = running.metrics()
-            now = (m.get(key), m["cniflow_records_exported_total"], m["cniflow_flows_active"])
+            received = sum(v for k, v in collector.metrics().items()
+                           if k.startswith("cniflow_collector_records_total"))
+            now = (m.get(key), m["cniflow_records_exported_total"], m["cniflow_flows_active"],
+                   received)
             if now == seen and now[0] is not None:
                 break
             seen = now
-            time.sleep(1)
+            time.sleep(1.5)
     after = node.link_stats(a.host_if)
     rows = settled(collector)
     packets = after["rx_packets"] - before["rx_packets"]

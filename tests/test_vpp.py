@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 import subprocess
 from pathlib import Path
 
@@ -178,8 +179,15 @@ def test_refused_requests_and_malformed_ipfix_are_counted_and_survived(version):
                 running.log.read_text()
             del lb.sim.refuse[name]
             assert wait_for(lambda: enabled(lb, web), 10)  # retried on the next poll
-            # garbage where VPP's IPFIX arrives
-            netns_send(lb, [b"\x00\x0a\x00\x40" + b"\xff" * 60, b"junk", b"\x00\x0a" * 9])
+            # IPFIX-looking datagrams from another sender of the node: not VPP's, dropped
+            template = struct.pack(">HHIIIHHHHHH", 10, 28, 0, 0, 1, 2, 12, 256, 1, 8, 4)
+            netns_send(lb, [b"\x00\x0a\x00\x40" + b"\xff" * 60, b"junk", template])
+            assert wait_for(lambda: running.metrics().get(
+                "cniflow_vpp_foreign_datagrams_total", 0) >= 3, 10)
+            assert not any(k.startswith("cniflow_vpp_decode_errors_total") and v
+                           for k, v in running.metrics().items())
+            # garbage from VPP itself: counted as malformed, survived
+            lb.sim.send_raw([b"\x00\x0a\x00\x40" + b"\xff" * 60, b"junk", b"\x00\x0a" * 9])
             assert wait_for(lambda: sum(v for k, v in running.metrics().items()
                                         if k.startswith("cniflow_vpp_decode_errors_total")) >= 2,
                             10)

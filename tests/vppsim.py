@@ -550,6 +550,13 @@ class VppSim:
             self._send(struct.pack(">HH", 2, 4 + len(rec)) + rec, now, data=False)
         s.template_sent = now
 
+    def send_raw(self, payloads: list[bytes]) -> None:
+        """Datagrams from flowprobe's own source address and port (a VPP that sends
+        garbage), to the configured collector."""
+        e = self.state.exporter
+        for p in payloads:
+            self._udp_socket().sendto(p, (e.collector, e.port))
+
     def _send(self, ipfix_set: bytes, now: float, data: bool) -> None:
         e = self.state.exporter
         header = struct.pack(">HHIII", 10, 16 + len(ipfix_set), int(now), self.state.sequence, 1)

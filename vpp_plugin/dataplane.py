@@ -86,6 +86,9 @@ class VppDataplane:
             self.metrics.vpp_decode_errors.labels(why).inc(count)
             log.warning("malformed IPFIX from VPP", extra={"reason": why, "count": count})
         errors.clear()
+        if self.mediator.foreign:  # not from VPP: dropped, never named
+            self.metrics.vpp_foreign_datagrams.inc(self.mediator.foreign)
+            self.mediator.foreign = 0
         if self.mediator.unusable:  # variable-length or options records: not flowprobe's
             self.metrics.vpp_decode_errors.labels("records not in a flowprobe layout").inc(
                 self.mediator.unusable)
@@ -105,11 +108,12 @@ class VppDataplane:
             fresh = self.conn.connect()
             self.interfaces.scan()
             target = discover(self.conn, self.interfaces, self.cfg)
-            if self.mediator is None or (self.mediator.address, self.mediator.port) != (
-                    target.collector, target.port):
+            if self.mediator is None or (self.mediator.address, self.mediator.port,
+                                         self.mediator.source) != (
+                    target.collector, target.port, target.source):
                 if self.mediator is not None:
                     self.mediator.close()
-                self.mediator = Mediator(target.collector, target.port)
+                self.mediator = Mediator(target.collector, target.port, target.source)
             if fresh:
                 self.flowprobe.ours.clear()  # a new VPP process remembers nothing
                 self.generation += 1

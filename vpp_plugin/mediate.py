@@ -61,9 +61,16 @@ def to_flows(a: np.ndarray) -> np.ndarray:
     return out
 
 
+FLOWPROBE_PORT = 4739  # flowprobe's UDP source port, in every release
+
+
 class Mediator:
-    def __init__(self, address: str, port: int, rcvbuf: int = 8 << 20) -> None:
-        self.address, self.port = address, port
+    def __init__(self, address: str, port: int, source: str = "", rcvbuf: int = 8 << 20) -> None:
+        """source: the address the agent configured as VPP's IPFIX source; datagrams from
+        anywhere else (or from another port than flowprobe's) are counted and dropped,
+        never labelled with pod names. Empty: every sender is taken (benchmarks)."""
+        self.address, self.port, self.source = address, port, source
+        self.foreign = 0  # datagrams dropped: not from VPP
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         try:
@@ -86,6 +93,9 @@ class Mediator:
                 n, peer = self.sock.recvfrom_into(self.buf)
             except BlockingIOError:
                 break
+            if self.source and (peer[0] != self.source or peer[1] != FLOWPROBE_PORT):
+                self.foreign += 1
+                continue
             sets += self.decoder.message(bytes(view[:n]), f"{peer[0]}:{peer[1]}")
         by_layout: dict[np.dtype, list[bytes]] = {}  # sets of one template: one conversion
         for rs in sets:
