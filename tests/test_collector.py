@@ -440,12 +440,55 @@ def pki(tmp_path):
         run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
             f"/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
     (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, ca in (("collector", "ca"), ("agent", "ca"), ("rogue", "rogue-ca")):
+    (tmp_path / "other.cnf").write_text("subjectAltName=IP:127.0.0.2,DNS:elsewhere\n")
+    for name, ca, san in (("collector", "ca", "san"), ("agent", "ca", "san"),
+                          ("rogue", "rogue-ca", "san"), ("rogue-collector", "rogue-ca", "san"),
+                          ("misnamed-collector", "ca", "other")):
         run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
             f"{name}.key", "-out", f"{name}.csr")
         run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem")
+            "-CAcreateserial", "-days", "2", "-extfile", f"{san}.cnf", "-out", f"{name}.pem")
     return tmp_path
+
+
+@pytest.mark.parametrize("case", ["collector for another name", "collector of another CA",
+                                  "agent without a certificate"])
+def test_tls_refusals_are_counted_logged_and_send_nothing(node, pki, case):
+    """The agent refuses a collector whose certificate names another address or comes
+    from a CA it does not trust; a collector that requires a client certificate refuses
+    an agent that has none. Either way nothing is decoded, the refusal is logged and
+    counted, and both keep running."""
+    a, b = node.pods
+    cert = {"collector for another name": "misnamed-collector",
+            "collector of another CA": "rogue-collector"}.get(case, "collector")
+    out = pki / f"{cert}.jsonl"
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", node.netns, str(CNIFLOW), "collector", "--listen",
+         "127.0.0.1:4740", "--transport", "tls", "--tls-cert", str(pki / f"{cert}.pem"),
+         "--tls-key", str(pki / f"{cert}.key"), "--tls-ca", str(pki / "ca.pem"), "--output",
+         str(out), "--metrics-address", "127.0.0.1:9478"], stderr=(pki / "log").open("w"))
+    oracles._wait_port(node.netns, 4740, "t", 15)
+    mine = () if case == "agent without a certificate" else (
+        "--tls-cert", str(pki / "agent.pem"), "--tls-key", str(pki / "agent.key"))
+    try:
+        with agent(node, "--idle-timeout", "0.5", "--transport", "tls", "--tls-ca",
+                   str(pki / "ca.pem"), *mine, collector="127.0.0.1:4740") as running:
+            for _ in range(4):
+                send_udp(node, 0, b.ipv4, 9870, count=3, size=50)
+                time.sleep(1)
+            assert wait_for(lambda: running.metrics()["cniflow_export_errors_total"] > 0, 10)
+            log = running.log.read_text()
+            assert running.proc.poll() is None and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert not out.exists() or not out.read_text().strip()
+    if case == "agent without a certificate":
+        assert "tls handshake failed" in (pki / "log").read_text()
+    else:
+        assert "CERTIFICATE_VERIFY_FAILED" in log and (
+            "IP address mismatch" in log if cert == "misnamed-collector"
+            else "unable to get local issuer certificate" in log), log
 
 
 def test_over_tls_with_certificates_both_ways(node, pki):
