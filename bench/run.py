@@ -242,6 +242,53 @@ print(json.dumps({{"active_flows": len(table), "rss_mb": rss(), "rss_after_load_
 """
 
 
+AT_LIMITS = """
+import json, socket, sys
+import numpy as np
+sys.path[:0] = [{root!r}]
+from agent import memory
+from agent.exporter import Exporter
+from agent.flowtable import FlowTable
+from agent.metrics import Metrics
+from agent.records import FLOW_DTYPE
+from agent.transport import TcpTransport, UdpTransport
+def status(field):
+    return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status")
+                if l.startswith(field))
+memory.keep_heap()
+n, backlog, step = {n}, {backlog}, 65536
+table = FlowTable(active_timeout_s=3600, idle_timeout_s=3600, max_flows=n)
+for i in range(0, n, step):
+    k = min(step, n - i)
+    b = np.zeros(k, FLOW_DTYPE)
+    b["key"]["ifindex"], b["key"]["ip_version"], b["key"]["proto"] = 7, 4, 17
+    b["key"]["src"][:, :8] = np.arange(i, i + k, dtype=np.uint64).view(np.uint8).reshape(k, 8)
+    b["packets"], b["first_ms"], b["last_ms"] = 1, 1, 1
+    table.update(b, unique=True)
+for _ in range(5):  # polls that fold a drain's worth into flows already there
+    table.update(table.flows[np.random.randint(0, n, step)].copy())
+full = status("VmRSS")
+sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); sink.bind(("127.0.0.1", 0))
+closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); closed.bind(("127.0.0.1", 0))
+port = closed.getsockname()[1]; closed.close()  # the collector away: the backlog fills
+away = Exporter(TcpTransport("127.0.0.1", port), 1, Metrics(), backlog_limit=backlog)
+away.export(table.flows[:backlog].copy(), {{}})  # refused: all of it waits
+exp = Exporter(UdpTransport(*sink.getsockname()), 1, Metrics(), backlog_limit=backlog)
+exp.export(table.flush(), {{7: "lxc0123456789ab"}})  # every flow ends at once
+print(json.dumps({{"flows": n, "backlog": backlog, "rss_table_full_mb": full,
+                   "peak_rss_mb": status("VmHWM")}}))
+"""
+
+
+def memory_at_limits(n: int, backlog: int) -> dict:
+    """The table at --max-flows, the backlog at --export-backlog, then every flow ending
+    at once (encoded and sent in one poll): the peak the DaemonSet's limit must hold."""
+    out = subprocess.run([sys.executable, "-c", AT_LIMITS.format(root=str(ROOT), n=n,
+                                                                 backlog=backlog)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def memory(n: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", MEMORY.format(root=str(ROOT), n=n)],
@@ -266,6 +313,7 @@ def main() -> int:
             200_000 if args.quick else 1_000_000, rounds=2 if args.quick else 3, shared=False
         ),
         "memory": memory(100_000),
+        "memory_at_limits": [memory_at_limits(n, 100_000) for n in (250_000, 1_000_000)],
     }
     print(json.dumps(results, indent=2))
     return 0
