@@ -1,13 +1,18 @@
 """Discover pods: follow this node's pods and all namespaces through the API server.
 
-One thread per resource lists, then watches from the list's resourceVersion.
-A 410 Gone, a dropped watch or an error leads to a fresh list (after a backoff
-when the server is away), so a missed event heals at the next list. The agent's
-poll loop reads a consistent snapshot and reconciles against it in one place.
+One thread per resource lists, then watches from the list's resourceVersion and,
+when a watch ends or drops, resumes from the last version it saw (as client-go's
+reflectors do: no relist of the node's pods every few minutes). A 410 Gone (the
+history it would resume from was compacted) leads to a fresh list. A 401 reloads
+the credentials (projected service-account tokens rotate on disk) and a 403 is
+named with its verb and resource; both are counted and retried with backoff. The
+agent's poll loop reads a consistent snapshot and reconciles against it in one
+place.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -64,7 +69,8 @@ class Follower(threading.Thread):
 
     def __init__(self, name: str, list_fn, field_selector: str | None, parse, key,
                  stop: threading.Event, changed: threading.Event, metrics=None,
-                 watch_seconds: int = 240, backoff_max: float = 10.0) -> None:
+                 watch_seconds: int = 240, backoff_max: float = 10.0,
+                 reauth=None) -> None:
         super().__init__(name=f"follow-{name}", daemon=True)
         self.kind, self.list_fn, self.field_selector = name, list_fn, field_selector
         self.parse, self.key = parse, key
@@ -74,6 +80,7 @@ class Follower(threading.Thread):
         self.lock = threading.Lock()
         self.synced = threading.Event()
         self.relists = 0
+        self.reauth = reauth  # reloads the credentials after a 401
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -82,29 +89,50 @@ class Follower(threading.Thread):
     def run(self) -> None:
         from kubernetes import client, watch
 
-        backoff = 0.5
+        backoff, version = 0.5, None
         while not self.stop_event.is_set():
             try:
-                version = self._list()
-                backoff = 0.5
+                if version is None:
+                    version = self._list()
                 w = watch.Watch()
                 kwargs = {"resource_version": version, "timeout_seconds": self.watch_seconds}
                 if self.field_selector:
                     kwargs["field_selector"] = self.field_selector
                 for event in w.stream(self.list_fn, **kwargs):
                     self._apply(event["type"], event["raw_object"])
+                    version = w.resource_version or version
+                    backoff = 0.5
                     if self.stop_event.is_set():
                         w.stop()
-                # the watch ended (timeout or dropped connection): list again
+                # the watch ended (its timeout): resume from the last version seen
             except client.ApiException as e:
-                if e.status != 410:
-                    self._failed(str(e.reason or e), backoff)
-                    backoff = min(backoff * 2, self.backoff_max)
-                else:
+                if e.status == 410:
                     log.info("watch expired, relisting", extra={"resource": self.kind})
-            except Exception as e:  # connection refused, reset, timeouts
+                    version = None
+                    continue
+                self._refused(e, backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+            except Exception as e:  # connection refused, reset, timeouts: resume, or relist
                 self._failed(str(e), backoff)
                 backoff = min(backoff * 2, self.backoff_max)
+
+    def _refused(self, e, backoff: float) -> None:
+        """401: credentials reloaded (a rotated token); 403: the missing right named."""
+        if e.status == 401 and self.reauth is not None:
+            log.warning("api server refused the credentials (401): reloading them",
+                        extra={"resource": self.kind})
+            self.reauth()
+        elif e.status == 403:
+            log.error(f"forbidden (403): the service account may not list and watch "
+                      f"{self.kind}; grant get, list and watch on {self.kind} "
+                      "(daemonset/rbac.yaml)", extra={"resource": self.kind,
+                                                       "err": str(e.reason)[:200]})
+        else:
+            log.warning("api server error", extra={"resource": self.kind, "status": e.status,
+                                                   "err": str(e.reason)[:200]})
+        if self.metrics:
+            self.metrics.api_errors.inc()
+        self.stop_event.wait(backoff)
 
     def _failed(self, err: str, backoff: float) -> None:
         log.warning("api server unreachable", extra={"resource": self.kind, "err": err[:200]})
@@ -144,26 +172,47 @@ class Cluster:
     """This node's pods and every namespace, as the API server tells them."""
 
     def __init__(self, node_name: str, kubeconfig: str = "", metrics=None) -> None:
+        self.kubeconfig = kubeconfig
+        self.v1 = self._connect()
+        self.node_name = node_name
+        self.stop_event = threading.Event()
+        self.changed = threading.Event()
+
+        def follow(name, method, selector, parse, key) -> Follower:
+            def list_fn(*args, **kwargs):  # the current client: credentials may reload
+                return getattr(self.v1, method)(*args, **kwargs)
+
+            functools.update_wrapper(list_fn, getattr(self.v1, method))  # its return type
+            return Follower(name, list_fn, selector, parse, key, self.stop_event,
+                            self.changed, metrics, reauth=self.reauth)
+
+        self.pods = follow("pods", "list_pod_for_all_namespaces",
+                           f"spec.nodeName={node_name}", pod_from, lambda p: p.uid)
+        self.namespaces = follow("namespaces", "list_namespace", None, namespace_from,
+                                 lambda n: n[0])
+        self.nodes = follow("nodes", "list_node", f"metadata.name={node_name}", node_from,
+                            lambda n: n[0])
+
+    def _connect(self):
+        """A client from the kubeconfig, or the in-cluster service account (whose
+        projected token is read again), or $KUBECONFIG."""
         from kubernetes import client, config
 
-        if kubeconfig:
-            config.load_kube_config(kubeconfig)
+        if self.kubeconfig:
+            config.load_kube_config(self.kubeconfig)
         else:
             try:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()  # KUBECONFIG or ~/.kube/config
-        v1 = client.CoreV1Api()
-        self.node_name = node_name
-        self.stop_event = threading.Event()
-        self.changed = threading.Event()
-        self.pods = Follower("pods", v1.list_pod_for_all_namespaces,
-                             f"spec.nodeName={node_name}", pod_from, lambda p: p.uid,
-                             self.stop_event, self.changed, metrics)
-        self.namespaces = Follower("namespaces", v1.list_namespace, None, namespace_from,
-                                   lambda n: n[0], self.stop_event, self.changed, metrics)
-        self.nodes = Follower("nodes", v1.list_node, f"metadata.name={node_name}", node_from,
-                              lambda n: n[0], self.stop_event, self.changed, metrics)
+        return client.CoreV1Api()
+
+    def reauth(self) -> None:
+        """Credentials read again (a token rotated on disk); a failure is retried later."""
+        try:
+            self.v1 = self._connect()
+        except Exception as e:  # noqa: BLE001  (a half-written token file, say)
+            log.warning("reloading credentials failed", extra={"err": str(e)[:200]})
 
     def start(self) -> None:
         self.pods.start()

@@ -44,6 +44,8 @@ class State:
         self.cond = threading.Condition()
         self.rv = 100
         self.objects: dict[str, dict[str, dict]] = {"pods": {}, "namespaces": {}, "nodes": {}}
+        self.token = "t"  # the bearer token the server accepts (rotated by the tests)
+        self.forbidden: set[str] = set()  # resources the service account may not read
         self.history: list[tuple[int, str, str, dict]] = []  # (rv, kind, type, object)
         self.oldest = self.rv  # watches from an older version get 410 Gone
         self.epoch = 0  # bumped to drop every open watch
@@ -113,6 +115,16 @@ class Handler(BaseHTTPRequestHandler):
         kind = url.path.removeprefix("/api/v1/")
         if kind not in LISTS:
             return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+        if self.headers.get("Authorization") != f"Bearer {self.state.token}":
+            return self._json(401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                    "message": "Unauthorized", "reason": "Unauthorized",
+                                    "code": 401})
+        if kind in self.state.forbidden:  # as the API server words it
+            return self._json(403, {
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                "reason": "Forbidden", "details": {"kind": kind},
+                "message": f'{kind} is forbidden: User "system:serviceaccount:cniflow:cniflow" '
+                           f'cannot list resource "{kind}" in API group "" at the cluster scope'})
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         selector = None  # (field, value): spec.nodeName for pods, metadata.name for nodes
         if "=" in q.get("fieldSelector", ""):
@@ -211,11 +223,14 @@ class FakeApiServer:
             self._server = None
         self.state.drop_watches()
 
-    def kubeconfig(self, path: Path) -> Path:
+    def kubeconfig(self, path: Path, token_file: Path | None = None) -> Path:
+        """A kubeconfig with the server's token, or pointing at a token file (as a
+        projected service-account token, which the kubelet rotates on disk)."""
+        user = {"tokenFile": str(token_file)} if token_file else {"token": self.state.token}
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
             "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
-            "users": [{"name": "fake", "user": {"token": "t"}}],
+            "users": [{"name": "fake", "user": user}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
         }))
         return path

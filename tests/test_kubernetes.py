@@ -165,6 +165,9 @@ def test_the_agent_keeps_metering_while_the_api_server_is_away_and_converges_aft
         api.start()
         assert wait_for(lambda: not attached(node, db), 20), running.log.read_text()
         assert attached(node, web)
+        # the agent resumed its watch from the version it had seen: the 410 came from
+        # the watch (the list never answers 410), and then it listed again
+        assert '"msg": "watch expired, relisting"' in running.log.read_text()
     tshark.stop()
     sent = [r for r in tshark.pod_records() if r["dport"] == 9730 and r["interface"] == web.host_if]
     assert sum(r["packets"] for r in sent) == 5 and {r["src_pod"] for r in sent} == {"web"}
@@ -308,3 +311,31 @@ def test_an_address_names_the_pod_that_owns_it_and_the_node_is_never_a_pod():
     assert echo and all((r["src_pod"], r["src_node"], r["dst_pod"]) == ("", NODE, "web-7d9f")
                         for r in echo), echo
     assert sum(r["packets"] for r in echo) == 3
+
+
+def test_a_rotated_token_is_picked_up_and_a_forbidden_resource_is_named(node, api, tmp_path):
+    """Projected service-account tokens rotate on disk: after the API server starts
+    refusing the old one (401), the agent reads the file again and carries on, without a
+    restart. A resource the service account may not read (403) is named with what to
+    grant, counted and retried, while the rest keeps working."""
+    web, db = node.pods
+    token = tmp_path / "token"
+    token.write_text(api.state.token)
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig", token_file=token)
+    api.namespace("shop")
+    api.pod("shop", "web", NODE, [web.ipv4], OPT_IN)
+    api.pod("shop", "db", NODE, [db.ipv4], {})
+    api.state.forbidden.add("nodes")
+    with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
+               interfaces=(), wait_attached=False) as running:
+        assert wait_for(lambda: attached(node, web), 10), running.log.read_text()
+        assert wait_for(lambda: running.log.read_text().count("forbidden (403)") >= 2, 10)
+        token.write_text("rotated-2")  # the kubelet rotates it; the server follows
+        api.state.token = "rotated-2"
+        api.state.drop_watches()
+        api.pod("shop", "db", NODE, [db.ipv4], OPT_IN)  # seen only with the new token
+        assert wait_for(lambda: attached(node, db), 20), running.log.read_text()
+        assert running.metrics()["cniflow_api_errors_total"] >= 3
+    log = running.log.read_text()
+    assert "refused the credentials (401): reloading them" in log
+    assert 'grant get, list and watch on nodes' in log and "Traceback" not in log
