@@ -13,6 +13,8 @@ from agent.resolve import Resolver
 
 log = logging.getLogger(__name__)
 
+MAX_WARNED = 1024  # bad annotations remembered (and warned about once each)
+
 
 class PodSource:
     def __init__(self, cluster: Cluster, resolver: Resolver, metrics: Metrics,
@@ -24,6 +26,7 @@ class PodSource:
         self.remembered: dict[int, Pod] = {}  # gone, while their flows are still reported
         self.known: list[Pod] = []
         self._warned: set[tuple[str, str]] = set()
+        self._over = False
         self._host_logged: set[str] = set()
 
     def desired(self, present: dict[int, str]) -> dict[int, str]:
@@ -31,10 +34,21 @@ class PodSource:
         pods, namespaces = self.cluster.snapshot()
         d = decide(pods, namespaces)
         for who, message in d.invalid:
-            if (who, message) not in self._warned:
-                self._warned.add((who, message))
-                self.metrics.annotation_errors.inc()
-                log.warning("bad annotation", extra={"object": who, "problem": message})
+            if (who, message) in self._warned:
+                continue
+            if len(self._warned) >= MAX_WARNED:  # what namespace owners write: bounded
+                if not self._over:
+                    log.warning("more bad annotations than are remembered: the rest are "
+                                "neither logged nor counted until some are fixed",
+                                extra={"remembered": MAX_WARNED})
+                self._over = True
+                continue
+            self._warned.add((who, message))
+            self.metrics.annotation_errors.inc()
+            log.warning("bad annotation", extra={"object": who, "problem": message})
+        # forget what is fixed or gone: a value set again is warned about again
+        self._warned &= set(d.invalid)
+        self._over = self._over and len(self._warned) >= MAX_WARNED
         for pod in d.host_network:
             if pod.uid not in self._host_logged:
                 self._host_logged.add(pod.uid)
