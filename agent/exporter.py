@@ -33,6 +33,8 @@ from agent.records import take
 
 log = logging.getLogger(__name__)
 
+CLOSE_WAIT_STEPS = 20  # at exit, up to 2 s for the collector to acknowledge the last records
+
 
 class Exporter:
     def __init__(
@@ -66,10 +68,16 @@ class Exporter:
         self.lost = {"flows": 0, "packets": 0, "octets": 0, "first_ms": 0, "last_ms": 0}
         self._options_sent: tuple | None = None
         self._sent_messages = self._sent_records = 0
+        # Over TCP and TLS, records written into the connection count as exported only
+        # once the collector's kernel acknowledged them; if the connection breaks first,
+        # they are sent again on the next one. (stream offset after them, records)
+        self.unconfirmed: deque[tuple[int, np.ndarray]] = deque()
+        self._unconfirmed_session = None
 
     def export(self, records: np.ndarray, ifnames: Mapping[int, str], pods=None) -> None:
         """Queue records and send everything the collector can take now. pods: an
         agent.podmeta.PodTable naming the pods (required when built with_pods)."""
+        self._confirm()
         if len(records):
             if self.biflow:  # pairs are made from what is due together
                 records = pair(records)
@@ -102,6 +110,25 @@ class Exporter:
                 self.backlog.popleft()
             else:
                 self.backlog[0] = oldest[drop:]
+
+    def _confirm(self) -> None:
+        """Records the collector acknowledged count as exported; those written into a
+        connection that broke before it acknowledged them wait to be sent again, first."""
+        if not self.unconfirmed:
+            return
+        if self.transport.connected and self.transport.session == self._unconfirmed_session:
+            acked = self.transport.acked()
+            while self.unconfirmed and self.unconfirmed[0][0] <= acked:
+                self._sent_records += len(self.unconfirmed.popleft()[1])
+            return
+        resend = [recs for _, recs in self.unconfirmed]
+        self.unconfirmed.clear()
+        self.backlog.extendleft(reversed(resend))
+        count = sum(len(r) for r in resend)
+        self.backlog_records += count
+        self.metrics.records_resent.inc(count)
+        log.info("records sent again: the connection broke before the collector "
+                 "acknowledged them", extra={"records": count})
 
     def _count_lost(self, gone: np.ndarray) -> None:
         lost = self.lost
@@ -197,6 +224,15 @@ class Exporter:
             # 10.4.2), and Wireshark 4.0 misreads options withdrawal records.
             body = set_bytes(2, withdraw)
             self._emit(message(body, int(self.clock()), self.sequence, self.domain), 0)
+        for _ in range(CLOSE_WAIT_STEPS):  # the collector's acknowledgements, briefly
+            self._confirm()
+            if not self.unconfirmed or not self.transport.connected:
+                break
+            time.sleep(0.1)
+        for _, recs in self.unconfirmed:  # not acknowledged, and no next connection
+            self.metrics.records_dropped.inc(len(recs))
+            self._count_lost(recs)
+        self.unconfirmed.clear()
         self._count()
         self.transport.close()
 
@@ -218,7 +254,7 @@ class Exporter:
                 # Refused: the collector is away or restarting, and one that comes back
                 # knows no template. They go out again with the next data.
                 self.templates_due = 0.0
-        if self._sent_messages:
+        if self._sent_messages or self._sent_records:
             self.metrics.messages_exported.inc(self._sent_messages)
             self.metrics.records_exported.inc(self._sent_records)
             self._sent_messages = self._sent_records = 0
@@ -241,7 +277,11 @@ class Exporter:
             records = int(msgs.counts[:sent].sum())
             self.sequence = (self.sequence + records) & 0xFFFFFFFF
             self._sent_messages += sent
-            self._sent_records += records
+            if self.transport.kind == "udp":
+                self._sent_records += records
+            elif records:  # counted once acknowledged (_confirm)
+                self.unconfirmed.append((self.transport.written, take(sub, msgs.rows[:records])))
+                self._unconfirmed_session = self.transport.session
             if sent < len(msgs):
                 return np.concatenate([take(sub, msgs.rows_after(sent)), take(batch, version > v)])
         return batch[:0]

@@ -33,6 +33,10 @@ class Metrics:
             "Flow records lost because the export backlog overflowed",
             registry=r,
         )
+        self.records_resent = Counter(
+            "cniflow_records_resent",
+            "Flow records sent again: the TCP connection broke before the collector "
+            "acknowledged them", registry=r)
         self.export_backlog = Gauge(
             "cniflow_export_backlog_records", "Flow records waiting for the collector", registry=r
         )

@@ -7,11 +7,14 @@ connection for TCP.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import logging
 import os
 import socket
 import ssl
+import termios
 import time
 
 import numpy as np
@@ -117,6 +120,25 @@ class TcpTransport:
         self.session = 0
         self.errors = 0
         self.last_error = ""
+        self.written = 0  # octets written into the current connection
+
+    @property
+    def connected(self) -> bool:
+        return self.sock is not None
+
+    def acked(self) -> int:
+        """Octets of the current connection the collector's kernel has acknowledged:
+        written, less what still waits in the send queue (SIOCOUTQ). Over TLS the queue
+        holds ciphertext, a little longer than what it carries: a slight underestimate,
+        so what is retained for resending errs on the side of more."""
+        if self.sock is None:
+            return 0
+        buf = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buf)
+        except OSError:
+            return 0
+        return max(0, self.written - buf[0])
 
     def ready(self) -> bool:
         if self.sock is not None:
@@ -136,6 +158,7 @@ class TcpTransport:
             return False
         self.sock = s
         self.session += 1
+        self.written = 0
         self.backoff = self.backoff_min
         log.info(
             "collector connected", extra={"collector": str(self.addr), "session": self.session}
@@ -155,6 +178,7 @@ class TcpTransport:
             return False
         try:
             self.sock.sendall(msg)
+            self.written += len(msg)
             return True
         except OSError as e:
             self.sock.close()
@@ -175,9 +199,12 @@ class TcpTransport:
             while done < len(view):
                 done += self.sock.send(view[done:])
         except OSError as e:
+            self.written += done
             self.sock.close()
             self.sock = None
             self._failed(str(e))
+        else:
+            self.written += done
         return int(np.searchsorted(msgs.offsets + msgs.lengths, done, "right"))
 
     def close(self) -> None:

@@ -213,3 +213,77 @@ def test_a_refused_attach_is_tried_again_with_backoff(node):
         for fd in links:
             os.close(fd)
         progs.cleanup()
+
+
+LOSSY = """
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/in.h>
+BPF_ARRAY(on, u32, 1);
+int lossy(struct __sk_buff *skb) {  /* loopback: drop TCP segments to port 4739 while on */
+    int k = 0;
+    u32 *v = on.lookup(&k);
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    struct iphdr *ip = data + sizeof(struct ethhdr);
+    struct tcphdr *tcp = (void *)(ip + 1);
+    if (!v || !*v || (void *)(tcp + 1) > end || ip->protocol != IPPROTO_TCP)
+        return TC_ACT_UNSPEC;
+    return tcp->dest == __constant_htons(4739) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+}
+"""
+
+
+def test_records_in_a_connection_that_breaks_unacknowledged_are_sent_again(node):
+    """Over TCP a record counts as exported once the collector's kernel acknowledged it.
+    The path to the collector loses everything for a while, records are written into the
+    connection meanwhile, then the connection is torn down: those records are sent again
+    on the next connection, and the collector gets every one exactly once."""
+    import socket as sock
+
+    from bcc import BPF
+    from fakeapi import in_netns
+    from test_collector import RunningCollector
+
+    from bpf import syscall
+
+    a, b = node.pods
+    lossy = BPF(text=LOSSY.encode(), cflags=["-w"])
+    fn = lossy.load_func(b"lossy", BPF.SCHED_CLS)
+    link = in_netns(node.netns, lambda: syscall.link_create(
+        fn.fd, sock.if_nametoindex("lo"), syscall.TCX_EGRESS, 0))
+    collector = RunningCollector(node.netns, 4739, "tcp")
+    try:
+        with agent(node, "--transport", "tcp", "--idle-timeout", "0.5") as running:
+            send_udp(node, 0, b.ipv4, 9880, count=5, size=10)
+            assert wait_for(lambda: [r for r in collector.records()
+                                     if r.get("destinationTransportPort") == 9880], 10)
+            lossy[b"on"][0] = lossy[b"on"].Leaf(1)  # nothing reaches the collector now
+            send_udp(node, 0, b.ipv4, 9881, count=5, size=10)
+            assert wait_for(lambda: running.metrics()["cniflow_records_exported_total"] >= 1
+                            and _queued(node) > 0, 10)  # written, not acknowledged
+            exported = running.metrics()["cniflow_records_exported_total"]
+            subprocess.run(node.exec("ss -K dst 127.0.0.1 dport = 4739").split(), check=True,
+                           capture_output=True)  # the agent's connection torn down
+            lossy[b"on"][0] = lossy[b"on"].Leaf(0)
+            send_udp(node, 0, b.ipv4, 9882, count=3, size=10)
+            assert wait_for(lambda: running.metrics()["cniflow_records_resent_total"] >= 1, 15)
+            assert wait_for(lambda: {9881, 9882} <= {r.get("destinationTransportPort")
+                                                     for r in collector.records()}, 15)
+            time.sleep(1)
+            assert running.metrics()["cniflow_records_exported_total"] >= exported
+    finally:
+        os.close(link)
+        lossy.cleanup()
+    rows = collector.stop()
+    for port, count in ((9880, 5), (9881, 5), (9882, 3)):
+        assert sum(r["packetDeltaCount"] for r in rows
+                   if r.get("destinationTransportPort") == port) == count, port
+
+
+def _queued(node) -> int:
+    """Octets waiting in the send queue of the agent's connection to the collector."""
+    out = subprocess.run(node.exec("ss -tnH dst 127.0.0.1 dport = 4739").split(),
+                         capture_output=True, text=True).stdout.split()
+    return int(out[2]) if len(out) > 2 else 0
