@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import re
 import socket
 from dataclasses import dataclass
@@ -102,7 +103,10 @@ class Flowprobe:
         # VPP exports a running flow's delta every active_timer seconds; at most the
         # agent's idle timeout, or the agent would end flows VPP still sees.
         self.active = max(1, int(min(active_s, idle_s)))
-        self.passive = max(self.active, int(max(active_s, idle_s)))
+        # flowprobe_walker_process (node.c) deletes an entry quiet for (u64)(0.9 x
+        # passive) and exports it first only if its active timer passed since its last
+        # export: a passive timer under (active + 1) / 0.9 can lose a flow's last packets.
+        self.passive = max(math.ceil((self.active + 1) / 0.9), int(max(active_s, idle_s)))
         self.ours: dict[int, int] = {}  # sw_if_index -> variant enabled by this agent
         self.target: Target | None = None
 
