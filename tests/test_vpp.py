@@ -161,6 +161,47 @@ def test_opt_out_and_delete_turn_flowprobe_off_and_a_vpp_restart_heals(version):
         collector.stop()
 
 
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_a_long_flow_reported_many_times_by_vpp_leaves_what_cniflows_active_timeout_calls_for(
+        version):
+    """flowprobe keeps a flow's start at its creation and reports the counts since its
+    previous report every active timer. A 50 s flow, reported 10 times 5 s apart and
+    once more by VPP's timer process, under cniflow's active timeout of 20 s: three
+    records (two active timeouts, then idle) that tile the flow, counts exact. Times are
+    the simulation's (VPP's clock, ending 30 s ago), delivered in one flush."""
+    with lab(version) as lb:
+        web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        collector = RunningCollector(lb.node.netns, 4739)
+        with vpp_agent(lb, "--active-timeout", "20", "--idle-timeout", "5") as running:
+            assert wait_for(lambda: enabled(lb, web), 15), running.log.read_text()
+            assert (lb.sim.state.active, lb.sim.state.passive) == (5, 20)
+            flow = {"src": "10.9.9.9", "dst": "10.1.0.5", "proto": 6, "sport": 40000,
+                    "dport": 8080, "packets": 4, "octets": 4000, "tcp_flags": 0x18}
+            t0 = time.time() - 80
+            sent = [lb.sim.traffic(web, [flow], TX, when=t0 + 5.01 * k, flush=False)
+                    for k in range(11)]
+            assert sent == [0] + [1] * 10  # a report at each packet past the active timer
+            assert lb.sim.tick() == 1  # then the walker, for what the last one left
+
+            def mine():
+                rows = [r for r in records(collector)
+                        if r.get("destinationPodName") == "web-7d9f"]
+                return rows if len(rows) >= 3 else None
+            assert wait_for(mine, 20), running.log.read_text()
+            time.sleep(1.5)  # and no more
+        rows = sorted(mine(), key=lambda r: r["flowStartMilliseconds"])
+        collector.stop()
+        assert len(rows) == 3, rows  # not one per VPP report (11)
+        assert [r["flowEndReason"] for r in rows] == [2, 2, 1]
+        assert sum(r["packetDeltaCount"] for r in rows) == 11 * 4
+        assert sum(r["octetDeltaCount"] for r in rows) == 11 * 4000
+        start, ends = int(t0 * 1000), [int((t0 + 5.01 * k) * 1000) for k in (4, 8, 10)]
+        assert [r["flowStartMilliseconds"] for r in rows] == [start] + ends[:2]
+        assert [r["flowEndMilliseconds"] for r in rows] == ends
+        for before, after in zip(rows, rows[1:]):
+            assert after["flowStartMilliseconds"] >= before["flowEndMilliseconds"]
+
+
 def test_a_crc_mismatch_is_a_clear_error_and_the_agent_keeps_trying():
     with lab(CURRENT, crc_override={"set_ipfix_exporter": "deadbeef"}) as lb:
         lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
