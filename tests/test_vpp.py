@@ -6,6 +6,7 @@ by cniflow collector."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import struct
 import subprocess
@@ -200,6 +201,54 @@ def test_a_long_flow_reported_many_times_by_vpp_leaves_what_cniflows_active_time
         assert [r["flowEndMilliseconds"] for r in rows] == ends
         for before, after in zip(rows, rows[1:]):
             assert after["flowStartMilliseconds"] >= before["flowEndMilliseconds"]
+
+
+def swap_interfaces(lb: Lab, a: str, b: str) -> None:
+    """Two pods' interfaces come back with each other's index (the CNI re-creates them
+    after VPP restarts, in another order)."""
+    s = lb.sim
+    (sa, ipa), (sb, ipb) = lb.pods[a], lb.pods[b]
+    s.interfaces[sa], s.interfaces[sb] = (dataclasses.replace(s.interfaces[sb], sw_if_index=sa),
+                                          dataclasses.replace(s.interfaces[sa], sw_if_index=sb))
+    moved = {sa: sb, sb: sa}
+    s.routes = {ip: moved.get(sw, sw) for ip, sw in s.routes.items()}
+    s.neighbors = [(moved.get(sw, sw), ip, mac, flags) for sw, ip, mac, flags in s.neighbors]
+    lb.pods[a], lb.pods[b] = (sb, ipa), (sa, ipb)
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_vpp_restarting_in_its_container_with_the_same_pid_is_noticed_and_healed(version):
+    """A container's PID namespace gives VPP the same pid at every start; the message
+    table and the client index are the same too. The agent notices by the lost
+    connection and an exporter VPP no longer has: it re-resolves the pods (their
+    interfaces came back swapped) and turns flowprobe on again (19.08 cannot be asked
+    what is on, so the agent must forget what it had turned on)."""
+    with lab(version) as lb:
+        lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        lb.pod("db-0", "10.1.0.6", OPT_IN)
+        collector = RunningCollector(lb.node.netns, 4739)
+        with vpp_agent(lb) as running:
+            web, db = lb.pods["web-7d9f"][0], lb.pods["db-0"][0]
+            assert wait_for(lambda: enabled(lb, web) and enabled(lb, db), 15), \
+                running.log.read_text()
+            pid, ids = lb.sim.pid, dict(lb.sim.by_name)
+            lb.sim.stop()
+            swap_interfaces(lb, "web-7d9f", "db-0")
+            time.sleep(1.0)
+            lb.sim.start(container=True)
+            assert (lb.sim.pid, lb.sim.by_name) == (pid, ids)  # the API looks the same
+            web, db = lb.pods["web-7d9f"][0], lb.pods["db-0"][0]
+            assert wait_for(lambda: enabled(lb, web) and enabled(lb, db), 20), \
+                running.log.read_text()
+            # traffic to web, on its new interface: named web, not db
+            lb.sim.report(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
+            assert wait_for(lambda: pod_totals(records(collector), "web-7d9f",
+                                               "destination")[0] == 10, 15), \
+                running.log.read_text()
+            assert pod_totals(records(collector), "db-0", "destination") == (0, 0)
+            assert "VPP forgot its configuration" in running.log.read_text()
+            assert running.proc.poll() is None
+        collector.stop()
 
 
 def test_a_crc_mismatch_is_a_clear_error_and_the_agent_keeps_trying():

@@ -4,7 +4,9 @@ set, drain flow records.
 VPP may be down, restarting, or another release than the agent expects; none of
 that stops the agent. Each poll checks the connection (control_ping's vpe_pid);
 when VPP is new it re-resolves pods and re-applies everything, since VPP forgets
-its configuration when it restarts.
+its configuration when it restarts. A VPP restarted in its container keeps its pid
+(a new PID namespace), its message table and even its client index; what tells it
+is the lost connection, then an exporter that is no longer ours.
 """
 
 from __future__ import annotations
@@ -130,6 +132,13 @@ class VppDataplane:
                     target.collector, target.port, target.source,
                     forget_after_s=self.flowprobe.active + self.flowprobe.passive
                     + 2 * FLUSH_SECONDS, max_flows=self.cfg.max_flows)
+            if not fresh and self.flowprobe.target is not None and not self.flowprobe.in_force():
+                # The same pid, but our exporter is gone: VPP restarted in its container
+                # (a new PID namespace). Its interfaces may have other indexes now.
+                log.warning("VPP forgot its configuration: a new VPP process with the same "
+                            "pid; re-resolving and re-applying everything",
+                            extra={"vpe_pid": self.conn.vpe_pid})
+                fresh = True
             if fresh:
                 self.flowprobe.ours.clear()  # a new VPP process remembers nothing
                 self.generation += 1
