@@ -251,6 +251,32 @@ def test_vpp_restarting_in_its_container_with_the_same_pid_is_noticed_and_healed
         collector.stop()
 
 
+def log_lines(running) -> list[dict]:
+    out = []
+    for line in running.log.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_while_vpp_is_unreachable_the_agent_says_so_once_and_logs_no_traceback(version):
+    with lab(version) as lb:
+        web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        with vpp_agent(lb) as running:
+            assert wait_for(lambda: enabled(lb, web), 15), running.log.read_text()
+            seen = len(log_lines(running))
+            lb.sim.stop()  # VPP is gone; the pod still wants resolving at every poll
+            time.sleep(4)  # 8 polls
+            lines = log_lines(running)[seen:]
+            assert not [x for x in lines if "exc" in x or x["level"] == "error"
+                        and x["msg"].endswith("failed")], lines
+            assert len([x for x in lines if x["msg"].startswith("VPP: ")]) == 1, lines
+            lb.sim.start()
+            assert wait_for(lambda: enabled(lb, web), 20), running.log.read_text()
+            assert running.proc.poll() is None
+
+
 def test_a_crc_mismatch_is_a_clear_error_and_the_agent_keeps_trying():
     with lab(CURRENT, crc_override={"set_ipfix_exporter": "deadbeef"}) as lb:
         lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
