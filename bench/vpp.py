@@ -102,7 +102,7 @@ def mediate(datagrams: list[bytes]) -> tuple[int, float]:
             tx.sendto(dg, ("127.0.0.1", port))
         t0 = time.perf_counter()
         batch = med.drain()
-        table.update(batch)
+        table.update(batch, reports=True)
         busy += time.perf_counter() - t0
         mediated += len(batch)
     t0 = time.perf_counter()
