@@ -6,7 +6,8 @@ Python object per flow. Keys are always compared in full, so a hash collision
 costs a slow path, never a wrong merge.
 
 Counters in the table are deltas since the flow's previous record, and so are
-first_ms/last_ms (first and last packet of the reporting interval).
+first_ms/last_ms (first and last packet of the reporting interval): an interval
+never starts before the end of the one reported before it.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def sort_exact(h: np.ndarray, words: np.ndarray) -> np.ndarray:
 def fold_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     """Counters of src added to dst (same keys, row for row); returns the result."""
     out = dst.copy()
-    fresh = dst["packets"] == 0
+    fresh = dst["packets"] == 0  # reset by an active timeout: dst's last_ms was reported
     out["packets"] = dst["packets"] + src["packets"]
     out["octets"] = dst["octets"] + src["octets"]
-    out["first_ms"] = np.where(fresh, src["first_ms"], np.minimum(dst["first_ms"], src["first_ms"]))
+    after = np.maximum(src["first_ms"], np.minimum(dst["last_ms"], src["last_ms"]))
+    out["first_ms"] = np.where(fresh, after, np.minimum(dst["first_ms"], src["first_ms"]))
     out["last_ms"] = np.maximum(dst["last_ms"], src["last_ms"])
     out["tcp_flags"] = dst["tcp_flags"] | src["tcp_flags"]
     out["min_ttl"] = np.where(fresh, src["min_ttl"], np.minimum(dst["min_ttl"], src["min_ttl"]))
@@ -131,27 +133,83 @@ class FlowTable:
         self._words = np.zeros((0, 6), np.uint64)
         self.sorted_h = np.zeros(0, np.uint64)
         self.order = np.zeros(0, np.int64)
+        self._early: list[np.ndarray] = []  # fell due while folding reports: out next expire
 
     def __len__(self) -> int:
         return len(self.flows)
 
-    def update(self, batch: np.ndarray, unique: bool = False) -> np.ndarray:
+    def update(self, batch: np.ndarray, unique: bool = False,
+               reports: bool = False) -> np.ndarray:
         """Fold a batch in; returns the records evicted because the table is full.
-        unique: the batch never repeats a key (a kernel drain), skip folding it."""
+        unique: the batch never repeats a key (a kernel drain), skip folding it.
+        reports: each row is a meter's report (VPP's flowprobe) of the interval since
+        its previous report of that flow, and a key may come several times. A key's
+        reports are folded one at a time in the order of their ends, with the timeouts
+        applied at each as if it had come alone: an entry idle for the idle timeout
+        before a report's first packet ends before it, an interval that reaches the
+        active timeout ends with the report that reaches it. Those records leave with
+        the next expire() or flush()."""
         if not len(batch):
             return batch[:0]
+        if reports:
+            return self._reports(batch)
         if not unique:
             batch = aggregate(batch)
         words = key_words(batch)
+        return self._fold(batch, words, key_hash(words))
+
+    def _reports(self, batch: np.ndarray) -> np.ndarray:
+        """A batch of reports in rounds: the first report of each key, then the second,
+        and so on (a poll holds one report per key, or a few when VPP's buffers were
+        flushed late), each round vectorised."""
+        words = key_words(batch)
         h = key_hash(words)
+        by_end = np.argsort(batch["last_ms"], kind="stable")
+        order = by_end[sort_exact(h[by_end], words[by_end])]  # stable: ends stay in order
+        w, hs = words[order], h[order]
+        first_of_key = np.ones(len(order), bool)
+        first_of_key[1:] = (w[1:] != w[:-1]).any(axis=1)
+        if first_of_key.all():
+            return self._fold(batch, words, h, reports=True)
+        b = take(batch, order)
+        at = np.arange(len(order))
+        rank = at - np.maximum.accumulate(np.where(first_of_key, at, 0))
+        evicted = [self._fold(take(b, rank == r), w[rank == r], hs[rank == r], reports=True)
+                   for r in range(int(rank.max()) + 1)]
+        return np.concatenate(evicted)
+
+    def _reset(self, rows: np.ndarray, which: np.ndarray, reason: int) -> None:
+        """Rows that fell due while folding reports: recorded, their counters reset
+        (first_ms/last_ms stay: the next interval starts after this one's end)."""
+        out = take(rows, which)
+        out["end_reason"] = reason
+        self._early.append(out)
+        for name in ("packets", "octets", "tcp_flags", "min_ttl", "max_ttl"):
+            rows[name][which] = 0
+
+    def _fold(self, batch: np.ndarray, words: np.ndarray, h: np.ndarray,
+              reports: bool = False) -> np.ndarray:
+        """Fold a batch whose keys are all distinct."""
         match = self._find(h, words)
         hit = match >= 0
         if hit.any():
             idx = match[hit]
-            self.flows[idx] = fold_into(take(self.flows, idx), take(batch, hit))
+            dst, src = take(self.flows, idx), take(batch, hit)
+            if reports:  # quiet for the idle timeout before this report: ended before it
+                quiet = src["first_ms"].astype(np.int64) - dst["last_ms"].astype(np.int64)
+                idle = (dst["packets"] > 0) & (quiet >= self.idle_ms)
+                if idle.any():
+                    self._reset(dst, idle, IDLE_TIMEOUT)
+            dst = fold_into(dst, src)
+            if reports:
+                self._active_reached(dst)
+            self.flows[idx] = dst
         new = ~hit
         if not new.any():
             return batch[:0]
+        if reports:
+            batch = batch.copy()
+            self._active_reached(batch, new)
         evicted = self._make_room(int(new.sum()))
         if not len(self.flows) and new.all():  # first fill: take the batch as it is
             self.flows, self._words = batch, words
@@ -166,6 +224,19 @@ class FlowTable:
         perm = np.argsort(hashes)  # equal hashes need no order: _find scans their range
         self.sorted_h, self.order = hashes[perm], slots[perm]
         return evicted
+
+    def _active_reached(self, rows: np.ndarray, among: np.ndarray | None = None) -> None:
+        """Intervals that reached the active timeout at their last report end there."""
+        span = rows["last_ms"].astype(np.int64) - rows["first_ms"].astype(np.int64)
+        due = (rows["packets"] > 0) & (span >= self.active_ms)
+        if among is not None:
+            due &= among
+        if due.any():
+            self._reset(rows, due, ACTIVE_TIMEOUT)
+
+    def find(self, h: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """Slot of each key (key_hash, key_words) in the table, or -1."""
+        return self._find(h, words)
 
     def _find(self, h: np.ndarray, words: np.ndarray) -> np.ndarray:
         """Slot of each key in the table, or -1. Equal hashes sit side by side in
@@ -209,8 +280,19 @@ class FlowTable:
         self.order = renumber[self.order[kept]]
         self.flows, self._words = take(self.flows, keep), self._words[keep]
 
+    def _take_early(self) -> np.ndarray:
+        early, self._early = self._early, []
+        return np.concatenate(early) if early else self.flows[:0]
+
     def expire(self, now_ms: int) -> np.ndarray:
-        """Records due at now_ms: end of flow (3), idle (1), active timeout (2)."""
+        """Records due at now_ms: end of flow (3), idle (1), active timeout (2), after
+        those that fell due while reports were folded."""
+        early = self._take_early()
+        if len(early):
+            return np.concatenate([early, self._expire(now_ms)])
+        return self._expire(now_ms)
+
+    def _expire(self, now_ms: int) -> np.ndarray:
         f = self.flows
         if not len(f):
             return f[:0]
@@ -260,8 +342,10 @@ class FlowTable:
 
     def flush(self) -> np.ndarray:
         """Everything pending, as at shutdown (4)."""
+        early = self._take_early()
         out = take(self.flows, self.flows["packets"] > 0)
         out["end_reason"] = FORCED_END
+        out = np.concatenate([early, out]) if len(early) else out
         self.flows, self._words = self.flows[:0], self._words[:0]
         self.sorted_h, self.order = self.sorted_h[:0], self.order[:0]
         return out

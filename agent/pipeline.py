@@ -84,8 +84,9 @@ class Agent:
         else:
             self.source = InterfaceSet(cfg.interface)
         self.generation = self.dataplane.generation
-        self.table = FlowTable(
-            cfg.active_timeout, cfg.idle_timeout, cfg.max_flows, end_grace_s=cfg.poll_interval
+        self.table = FlowTable(  # VPP: idle counts from a report, and VPP reports late
+            cfg.active_timeout, cfg.idle_timeout + self.dataplane.report_lag, cfg.max_flows,
+            end_grace_s=cfg.poll_interval
         )
         self.exporter = Exporter(
             self.transport,
@@ -116,7 +117,8 @@ class Agent:
         t0 = time.perf_counter()
         batch = self.dataplane.drain()
         self.metrics.drain_seconds.observe(time.perf_counter() - t0)
-        evicted = self.table.update(batch, unique=self.dataplane.unique)
+        evicted = self.table.update(batch, unique=self.dataplane.unique,
+                                    reports=self.dataplane.reports)
         due = self.table.flush() if final else self.table.expire(int(time.time() * 1000))
         if self.cfg.biflow:  # both directions leave together, to be paired
             due = np.concatenate([due, self.table.partners(due)])

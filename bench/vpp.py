@@ -60,12 +60,14 @@ def flowprobe_datagrams(records: int, distinct: int) -> list[bytes]:
         sim.state.enabled[sw] = (IP4, BOTH)
     per_pod = distinct // PODS
     rounds = records // distinct
-    for _ in range(rounds):  # VPP re-reports every flow at each active timer
+    t0 = time.time() - rounds * (sim.state.active + 1) - sim.state.passive - 5
+    for r in range(rounds):  # VPP re-reports every flow at each active timer
         for sw in range(1, PODS + 1):
             flows = [{"src": f"10.{sw}.{i >> 8 & 255}.{i & 255}", "dst": f"10.200.0.{sw}",
                       "proto": 6, "sport": 1024 + i % 60000, "dport": 443, "packets": 3,
                       "octets": 1800} for i in range(per_pod)]
-            sim.traffic(sw, flows, TX)
+            sim.traffic(sw, flows, TX, when=t0 + r * (sim.state.active + 1))
+    sim.tick()  # the first round created the entries; the walker exports the last
     return cap.datagrams
 
 
@@ -100,7 +102,7 @@ def mediate(datagrams: list[bytes]) -> tuple[int, float]:
             tx.sendto(dg, ("127.0.0.1", port))
         t0 = time.perf_counter()
         batch = med.drain()
-        table.update(batch)
+        table.update(batch, reports=True)
         busy += time.perf_counter() - t0
         mediated += len(batch)
     t0 = time.perf_counter()

@@ -26,6 +26,8 @@ RETRY_MAX_SECONDS = 60.0  # a refused attach is tried again, backing off to this
 class EbpfDataplane:
     generation = 0  # Linux ifindexes do not move under the agent
     unique = True  # a drained map never repeats a key
+    reports = False  # the flow table sees every packet's counts within a poll
+    report_lag = 0.0
     restart_needed = ""
 
     def __init__(self, cfg: Config, metrics: Metrics, ipr) -> None:

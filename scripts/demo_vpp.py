@@ -43,16 +43,16 @@ def main() -> int:
             step(f"the agent configured VPP: exporter {e.src} -> {e.collector}:{e.port} "
                  f"(VRF {e.vrf}, MTU {e.mtu}), flowprobe on "
                  + ", ".join(f"sw_if_index {i}" for i in sorted(lb.sim.state.enabled)))
-            lb.sim.traffic(web, [{"src": "10.1.0.5", "dst": "10.1.0.6", "proto": 6,
+            lb.sim.report(web, [{"src": "10.1.0.5", "dst": "10.1.0.6", "proto": 6,
                                   "sport": 40312, "dport": 5432, "packets": 12,
                                   "octets": 2400, "tcp_flags": 0x1B}], RX)
-            lb.sim.traffic(db, [{"src": "10.1.0.5", "dst": "10.1.0.6", "proto": 6,
+            lb.sim.report(db, [{"src": "10.1.0.5", "dst": "10.1.0.6", "proto": 6,
                                  "sport": 40312, "dport": 5432, "packets": 12,
                                  "octets": 2400, "tcp_flags": 0x1B}], TX)
-            lb.sim.traffic(web, [{"src": "10.1.0.5", "dst": "93.184.216.34", "proto": 17,
+            lb.sim.report(web, [{"src": "10.1.0.5", "dst": "93.184.216.34", "proto": 17,
                                   "sport": 51000, "dport": 53, "packets": 2,
                                   "octets": 140}], RX)
-            step("VPP reported flows; waiting for the idle timeout, then SIGTERM")
+            step("VPP's timer process reported flows it metered a while ago; SIGTERM soon")
             time.sleep(4)
         finally:
             for p in procs:

@@ -45,6 +45,86 @@ def test_counters_are_deltas_across_drains_and_records_tile_time():
     assert len(table) == 0
 
 
+def test_an_interval_after_an_active_timeout_never_starts_before_the_last_one_ended():
+    table = flowtable.FlowTable(active_timeout_s=10, idle_timeout_s=8)
+    table.update(flows(1, t=1000))
+    table.update(flows(1, t=9000))
+    assert list(table.expire(11_000)["last_ms"]) == [9000]
+    late = flows(1, t=13_000)
+    late["first_ms"] = 1000  # a meter that keeps the flow's start (VPP)
+    table.update(late)
+    out = table.expire(19_000)
+    assert (out["first_ms"][0], out["last_ms"][0], out["end_reason"][0]) == (9000, 13_000, 2)
+
+
+def vpp_reports(n: int, step: int = 5010, t0: int = 0) -> np.ndarray:
+    """One flow as flowprobe reports it: the start fixed at the entry's creation."""
+    r = flows(n, t=t0)
+    r["key"]["sport"] = 7
+    r["last_ms"] = t0 + step * np.arange(1, n + 1)
+    r["packets"], r["octets"] = np.arange(1, n + 1), 100 * np.arange(1, n + 1)
+    return r
+
+
+def test_vpp_reports_in_one_batch_leave_as_the_active_timeout_calls_for():
+    from vpp_plugin.mediate import Continuity
+
+    batch = vpp_reports(10)[np.random.default_rng(1).permutation(10)]  # any order
+    batch = Continuity().apply(batch, now_ms=50_100)
+    assert list(batch["first_ms"]) == [0] + [5010 * k for k in range(1, 10)]
+    table = flowtable.FlowTable(active_timeout_s=20, idle_timeout_s=15)
+    table.update(batch, reports=True)
+    early = table.expire(50_100)
+    assert list(early["end_reason"]) == [2, 2]
+    assert list(zip(early["first_ms"], early["last_ms"])) == [(0, 20_040), (20_040, 40_080)]
+    assert table.expire(60_000).size == 0
+    [last] = table.expire(65_100)  # idle since the last report
+    assert (last["first_ms"], last["last_ms"], last["end_reason"]) == (40_080, 50_100, 1)
+    assert sum(early["packets"]) + last["packets"] == 55
+
+
+def test_vpp_reports_one_poll_at_a_time_leave_the_same_records():
+    from vpp_plugin.mediate import Continuity
+
+    memory, table = Continuity(), flowtable.FlowTable(active_timeout_s=20, idle_timeout_s=15)
+    out = []
+    for report in vpp_reports(10):
+        now = int(report["last_ms"]) + 300
+        table.update(memory.apply(report[None], now_ms=now), reports=True)
+        out.append(table.expire(now))
+    out = np.concatenate(out)
+    assert list(zip(out["first_ms"], out["last_ms"])) == [(0, 20_040), (20_040, 40_080)]
+
+
+def test_a_quiet_gap_inside_a_batch_of_reports_ends_the_flow_before_it():
+    table = flowtable.FlowTable(active_timeout_s=60, idle_timeout_s=5)
+    r = vpp_reports(2)
+    r["first_ms"][1] = r["last_ms"][0] + 7000  # a new VPP entry, created after 7 s of quiet
+    r["last_ms"][1] = r["first_ms"][1] + 10
+    table.update(r, reports=True)
+    out = table.expire(int(r["last_ms"][1]))
+    assert list(out["end_reason"]) == [1] and list(out["packets"]) == [1]
+    assert list(table.flush()["packets"]) == [2]
+
+
+def test_the_mediation_remembers_each_flows_last_report_bounded_and_not_forever():
+    from vpp_plugin.mediate import Continuity
+
+    memory = Continuity(forget_after_s=30, max_flows=4)
+    first = vpp_reports(1)
+    assert memory.apply(first, now_ms=5010)["first_ms"][0] == 0  # nothing before it
+    assert memory.apply(vpp_reports(2)[1:], now_ms=10_020)["first_ms"][0] == 5010
+    renewed = vpp_reports(1, t0=30_000)  # VPP's entry expired and came back: its own start
+    assert memory.apply(renewed, now_ms=35_010)["first_ms"][0] == 30_000
+    out_of_order = vpp_reports(1)  # ends before the remembered end: no later than its end
+    assert memory.apply(out_of_order, now_ms=35_010)["first_ms"][0] == 5010
+    others = flows(6, t=40_000, port0=100)
+    memory.apply(others, now_ms=40_000)
+    assert len(memory) == 4  # bounded: the oldest ends went first
+    memory.apply(others[:0], now_ms=80_000)
+    assert len(memory) == 0  # VPP's timers have certainly passed
+
+
 def test_fin_ends_a_flow_after_one_quiet_poll():
     table = flowtable.FlowTable(end_grace_s=1)
     f = flows(1, t=1000)

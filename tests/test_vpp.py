@@ -6,9 +6,11 @@ by cniflow collector."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -78,18 +80,28 @@ def test_a_pod_opts_in_and_its_vpp_flows_reach_the_collector_with_its_names(vers
             else:
                 assert s.enabled[web] == (IP4, TX)
             assert enabled(lb, db) is None
-            # VPP meters: traffic to the pod (TX) always, from it (RX) where it can
-            sent = lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9"), TX)
-            back = lb.sim.traffic(web, [{"src": "10.1.0.5", "dst": "10.9.9.9", "proto": 6,
-                                         "sport": 443, "dport": 40000, "packets": 7,
-                                         "octets": 4200, "tcp_flags": 0x18}], RX)
-            assert sent == 3 and back == (1 if version == CURRENT else 0)
-            # a second report of the same flows (VPP's active timer): folded together
-            lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9"), TX)
+            # VPP meters: traffic to the pod (TX) always, from it (RX) where it can. The
+            # story happened 40 s ago (VPP's clock is the simulation's); a new entry
+            # exports nothing until its active timer (2 s) has passed
+            t0 = time.time() - 40
+            sent = lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9"), TX, when=t0,
+                                  flush=False)
+            lb.sim.traffic(web, [{"src": "10.1.0.5", "dst": "10.9.9.9", "proto": 6,
+                                  "sport": 443, "dport": 40000, "packets": 7,
+                                  "octets": 4200, "tcp_flags": 0x18}], RX, when=t0,
+                           flush=False)
+            # the same flows again after VPP's active timer: exported in the packet path
+            again = lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9"), TX, when=t0 + 3,
+                                   flush=False)
             # an interface of no pod that someone else metered: exported without names
             other = lb.sim.add_interface("tap99" if lb.contiv else "tun99")
             lb.sim.state.enabled[other] = (L2 if lb.contiv else IP4, BOTH)
-            lb.sim.traffic(other, flows("10.1.0.99", "10.9.9.9", 1), TX)
+            lb.sim.traffic(other, flows("10.1.0.99", "10.9.9.9", 1), TX, when=t0,
+                           flush=False)
+            # VPP's timer process: the entries quiet since are deleted, what they still
+            # counted exported; then one flush sends the lot (folded together by the agent)
+            rest = lb.sim.tick()
+            assert (sent, again, rest) == (0, 3, 3 + 1 + (version == CURRENT))
 
             def received():
                 rows = records(collector)
@@ -143,11 +155,126 @@ def test_opt_out_and_delete_turn_flowprobe_off_and_a_vpp_restart_heals(version):
             assert lb.sim.state.enabled == {}
             assert wait_for(lambda: enabled(lb, web), 20), running.log.read_text()
             assert lb.sim.state.exporter.collector == lb.collector_ip
-            lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
+            lb.sim.report(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
             assert wait_for(lambda: pod_totals(records(collector), "web-7d9f",
                                                "destination")[0] == 10, 15)
             assert running.proc.poll() is None
         collector.stop()
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_a_long_flow_reported_many_times_by_vpp_leaves_what_cniflows_active_timeout_calls_for(
+        version):
+    """flowprobe keeps a flow's start at its creation and reports the counts since its
+    previous report every active timer. A 50 s flow, reported 10 times 5 s apart and
+    once more by VPP's timer process, under cniflow's active timeout of 20 s: three
+    records (two active timeouts, then idle) that tile the flow, counts exact. Times are
+    the simulation's (VPP's clock, ending 30 s ago), delivered in one flush."""
+    with lab(version) as lb:
+        web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        collector = RunningCollector(lb.node.netns, 4739)
+        with vpp_agent(lb, "--active-timeout", "20", "--idle-timeout", "5") as running:
+            assert wait_for(lambda: enabled(lb, web), 15), running.log.read_text()
+            assert (lb.sim.state.active, lb.sim.state.passive) == (5, 20)
+            flow = {"src": "10.9.9.9", "dst": "10.1.0.5", "proto": 6, "sport": 40000,
+                    "dport": 8080, "packets": 4, "octets": 4000, "tcp_flags": 0x18}
+            t0 = time.time() - 80
+            sent = [lb.sim.traffic(web, [flow], TX, when=t0 + 5.01 * k, flush=False)
+                    for k in range(11)]
+            assert sent == [0] + [1] * 10  # a report at each packet past the active timer
+            assert lb.sim.tick() == 1  # then the walker, for what the last one left
+
+            def mine():
+                rows = [r for r in records(collector)
+                        if r.get("destinationPodName") == "web-7d9f"]
+                return rows if len(rows) >= 3 else None
+            assert wait_for(mine, 20), running.log.read_text()
+            time.sleep(1.5)  # and no more
+        rows = sorted(mine(), key=lambda r: r["flowStartMilliseconds"])
+        collector.stop()
+        assert len(rows) == 3, rows  # not one per VPP report (11)
+        assert [r["flowEndReason"] for r in rows] == [2, 2, 1]
+        assert sum(r["packetDeltaCount"] for r in rows) == 11 * 4
+        assert sum(r["octetDeltaCount"] for r in rows) == 11 * 4000
+        start, ends = int(t0 * 1000), [int((t0 + 5.01 * k) * 1000) for k in (4, 8, 10)]
+        assert [r["flowStartMilliseconds"] for r in rows] == [start] + ends[:2]
+        assert [r["flowEndMilliseconds"] for r in rows] == ends
+        for before, after in zip(rows, rows[1:]):
+            assert after["flowStartMilliseconds"] >= before["flowEndMilliseconds"]
+
+
+def swap_interfaces(lb: Lab, a: str, b: str) -> None:
+    """Two pods' interfaces come back with each other's index (the CNI re-creates them
+    after VPP restarts, in another order)."""
+    s = lb.sim
+    (sa, ipa), (sb, ipb) = lb.pods[a], lb.pods[b]
+    s.interfaces[sa], s.interfaces[sb] = (dataclasses.replace(s.interfaces[sb], sw_if_index=sa),
+                                          dataclasses.replace(s.interfaces[sa], sw_if_index=sb))
+    moved = {sa: sb, sb: sa}
+    s.routes = {ip: moved.get(sw, sw) for ip, sw in s.routes.items()}
+    s.neighbors = [(moved.get(sw, sw), ip, mac, flags) for sw, ip, mac, flags in s.neighbors]
+    lb.pods[a], lb.pods[b] = (sb, ipa), (sa, ipb)
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_vpp_restarting_in_its_container_with_the_same_pid_is_noticed_and_healed(version):
+    """A container's PID namespace gives VPP the same pid at every start; the message
+    table and the client index are the same too. The agent notices by the lost
+    connection and an exporter VPP no longer has: it re-resolves the pods (their
+    interfaces came back swapped) and turns flowprobe on again (19.08 cannot be asked
+    what is on, so the agent must forget what it had turned on)."""
+    with lab(version) as lb:
+        lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        lb.pod("db-0", "10.1.0.6", OPT_IN)
+        collector = RunningCollector(lb.node.netns, 4739)
+        with vpp_agent(lb) as running:
+            web, db = lb.pods["web-7d9f"][0], lb.pods["db-0"][0]
+            assert wait_for(lambda: enabled(lb, web) and enabled(lb, db), 15), \
+                running.log.read_text()
+            pid, ids = lb.sim.pid, dict(lb.sim.by_name)
+            lb.sim.stop()
+            swap_interfaces(lb, "web-7d9f", "db-0")
+            time.sleep(1.0)
+            lb.sim.start(container=True)
+            assert (lb.sim.pid, lb.sim.by_name) == (pid, ids)  # the API looks the same
+            web, db = lb.pods["web-7d9f"][0], lb.pods["db-0"][0]
+            assert wait_for(lambda: enabled(lb, web) and enabled(lb, db), 20), \
+                running.log.read_text()
+            # traffic to web, on its new interface: named web, not db
+            lb.sim.report(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
+            assert wait_for(lambda: pod_totals(records(collector), "web-7d9f",
+                                               "destination")[0] == 10, 15), \
+                running.log.read_text()
+            assert pod_totals(records(collector), "db-0", "destination") == (0, 0)
+            assert "VPP forgot its configuration" in running.log.read_text()
+            assert running.proc.poll() is None
+        collector.stop()
+
+
+def log_lines(running) -> list[dict]:
+    out = []
+    for line in running.log.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.mark.parametrize("version", [CONTIV, CURRENT])
+def test_while_vpp_is_unreachable_the_agent_says_so_once_and_logs_no_traceback(version):
+    with lab(version) as lb:
+        web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        with vpp_agent(lb) as running:
+            assert wait_for(lambda: enabled(lb, web), 15), running.log.read_text()
+            seen = len(log_lines(running))
+            lb.sim.stop()  # VPP is gone; the pod still wants resolving at every poll
+            time.sleep(4)  # 8 polls
+            lines = log_lines(running)[seen:]
+            assert not [x for x in lines if "exc" in x or x["level"] == "error"
+                        and x["msg"].endswith("failed")], lines
+            assert len([x for x in lines if x["msg"].startswith("VPP: ")]) == 1, lines
+            lb.sim.start()
+            assert wait_for(lambda: enabled(lb, web), 20), running.log.read_text()
+            assert running.proc.poll() is None
 
 
 def test_a_crc_mismatch_is_a_clear_error_and_the_agent_keeps_trying():
@@ -191,7 +318,7 @@ def test_refused_requests_and_malformed_ipfix_are_counted_and_survived(version):
             assert wait_for(lambda: sum(v for k, v in running.metrics().items()
                                         if k.startswith("cniflow_vpp_decode_errors_total")) >= 2,
                             10)
-            lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
+            lb.sim.report(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
             assert wait_for(lambda: pod_totals(records(collector), "web-7d9f",
                                                "destination")[0] == 10, 15)
             assert running.proc.poll() is None
@@ -237,7 +364,7 @@ def test_settings_override_what_is_discovered(version):
             assert (e.vrf, e.port) == (7, 4739 if lb.contiv else 4800)
             if lb.contiv:
                 assert "sends flowprobe data to port 4739" in running.log.read_text()
-            lb.sim.traffic(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
+            lb.sim.report(web, flows("10.1.0.5", "10.9.9.9", 1), TX)
             assert wait_for(lambda: pod_totals(records(collector), "web-7d9f",
                                                "destination")[0] == 10, 15)
         collector.stop()

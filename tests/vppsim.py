@@ -100,6 +100,21 @@ class Exporter:
 
 
 @dataclass
+class Entry:
+    """A flowprobe flow entry (flowprobe_entry_t): its start is the packet that created
+    it, for as long as it lives; the counters are since its last export."""
+
+    start: float
+    last_exported: float
+    deadline: float  # the passive timer
+    end: float = 0.0  # flow_end: the last packet
+    last_updated: float = 0.0
+    packets: int = 0
+    octets: int = 0
+    tcp_flags: int = 0
+
+
+@dataclass
 class State:
     """What VPP forgets when it restarts."""
 
@@ -112,6 +127,9 @@ class State:
     next_template: int = 256
     sequence: int = 0
     template_sent: float = 0.0
+    entries: dict = field(default_factory=dict)  # flow key -> Entry
+    buffers: dict = field(default_factory=dict)  # template id -> records not sent yet
+    clients: set = field(default_factory=set)  # API registrations (pool indexes) in use
 
 
 class VppSim:
@@ -133,6 +151,7 @@ class VppSim:
         self.state = State()
         self.pid = 1000
         self.boots = 0
+        self.build = 0  # message ids follow the build and its plugins
         self._clients: list[socket.socket] = []
         self._lock = threading.RLock()
         self._udp: socket.socket | None = None
@@ -141,16 +160,23 @@ class VppSim:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def start(self) -> None:
-        """Boot: fresh state, a new message table (ids move), listen."""
+    def start(self, container: bool = False) -> None:
+        """Boot: fresh state, listen. Another VPP process has another pid and, here,
+        another build (plugins' message ids move). container: VPP restarting in its
+        container, a new PID namespace and the same image: the same pid, the same
+        message table and, as registrations restart from pool index 0, the same client
+        index. Nothing on the API tells it from the process before, except that it
+        has forgotten everything."""
         with self._lock:
             self.boots += 1
-            self.pid += 1
+            if not container:
+                self.pid += 1
+                self.build += 1
             self.state = State()
             names = [n for n, _ in MEMCLNT]
             if self.current:
                 names += ["control_ping", "control_ping_reply"]
-            first = 100 + 7 * self.boots  # plugins' ids differ between builds and boots
+            first = 100 + 7 * self.build  # plugins' ids differ between builds
             self.ids: dict[int, str] = {i + 1: n for i, n in enumerate(names)}
             rest = [n for n in self.crcs if n not in names and not n.startswith("sockclnt")]
             self.ids.update({first + i: n for i, n in enumerate(rest)})
@@ -179,10 +205,10 @@ class VppSim:
             if os.path.exists(self.path):
                 os.unlink(self.path)
 
-    def restart(self, down: float = 1.0) -> None:
+    def restart(self, down: float = 1.0, container: bool = False) -> None:
         self.stop()
         time.sleep(down)
-        self.start()
+        self.start(container)
 
     # -- topology, as the CNI would build it ---------------------------------------
 
@@ -204,25 +230,35 @@ class VppSim:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        client = [None]  # this connection's registration, once sockclnt_create is seen
+        state = self.state
         try:
             while True:
                 head = _read(conn, 16)
                 _, length, _ = FRAME.unpack(head)
                 body = _read(conn, length)
-                for reply in self._handle(body):
+                for reply in self._handle(body, client):
                     conn.sendall(FRAME.pack(0, len(reply), 0) + reply)
         except (OSError, EOFError):
             pass
         finally:
             conn.close()
+            with self._lock:
+                state.clients.discard(client[0])
 
-    def _handle(self, body: bytes) -> list[bytes]:
+    def _handle(self, body: bytes, client: list | None = None) -> list[bytes]:
         msgid = struct.unpack_from(">H", body)[0]
         if msgid == 15:  # sockclnt_create: fixed id, no client_index
             context = struct.unpack_from(">I", body, 2)[0]
             table = [(i, f"{n}_{self.crcs.get(n) or dict(MEMCLNT)[n]}")
                      for i, n in sorted(self.ids.items())]
-            out = struct.pack(">HIIiIH", 16, 0, context, 0, 0x80000000 | self.boots, len(table))
+            with self._lock:  # the lowest free registration, as VPP's pool reuses them
+                used = self.state.clients
+                index = next(i for i in range(len(used) + 1) if i not in used)
+                used.add(index)
+                if client is not None:
+                    client[0] = index
+            out = struct.pack(">HIIiIH", 16, 0, context, 0, 0x80000000 | index, len(table))
             return [out + b"".join(struct.pack(">H64s", i, n.encode()) for i, n in table)]
         name = self.ids.get(msgid)
         if name is None or len(body) < 10:
@@ -457,6 +493,27 @@ class VppSim:
         return out + [self._reply("control_ping", context, 0)]
 
     # -- the dataplane: flowprobe's IPFIX ------------------------------------------------
+    #
+    # As VPP's flowprobe plugin does it (src/plugins/flowprobe/node.c and flowprobe.c,
+    # read at 19.08-era, 21.10-era and 22.06-era revisions; the logic below is the same
+    # in all of them):
+    # - add_to_flow_record_state: one entry per key (interfaces, direction, variant,
+    #   addresses, protocol, ports); flowprobe_create sets flow_start to the packet's
+    #   timestamp and last_exported to now, and nothing sets flow_start again. Each
+    #   packet adds to the counters, sets last_updated and flow_end, ORs the TCP flags,
+    #   then exports the entry at once if now > last_exported + active_timer.
+    # - flowprobe_export_entry writes flow_start and flow_end as they are and resets
+    #   only packetcount, octetcount and last_exported (TCP flags stay OR-ed for the
+    #   entry's life). The record goes into a per-variant buffer, sent when the next
+    #   record would pass the path MTU, or when flow-report-process (every 5 s) calls
+    #   flowprobe's data callback.
+    # - flowprobe-timer-process (timer_process in flowprobe.c, in every release read)
+    #   interrupts the flowprobe-walker node every 0.1 s; flowprobe_walker_process
+    #   spins the per-worker timer wheel (1 s ticks), where flowprobe_create put a
+    #   passive timer. When it fires: still active (quiet < 0.9 x passive) -> started
+    #   again for what is left; else deleted. Either way the entry is exported first if
+    #   it has packets and now > last_exported + active_timer (else what it counted is
+    #   lost with it).
 
     def _udp_socket(self) -> socket.socket:
         e = self.state.exporter
@@ -484,49 +541,140 @@ class VppSim:
             fields += [(7, 2), (11, 2), (6, 2)]
         return fields
 
+    def _metering(self) -> bool:
+        """fm->disabled: the walker turns flowprobe off while the exporter has no collector
+        or source address."""
+        e = self.state.exporter
+        return e.collector != "0.0.0.0" and e.src != "0.0.0.0"
+
     def traffic(self, sw_if_index: int, flows: list[dict], direction: int = TX,
-                when: float | None = None) -> int:
-        """Flows seen on an interface in one direction, exported as flowprobe would:
-        nothing unless flowprobe meters that interface in that direction. Returns the
-        number of records sent."""
+                when: float | None = None, flush: bool = True) -> int:
+        """Packets of flows on an interface in one direction, all at `when` (default
+        now), through flowprobe's packet path: nothing unless flowprobe meters that
+        interface in that direction. A flow dict gives its key (src, dst, proto, sport,
+        dport), "packets", "octets" and "tcp_flags". Returns the records exported in
+        the packet path (an entry whose active timer passed since its last export, at
+        its first packet here). flush: send what is buffered at the end, as
+        flow-report-process does every 5 s; False keeps it for a later tick() or flush()."""
         with self._lock:
-            s, e = self.state, self.state.exporter
+            s = self.state
             enabled = s.enabled.get(sw_if_index)
-            if enabled is None or enabled[1] not in (direction, BOTH) or e.collector == "0.0.0.0":
+            if enabled is None or enabled[1] not in (direction, BOTH) or not self._metering():
                 return 0
             now = time.time() if when is None else when
-            by_template: dict[int, list[bytes]] = {}
+            exported = 0
             for f in flows:
-                v6 = ":" in f["src"]
-                variant_key = (enabled[0], v6)
-                fields = self.template(enabled[0], v6)
-                tid = s.templates.get(variant_key)
-                if tid is None:
-                    tid = s.templates[variant_key] = s.next_template
-                    s.next_template += 1
-                    s.template_sent = 0.0
-                by_template.setdefault(tid, []).append(self._record(fields, sw_if_index,
-                                                                    direction, f, now))
-            self._send_templates(now)
-            sent = 0
-            for tid, records in by_template.items():
-                room = (e.mtu - 20 - 8 - 16 - 4) // len(records[0])
-                for i in range(0, len(records), room):
-                    chunk = records[i:i + room]
-                    body = b"".join(chunk)
-                    data_set = struct.pack(">HH", tid, 4 + len(body)) + body
-                    s.sequence += 1  # flowprobe: one per data packet
-                    self._send(data_set, now, data=True)
-                    sent += len(chunk)
-            return sent
+                key = (sw_if_index, direction, enabled[0], f["src"], f["dst"], f["proto"],
+                       f.get("sport", 0), f.get("dport", 0))
+                e = s.entries.get(key)
+                if e is None:  # flowprobe_create: flow_start and last_exported are now
+                    e = s.entries[key] = Entry(start=now, last_exported=now,
+                                               deadline=now + s.passive if s.passive else
+                                               float("inf"))
+                n, octets = f["packets"], f["octets"]
+                for i in range(n):
+                    e.packets += 1
+                    e.octets += octets * (i + 1) // n - octets * i // n
+                    e.tcp_flags |= f.get("tcp_flags", 0)
+                    e.last_updated = e.end = now
+                    if s.active == 0 or now > e.last_exported + s.active:
+                        self._export(key, e, now)
+                        exported += 1
+            if flush:
+                self.flush(now)
+            return exported
 
-    def _record(self, fields, index: int, direction: int, f: dict, now: float) -> bytes:
-        ingress, egress = (index, 1) if direction == RX else (1, index)
-        start = now - f.get("duration", 1.0)
-        values = {10: ingress, 14: egress, 61: direction, 2: f["packets"],
-                  156: _vpp_time(start), 157: _vpp_time(now), 4: f["proto"], 1: f["octets"],
-                  7: f.get("sport", 0), 11: f.get("dport", 0), 6: f.get("tcp_flags", 0),
-                  8: f["src"], 12: f["dst"], 27: f["src"], 28: f["dst"], 256: 0x0800,
+    def tick(self, now: float | None = None) -> int:
+        """flowprobe-timer-process and flowprobe-walker at `now` (default now): entries
+        whose passive timer fired are started again or, quiet for 0.9 x passive, deleted,
+        exported first when they have packets and their active timer passed. Then
+        flow-report-process's flush. Returns the records the walker exported."""
+        with self._lock:
+            s = self.state
+            now = time.time() if now is None else now
+            if not self._metering():
+                return 0
+            exported = 0
+            for key, e in list(s.entries.items()):
+                if e.deadline > now:
+                    continue
+                quiet = now - e.last_updated
+                if quiet < int(s.passive * 0.9):
+                    e.deadline = now + int(s.passive - quiet)  # u64 seconds, as the wheel
+                else:
+                    del s.entries[key]
+                if e.packets and now > e.last_exported + s.active:
+                    self._export(key, e, now)
+                    exported += 1
+            self.flush(now)
+            return exported
+
+    def report(self, sw_if_index: int, flows: list[dict], direction: int = TX) -> int:
+        """Flows VPP metered a while ago (passive timer + 5 s) and not since: its timer
+        process deletes their entries and exports them now. What a test needs when it
+        wants one report of each flow without waiting out the passive timer. Returns the
+        records sent."""
+        with self._lock:
+            now = time.time()
+            self.traffic(sw_if_index, flows, direction, when=now - self.state.passive - 5,
+                         flush=False)
+            return self.tick(now)
+
+    def run_timer(self, period: float = 0.1) -> None:
+        """tick() every period in a thread of its own, as VPP's timer process does (what
+        tests that pass simulated times leave off, to drive it themselves)."""
+        stop = self._timer_stop = threading.Event()
+
+        def loop():
+            while not stop.wait(period):
+                self.tick()
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def _export(self, key: tuple, e: Entry, now: float) -> None:
+        """flowprobe_export_entry: the record into its variant's buffer, counters reset."""
+        s = self.state
+        sw_if_index, direction, variant, src = key[:4]
+        v6 = ":" in src
+        tid = s.templates.get((variant, v6))
+        if tid is None:
+            tid = s.templates[(variant, v6)] = s.next_template
+            s.next_template += 1
+            s.template_sent = 0.0
+        fields = self.template(variant, v6)
+        record = self._record(fields, key, e)
+        buf = s.buffers.setdefault(tid, [])
+        buf.append(record)
+        e.packets = e.octets = 0
+        e.last_exported = now
+        if (len(buf) + 1) * len(record) > s.exporter.mtu - 20 - 8 - 16 - 4:
+            self._send_data(tid, now)
+
+    def flush(self, now: float | None = None) -> None:
+        """flow-report-process: templates when due, then every buffered record."""
+        with self._lock:
+            now = time.time() if now is None else now
+            if not self.state.buffers:
+                return
+            self._send_templates(now)
+            for tid in list(self.state.buffers):
+                self._send_data(tid, now)
+
+    def _send_data(self, tid: int, now: float) -> None:
+        records = self.state.buffers.pop(tid, [])
+        if records:
+            self._send_templates(now)
+            body = b"".join(records)
+            self.state.sequence += 1  # flowprobe: one per data packet
+            self._send(struct.pack(">HH", tid, 4 + len(body)) + body, now, data=True)
+
+    def _record(self, fields, key: tuple, e: Entry) -> bytes:
+        sw_if_index, direction, _, src, dst, proto, sport, dport = key
+        ingress, egress = (sw_if_index, 1) if direction == RX else (1, sw_if_index)
+        values = {10: ingress, 14: egress, 61: direction, 2: e.packets,
+                  156: _vpp_time(e.start), 157: _vpp_time(e.end), 4: proto, 1: e.octets,
+                  7: sport, 11: dport, 6: e.tcp_flags, 8: src, 12: dst, 27: src, 28: dst,
+                  256: 0x86DD if ":" in src else 0x0800,
                   56: b"\x02\0\0\0\0\1", 80: b"\x02\0\0\0\0\2"}
         out = b""
         for ie, length in fields:

@@ -4,7 +4,9 @@ set, drain flow records.
 VPP may be down, restarting, or another release than the agent expects; none of
 that stops the agent. Each poll checks the connection (control_ping's vpe_pid);
 when VPP is new it re-resolves pods and re-applies everything, since VPP forgets
-its configuration when it restarts.
+its configuration when it restarts. A VPP restarted in its container keeps its pid
+(a new PID namespace), its message table and even its client index; what tells it
+is the lost connection, then an exporter that is no longer ours.
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ from vpp_plugin.mediate import Mediator
 log = logging.getLogger(__name__)
 
 
+FLUSH_SECONDS = 5.0  # flow-report-process sends flowprobe's buffered records this often
+
+
 class VppDataplane:
     unique = False  # VPP reports a flow again every active timer: fold repeats
+    reports = True  # each row is one VPP report: the flow table times them out one by one
+
     def __init__(self, cfg: Config, socket_path: str, metrics: Metrics) -> None:
         self.cfg, self.metrics = cfg, metrics
         self.conn = Connection(socket_path)
@@ -43,6 +50,14 @@ class VppDataplane:
     @property
     def attached(self) -> set[int]:
         return set(self.flowprobe.ours)
+
+    @property
+    def report_lag(self) -> float:
+        """How much later than its last report VPP may next report a flow it still
+        sees: its active timer, then up to one flush of its buffers. The flow table's
+        idle timeout waits that much longer, or it would end running flows between
+        two reports."""
+        return self.flowprobe.active + FLUSH_SECONDS
 
     def present(self) -> dict[int, str]:
         """VPP's interfaces now ({} while VPP is unreachable)."""
@@ -113,7 +128,17 @@ class VppDataplane:
                     target.collector, target.port, target.source):
                 if self.mediator is not None:
                     self.mediator.close()
-                self.mediator = Mediator(target.collector, target.port, target.source)
+                self.mediator = Mediator(
+                    target.collector, target.port, target.source,
+                    forget_after_s=self.flowprobe.active + self.flowprobe.passive
+                    + 2 * FLUSH_SECONDS, max_flows=self.cfg.max_flows)
+            if not fresh and self.flowprobe.target is not None and not self.flowprobe.in_force():
+                # The same pid, but our exporter is gone: VPP restarted in its container
+                # (a new PID namespace). Its interfaces may have other indexes now.
+                log.warning("VPP forgot its configuration: a new VPP process with the same "
+                            "pid; re-resolving and re-applying everything",
+                            extra={"vpe_pid": self.conn.vpe_pid})
+                fresh = True
             if fresh:
                 self.flowprobe.ours.clear()  # a new VPP process remembers nothing
                 self.generation += 1

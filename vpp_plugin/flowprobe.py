@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import re
 import socket
 from dataclasses import dataclass
@@ -91,6 +92,14 @@ def discover(conn: Connection, interfaces: VppInterfaces, cfg) -> Target:
     return Target(collector, source, vrf, port, cfg.vpp_path_mtu, cfg.vpp_template_interval)
 
 
+def _address(value) -> str:
+    """An exporter address as vpp-papi unpacks it: 19.08's raw 16 bytes (IPv4 first),
+    or an address."""
+    if isinstance(value, bytes):
+        return str(ipaddress.ip_address(value[:4]))
+    return str(value)
+
+
 def _prefix_ip(prefix) -> str:
     """ip_address_details.prefix (an address_with_prefix) as vpp-papi unpacks it."""
     return str(prefix.ip if hasattr(prefix, "ip") else prefix.address)
@@ -102,7 +111,10 @@ class Flowprobe:
         # VPP exports a running flow's delta every active_timer seconds; at most the
         # agent's idle timeout, or the agent would end flows VPP still sees.
         self.active = max(1, int(min(active_s, idle_s)))
-        self.passive = max(self.active, int(max(active_s, idle_s)))
+        # flowprobe_walker_process (node.c) deletes an entry quiet for (u64)(0.9 x
+        # passive) and exports it first only if its active timer passed since its last
+        # export: a passive timer under (active + 1) / 0.9 can lose a flow's last packets.
+        self.passive = max(math.ceil((self.active + 1) / 0.9), int(max(active_s, idle_s)))
         self.ours: dict[int, int] = {}  # sw_if_index -> variant enabled by this agent
         self.target: Target | None = None
 
@@ -142,6 +154,17 @@ class Flowprobe:
             # its state across an agent restart): what is in force stays in force.
             log.warning("flowprobe parameters kept: interfaces are already metered",
                         extra={"err": str(e)})
+
+    def in_force(self) -> bool:
+        """Is exporter 0 still the one configure() set? A VPP that restarted has
+        forgotten it, even one that came back with the same pid (in its container)."""
+        t = self.target
+        if t is None:
+            return False
+        for d in self.conn.dump("ipfix_exporter_dump"):
+            return (_address(d.collector_address), d.collector_port, _address(d.src_address),
+                    d.vrf_id) == (t.collector, t.port, t.source, t.vrf)
+        return False
 
     def enabled(self) -> dict[int, int] | None:
         """What VPP says is metered (22.06+), or None where it cannot tell."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from vpp_plugin.connection import Connection, Refused
+from vpp_plugin.connection import Connection, Refused, VppError
 
 ALL = 0xFFFFFFFF
 NEIGHBOR_STATIC = 0x1
@@ -62,7 +62,19 @@ class VppInterfaces:
         return next((i for i in self.by_index.values() if i.tag == tag), None)
 
     def resolve(self, ips: tuple[str, ...]) -> int | None:
-        """The pod interface behind any of the pod's IPs, or None (not there yet)."""
+        """The pod interface behind any of the pod's IPs, or None (not there yet, or
+        VPP unreachable: the dataplane reports that, once, and resolving is tried
+        again at the next poll)."""
+        if not self.conn.connected:
+            return None
+        try:
+            return self._resolve(ips)
+        except Refused:
+            raise
+        except VppError:  # the connection was lost meanwhile
+            return None
+
+    def _resolve(self, ips: tuple[str, ...]) -> int | None:
         for ip in ips:
             index = self._by_route(ip) if self.conn.has("ip_route_lookup") else None
             if index is None:

@@ -6,17 +6,28 @@ input counted), and one vectorised conversion per data set. VPP's quirks: the
 timestamp's low word is nanoseconds, not a binary fraction; the sequence number
 counts packets, not records (so gaps are not counted as loss here); up to 22.02
 there is no flowDirection, and flowprobe meters transmit only.
+
+What a flowprobe record covers (src/plugins/flowprobe/node.c, every release read:
+add_to_flow_record_state, flowprobe_export_entry, flowprobe_walker_process): its
+counters are the delta since VPP's previous report of the flow, its flowEnd the
+flow's last packet, but its flowStart the packet that created VPP's entry, for as
+long as the entry lives (only packetcount, octetcount and last_exported are reset
+at an export). So the mediation remembers where each flow's previous report ended
+and starts the next one there (Continuity): the records then tile time as the
+README says, and the flow table's active timeout counts from the previous record.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import numpy as np
 
+from agent.flowtable import FlowTable, key_hash, key_words, sort_exact
 from agent.ipfix.decoder import NTP_EPOCH_OFFSET, Decoder, RecordSet
-from agent.records import EGRESS, FLOW_DTYPE
+from agent.records import EGRESS, FLOW_DTYPE, take
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +72,72 @@ def to_flows(a: np.ndarray) -> np.ndarray:
     return out
 
 
+class Continuity:
+    """Where each flow's previous VPP report ended, so that the next one starts there.
+
+    A small FlowTable holds one row per key whose last_ms is that end: bounded
+    (the oldest ends go first when full) and forgotten once VPP's entry is certainly
+    gone (forget_after_s: its active and passive timers and its 5 s flush have passed;
+    a new entry starts after the old one's end anyway, so forgetting late is harmless).
+    Vectorised: one sort and one lookup per batch."""
+
+    def __init__(self, forget_after_s: float = 600.0, max_flows: int = 1 << 20) -> None:
+        self.max_flows = max_flows
+        self.ends = FlowTable(active_timeout_s=1e9, idle_timeout_s=forget_after_s,
+                              max_flows=max_flows)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def apply(self, batch: np.ndarray, now_ms: int) -> np.ndarray:
+        """The batch (ordered by key, then end) with each report's first_ms no earlier
+        than the end of the flow's previous report (in this batch or remembered), and
+        no later than its own end."""
+        self.ends.expire(now_ms)  # forget what VPP certainly forgot
+        n = len(batch)
+        if not n:
+            return batch
+        words = key_words(batch)
+        h = key_hash(words)
+        by_end = np.argsort(batch["last_ms"], kind="stable")
+        order = by_end[sort_exact(h[by_end], words[by_end])]
+        b, w = take(batch, order), words[order]
+        first_of_key = np.ones(n, bool)
+        first_of_key[1:] = (w[1:] != w[:-1]).any(axis=1)
+        previous = np.zeros(n, np.uint64)
+        previous[1:] = b["last_ms"][:-1]  # the same key's report before, in this batch
+        known = ~first_of_key
+        heads = np.flatnonzero(first_of_key)
+        slots = self.ends.find(h[order][heads], w[heads])
+        remembered = slots >= 0
+        previous[heads[remembered]] = self.ends.flows["last_ms"][slots[remembered]]
+        known[heads[remembered]] = True
+        start = np.minimum(np.maximum(b["first_ms"], previous), b["last_ms"])
+        b["first_ms"] = np.where(known, start, b["first_ms"])
+        last_of_key = np.append(heads[1:] - 1, n - 1)
+        ends = take(b, last_of_key)
+        for name in ("packets", "octets", "tcp_flags"):
+            ends[name] = 0
+        if len(ends) > self.max_flows:  # the table makes room for a batch, not beyond it
+            ends = take(ends, np.argpartition(ends["last_ms"], -self.max_flows)[
+                -self.max_flows:])
+        self.ends.update(ends, unique=True)
+        return b
+
+
 FLOWPROBE_PORT = 4739  # flowprobe's UDP source port, in every release
 
 
 class Mediator:
-    def __init__(self, address: str, port: int, source: str = "", rcvbuf: int = 8 << 20) -> None:
+    def __init__(self, address: str, port: int, source: str = "", rcvbuf: int = 8 << 20,
+                 forget_after_s: float = 600.0, max_flows: int = 1 << 20) -> None:
         """source: the address the agent configured as VPP's IPFIX source; datagrams from
         anywhere else (or from another port than flowprobe's) are counted and dropped,
-        never labelled with pod names. Empty: every sender is taken (benchmarks)."""
+        never labelled with pod names. Empty: every sender is taken (benchmarks).
+        forget_after_s, max_flows: how long and how many flows' last report ends are
+        remembered (Continuity)."""
         self.address, self.port, self.source = address, port, source
+        self.continuity = Continuity(forget_after_s, max_flows)
         self.foreign = 0  # datagrams dropped: not from VPP
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -105,9 +173,9 @@ class Mediator:
             by_layout.setdefault(rs.array.dtype, []).append(rs.array.tobytes())
         batches = [to_flows(np.frombuffer(b"".join(parts), dtype))
                    for dtype, parts in by_layout.items()]
-        if not batches:
-            return np.zeros(0, FLOW_DTYPE)
-        return np.concatenate(batches) if len(batches) > 1 else batches[0]
+        batch = (np.concatenate(batches) if len(batches) > 1 else batches[0]) if batches else (
+            np.zeros(0, FLOW_DTYPE))
+        return self.continuity.apply(batch, int(time.time() * 1000))
 
     def close(self) -> None:
         self.sock.close()
