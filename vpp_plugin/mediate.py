@@ -83,6 +83,7 @@ class Continuity:
 
     def __init__(self, forget_after_s: float = 600.0, max_flows: int = 1 << 20) -> None:
         self.max_flows = max_flows
+        self._next_expire = 0
         self.ends = FlowTable(active_timeout_s=1e9, idle_timeout_s=forget_after_s,
                               max_flows=max_flows)
 
@@ -93,7 +94,9 @@ class Continuity:
         """The batch (ordered by key, then end) with each report's first_ms no earlier
         than the end of the flow's previous report (in this batch or remembered), and
         no later than its own end."""
-        self.ends.expire(now_ms)  # forget what VPP certainly forgot
+        if now_ms >= self._next_expire:  # forget what VPP certainly forgot (once a second)
+            self.ends.expire(now_ms)
+            self._next_expire = now_ms + 1000
         n = len(batch)
         if not n:
             return batch
@@ -115,7 +118,13 @@ class Continuity:
         start = np.minimum(np.maximum(b["first_ms"], previous), b["last_ms"])
         b["first_ms"] = np.where(known, start, b["first_ms"])
         last_of_key = np.append(heads[1:] - 1, n - 1)
-        ends = take(b, last_of_key)
+        # flows already remembered: their end moves on in place (no fold, no new index)
+        known_slots = slots[remembered]
+        mem = self.ends.flows["last_ms"]
+        mem[known_slots] = np.maximum(mem[known_slots], b["last_ms"][last_of_key[remembered]])
+        ends = take(b, last_of_key[~remembered])  # new flows: added to the memory
+        if not len(ends):
+            return b
         for name in ("packets", "octets", "tcp_flags"):
             ends[name] = 0
         if len(ends) > self.max_flows:  # the table makes room for a batch, not beyond it
