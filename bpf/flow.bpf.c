@@ -437,10 +437,12 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
     p.segs = 1;
     // A GRO super-packet (made by NAPI, which marks its id on the skb; a TSO packet from a
     // local socket carries none): the veth counted its segments, each with its headers.
-    u32 segs = skb->gso_segs;
-    if (segs > 1 && skb->napi_id) {
-        p.segs = segs;
-        p.len += (segs - 1) * p.hdrlen;
+    if (skb->napi_id) {  // one load on the common path: most veth skbs carry none
+        u32 segs = skb->gso_segs;
+        if (segs > 1) {
+            p.segs = segs;
+            p.len += (segs - 1) * p.hdrlen;
+        }
     }
     p.now = bpf_jiffies64();  // 2 ns; bpf_ktime_get_coarse_ns() costs 15
     account(&key, &p);
