@@ -76,7 +76,7 @@ class Hostile:
         if kind == "template":
             n = r.randint(1, 8)
             fields = [r.choice(ELEMENTS) for _ in range(n)]
-            self.tids.append(tid)
+            self.tids = (self.tids + [tid])[-32:]  # ids it defined lately
             return set_(2, struct.pack("!HH", tid, n) + b"".join(field(*f) for f in fields))
         if kind == "options":
             return set_(3, RFC5610_TEMPLATE if r.random() < 0.7 else struct.pack(
