@@ -21,7 +21,8 @@ from agent.exporter import Exporter
 from agent.flowtable import FlowTable
 from agent.interfaces import InterfaceSet, links
 from agent.metrics import Metrics
-from agent.records import FLOW_DTYPE
+from agent.podmeta import PodTable
+from agent.records import EGRESS, FLOW_DTYPE, take
 from agent.transport import make as make_transport
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class Agent:
     def poll(self, final: bool = False) -> None:
         t0 = time.perf_counter()
         batch = self.dataplane.drain()
+        if self.cfg.dedup and self.cluster is not None and self.dataplane.both_ways:
+            batch = self._once(batch)
         self.metrics.drain_seconds.observe(time.perf_counter() - t0)
         evicted = self.table.update(batch, unique=self.dataplane.unique,
                                     reports=self.dataplane.reports)
@@ -177,6 +180,21 @@ class Agent:
                 self.dataplane.wait(stop, max(0.0, next_reconcile - time.monotonic()))
         finally:
             self.shutdown()
+
+    def _once(self, batch: np.ndarray) -> np.ndarray:
+        """VPP meters each pod's interface both ways: a packet between two metered pods of
+        the node comes in its sender's RX record and again in its receiver's TX record.
+        The TX one goes (as the eBPF program skips it in the kernel)."""
+        if not len(batch):
+            return batch
+        metered = PodTable(self.cfg.node_name, self.source.by_ifindex, ())
+        k = batch["key"]
+        from_pod = metered.by_address(k["src"], k["ip_version"]) != metered.none
+        twice = (k["direction"] == EGRESS) & from_pod & (k["overflow"] == 0)
+        if not twice.any():
+            return batch
+        self.metrics.packets_deduplicated.inc(int(batch["packets"][twice].sum()))
+        return take(batch, ~twice)
 
     def _guarded(self, step, what: str) -> None:
         try:

@@ -107,7 +107,8 @@ class PodTable:
             out[hit] = self.if_pod[pos[hit]]
         return out
 
-    def _by_address(self, raw16: np.ndarray, version: np.ndarray) -> np.ndarray:
+    def by_address(self, raw16: np.ndarray, version: np.ndarray) -> np.ndarray:
+        """The pod owning each address (16 octets, IPv4 in the first 4), or self.none."""
         out = np.full(len(raw16), self.none, np.int64)
         if not len(self.ip_hash):
             return out
@@ -121,7 +122,7 @@ class PodTable:
         """For records of packets a pod sent (ingress), the metered interface of the pod of
         this node that they went to (0: none): with dedup, its only observation."""
         k = flows["key"]
-        remote = self._by_address(k["dst"], k["ip_version"])
+        remote = self.by_address(k["dst"], k["ip_version"])
         return np.where(k["direction"] == INGRESS, self.pod_if[remote], 0).astype(np.uint32)
 
     def columns(self, flows: np.ndarray) -> dict[str, Strings | np.ndarray]:
@@ -132,7 +133,7 @@ class PodTable:
         ingress = k["direction"] == INGRESS
         observed = self._by_ifindex(k["ifindex"].astype(np.int64))
         other = np.where(ingress[:, None], k["dst"], k["src"])
-        remote = self._by_address(other, k["ip_version"])
+        remote = self.by_address(other, k["ip_version"])
         src = np.where(ingress, observed, remote)
         dst = np.where(ingress, remote, observed)
         nodes = [self.node, ""]

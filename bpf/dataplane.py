@@ -29,6 +29,7 @@ class EbpfDataplane:
     reports = False  # the flow table sees every packet's counts within a poll
     report_lag = 0.0
     restart_needed = ""
+    both_ways = False  # the kernel deduplicates (the metered set): nothing left to do
 
     def __init__(self, cfg: Config, metrics: Metrics, ipr) -> None:
         self.metrics, self.ipr = metrics, ipr

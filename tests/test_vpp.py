@@ -383,3 +383,34 @@ def test_bad_vpp_settings_are_one_line_and_exit_2(args, message):
     r = subprocess.run([str(CNIFLOW), "agent", "--kubernetes", "--node-name", NODE, *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r
+
+
+@pytest.mark.parametrize("dedup", ["true", "false"])
+def test_a_packet_between_two_pods_of_the_node_is_one_record_on_vpp_too(dedup):
+    """Current VPP meters each pod's interface both ways: web's datagrams to db are in
+    web's RX report and again in db's TX report. With dedup (the default) the collector
+    gets them once, from the sender's side, naming both pods; --dedup false keeps both."""
+    with lab(CURRENT) as lb:
+        collector = RunningCollector(lb.node.netns, 4739)
+        web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
+        db = lb.pod("db-0", "10.1.0.6", OPT_IN)
+        with vpp_agent(lb, "--dedup", dedup) as running:
+            assert wait_for(lambda: enabled(lb, web) and enabled(lb, db), 15), \
+                running.log.read_text()
+            t0 = time.time() - 40
+            pair = [{"src": "10.1.0.5", "dst": "10.1.0.6", "proto": 17, "sport": 7000,
+                     "dport": 53, "packets": 9, "octets": 900}]
+            lb.sim.traffic(web, pair, RX, when=t0, flush=False)  # leaving web
+            lb.sim.traffic(db, pair, TX, when=t0, flush=False)  # delivered to db
+            lb.sim.tick()
+            want = 9 if dedup == "true" else 18
+            assert wait_for(lambda: sum(r["packetDeltaCount"] for r in records(collector)
+                                        if r.get("sourceTransportPort") == 7000) >= want, 15)
+            time.sleep(1.5)
+            deduplicated = running.metrics()["cniflow_packets_deduplicated_total"]
+        rows = [r for r in records(collector) if r.get("sourceTransportPort") == 7000]
+        collector.stop()
+    assert sum(r["packetDeltaCount"] for r in rows) == want
+    assert {(r["sourcePodName"], r["destinationPodName"], r["flowType"]) for r in rows} == {
+        ("web-7d9f", "db-0", 1)}
+    assert deduplicated == (9 if dedup == "true" else 0)

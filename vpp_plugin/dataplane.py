@@ -33,6 +33,12 @@ FLUSH_SECONDS = 5.0  # flow-report-process sends flowprobe's buffered records th
 
 class VppDataplane:
     unique = False  # VPP reports a flow again every active timer: fold repeats
+
+    @property
+    def both_ways(self) -> bool:
+        """Whether flowprobe meters the pods' interfaces in both directions (22.06+); up
+        to 22.02 it meters transmit only, so a packet between two pods is seen once."""
+        return self.flowprobe.modern
     reports = True  # each row is one VPP report: the flow table times them out one by one
 
     def __init__(self, cfg: Config, socket_path: str, metrics: Metrics) -> None:
