@@ -155,12 +155,19 @@ class Metrics:
             self._kernel_seen[name] = value
 
     def pod_traffic(self, batch: np.ndarray, by_ifindex: Mapping[int, object],
-                    receivers: np.ndarray | None = None) -> None:
+                    receivers: np.ndarray | None = None,
+                    again: np.ndarray | None = None) -> None:
         """Per-pod counters from a drained batch, summed per interface and direction in
         whole arrays. The TC ingress of a pod's host-side veth is what the pod sent, its
-        egress what it received; receivers (agent.podmeta.PodTable.receivers, given with
-        dedup) names the metered pod a sent packet went to, counted only at the sender."""
+        egress what it received. A packet between two metered pods of the node is
+        received where it was sent (receivers, from agent.podmeta.PodTable.receivers):
+        with dedup the kernel counts it there only, and a CNI that redirects to the peer
+        skips the receiver's veth; its second observation (again) is not counted."""
         if len(batch):
+            if again is not None and again.any():
+                keep = ~again
+                batch, receivers = batch[keep], (receivers[keep] if receivers is not None
+                                                 else None)
             k = batch["key"]
             slot = k["ifindex"].astype(np.int64) * 2 + k["direction"]
             octets, packets = batch["octets"], batch["packets"]

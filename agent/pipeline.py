@@ -133,9 +133,9 @@ class Agent:
         pods = None
         if self.cluster is not None:
             pods = self.source.table(reported)
-            dedup = self.cfg.dedup and self.kind == "ebpf"
+            receivers, again = pods.receivers(batch)
             self.metrics.pod_traffic(batch, {**self.source.remembered, **self.source.by_ifindex},
-                                     pods.receivers(batch) if dedup and len(batch) else None)
+                                     receivers, again)
             if self.kind == "vpp" and len(batch):  # flowprobe on an interface of no pod
                 known = np.array(sorted(self.source.by_ifindex), np.uint32)
                 self.metrics.vpp_unknown_interface_records.inc(

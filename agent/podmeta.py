@@ -118,12 +118,18 @@ class PodTable:
         out[hit] = self.ip_pod[pos[hit]]
         return out
 
-    def receivers(self, flows: np.ndarray) -> np.ndarray:
-        """For records of packets a pod sent (ingress), the metered interface of the pod of
-        this node that they went to (0: none): with dedup, its only observation."""
+    def receivers(self, flows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What a pod received, counted once whatever --dedup and the CNI do: for records
+        of packets a pod sent (ingress), the metered interface of the pod of this node
+        they went to (0: none); and which records are a second observation of such a
+        packet (at the receiver's egress, kept by --dedup false), not to count again."""
         k = flows["key"]
-        remote = self.by_address(k["dst"], k["ip_version"])
-        return np.where(k["direction"] == INGRESS, self.pod_if[remote], 0).astype(np.uint32)
+        ingress = k["direction"] == INGRESS
+        to = self.by_address(k["dst"], k["ip_version"])
+        sender = self.by_address(k["src"], k["ip_version"])
+        receivers = np.where(ingress, self.pod_if[to], 0).astype(np.uint32)
+        again = ~ingress & (self.pod_if[sender] != 0)
+        return receivers, again
 
     def columns(self, flows: np.ndarray) -> dict[str, Strings | np.ndarray]:
         """Pod names, flowType, and for a packet a metered pod of this node sent to
