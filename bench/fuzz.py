@@ -97,8 +97,8 @@ def stateful(count: int) -> int:
     elapsed = time.perf_counter() - t0
     collector.output.close()
     d = collector.decoder
-    good = sum(v for k, v in collector.metrics.records._metrics.items()
-               if k == ("10.9.9.9:4739",) for v in [v._value.get()])
+    good = sum(m._value.get() for k, m in collector.metrics.records._metrics.items()
+               if k == ("10.9.9.9",))  # the collector labels exporters by address
     print(json.dumps({
         "messages": count + sent, "seconds": round(elapsed, 1),
         "good_records_sent": sent, "good_records_decoded": int(good),
