@@ -150,8 +150,6 @@ MAP_DELETE_ELEM = 3
 
 TCX_INGRESS = 46
 TCX_EGRESS = 47
-NETKIT_PRIMARY = 54
-NETKIT_PEER = 55
 F_BEFORE = 1 << 3  # with no relative program or link: the head of the chain
 
 
@@ -196,7 +194,7 @@ class _ObjGet(ct.Structure):
 
 
 def link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = F_BEFORE) -> int:
-    """Attach a program to a TCX (or netkit) hook through a new BPF link; returns the
+    """Attach a program to a TCX hook through a new BPF link; returns the
     link's fd. The link lives as long as the fd (or a pin) does."""
     attr = _LinkCreate(prog_fd, ifindex, attach_type, flags, 0, 0, 0)
     return _check(_bpf(LINK_CREATE, attr), "BPF_LINK_CREATE")
@@ -207,7 +205,7 @@ def link_detach(link_fd: int) -> None:
 
 
 def query(ifindex: int, attach_type: int) -> list[tuple[int, int]]:
-    """(program id, link id) of every program on a TCX or netkit hook, in run order."""
+    """(program id, link id) of every program on a TCX hook, in run order."""
     ids = (ct.c_uint32 * 64)()
     links = (ct.c_uint32 * 64)()
     attr = _Query(ifindex, attach_type, 0, 0, ct.addressof(ids), 64, 0, 0, ct.addressof(links))
