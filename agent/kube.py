@@ -1,4 +1,5 @@
-"""Discover pods: follow this node's pods and all namespaces through the API server.
+"""Discover pods: follow this node's pods, all namespaces, this node, and every
+Service and EndpointSlice (to name Service traffic) through the API server.
 
 One thread per resource lists, then watches from the list's resourceVersion and,
 when a watch ends or drops, resumes from the last version it saw (as client-go's
@@ -59,6 +60,53 @@ def node_from(obj: dict) -> tuple[str, tuple[str, ...]]:
         a["address"] for a in addresses if a.get("type") in ("InternalIP", "ExternalIP"))
 
 
+@dataclass(frozen=True)
+class ServicePort:
+    name: str  # "" for a Service's only, unnamed port
+    protocol: str  # TCP, UDP, SCTP
+    port: int
+    node_port: int = 0
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    addresses: tuple[str, ...]  # clusterIPs, externalIPs, load balancer ingress IPs
+    ports: tuple[ServicePort, ...]
+
+
+def service_from(obj: dict) -> Service:
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
+    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    addresses = [ip for ip in ips if ip and ip != "None"] + list(spec.get("externalIPs") or [])
+    addresses += [i["ip"] for i in ingress if i.get("ip")]
+    return Service(meta["namespace"], meta["name"], tuple(dict.fromkeys(addresses)), tuple(
+        ServicePort(p.get("name") or "", p.get("protocol") or "TCP", int(p["port"]),
+                    int(p.get("nodePort") or 0)) for p in spec.get("ports") or []))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A backend pod of a Service, wherever it runs (EndpointSlice targetRef)."""
+    addresses: tuple[str, ...]
+    namespace: str
+    pod: str
+    node: str
+
+
+def endpoints_from(obj: dict) -> tuple[str, str, tuple[Endpoint, ...]]:
+    """An EndpointSlice (discovery.k8s.io/v1): its namespace, name and pod endpoints."""
+    meta = obj["metadata"]
+    eps = tuple(
+        Endpoint(tuple(e.get("addresses") or ()), ref.get("namespace") or meta["namespace"],
+                 ref.get("name") or "", e.get("nodeName") or "")
+        for e in obj.get("endpoints") or []
+        if (ref := e.get("targetRef") or {}).get("kind") == "Pod")
+    return meta["namespace"], meta["name"], eps
+
+
 def namespace_from(obj: dict) -> tuple[str, str | None]:
     meta = obj["metadata"]
     return meta["name"], (meta.get("annotations") or {}).get(ANNOTATION)
@@ -77,6 +125,7 @@ class Follower(threading.Thread):
         self.stop_event, self.changed, self.metrics = stop, changed, metrics
         self.watch_seconds, self.backoff_max = watch_seconds, backoff_max
         self.items: dict = {}
+        self.generation = 0  # bumped at every change, so readers rebuild only then
         self.lock = threading.Lock()
         self.synced = threading.Event()
         self.relists = 0
@@ -153,6 +202,7 @@ class Follower(threading.Thread):
             items[self.key(parsed)] = parsed
         with self.lock:
             self.items = items
+            self.generation += 1
         self.relists += 1
         self.synced.set()
         self.changed.set()
@@ -165,6 +215,7 @@ class Follower(threading.Thread):
                 self.items.pop(self.key(parsed), None)
             elif etype in ("ADDED", "MODIFIED"):
                 self.items[self.key(parsed)] = parsed
+            self.generation += 1
         self.changed.set()
 
 
@@ -173,16 +224,16 @@ class Cluster:
 
     def __init__(self, node_name: str, kubeconfig: str = "", metrics=None) -> None:
         self.kubeconfig = kubeconfig
-        self.v1 = self._connect()
+        self.v1, self.discovery = self._connect()
         self.node_name = node_name
         self.stop_event = threading.Event()
         self.changed = threading.Event()
 
-        def follow(name, method, selector, parse, key) -> Follower:
+        def follow(name, method, selector, parse, key, api="v1") -> Follower:
             def list_fn(*args, **kwargs):  # the current client: credentials may reload
-                return getattr(self.v1, method)(*args, **kwargs)
+                return getattr(getattr(self, api), method)(*args, **kwargs)
 
-            functools.update_wrapper(list_fn, getattr(self.v1, method))  # its return type
+            functools.update_wrapper(list_fn, getattr(getattr(self, api), method))  # its type
             return Follower(name, list_fn, selector, parse, key, self.stop_event,
                             self.changed, metrics, reauth=self.reauth)
 
@@ -192,6 +243,10 @@ class Cluster:
                                  lambda n: n[0])
         self.nodes = follow("nodes", "list_node", f"metadata.name={node_name}", node_from,
                             lambda n: n[0])
+        self.services = follow("services", "list_service_for_all_namespaces", None,
+                               service_from, lambda s: (s.namespace, s.name))
+        self.endpointslices = follow("endpointslices", "list_endpoint_slice_for_all_namespaces",
+                                     None, endpoints_from, lambda e: e[:2], api="discovery")
 
     def _connect(self):
         """A client from the kubeconfig, or the in-cluster service account (whose
@@ -205,12 +260,12 @@ class Cluster:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()  # KUBECONFIG or ~/.kube/config
-        return client.CoreV1Api()
+        return client.CoreV1Api(), client.DiscoveryV1Api()
 
     def reauth(self) -> None:
         """Credentials read again (a token rotated on disk); a failure is retried later."""
         try:
-            self.v1 = self._connect()
+            self.v1, self.discovery = self._connect()
         except Exception as e:  # noqa: BLE001  (a half-written token file, say)
             log.warning("reloading credentials failed", extra={"err": str(e)[:200]})
 
@@ -218,10 +273,19 @@ class Cluster:
         self.pods.start()
         self.namespaces.start()
         self.nodes.start()
+        self.services.start()
+        self.endpointslices.start()
 
     def node_addresses(self) -> tuple[str, ...]:
         """This node's own addresses, as its Node object says."""
         return tuple(a for _, addresses in self.nodes.snapshot().values() for a in addresses)
+
+    def service_objects(self) -> tuple[tuple[int, int], list[Service], list[Endpoint]]:
+        """Every Service and every pod endpoint of their EndpointSlices, with a
+        generation that changes whenever either does."""
+        generation = (self.services.generation, self.endpointslices.generation)
+        endpoints = [e for _, _, eps in self.endpointslices.snapshot().values() for e in eps]
+        return generation, list(self.services.snapshot().values()), endpoints
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

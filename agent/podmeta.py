@@ -18,6 +18,7 @@ from agent.flowtable import key_hash
 from agent.ipfix.message import Strings
 from agent.kube import Pod
 from agent.records import INGRESS
+from agent.services import Services
 
 
 def _address_words(raw16: np.ndarray, version: np.ndarray) -> np.ndarray:
@@ -53,12 +54,15 @@ def in_networks(raw16: np.ndarray, version: np.ndarray, cidrs: Sequence[str]) ->
 
 class PodTable:
     def __init__(self, node: str, by_ifindex: Mapping[int, Pod], known: Iterable[Pod],
-                 cluster_cidrs: Sequence[str] = (), node_addresses: Iterable[str] = ()) -> None:
+                 cluster_cidrs: Sequence[str] = (), node_addresses: Iterable[str] = (),
+                 services: Services | None = None) -> None:
         """by_ifindex: the metered pods; known: every pod of the node, whose addresses
         name the other side of a record while they own them (Pending or Running, not
         hostNetwork; of two claiming one address, the one created last); node_addresses
         (and hostNetwork pods' addresses) name the node, never a pod. cluster_cidrs: the
-        cluster's pod ranges (flowType 2 when the other end is in them)."""
+        cluster's pod ranges (flowType 2 when the other end is in them). services: the
+        Services of the cluster and the node's conntrack, to name Service traffic and
+        its backend (a pod of another node named by its EndpointSlice)."""
         self.cluster_cidrs = list(cluster_cidrs)
         known = list(known)
         pods = list({p.uid: p for p in known + list(by_ifindex.values())}.values())
@@ -66,14 +70,19 @@ class PodTable:
         index = {p.uid: i for i, p in enumerate(pods)}
         none = len(pods)  # the index of "", for records with no pod on that side
         self.node_side = none + 1  # the other side is this node itself (no pod)
-        self.namespaces = [p.namespace for p in pods] + ["", ""]
-        self.names = [p.name for p in pods] + ["", ""]
+        self.services = services
+        endpoints = services.refresh().pods if services is not None else []
+        self.endpoints_at = none + 2  # backends elsewhere, after the two without a pod
+        self.namespaces = [p.namespace for p in pods] + ["", ""] + [
+            e.namespace for e in endpoints]
+        self.names = [p.name for p in pods] + ["", ""] + [e.pod for e in endpoints]
+        self.node_names = [node] * none + ["", node] + [e.node for e in endpoints]
         self.none = none
         keys = sorted(by_ifindex)
         self.if_keys = np.array(keys, np.int64)
         self.if_pod = np.array([index[by_ifindex[k].uid] for k in keys], np.int64)
         # each pod's metered interface (0: none), for the egressInterface of its receptions
-        self.pod_if = np.zeros(none + 2, np.uint32)
+        self.pod_if = np.zeros(len(self.names), np.uint32)
         self.pod_if[self.if_pod] = self.if_keys
         owners: dict[str, int] = {}
         for ip in list(node_addresses) + [ip for p in known if p.host_network for ip in p.ips]:
@@ -134,16 +143,23 @@ class PodTable:
     def columns(self, flows: np.ndarray) -> dict[str, Strings | np.ndarray]:
         """Pod names, flowType, and for a packet a metered pod of this node sent to
         another metered pod of this node (counted once, at the sender's ingress), the
-        receiver's interface as egressInterface."""
+        receiver's interface as egressInterface. Service traffic: the Service port,
+        and where conntrack knows it, the backend as the pod behind the Service."""
         k = flows["key"]
         ingress = k["direction"] == INGRESS
         observed = self._by_ifindex(k["ifindex"].astype(np.int64))
         other = np.where(ingress[:, None], k["dst"], k["src"])
+        svc = self.services.match(k, ingress) if self.services is not None else None
+        if svc is not None:  # the other end is a Service's address: its backend instead
+            other = np.where(svc.translated[:, None], svc.backend, other)
         remote = self.by_address(other, k["ip_version"])
+        if svc is not None:  # a backend on another node, as its EndpointSlice names it
+            elsewhere = svc.translated & (remote == self.none)
+            ep = self.services.index.endpoint(other, k["ip_version"])
+            remote = np.where(elsewhere & (ep >= 0), self.endpoints_at + ep, remote)
         src = np.where(ingress, observed, remote)
         dst = np.where(ingress, remote, observed)
-        nodes = [self.node, ""]
-        local = remote != self.none  # a pod of this node, or the node itself
+        local = (remote < self.none) | (remote == self.node_side)  # this node's pod, or it
         flow_type = np.where(local, INTRA_NODE, UNKNOWN).astype(np.uint8)
         if self.cluster_cidrs:
             pod = in_networks(other, k["ip_version"], self.cluster_cidrs)
@@ -156,8 +172,27 @@ class PodTable:
             "sourcePodName": Strings(self.names, src),
             "destinationPodNamespace": Strings(self.namespaces, dst),
             "destinationPodName": Strings(self.names, dst),
-            "sourceNodeName": Strings(nodes, (src == self.none).astype(np.int64)),  # pod or node
-            "destinationNodeName": Strings(nodes, (dst == self.none).astype(np.int64)),
+            "sourceNodeName": Strings(self.node_names, src),  # pod or node
+            "destinationNodeName": Strings(self.node_names, dst),
             "flowType": flow_type,
             "egressInterface": egress,
+            **service_columns(svc, len(flows), self.services),
         }
+
+
+def service_columns(svc, n: int, services: Services | None) -> dict[str, Strings | np.ndarray]:
+    """Antrea's Service elements: the Service port's name ("namespace/name:port"), the
+    port and address the client used. Antrea defines them for the destination only
+    (its records are connections, named from the initiator): a reply from a Service
+    carries them too, its source address being the Service's or its backend's."""
+    names = (services.index.names if services is not None else []) + [""]
+    if svc is None:
+        return {"destinationServicePortName": Strings(names, np.zeros(n, np.int64)),
+                "destinationServicePort": np.zeros(n, np.uint16),
+                "destinationClusterIPv4": np.zeros((n, 4), np.uint8),
+                "destinationClusterIPv6": np.zeros((n, 16), np.uint8)}
+    return {"destinationServicePortName": Strings(
+                names, np.where(svc.service >= 0, svc.service, len(names) - 1)),
+            "destinationServicePort": svc.port,
+            "destinationClusterIPv4": svc.frontend[:, :4],
+            "destinationClusterIPv6": svc.frontend}

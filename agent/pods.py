@@ -10,6 +10,7 @@ from agent.metrics import Metrics
 from agent.optin import decide
 from agent.podmeta import PodTable
 from agent.resolve import Resolver
+from agent.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ class PodSource:
                  cluster_cidrs: tuple[str, ...] = ()) -> None:
         self.cluster, self.resolver, self.metrics = cluster, resolver, metrics
         self.cluster_cidrs = cluster_cidrs
+        self.services = Services(cluster.service_objects, cluster.node_addresses)
         self.resolved: dict[str, tuple[tuple[str, ...], int]] = {}  # uid -> (ips, ifindex)
         self.by_ifindex: dict[int, Pod] = {}  # metered now
         self.remembered: dict[int, Pod] = {}  # gone, while their flows are still reported
@@ -86,4 +88,5 @@ class PodSource:
         for ifindex in [i for i in self.remembered if i not in still_reported]:
             del self.remembered[ifindex]
         return PodTable(self.cluster.node_name, {**self.remembered, **self.by_ifindex},
-                        self.known, self.cluster_cidrs, self.cluster.node_addresses())
+                        self.known, self.cluster_cidrs, self.cluster.node_addresses(),
+                        self.services)

@@ -1,4 +1,6 @@
-"""A fake Kubernetes API server: list and watch of pods and namespaces over real HTTP.
+"""A fake Kubernetes API server: list and watch of pods, namespaces, nodes, Services
+(`/api/v1/services`) and EndpointSlices (`/apis/discovery.k8s.io/v1/endpointslices`)
+over real HTTP.
 
 It speaks what the kubernetes client uses: `GET /api/v1/pods` and
 `/api/v1/namespaces` with `fieldSelector=spec.nodeName=...`, `watch=true`,
@@ -43,7 +45,7 @@ class State:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.rv = 100
-        self.objects: dict[str, dict[str, dict]] = {"pods": {}, "namespaces": {}, "nodes": {}}
+        self.objects: dict[str, dict[str, dict]] = {k: {} for k in LISTS}
         self.token = "t"  # the bearer token the server accepts (rotated by the tests)
         self.forbidden: set[str] = set()  # resources the service account may not read
         self.history: list[tuple[int, str, str, dict]] = []  # (rv, kind, type, object)
@@ -96,7 +98,15 @@ def _field(obj: dict, path: str):
     return obj
 
 
-LISTS = {"pods": "PodList", "namespaces": "NamespaceList", "nodes": "NodeList"}
+LISTS = {"pods": "PodList", "namespaces": "NamespaceList", "nodes": "NodeList",
+         "services": "ServiceList", "endpointslices": "EndpointSliceList"}
+GROUPS = {"endpointslices": "discovery.k8s.io"}  # the API group of each kind ("": core)
+KINDS = {"pods": "Pod", "namespaces": "Namespace", "nodes": "Node", "services": "Service",
+         "endpointslices": "EndpointSlice"}
+
+
+def _api_version(kind: str) -> str:
+    return f"{GROUPS[kind]}/v1" if kind in GROUPS else "v1"
 
 
 def _selected(obj: dict, selector) -> bool:
@@ -112,8 +122,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         url = urlparse(self.path)
-        kind = url.path.removeprefix("/api/v1/")
-        if kind not in LISTS:
+        kind = url.path.removeprefix("/api/v1/").removeprefix("/apis/discovery.k8s.io/v1/")
+        if kind not in LISTS or url.path != f"/api{'s' if kind in GROUPS else ''}/" \
+                f"{_api_version(kind)}/{kind}":
             return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
         if self.headers.get("Authorization") != f"Bearer {self.state.token}":
             return self._json(401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -124,7 +135,8 @@ class Handler(BaseHTTPRequestHandler):
                 "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
                 "reason": "Forbidden", "details": {"kind": kind},
                 "message": f'{kind} is forbidden: User "system:serviceaccount:cniflow:cniflow" '
-                           f'cannot list resource "{kind}" in API group "" at the cluster scope'})
+                           f'cannot list resource "{kind}" in API group '
+                           f'"{GROUPS.get(kind, "")}" at the cluster scope'})
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         selector = None  # (field, value): spec.nodeName for pods, metadata.name for nodes
         if "=" in q.get("fieldSelector", ""):
@@ -135,7 +147,7 @@ class Handler(BaseHTTPRequestHandler):
         st = self.state
         with st.cond:
             items = [o for o in st.objects[kind].values() if _selected(o, selector)]
-            body = {"kind": LISTS[kind], "apiVersion": "v1",
+            body = {"kind": LISTS[kind], "apiVersion": _api_version(kind),
                     "metadata": {"resourceVersion": str(st.rv)}, "items": items}
         self._json(200, body)
 
@@ -186,7 +198,9 @@ class Handler(BaseHTTPRequestHandler):
                 sent = rv
                 if not _selected(obj, selector):
                     continue
-                self._line({"type": etype, "object": obj})
+                # watch events carry the object's kind and apiVersion; list items do not
+                self._line({"type": etype, "object": {
+                    "kind": KINDS[kind], "apiVersion": _api_version(kind), **obj}})
         return True
 
     def _line(self, event: dict) -> None:
@@ -269,3 +283,51 @@ class FakeApiServer:
 
     def delete_pod(self, namespace: str, name: str) -> None:
         self.state.delete("pods", namespace, name)
+
+    def service(self, namespace: str, name: str, cluster_ip: str,
+                ports: list[tuple[str, str, int, int]], node_ports: dict[str, int] | None = None,
+                external_ips: list[str] | None = None) -> dict:
+        """A Service as the API server stores it; ports: (name, protocol, port,
+        targetPort); node_ports: port name -> nodePort (type NodePort)."""
+        node_ports = node_ports or {}
+        family = "IPv6" if ":" in cluster_ip else "IPv4"
+        spec = {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ipFamilies": [family],
+                "ipFamilyPolicy": "SingleStack", "sessionAffinity": "None",
+                "internalTrafficPolicy": "Cluster",
+                "type": "NodePort" if node_ports else "ClusterIP",
+                "selector": {"app": name},
+                "ports": [{"name": n, "protocol": proto, "port": port, "targetPort": target,
+                           **({"nodePort": node_ports[n]} if n in node_ports else {})}
+                          for n, proto, port, target in ports]}
+        if external_ips:
+            spec["externalIPs"] = external_ips
+        return self.state.put("services", {
+            "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                         "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                            time.gmtime())},
+            "spec": spec, "status": {"loadBalancer": {}}})
+
+    def endpoint_slice(self, namespace: str, service: str,
+                       ports: list[tuple[str, str, int]],
+                       endpoints: list[tuple[str, str, str]]) -> dict:
+        """The EndpointSlice the endpointslice controller writes for a Service: named
+        after it with a suffix, labelled kubernetes.io/service-name; ports: (name,
+        protocol, port); endpoints: (address, pod name, node name)."""
+        family = "IPv6" if endpoints and ":" in endpoints[0][0] else "IPv4"
+        return self.state.put("endpointslices", {
+            "metadata": {"name": f"{service}-x7k2p", "namespace": namespace,
+                         "generateName": f"{service}-", "uid": str(uuid.uuid4()),
+                         "labels": {"kubernetes.io/service-name": service,
+                                    "endpointslice.kubernetes.io/managed-by":
+                                        "endpointslice-controller.k8s.io"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service",
+                                              "name": service, "uid": str(uuid.uuid4()),
+                                              "controller": True,
+                                              "blockOwnerDeletion": True}]},
+            "addressType": family,
+            "ports": [{"name": n, "protocol": proto, "port": port} for n, proto, port in ports],
+            "endpoints": [{"addresses": [ip], "nodeName": node,
+                           "conditions": {"ready": True, "serving": True, "terminating": False},
+                           "targetRef": {"kind": "Pod", "namespace": namespace, "name": pod,
+                                         "uid": str(uuid.uuid4())}}
+                          for ip, pod, node in endpoints]})

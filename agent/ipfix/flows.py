@@ -58,9 +58,17 @@ TEMPLATES = {4: TEMPLATE_V4, 6: TEMPLATE_V6}
 # this node (1), of another node (2), or outside the cluster (3 to, 4 from).
 # Fixed-length before the strings, as templates order them.
 FLOW_TYPE = ["flowType"]
-POD_FIELDS = POD_STRINGS + FLOW_TYPE  # announced with RFC 5610 type records
-TEMPLATE_V4_PODS = Template.of(258, V4 + COMMON + FLOW_TYPE + STRINGS + POD_STRINGS)
-TEMPLATE_V6_PODS = Template.of(259, V6 + COMMON + FLOW_TYPE + STRINGS + POD_STRINGS)
+# Antrea's Service elements (56506/106 to 109): the Service port a flow went to, or
+# for a reply came from (empty and zero for other flows)
+SERVICE = {4: ["destinationServicePort", "destinationClusterIPv4"],
+           6: ["destinationServicePort", "destinationClusterIPv6"]}
+SERVICE_STRINGS = ["destinationServicePortName"]
+POD_FIELDS = (POD_STRINGS + FLOW_TYPE + SERVICE_STRINGS  # announced with RFC 5610 records
+              + ["destinationServicePort", "destinationClusterIPv4", "destinationClusterIPv6"])
+TEMPLATE_V4_PODS = Template.of(
+    258, V4 + COMMON + FLOW_TYPE + SERVICE[4] + STRINGS + POD_STRINGS + SERVICE_STRINGS)
+TEMPLATE_V6_PODS = Template.of(
+    259, V6 + COMMON + FLOW_TYPE + SERVICE[6] + STRINGS + POD_STRINGS + SERVICE_STRINGS)
 POD_TEMPLATES = {4: TEMPLATE_V4_PODS, 6: TEMPLATE_V6_PODS}
 REVERSE = [  # RFC 5103: the partner direction's counters, under PEN 29305
     "reverseOctetDeltaCount",
@@ -72,8 +80,8 @@ REVERSE = [  # RFC 5103: the partner direction's counters, under PEN 29305
 BIFLOW_TEMPLATES = {4: Template.of(263, V4 + COMMON + REVERSE + STRINGS),
                     6: Template.of(264, V6 + COMMON + REVERSE + STRINGS)}
 BIFLOW_POD_TEMPLATES = {
-    4: Template.of(265, V4 + COMMON + REVERSE + FLOW_TYPE + STRINGS + POD_STRINGS),
-    6: Template.of(266, V6 + COMMON + REVERSE + FLOW_TYPE + STRINGS + POD_STRINGS)}
+    v: Template.of(265 if v == 4 else 266, (V4 if v == 4 else V6) + COMMON + REVERSE + FLOW_TYPE
+                   + SERVICE[v] + STRINGS + POD_STRINGS + SERVICE_STRINGS) for v in (4, 6)}
 
 # RFC 5610 information element type records, so generic collectors learn the
 # Antrea elements' names and types. All nine fields: libfixbuf ignores fewer.
