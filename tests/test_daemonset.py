@@ -32,11 +32,23 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def objects() -> dict[str, dict]:
-    out = subprocess.run([str(KUBECTL), "kustomize", str(ROOT / "daemonset")],
+def render(path: Path) -> dict[str, dict]:
+    """`kubectl kustomize` of a directory, objects by kind/name."""
+    out = subprocess.run([str(KUBECTL), "kustomize", str(path)],
                          capture_output=True, text=True, check=True).stdout
     return {f"{o['kind']}/{o['metadata']['name']}": o for o in yaml.safe_load_all(out)}
+
+
+def validate(objects: dict[str, dict]) -> None:
+    """Every object of a kind the kubernetes client models, against its schema."""
+    for obj in objects.values():
+        if obj["kind"] in MODELS:
+            MODELS[obj["kind"]].model_validate(obj)  # raises on a misspelt or mistyped field
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[str, dict]:
+    return render(ROOT / "daemonset")
 
 
 def by_kind(objects, kind: str) -> list[dict]:
@@ -47,18 +59,19 @@ def test_the_manifests_render_and_validate(objects):
     kinds = sorted(o["kind"] for o in objects.values())
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "DaemonSet",
                      "Namespace", "PodMonitor", "ServiceAccount"]
-    for obj in objects.values():
-        if obj["kind"] in MODELS:
-            MODELS[obj["kind"]].model_validate(obj)  # raises on a misspelt or mistyped field
+    validate(objects)
     pm = by_kind(objects, "PodMonitor")[0]
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(pm["spec"]) == {"selector", "podMetricsEndpoints"}
 
 
-def test_rbac_asks_only_to_read_pods_namespaces_and_nodes(objects):
+def test_rbac_asks_only_to_read_pods_namespaces_nodes_services_and_endpointslices(objects):
     role = by_kind(objects, "ClusterRole")[0]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces", "nodes"],
-                              "verbs": ["get", "list", "watch"]}]
+    read = ["get", "list", "watch"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services"],
+         "verbs": read},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read}]
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
     binding = by_kind(objects, "ClusterRoleBinding")[0]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cniflow",
