@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -139,29 +141,74 @@ class ServiceIndex:
         return self.backends.find(endpoint_words(raw16, zero, zero, version))
 
 
-def read_dnat() -> np.ndarray:
-    """The node's conntrack entries that were destination-NATed, as ENTRY rows."""
-    from pyroute2 import NFCTSocket
+NETLINK_NETFILTER, CT_GET, DONE, ERROR = 12, (1 << 8) | 1, 3, 2  # ctnetlink dump
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_STATUS_MASK = 1, 2, 3, 26
+_NLA = struct.Struct("=HH")
+_HDR = struct.Struct("=IHHII")
 
+
+def _attrs(buf: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """Netlink attributes between start and end: type -> (payload start, end)."""
+    out = {}
+    while start + 4 <= end:
+        length, kind = _NLA.unpack_from(buf, start)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = (start + 4, start + length)
+        start += (length + 3) & ~3
+    return out
+
+
+def _tuple(buf: bytes, span: tuple[int, int], version: int) -> tuple:
+    a = _attrs(buf, *span)
+    ip, l4 = _attrs(buf, *a[1]), _attrs(buf, *a[2])
+    n = 4 if version == 4 else 16
+    src = buf[ip[1 if n == 4 else 3][0]:][:n].ljust(16, b"\0")
+    dst = buf[ip[2 if n == 4 else 4][0]:][:n].ljust(16, b"\0")
+    port = [int.from_bytes(buf[l4[k][0]:l4[k][0] + 2], "big") if k in l4 else 0 for k in (2, 3)]
+    return src, dst, port[0], port[1], buf[l4[1][0]], version
+
+
+def read_dnat() -> np.ndarray:
+    """The node's conntrack entries that were destination-NATed, as ENTRY rows: one
+    ctnetlink dump per family, filtered in the kernel by status (IPS_DST_NAT), parsed
+    here with struct (pyroute2's parser costs 230 us an entry)."""
     rows = []
-    for family, version, v in ((socket.AF_INET, 4, "V4"), (socket.AF_INET6, 6, "V6")):
-        with NFCTSocket(nfgen_family=family) as ct:
-            for msg in ct.dump(status=IPS_DST_NAT, status_mask=IPS_DST_NAT):
-                row = []
-                for which in ("CTA_TUPLE_ORIG", "CTA_TUPLE_REPLY"):
-                    t = msg.get_attr(which)
-                    ip, l4 = t.get_attr("CTA_TUPLE_IP"), t.get_attr("CTA_TUPLE_PROTO")
-                    row.append((_raw(ip.get_attr(f"CTA_IP_{v}_SRC"))[0],
-                                _raw(ip.get_attr(f"CTA_IP_{v}_DST"))[0],
-                                l4.get_attr("CTA_PROTO_SRC_PORT") or 0,
-                                l4.get_attr("CTA_PROTO_DST_PORT") or 0,
-                                l4.get_attr("CTA_PROTO_NUM"), version))
-                rows.append(tuple(row))
+    for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sk:
+            sk.bind((0, 0))
+            body = struct.pack("=BBH", family, 0, 0) + b"".join(
+                _NLA.pack(8, kind) + struct.pack(">I", IPS_DST_NAT)
+                for kind in (CTA_STATUS, CTA_STATUS_MASK))
+            sk.send(_HDR.pack(_HDR.size + len(body), CT_GET, 0x301, 1, 0) + body)
+            done = False
+            while not done:
+                buf = sk.recv(1 << 20)
+                off = 0
+                while off + _HDR.size <= len(buf):
+                    length, kind = _HDR.unpack_from(buf, off)[:2]
+                    if kind == DONE:
+                        done = True
+                        break
+                    if kind == ERROR:
+                        errno = -struct.unpack_from("=i", buf, off + _HDR.size)[0]
+                        if errno:
+                            raise OSError(errno, f"conntrack dump: {os.strerror(errno)}")
+                        done = True
+                        break
+                    a = _attrs(buf, off + _HDR.size + 4, off + length)
+                    if CTA_TUPLE_ORIG in a and CTA_TUPLE_REPLY in a:
+                        rows.append((_tuple(buf, a[CTA_TUPLE_ORIG], version),
+                                     _tuple(buf, a[CTA_TUPLE_REPLY], version)))
+                    off += (length + 3) & ~3
     out = np.zeros(len(rows), ENTRY)
-    for i, (orig, reply) in enumerate(rows):
-        for name, t in (("orig", orig), ("reply", reply)):
-            out[i][name] = (np.frombuffer(t[0], np.uint8), np.frombuffer(t[1], np.uint8),
-                            *t[2:])
+    if rows:
+        for side, name in enumerate(("orig", "reply")):
+            t = out[name]
+            t["src"] = np.frombuffer(b"".join(r[side][0] for r in rows), np.uint8).reshape(-1, 16)
+            t["dst"] = np.frombuffer(b"".join(r[side][1] for r in rows), np.uint8).reshape(-1, 16)
+            cols = np.array([r[side][2:] for r in rows], np.int64)
+            t["sport"], t["dport"], t["proto"], t["version"] = cols.T
     return out
 
 
