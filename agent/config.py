@@ -73,6 +73,15 @@ def _bool(text: str) -> bool:
     raise ValueError(f"must be true or false, got {text!r}")
 
 
+def _pin_path(text: str) -> str:
+    """An absolute directory, or "" for off (a bpffs under it is checked at load)."""
+    if text.strip() in ("", "off"):
+        return ""
+    if not text.startswith("/"):
+        raise ValueError(f"must be an absolute path or off, got {text!r}")
+    return text.rstrip("/") or "/"
+
+
 def _split(text: str) -> list[str]:
     return [p for p in text.replace(",", " ").split() if p]
 
@@ -229,6 +238,19 @@ class Config:
         metadata={"parse": _bool, "help":
                   "a packet between two metered interfaces of this node is counted once, at "
                   "the sender's; off: at every metered interface it crosses"},
+    )
+    pin_path: str = field(
+        default="/sys/fs/bpf/cniflow",
+        metadata={"parse": _pin_path, "help":
+                  "directory on a bpffs where the maps, the TCX links and the not yet exported "
+                  "flows live, so a killed or updated agent's successor adopts them and loses "
+                  "nothing; off: no pins, a restart loses what was not exported"},
+    )
+    handover: bool = field(
+        default=False,
+        metadata={"parse": _bool, "help":
+                  "on SIGTERM leave the pins (maps, links, pending flows) for the next agent "
+                  "(rolling update) instead of exporting everything, detaching and unpinning"},
     )
     cluster_cidr: list[str] = field(
         default_factory=list,

@@ -101,6 +101,20 @@ class Agent:
         )
         self.names: dict[int, str] = {}
         self.exit_code = 0
+        self._restore()
+
+    def _restore(self) -> None:
+        """Flows an earlier agent drained but had not exported (pinned, bpf/restart.py)
+        go back into the table; records it had committed are sent."""
+        restore = getattr(self.dataplane, "restore", None)
+        left = restore() if restore is not None else None
+        if left is None:
+            return
+        rows, due = left
+        self.table.update(rows, unique=True)
+        if len(due):
+            self.exporter.export(due, self.names, None)
+        self.dataplane.exported()
 
     def reconcile(self) -> None:
         """Desired against metered, in one place (the dataplane applies it)."""
@@ -143,7 +157,12 @@ class Agent:
             self.metrics.pods_attached.set(
                 sum(1 for i in self.source.by_ifindex if i in attached))
         t1 = time.perf_counter()
+        commit = getattr(self.dataplane, "commit", None)
+        if commit is not None:  # pinned: logged before it leaves (bpf/journal.py)
+            commit(self.table, batch, out)
         self.exporter.export(out if len(out) else np.zeros(0, FLOW_DTYPE), self.names, pods)
+        if commit is not None:
+            self.dataplane.exported()
         self.metrics.export_seconds.observe(time.perf_counter() - t1)
         self.metrics.flows_active.set(len(self.table))
         for ifindex in [i for i in self.names if i not in reported]:
@@ -208,7 +227,8 @@ class Agent:
         agent added (TC filters, or flowprobe on VPP interfaces)."""
         try:
             self.dataplane.detach_all()
-            self.poll(final=True)
+            # a handover leaves the table pinned for the next agent: nothing forced out
+            self.poll(final=not getattr(self.dataplane, "handover", False))
             if self.exporter.backlog_records:
                 log.warning(
                     "records not delivered at exit",

@@ -10,6 +10,11 @@ after it, on every packet.
 cniflow removes only what it added: its links, its filters, the clsact qdisc only if it
 created it and nothing else hangs on it. What an earlier cniflow left (a filter under
 cniflow's handle, a link to a program named cniflow_*) is replaced, never doubled.
+
+With a pin directory every TCX link is pinned, and an agent that finds pinned links
+adopts them: BPF_LINK_UPDATE swaps its program into each at once (the old program
+counts into the same maps until that instant), so a restart leaves no gap. cls_bpf
+filters outlive the agent anyway, and `replace` on the same handle swaps them too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpf import syscall
+from bpf.pins import PinDir
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,8 @@ def choose_mode(mode: str) -> str:
 
 class Attacher:
     def __init__(self, program, mode: str = "auto", priority: int = 1,
-                 ipr: IPRoute | None = None, dedup: bool = True) -> None:
+                 ipr: IPRoute | None = None, dedup: bool = True,
+                 pins: PinDir | None = None) -> None:
         self.program = program
         self.mode = choose_mode(mode)
         self.tcx = syscall.supports(syscall.TCX_INGRESS)  # leftovers to sweep either way
@@ -65,7 +72,53 @@ class Attacher:
         self.dedup = dedup
         self.attached: dict[int, Attachment] = {}
         self.ours = {syscall.prog_id(program.ingress.fd), syscall.prog_id(program.egress.fd)}
+        self.pins = pins
+        self.adopted: dict[tuple[int, int], int] = {}  # (ifindex, hook) -> link fd
         log.info("attach mode", extra={"mode": self.mode, "tcx": self.tcx})
+        if pins is not None:
+            self._adopt()
+
+    def _adopt(self) -> None:
+        """Take over the links an earlier agent pinned: those still on an interface run
+        this agent's program from now on (atomically); defunct ones are unpinned. With
+        --attach tc they are left for the sweep, which removes them at attach."""
+        for ifindex, hook, path in self.pins.link_pins():
+            fd = syscall.obj_get(path)
+            _, dev, _ = syscall.link_info(fd)
+            if dev != ifindex:  # the interface is gone (0), or the pin is not what it says
+                os.close(fd)
+                os.unlink(path)
+                continue
+            if self.mode == "tcx":
+                prog = self.program.ingress if hook == syscall.TCX_INGRESS else \
+                    self.program.egress
+                syscall.link_update(fd, prog.fd)
+            self.adopted[(ifindex, hook)] = fd
+        if self.adopted:
+            log.info("adopted pinned links", extra={"links": len(self.adopted),
+                                                    "path": self.pins.links})
+
+    def prune(self) -> None:
+        """Adopted links no interface claimed (opted out, or gone, while no agent ran):
+        detached and unpinned."""
+        for (ifindex, hook), fd in list(self.adopted.items()):
+            self.adopted.pop((ifindex, hook))
+            self._unpin(ifindex, hook)
+            try:
+                syscall.link_detach(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            if ifindex not in self.attached and self.dedup:
+                self.program.meter(ifindex, False)
+
+    def _unpin(self, ifindex: int, hook: int) -> None:
+        if self.pins is not None:
+            try:
+                os.unlink(self.pins.link_path(ifindex, hook))
+            except FileNotFoundError:
+                pass
 
     def attach(self, ifindex: int, name: str) -> Attachment:
         """Idempotent: what an earlier cniflow left is replaced, not doubled."""
@@ -85,7 +138,13 @@ class Attacher:
         try:
             for hook, prog in ((syscall.TCX_INGRESS, self.program.ingress),
                                (syscall.TCX_EGRESS, self.program.egress)):
-                att.links.append(syscall.link_create(prog.fd, ifindex, hook, syscall.F_BEFORE))
+                fd = self.adopted.pop((ifindex, hook), None)  # runs our program already
+                if fd is None:
+                    fd = syscall.link_create(prog.fd, ifindex, hook, syscall.F_BEFORE)
+                    if self.pins is not None:
+                        self._unpin(ifindex, hook)
+                        syscall.obj_pin(fd, self.pins.link_path(ifindex, hook))
+                att.links.append(fd)
         except OSError as e:
             self._remove(att)
             raise AttachError(f"{name}: attaching with TCX failed: {e.strerror}") from e
@@ -133,6 +192,10 @@ class Attacher:
                             syscall.link_detach(fd)
                         finally:
                             os.close(fd)
+                        old = self.adopted.pop((ifindex, hook), None)
+                        if old is not None:
+                            os.close(old)
+                            self._unpin(ifindex, hook)
                         log.info("replaced an earlier cniflow's link",
                                  extra={"interface": name, "link_id": link_id})
                     except OSError as e:  # gone meanwhile
@@ -154,6 +217,19 @@ class Attacher:
             self._unmeter(ifindex)  # the index may come back as another interface
             for fd in att.links:
                 os.close(fd)
+            for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
+                self._unpin(ifindex, hook)
+
+    def release(self) -> None:
+        """Hand over: close the links' fds, leave them attached and pinned."""
+        for att in self.attached.values():
+            for fd in att.links:
+                os.close(fd)
+            att.links = []
+        for fd in self.adopted.values():
+            os.close(fd)
+        self.attached.clear()
+        self.adopted.clear()
 
     def detach_all(self) -> None:
         for ifindex in list(self.attached):
@@ -165,6 +241,8 @@ class Attacher:
 
     def _remove(self, att: Attachment) -> None:
         if att.links:
+            for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
+                self._unpin(att.ifindex, hook)
             for fd in att.links:
                 try:
                     syscall.link_detach(fd)

@@ -1,7 +1,7 @@
 """Child process: compile flow.bpf.c with BCC, load it, and hand the program and
 map file descriptors to the parent over a unix socket (SCM_RIGHTS), then exit.
 
-    python -m bpf.compile SOCKET_FD MAP_SIZE
+    python -m bpf.compile SOCKET_FD MAP_SIZE shared|percpu [PIN_DIR]
 
 Keeping BCC and LLVM out of the agent process saves it about 130 MB of
 resident memory; the kernel objects live on through the fds the parent holds.
@@ -22,19 +22,21 @@ OVERFLOW_SIZE = 16384
 METERED_SIZE = 8192
 
 
-def cflags(map_size: int, shared: bool) -> list[str]:
+def cflags(map_size: int, shared: bool, pin_dir: str = "") -> list[str]:
     return [f"-DMAP_SIZE={map_size}", f"-DOVERFLOW_SIZE={OVERFLOW_SIZE}",
-            f"-DMETERED_SIZE={METERED_SIZE}", "-w"] + (["-DSHARED_MAP"] if shared else [])
+            f"-DMETERED_SIZE={METERED_SIZE}", "-w"] + (["-DSHARED_MAP"] if shared else []) + (
+            [f'-DPIN_DIR="{pin_dir}"'] if pin_dir else [])
 
 
 def main() -> int:
     sock = socket.socket(fileno=int(sys.argv[1]))
     map_size = int(sys.argv[2])
     shared = len(sys.argv) > 3 and sys.argv[3] == "shared"
+    pin_dir = sys.argv[4] if len(sys.argv) > 4 else ""
     try:
         from bcc import BPF
 
-        b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared))
+        b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared, pin_dir))
         progs = [b.load_func(name, BPF.SCHED_CLS) for name in PROGRAMS]
         fds = [p.fd for p in progs] + [b[name].map_fd for name in MAPS]
         names = list(PROGRAMS) + list(MAPS)

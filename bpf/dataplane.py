@@ -13,7 +13,9 @@ from agent.interfaces import driver, links
 from agent.metrics import Metrics
 from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
+from bpf.pins import PinDir, PinError
 from bpf.program import FlowProgram
+from bpf.restart import Restart
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,17 @@ class EbpfDataplane:
 
     def __init__(self, cfg: Config, metrics: Metrics, ipr) -> None:
         self.metrics, self.ipr = metrics, ipr
-        self.program = FlowProgram(cfg.map_size)
-        self.drainer = BatchDrain(self.program)
+        pins = _pins(cfg)
+        self.program = FlowProgram(cfg.map_size, pins=pins)
+        self.drainer = BatchDrain(self.program, keep=pins is not None)
         try:
-            self.attacher = Attacher(self.program, cfg.attach, cfg.tc_priority, ipr, cfg.dedup)
+            self.attacher = Attacher(self.program, cfg.attach, cfg.tc_priority, ipr, cfg.dedup,
+                                     pins)
         except AttachError as e:
             self.program.close()
             raise ConfigError(str(e)) from None
+        # pinned: the journal of flows not yet exported, and what an earlier agent left
+        self.restart = Restart(cfg, self.program, self.drainer, self.attacher) if pins else None
         self.failed: dict[int, tuple[float, float]] = {}  # ifindex -> (next try, delay)
         self.netkit: set[int] = set()  # wanted, but netkit devices: not metered (logged once)
         self.wake_at = cfg.map_size // 2  # drain early once the active map is half full
@@ -86,6 +92,8 @@ class EbpfDataplane:
                                                     "retry_in_s": delay})
         for ifindex in [i for i in self.failed if i not in want]:
             del self.failed[ifindex]
+        if self.restart is not None:
+            self.restart.settle()
         self.netkit &= set(want)
         self.metrics.interfaces_not_metered.labels("netkit").set(len(self.netkit))
         self.metrics.interfaces_attached.set(len(self.attacher.attached))
@@ -103,14 +111,54 @@ class EbpfDataplane:
         return False
 
     def drain(self) -> np.ndarray:
+        if self.drainer.held != (0, 0):  # a poll failed after its drain: its batch is in
+            self.drainer.forget()        # the table, never to be counted again
         batch = self.drainer.drain()
+        if self.restart is not None:
+            batch = self.restart.first(batch)
         self.metrics.map_entries.set(len(batch))
         self.metrics.kernel_stats(self.program.stats())
         self.metrics.overflow(batch, {i: a.name for i, a in self.attacher.attached.items()})
         return batch
 
     def detach_all(self) -> None:
+        if self.restart is not None and self.restart.handover:
+            return  # links, maps and pending flows stay for the next agent
         self.attacher.detach_all()
 
+    # The journal's two steps around an export (bpf/journal.py); no-ops unpinned.
+    def commit(self, table, batch: np.ndarray, out: np.ndarray) -> None:
+        if self.restart is not None:
+            self.restart.commit(table, batch, out)
+
+    def exported(self) -> None:
+        if self.restart is not None:
+            self.restart.journal.exported()
+
+    def restore(self):
+        """(the table's rows, records to export) an earlier agent left; None unpinned."""
+        return self.restart.restore() if self.restart is not None else None
+
+    @property
+    def handover(self) -> bool:
+        return self.restart is not None and self.restart.handover
+
     def close(self) -> None:
+        if self.restart is not None:
+            self.restart.close()
         self.program.close()
+
+
+def _pins(cfg: Config) -> PinDir | None:
+    """The pin directory, or None: --pin-path off, or the default path with no bpffs
+    there (warned: a restart then loses what was not exported)."""
+    if not cfg.pin_path:
+        return None
+    try:
+        return PinDir(cfg.pin_path)
+    except PinError as e:
+        if cfg.pin_path != Config().pin_path:
+            raise ConfigError(str(e)) from None
+        log.warning("maps not pinned: a restart loses the flows not yet exported",
+                    extra={"err": str(e)})
+        return None

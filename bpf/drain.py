@@ -93,8 +93,12 @@ assert [FLOW_DTYPE.fields[n][1] - KEY_DTYPE.itemsize for n in ("packets", "first
 class BatchDrain:
     """Owns the preallocated buffers and the slot flip for one FlowProgram."""
 
-    def __init__(self, program, ncpu: int | None = None) -> None:
+    def __init__(self, program, ncpu: int | None = None, keep: bool = False) -> None:
+        """keep: the idle map is read, not emptied, until forget() (bpf/journal.py
+        deletes it only once what it held is committed)."""
         self.program = program
+        self.keep = keep
+        self.held = (0, 0)  # entries of the idle flow and overflow maps read, not deleted
         self.capacity = program.map_size
         self.ncpu = ncpu or program.value_copies
         self.fds = list(program.flow_map_fds)
@@ -107,7 +111,7 @@ class BatchDrain:
         self.overflow_keys = np.zeros(self.overflow_capacity, KEY_DTYPE)
         self.overflow_vals = np.zeros((self.overflow_capacity, 1), VAL_DTYPE)
         self.overflowed = 0  # entries of the last drain's overflow map
-        self.active = 0
+        self.active = program.get_slot() if keep else 0  # an adopted map: where it was
         program.set_slot(self.active)
         self.clock = Jiffies(program.jiffies)
 
@@ -123,18 +127,39 @@ class BatchDrain:
         self.program.set_slot(self.active)
         time.sleep(GRACE_SECONDS)
         self.program.reset_fill(idle)
-        self.overflowed = syscall.lookup_and_delete_batch(
+        read = syscall.lookup_batch_into if self.keep else syscall.lookup_and_delete_batch
+        self.overflowed = read(
             self.overflow_fds[idle], self.overflow_keys.ctypes.data,
             self.overflow_vals.ctypes.data, KEY_DTYPE.itemsize, VAL_DTYPE.itemsize,
             self.overflow_capacity)
-        return syscall.lookup_and_delete_batch(
-            self.fds[idle],
-            self.keys.ctypes.data,
-            self.vals.ctypes.data,
-            KEY_DTYPE.itemsize,
-            VAL_DTYPE.itemsize * self.ncpu,
-            self.capacity,
-        )
+        n = read(self.fds[idle], self.keys.ctypes.data, self.vals.ctypes.data,
+                 KEY_DTYPE.itemsize, VAL_DTYPE.itemsize * self.ncpu, self.capacity)
+        self.held = (n, self.overflowed) if self.keep else (0, 0)
+        return n
+
+    @property
+    def idle(self) -> int:
+        return self.active ^ 1
+
+    def forget(self) -> None:
+        """Delete what the last drain read from the idle maps (keep mode), by key."""
+        n, m = self.held
+        if n:
+            syscall.delete_batch(self.fds[self.idle], self.keys.ctypes.data,
+                                 KEY_DTYPE.itemsize, n)
+        if m:
+            syscall.delete_batch(self.overflow_fds[self.idle], self.overflow_keys.ctypes.data,
+                                 KEY_DTYPE.itemsize, m)
+        self.held = (0, 0)
+
+    def empty(self, slot: int) -> None:
+        """Delete everything in one slot's flow and overflow maps (read, discarded)."""
+        syscall.lookup_and_delete_batch(self.fds[slot], self.keys.ctypes.data,
+                                        self.vals.ctypes.data, KEY_DTYPE.itemsize,
+                                        VAL_DTYPE.itemsize * self.ncpu, self.capacity)
+        syscall.lookup_and_delete_batch(self.overflow_fds[slot], self.overflow_keys.ctypes.data,
+                                        self.overflow_vals.ctypes.data, KEY_DTYPE.itemsize,
+                                        VAL_DTYPE.itemsize, self.overflow_capacity)
 
     def drain(self) -> np.ndarray:
         """Empty the kernel maps and return their flows as a FLOW_DTYPE batch, the

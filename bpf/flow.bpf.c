@@ -81,27 +81,36 @@ struct ext_hdr_ {
     u8 hdrlen;
 };
 
+// PIN_DIR (a directory on a bpffs): every map is pinned there under its own name, and a
+// map already pinned there is reused, so a new agent's program counts into the maps the
+// old one left (user space checks their layout first: BCC does not).
+#ifdef PIN_DIR
+#define TABLE(type, k, v, name, n) BPF_TABLE_PINNED(type, k, v, name, n, PIN_DIR "/" #name)
+#else
+#define TABLE(type, k, v, name, n) BPF_TABLE(type, k, v, name, n)
+#endif
+
 #ifdef SHARED_MAP
 // one value for all CPUs: counters added atomically, the rest last-writer-wins
-BPF_HASH(flows_a, struct flow_key, struct flow_val, MAP_SIZE);
-BPF_HASH(flows_b, struct flow_key, struct flow_val, MAP_SIZE);
+TABLE("hash", struct flow_key, struct flow_val, flows_a, MAP_SIZE);
+TABLE("hash", struct flow_key, struct flow_val, flows_b, MAP_SIZE);
 #else
-BPF_PERCPU_HASH(flows_a, struct flow_key, struct flow_val, MAP_SIZE);
-BPF_PERCPU_HASH(flows_b, struct flow_key, struct flow_val, MAP_SIZE);
+TABLE("percpu_hash", struct flow_key, struct flow_val, flows_a, MAP_SIZE);
+TABLE("percpu_hash", struct flow_key, struct flow_val, flows_b, MAP_SIZE);
 #endif
 // When a flow map is full, a packet is still counted: in its interface's, direction's
 // and IP version's overflow entry (addresses unknown, counts exact). Shared, atomic.
-BPF_HASH(overflow_a, struct flow_key, struct flow_val, OVERFLOW_SIZE);
-BPF_HASH(overflow_b, struct flow_key, struct flow_val, OVERFLOW_SIZE);
-BPF_ARRAY(slot, u32, 1);
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+TABLE("hash", struct flow_key, struct flow_val, overflow_a, OVERFLOW_SIZE);
+TABLE("hash", struct flow_key, struct flow_val, overflow_b, OVERFLOW_SIZE);
+TABLE("array", int, u32, slot, 1);
+TABLE("percpu_array", int, u64, stats, STAT_MAX);
 // New flows inserted into flows_a (0) and flows_b (1) since user space last drained
 // them: user space reads the active one often and drains early when it fills.
-BPF_PERCPU_ARRAY(fill, u64, 2);
+TABLE("percpu_array", int, u64, fill, 2);
 // ifindex -> 1 for every interface cniflow meters, kept by user space. A packet that
 // entered through one of them was counted at that interface's ingress (the sender's
 // side): its egress on another metered interface is not counted again.
-BPF_HASH(metered, u32, u32, METERED_SIZE);
+TABLE("hash", u32, u32, metered, METERED_SIZE);
 
 struct pkt {
     u64 now;

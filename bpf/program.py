@@ -16,7 +16,8 @@ import sys
 from typing import NamedTuple
 
 from bpf import syscall
-from bpf.compile import OVERFLOW_SIZE
+from bpf.compile import METERED_SIZE, OVERFLOW_SIZE
+from bpf.pins import PinDir
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,41 @@ class Prog(NamedTuple):
     name: str
 
 
+def expected_maps(map_size: int, shared: bool) -> dict[str, tuple[int, int, int, int]]:
+    """(type, key size, value size, max entries) of each map flow.bpf.c declares."""
+    flows = (syscall.MAP_HASH if shared else syscall.MAP_PERCPU_HASH, 48, 40, map_size)
+    return {"flows_a": flows, "flows_b": flows,
+            "overflow_a": (syscall.MAP_HASH, 48, 40, OVERFLOW_SIZE),
+            "overflow_b": (syscall.MAP_HASH, 48, 40, OVERFLOW_SIZE),
+            "slot": (syscall.MAP_ARRAY, 4, 4, 1),
+            "stats": (syscall.MAP_PERCPU_ARRAY, 4, 8, len(STAT_NAMES)),
+            "fill": (syscall.MAP_PERCPU_ARRAY, 4, 8, 2),
+            "metered": (syscall.MAP_HASH, 4, 4, METERED_SIZE)}
+
+
 class FlowProgram:
-    def __init__(self, map_size: int = 65536, shared: bool = True) -> None:
+    def __init__(self, map_size: int = 65536, shared: bool = True,
+                 pins: PinDir | None = None) -> None:
         """shared: one hash for all CPUs, counters added atomically (the default: the
         drain copies half as much and merges nothing, bench/run.py); False: a per-CPU
-        hash, no atomics, values folded in user space."""
+        hash, no atomics, values folded in user space. pins: the maps live there, and
+        those an earlier agent pinned are reused when their layout matches."""
         self.map_size = map_size
         self.shared = shared
         self.ncpu = syscall.possible_cpus()
         self.value_copies = 1 if shared else self.ncpu  # values a map entry holds
-        fds = self._load(map_size, shared)
+        self.pins = pins
+        self.adopted = False  # the maps were an earlier agent's
+        self.stale: dict[str, int] = {}  # fds of an earlier agent's maps of another layout
+        if pins is not None:
+            self.stale = pins.reuse_maps(expected_maps(map_size, shared))
+            self.adopted = not self.stale and os.path.exists(pins.map_path("flows_a"))
+        try:
+            fds = self._load(map_size, shared, pins.maps if pins else "")
+        except LoadError:
+            for fd in self.stale.values():
+                os.close(fd)
+            raise
         self.ingress = Prog(fds["cniflow_ingress"], "cniflow_ingress")
         self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
         self._jiffies = fds["cniflow_jiffies"]
@@ -55,12 +81,12 @@ class FlowProgram:
         log.info("program loaded", extra={"map_size": map_size})
 
     @staticmethod
-    def _load(map_size: int, shared: bool = False) -> dict[str, int]:
+    def _load(map_size: int, shared: bool = False, pin_dir: str = "") -> dict[str, int]:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with parent, child:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bpf.compile", str(child.fileno()), str(map_size),
-                 "shared" if shared else "percpu"],
+                 "shared" if shared else "percpu"] + ([pin_dir] if pin_dir else []),
                 pass_fds=[child.fileno()],
                 stderr=subprocess.PIPE,
                 text=True,
@@ -79,6 +105,9 @@ class FlowProgram:
     def set_slot(self, value: int) -> None:
         """Point the program at flows_a (0) or flows_b (1)."""
         syscall.update(self._slot, struct.pack("<I", 0), struct.pack("<I", value))
+
+    def get_slot(self) -> int:
+        return struct.unpack("<I", syscall.lookup(self._slot, struct.pack("<I", 0), 4))[0]
 
     def fill(self, slot: int) -> int:
         """New flows inserted into a flow map since it was last drained."""

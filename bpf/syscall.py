@@ -275,3 +275,90 @@ def lookup_batch(fd: int, key_size: int, value_size: int,
         if ret == -errno.ENOENT:
             return out
         _check(ret, "BPF_MAP_LOOKUP_BATCH")
+
+
+# Pinning and adoption (bpf/pins.py): objects that outlive the agent under a bpffs.
+MAP_CREATE = 0
+OBJ_PIN = 6
+MAP_DELETE_BATCH = 27
+LINK_UPDATE = 29
+F_NO_PREALLOC = 1
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
+
+
+class _MapCreate(ct.Structure):
+    _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("inner_map_fd", ct.c_uint32),
+                ("numa_node", ct.c_uint32), ("map_name", ct.c_char * 16)]
+
+
+class _LinkUpdate(ct.Structure):
+    _fields_ = [("link_fd", ct.c_uint32), ("new_prog_fd", ct.c_uint32),
+                ("flags", ct.c_uint32), ("old_prog_fd", ct.c_uint32)]
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, name: str = "") -> int:
+    attr = _MapCreate(map_type, key_size, value_size, max_entries, flags, 0, 0,
+                      name.encode()[:15])
+    return _check(_bpf(MAP_CREATE, attr), f"BPF_MAP_CREATE {name}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    p = ct.create_string_buffer(path.encode())
+    _check(_bpf(OBJ_PIN, _ObjGet(ct.addressof(p), fd, 0)), f"BPF_OBJ_PIN {path}")
+
+
+def map_info(fd: int) -> tuple[int, int, int, int, int]:
+    """(type, key_size, value_size, max_entries, flags) of a map."""
+    info = ct.create_string_buffer(88)
+    _check(_bpf(OBJ_GET_INFO_BY_FD, _Info(fd, 88, ct.addressof(info))), "map info")
+    t, _id, k, v, n, f = (int.from_bytes(info.raw[i:i + 4], "little") for i in range(0, 24, 4))
+    return t, k, v, n, f
+
+
+def link_info(fd: int) -> tuple[int, int, int]:
+    """(program id, ifindex, attach type) of a TCX link; ifindex 0 once its device is
+    gone (the link is then defunct)."""
+    info = ct.create_string_buffer(64)
+    _check(_bpf(OBJ_GET_INFO_BY_FD, _Info(fd, 64, ct.addressof(info))), "link info")
+    word = [int.from_bytes(info.raw[i:i + 4], "little") for i in range(0, 32, 4)]
+    return word[2], word[4], word[5]  # type, id, prog_id, pad; the union: tcx {ifindex, type}
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program a link runs, in one step: no packet meets neither program."""
+    _check(_bpf(LINK_UPDATE, _LinkUpdate(link_fd, prog_fd, 0, 0)), "BPF_LINK_UPDATE")
+
+
+def lookup_batch_into(fd: int, keys: int, values: int, key_size: int, value_size: int,
+                      capacity: int) -> int:
+    """Copy a hash map's entries, without deleting them, into the buffers at `keys`
+    and `values`; returns the count."""
+    token = ct.c_uint32(0)
+    total, first = 0, True
+    while total < capacity:
+        attr = _Batch(0 if first else ct.addressof(token), ct.addressof(token),
+                      keys + total * key_size, values + total * value_size,
+                      capacity - total, fd, 0, 0)
+        ret = _bpf(MAP_LOOKUP_BATCH, attr)
+        total += attr.count
+        first = False
+        if ret == -errno.ENOENT:
+            break
+        _check(ret, "BPF_MAP_LOOKUP_BATCH")
+    return total
+
+
+def delete_batch(fd: int, keys: int, key_size: int, count: int) -> None:
+    """Delete `count` keys (buffer at address `keys`); keys already absent are skipped."""
+    done = 0
+    while done < count:
+        attr = _Batch(0, 0, keys + done * key_size, 0, count - done, fd, 0, 0)
+        ret = _bpf(MAP_DELETE_BATCH, attr)
+        done += attr.count
+        if ret == -errno.ENOENT:  # the kernel stops at an absent key: step over it
+            done += 1
+        else:
+            _check(ret, "BPF_MAP_DELETE_BATCH")

@@ -111,6 +111,8 @@ def agent(node, *args: str, interfaces: tuple[str, ...] | None = None, wait_atta
     for i in ifs:
         cmd += ["--interface", i]
     cmd += list(args)
+    if "--pin-path" not in args:  # no pins unless the test asks: none adopted, none left
+        cmd += ["--pin-path", "off"]
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stderr=f, stdout=f)
     running = RunningAgent(node, proc, log, metrics_port)
