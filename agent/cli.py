@@ -76,38 +76,69 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_collector(args: argparse.Namespace) -> int:
+    import os
+
     from agent import logs
-    from agent.collector import Collector, Output, serve_metrics
 
     try:
         cfg = config.collector_from_sources(args)
     except config.ConfigError as e:
         return fail(str(e))
     logs.setup(cfg.log_level, cfg.log_format)
-    try:
-        output = Output(cfg.output, cfg.rotate_bytes, cfg.rotate_keep)
-    except OSError as e:
-        return fail(f"--output {cfg.output}: {e.strerror}")
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")  # more cores: --workers
+    if cfg.workers > 1:
+        from agent.workers import supervise
+
+        return supervise(cfg, collect)
+    return collect(cfg)
+
+
+def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -> int:
+    """One receiving process: its outputs, its socket, until SIGTERM; then the outputs
+    are flushed (Kafka: what is queued gets --kafka-flush-seconds)."""
+    import os
+
+    from agent.collector import Collector, CollectorMetrics, serve_metrics
+    from agent.outputs import FileOutput, KafkaOutput
     from agent.transport import TlsError, server_tls
 
+    counters = CollectorMetrics()
+    outputs: list = []
     try:
+        for o in cfg.output:
+            if o.startswith("kafka://"):
+                outputs.append(KafkaOutput(o, cfg.kafka_settings(), cfg.kafka_flush_seconds,
+                                           counters))
+            else:
+                outputs.append(FileOutput(o, cfg.rotate_bytes, cfg.rotate_keep, lock))
         tls = server_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.transport == "tls" else None
-    except TlsError as e:
-        output.close()
-        return fail(str(e))
-    collector = Collector(cfg, output, tls=tls)
+    except OSError as e:
+        return _close(outputs, fail(f"--output {o}: {e.strerror}"))
+    except (TlsError, config.ConfigError) as e:
+        return _close(outputs, fail(str(e)))
+    except Exception as e:  # noqa: BLE001  (librdkafka refusing a setting: KafkaException)
+        return _close(outputs, fail(f"--output {o}: {e}"))
+    collector = Collector(cfg, outputs, counters, tls=tls)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        if cfg.metrics_address:
+        if metrics and cfg.metrics_address:
             serve_metrics(collector.metrics, cfg.metrics_address)
         collector.serve(stop)
     except OSError as e:  # the port is taken, the address is not ours
         return fail(f"--listen {cfg.listen}: {e.strerror or e}")
     finally:
-        output.close()
+        _close(outputs, 0)
+        log.info("collector stopped", extra={"pid": os.getpid(), **{
+            k: collector.decoder.stats[k] for k in ("messages", "records")}})
     return 0
+
+
+def _close(outputs: list, code: int) -> int:
+    for output in outputs:
+        output.close()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

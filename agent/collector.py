@@ -1,24 +1,18 @@
-"""`cniflow collector`: receive IPFIX from any exporter, write one JSON object per
-record per line.
-
-Each line carries the record's elements by name (unknown ones as "PEN:ID" with
-the raw value in hex) and four keys of its own: "@exporter" (address:port),
-"@domain" (observation domain id), "@template" and "@exportTime" (seconds).
+"""`cniflow collector`: receive IPFIX from any exporter, decode it, and hand each
+batch's JSON lines (agent/jsonlines.py) to the outputs (agent/outputs.py): a file,
+standard output, Kafka.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
+import select
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -28,128 +22,10 @@ from prometheus_client import (
 )
 
 from agent.config import CollectorConfig
-from agent.ipfix.decoder import (
-    NTP_EPOCH_OFFSET,
-    Decoder,
-    Malformed,
-    RecordSet,
-    records,
-    split_stream,
-    value,
-)
+from agent.ipfix.decoder import Decoder, Malformed, RecordSet, split_stream
+from agent.jsonlines import Lines, encode
 
 log = logging.getLogger(__name__)
-
-
-class Output:
-    """JSON lines to standard output, or to a file rotated by size."""
-
-    def __init__(self, path: str, rotate_bytes: int, keep: int) -> None:
-        self.path = None if path == "-" else Path(path)
-        self.rotate_bytes, self.keep = rotate_bytes, keep
-        self.f = sys.stdout if self.path is None else self.path.open("a")
-        self.size = 0 if self.path is None else self.path.stat().st_size
-
-    def write(self, lines: list[str]) -> None:
-        if not lines:
-            return
-        text = "\n".join(lines) + "\n"
-        self.f.write(text)
-        self.f.flush()
-        self.size += len(text)
-        if self.path is not None and self.rotate_bytes and self.size >= self.rotate_bytes:
-            self._rotate()
-
-    def _rotate(self) -> None:
-        self.f.close()
-        for i in range(self.keep - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{i}")
-            if older.exists():
-                older.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
-        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
-        self.f, self.size = self.path.open("a"), 0
-
-    def close(self) -> None:
-        if self.path is not None:
-            self.f.close()
-
-
-def lines(sets: list[RecordSet]) -> list[str]:
-    """Records as JSON lines. Consecutive fixed-length sets of one exporter, domain
-    and template are joined and formatted a column at a time into one format
-    string; sets with variable-length fields go record by record."""
-    out: list[str] = []
-    i = 0
-    while i < len(sets):
-        rs = sets[i]
-        j = i + 1
-        if rs.array is None:
-            meta = {"@exporter": rs.exporter, "@domain": rs.domain, "@template": rs.spec.id,
-                    "@exportTime": rs.export_time}
-            out += [json.dumps({**meta, **row}, separators=(",", ":")) for row in records(rs)]
-            i = j
-            continue
-        while (j < len(sets) and sets[j].spec is rs.spec and sets[j].exporter == rs.exporter
-               and sets[j].domain == rs.domain):
-            j += 1
-        group = sets[i:j]
-        arr = group[0].array if j == i + 1 else np.concatenate([g.array for g in group])
-        times = np.repeat([g.export_time for g in group], [len(g.array) for g in group])
-        out += _format(rs, arr, times)
-        i = j
-    return out
-
-
-def _format(rs: RecordSet, arr: np.ndarray, times: np.ndarray) -> list[str]:
-    meta = {"@exporter": rs.exporter, "@domain": rs.domain, "@template": rs.spec.id}
-    parts = [json.dumps(meta, separators=(",", ":"))[:-1].replace("%", "%%"),
-             ',"@exportTime":%d']
-    cols = [times.tolist()]
-    for f, name in zip(rs.spec.fields, arr.dtype.names, strict=True):
-        text, col = _column(f, arr[name])
-        parts.append("," + json.dumps(name).replace("%", "%%") + ":" + text)
-        cols.append(col)
-    fmt = "".join(parts) + "}"
-    return [fmt % row for row in zip(*cols, strict=True)]
-
-
-def _as_int(col: np.ndarray) -> np.ndarray:
-    if col.ndim == 1:
-        return col.astype(np.uint64)
-    out = np.zeros(len(col), np.uint64)  # odd lengths (3, 5, 6, 7 octets), big-endian
-    for i in range(col.shape[1]):
-        out = (out << np.uint64(8)) | col[:, i]
-    return out
-
-
-def _column(f, col: np.ndarray) -> tuple[str, list]:
-    """A format directive and the column's values for it."""
-    t, n = f.type, f.length
-    if t.startswith("unsigned") or t in ("dateTimeSeconds", "dateTimeMilliseconds"):
-        return "%d", _as_int(col).tolist()
-    if t.startswith("signed"):
-        v = _as_int(col).astype(np.int64)
-        if n < 8:  # sign-extend the reduced size
-            v = np.where(v >= 1 << (8 * n - 1), v - (1 << (8 * n)), v)
-        return "%d", v.tolist()
-    if t in ("dateTimeMicroseconds", "dateTimeNanoseconds") and n == 8:
-        v = _as_int(col)
-        sec = (v >> np.uint64(32)).astype(np.int64) - NTP_EPOCH_OFFSET
-        frac = (v & np.uint64(0xFFFFFFFF)) * np.uint64(1_000_000_000) >> np.uint64(32)
-        return "%d", (sec * 1_000_000_000 + frac.astype(np.int64)).tolist()
-    if col.ndim == 1:  # a 1, 2, 4 or 8 octet field read as an integer: back to wire order
-        col = col.astype(f">u{n}")
-    blob = np.ascontiguousarray(col).tobytes()  # one copy; slicing bytes is cheap
-    rows = [blob[i : i + n] for i in range(0, len(blob), n)]
-    if t == "ipv4Address" and n == 4:
-        return '"%s"', list(map(socket.inet_ntoa, rows))
-    if t == "ipv6Address" and n == 16:
-        return '"%s"', [socket.inet_ntop(socket.AF_INET6, b) for b in rows]
-    vals = [value(f, b) for b in rows]
-    if t in ("string", "float32", "float64", "boolean"):
-        return "%s", [json.dumps(v) if v == v and v not in (float("inf"), float("-inf"))
-                      else "null" for v in vals]
-    return '"%s"', vals  # hex, MAC: safe text
 
 
 def _reason(text: str) -> str:
@@ -161,9 +37,14 @@ MAX_EXPORTER_LABELS = 256  # Prometheus series per metric a remote party can mak
 
 
 class CollectorMetrics:
+    """The collector's metrics. With --workers, each worker's counters are summed by
+    prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR set before any
+    worker starts) and the supervisor serves them."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            ProcessCollector(registry=r)
         self.records = Counter("cniflow_collector_records", "Data records decoded",
                                ["exporter"], registry=r)
         self.messages = Counter("cniflow_collector_messages", "IPFIX messages received",
@@ -181,7 +62,20 @@ class CollectorMetrics:
                                      registry=r)
         self.socket_drops = Gauge("cniflow_collector_socket_drops",
                                   "Datagrams the kernel dropped on the UDP socket "
-                                  "(from /proc/net/udp)", registry=r)
+                                  "(from /proc/net/udp)", registry=r, multiprocess_mode="livesum")
+        self.written = Counter("cniflow_collector_lines", "JSON lines handed to the outputs",
+                               registry=r)
+        self.kafka_delivered = Counter("cniflow_collector_kafka_delivered",
+                                       "Records the Kafka brokers acknowledged", registry=r)
+        self.kafka_failed = Counter("cniflow_collector_kafka_failed",
+                                    "Records the Kafka brokers refused", registry=r)
+        self.kafka_dropped = Counter(
+            "cniflow_collector_kafka_dropped",
+            "Records dropped: the queue for the brokers was full, or still held at exit",
+            registry=r)
+        self.kafka_queued = Gauge("cniflow_collector_kafka_queued",
+                                  "Records waiting for the Kafka brokers", registry=r,
+                                  multiprocess_mode="livesum")
         self.exporters_over_cap = Counter(
             "cniflow_collector_exporters_over_cap",
             f"Messages of exporter addresses beyond the first {MAX_EXPORTER_LABELS} "
@@ -203,9 +97,10 @@ class CollectorMetrics:
 
 
 class Collector:
-    def __init__(self, cfg: CollectorConfig, output: Output,
+    def __init__(self, cfg: CollectorConfig, outputs: list,
                  metrics: CollectorMetrics | None = None, tls=None) -> None:
-        self.cfg, self.output, self.tls = cfg, output, tls
+        self.cfg, self.outputs, self.tls = cfg, outputs, tls
+        self.keys = any(hasattr(o, "topic") for o in outputs)  # Kafka wants flow keys
         self.lock = threading.Lock()  # decoder and output, shared by TCP connections
         self.metrics = metrics or CollectorMetrics()
         self.decoder = Decoder(hold_seconds=cfg.hold_seconds)
@@ -226,22 +121,33 @@ class Collector:
             if self.decoder.stats["messages"] > msgs_before:
                 self.metrics.messages.labels(label).inc()
             self._sync(exporter)
-        self.output.write(self._lines(sets))
+        if sets:
+            lines = self._lines(sets)
+            self.metrics.written.inc(lines.count)
+            for output in self.outputs:
+                output.write(lines)
 
-    def _lines(self, sets: list[RecordSet]) -> list[str]:
+    def _lines(self, sets: list[RecordSet]) -> Lines:
         """JSON lines of a batch; a set that cannot be formatted (values the checks let
         through) is its exporter's counted error, never the batch's or the process's."""
         try:
-            return lines(sets)
+            return encode(sets, self.keys)
         except Exception:  # noqa: BLE001
-            out: list[str] = []
+            good: list[Lines] = []
             for rs in sets:
                 try:
-                    out += lines([rs])
+                    good.append(encode([rs], self.keys))
                 except Exception as e:  # noqa: BLE001
                     self.decoder.errors[f"unexpected {type(e).__name__} formatting"] += 1
                     self._sync(rs.exporter)
-            return out
+            keys = [k for g in good for k in g.keys] if self.keys else None
+            return Lines(b"".join(g.text for g in good), sum(g.count for g in good), keys)
+
+    def idle(self) -> None:
+        """Between batches: outputs that work in the background report (Kafka)."""
+        for output in self.outputs:
+            if hasattr(output, "poll"):
+                output.poll()
 
     def _sync(self, exporter: str) -> None:
         s = self.decoder.stats
@@ -277,33 +183,51 @@ class Collector:
 
     def _serve_udp(self, family, host, port, stop) -> None:
         sock = socket.socket(family, socket.SOCK_DGRAM)
+        if self.cfg.workers > 1:  # the kernel hashes each exporter to one worker
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         sock.bind((host, port))
-        sock.settimeout(0.5)
+        sock.setblocking(False)
         inode = os.fstat(sock.fileno()).st_ino
         log.info("collector listening", extra={"listen": self.cfg.listen, "transport": "udp"})
         next_drops = 0.0
         while not stop.is_set():
-            batch = []
-            try:
-                data, addr = sock.recvfrom(65535)
-                batch.append((data, f"{addr[0]}:{addr[1]}"))
-                while len(batch) < 512:  # whatever else is already waiting
-                    data, addr = sock.recvfrom(65535, socket.MSG_DONTWAIT)
-                    batch.append((data, f"{addr[0]}:{addr[1]}"))
-            except (TimeoutError, BlockingIOError):
-                pass
+            batch = self._receive(sock)
             if batch:
                 self.handle(batch)
+            self.idle()
             if time.monotonic() >= next_drops:
                 self.metrics.socket_drops.set(udp_drops(inode))
                 next_drops = time.monotonic() + 2
         sock.close()
 
+    @staticmethod
+    def _receive(sock: socket.socket, most: int = 512, window: float = 0.02) -> list:
+        """Datagrams for one batch: what is waiting, and what comes within `window` of
+        the first, up to `most`. Decoding and formatting cost per batch as well as per
+        record; a few milliseconds of latency make batches large at any rate."""
+        batch: list[tuple[bytes, str]] = []
+        wait, deadline = 0.5, None
+        while len(batch) < most:
+            try:
+                data, addr = sock.recvfrom(65535)
+            except BlockingIOError:
+                if deadline is not None:
+                    wait = deadline - time.monotonic()
+                if wait <= 0 or not select.select([sock], [], [], wait)[0]:
+                    break
+                continue
+            batch.append((data, f"{addr[0]}:{addr[1]}"))
+            if deadline is None:
+                deadline = time.monotonic() + window
+        return batch
+
     def _serve_tcp(self, family, host, port, stop) -> None:
         """One thread a connection (TLS handshakes block); decoding under one lock."""
         srv = socket.socket(family, socket.SOCK_STREAM)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.cfg.workers > 1:  # the kernel spreads connections over the workers
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         srv.bind((host, port))
         srv.listen(64)
         srv.settimeout(0.5)
@@ -313,6 +237,8 @@ class Collector:
             try:
                 conn, addr = srv.accept()
             except TimeoutError:
+                with self.lock:
+                    self.idle()
                 continue
             threading.Thread(target=self._connection, args=(conn, addr, stop),
                              daemon=True).start()

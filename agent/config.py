@@ -11,6 +11,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -331,6 +332,24 @@ class Config:
 SETTINGS = fields(Config)
 
 
+def _outputs(text: str) -> list[str]:
+    from agent.outputs import kafka_url
+
+    out = text.split()
+    for o in out:
+        if o.startswith("kafka://"):
+            kafka_url(o)
+    return out
+
+
+def _kafka_options(text: str) -> list[str]:
+    out = text.split()
+    for o in out:
+        if "=" not in o.strip("="):
+            raise ValueError(f"must be KEY=VALUE, got {o!r}")
+    return out
+
+
 @dataclass
 class CollectorConfig:
     """`cniflow collector`: its own settings, the same rules (CNIFLOW_COLLECTOR_...)."""
@@ -351,10 +370,53 @@ class CollectorConfig:
                               "with tls: CA file; if given, exporters must present a certificate "
                               "it signed"}
     )
-    output: str = field(
-        default="-",
-        metadata={"parse": str, "help": "where JSON lines go: - for standard output, or a file"},
+    output: list[str] = field(
+        default_factory=lambda: ["-"],
+        metadata={"parse": _outputs, "many": True, "help":
+                  "where JSON lines go: - (standard output), a file, or "
+                  "kafka://HOST:PORT[,HOST:PORT]/TOPIC (repeatable: several at once)"},
     )
+    kafka_compression: str = field(
+        default="lz4", metadata={"parse": _choice("none", "gzip", "snappy", "lz4", "zstd"),
+                                 "help": "with kafka://: compression of message batches"})
+    kafka_queue: int = field(
+        default=100_000,
+        metadata={"parse": _ranged(1000, 10_000_000), "help":
+                  "with kafka://: records waiting for the brokers (at most 128 MiB); "
+                  "beyond it they are counted dropped"})
+    kafka_flush_seconds: float = field(
+        default=10.0, metadata={"parse": _positive(float), "help":
+                                "with kafka://: at exit, how long queued records may take to "
+                                "reach the brokers before they are counted dropped"})
+    kafka_security: str = field(
+        default="plaintext",
+        metadata={"parse": _choice("plaintext", "ssl", "sasl_plaintext", "sasl_ssl"),
+                  "help": "with kafka://: plaintext, ssl, sasl_plaintext or sasl_ssl"})
+    kafka_tls_ca: str = field(
+        default="", metadata={"parse": str, "help":
+                              "with kafka:// and ssl: CA file of the brokers' certificates"})
+    kafka_tls_cert: str = field(
+        default="", metadata={"parse": str, "help":
+                              "with kafka:// and ssl: client certificate, if brokers ask"})
+    kafka_tls_key: str = field(
+        default="", metadata={"parse": str, "help": "with kafka:// and ssl: its key"})
+    kafka_sasl_mechanism: str = field(
+        default="PLAIN", metadata={"parse": _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+                                   "help": "with kafka:// and sasl_*: PLAIN or SCRAM-SHA-*"})
+    kafka_sasl_username: str = field(
+        default="", metadata={"parse": str, "help": "with kafka:// and sasl_*: user name"})
+    kafka_sasl_password_file: str = field(
+        default="", metadata={"parse": str, "help":
+                              "with kafka:// and sasl_*: file holding the password (a Secret)"})
+    kafka_option: list[str] = field(
+        default_factory=list,
+        metadata={"parse": _kafka_options, "many": True, "help":
+                  "with kafka://: any librdkafka setting, KEY=VALUE (repeatable), e.g. "
+                  "acks=all"})
+    workers: int = field(
+        default=1, metadata={"parse": _ranged(1, 64), "help":
+                             "receiving processes (SO_REUSEPORT); each exporter's records stay "
+                             "in one"})
     rotate_bytes: int = field(
         default=100_000_000,
         metadata={"parse": _ranged(0, 1 << 40), "help":
@@ -375,6 +437,32 @@ class CollectorConfig:
     @property
     def listen_host_port(self) -> tuple[str, int]:
         return host_port(self.listen)
+
+    def kafka_settings(self) -> dict:
+        """librdkafka's configuration from the kafka_ settings (the password read from
+        its file here, so a missing Secret is a clear error at start)."""
+        conf = {"compression.type": self.kafka_compression,
+                "queue.buffering.max.messages": self.kafka_queue,
+                "queue.buffering.max.kbytes": 128 << 10,
+                "security.protocol": self.kafka_security}
+        for key, value in (("ssl.ca.location", self.kafka_tls_ca),
+                           ("ssl.certificate.location", self.kafka_tls_cert),
+                           ("ssl.key.location", self.kafka_tls_key)):
+            if value:
+                conf[key] = value
+        if self.kafka_security.startswith("sasl"):
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username
+            if self.kafka_sasl_password_file:
+                try:
+                    conf["sasl.password"] = Path(self.kafka_sasl_password_file).read_text().strip()
+                except OSError as e:
+                    raise ConfigError(f"--kafka-sasl-password-file: {e.strerror}: "
+                                      f"{self.kafka_sasl_password_file}") from None
+        for option in self.kafka_option:
+            key, _, value = option.partition("=")
+            conf[key] = value
+        return conf
 
 
 COLLECTOR_SETTINGS = fields(CollectorConfig)

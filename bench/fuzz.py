@@ -79,11 +79,12 @@ def stateful(count: int) -> int:
 
     import statefuzz
 
-    from agent.collector import Collector, Output
+    from agent.collector import Collector
     from agent.config import CollectorConfig
+    from agent.outputs import FileOutput
 
     out = Path(tempfile.mkdtemp()) / "out.jsonl"
-    collector = Collector(CollectorConfig(), Output(str(out), 50_000_000, 1))
+    collector = Collector(CollectorConfig(), [FileOutput(str(out), 50_000_000, 1)])
     rng = random.Random(1)
     hostile = [statefuzz.Hostile(random.Random(i)) for i in range(64)]
     samples, sent, t0 = [], 0, time.perf_counter()
@@ -95,7 +96,7 @@ def stateful(count: int) -> int:
         if i % 1_000_000 < 64:
             samples.append(rss_mb())
     elapsed = time.perf_counter() - t0
-    collector.output.close()
+    collector.outputs[0].close()
     d = collector.decoder
     good = sum(m._value.get() for k, m in collector.metrics.records._metrics.items()
                if k == ("10.9.9.9",))  # the collector labels exporters by address

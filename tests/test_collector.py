@@ -391,11 +391,12 @@ def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_export
 
     import statefuzz
 
-    from agent.collector import Collector, Output
+    from agent.collector import Collector
     from agent.config import CollectorConfig
+    from agent.outputs import FileOutput
 
     out = tmp_path / "out.jsonl"
-    collector = Collector(CollectorConfig(), Output(str(out), 0, 1))
+    collector = Collector(CollectorConfig(), [FileOutput(str(out), 0, 1)])
     rng = random.Random(7)
     hostile = [statefuzz.Hostile(random.Random(rng.random())) for _ in range(3)]
     sent = 0
@@ -405,7 +406,7 @@ def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_export
             sent += 1
             batch.insert(rng.randint(0, 3), (statefuzz.good(i // 10 * 5, sent), "10.9.9.9:4739"))
         collector.handle(batch)
-    collector.output.close()
+    collector.outputs[0].close()
     good = [json.loads(line) for line in out.read_text().splitlines()
             if '"@exporter":"10.9.9.9:4739"' in line]
     assert [(r["sourceIPv4Address"], r["packetDeltaCount"], r["octetDeltaCount"])
@@ -418,11 +419,14 @@ def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_export
 
 @pytest.mark.parametrize("pcap", PCAPS, ids=[p.name[:40] for p in PCAPS])
 def test_json_lines_say_exactly_what_the_decoder_says(pcap):
-    from agent.collector import lines
+    from agent.jsonlines import encode, flow_key
 
     d = Decoder()
     sets = [rs for data, exp in exporter_payloads(pcap) for rs in d.message(data, exp)]
-    out = [json.loads(line) for line in lines(sets)]
+    got = encode(sets, keys=True)
+    out = [json.loads(line) for line in got.split()]
+    assert got.count == len(out) == len(got.keys)
+    assert got.keys == [flow_key(o) for o in out]  # the table's keys are the rows' keys
     expected = [r for rs in sets for r in records(rs)]
     assert [{k: v for k, v in o.items() if not k.startswith("@")} for o in out] == [
         json.loads(json.dumps(r)) for r in expected]

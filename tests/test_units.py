@@ -317,11 +317,12 @@ def test_opt_in_rules_pod_first_then_namespace_and_bad_values_named():
 
 
 def test_the_collectors_output_rotates_by_size_and_keeps_n_files(tmp_path):
-    from agent.collector import Output
+    from agent.jsonlines import Lines
+    from agent.outputs import FileOutput
 
-    out = Output(str(tmp_path / "r.jsonl"), rotate_bytes=1000, keep=3)
+    out = FileOutput(str(tmp_path / "r.jsonl"), rotate_bytes=1000, keep=3)
     for i in range(100):
-        out.write([f'{{"n":{i},"pad":"{"x" * 80}"}}'])
+        out.write(Lines(f'{{"n":{i},"pad":"{"x" * 80}"}}\n'.encode(), 1))
     out.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["r.jsonl", "r.jsonl.1", "r.jsonl.2", "r.jsonl.3"]

@@ -1,0 +1,166 @@
+"""Where the collector's JSON lines go: a file (or standard output) and Kafka.
+
+Outputs never block reception: a file write is one system call per batch, and
+Kafka's producer queues in librdkafka, bounded, counting what it cannot keep.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from agent.jsonlines import Lines
+
+log = logging.getLogger(__name__)
+
+
+class FileOutput:
+    """JSON lines to standard output or a file rotated by size. Several workers may
+    share one file: with `lock` (a lock file's path) each batch is written and the
+    rotation decided under flock, and a worker whose file was rotated by another
+    reopens it, so lines never interleave and no batch lands in a rotated file."""
+
+    def __init__(self, path: str, rotate_bytes: int, keep: int, lock: str = "") -> None:
+        self.path = None if path == "-" else Path(path)
+        self.rotate_bytes, self.keep = rotate_bytes, keep
+        self.lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600) if lock else -1
+        self.fd = sys.stdout.fileno() if self.path is None else self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, lines: Lines) -> None:
+        if not lines.count:
+            return
+        with self._locked():
+            if self.path is not None and self.lock_fd >= 0:
+                self._follow()
+            view = memoryview(lines.text)
+            while view:
+                view = view[os.write(self.fd, view):]
+            if self.path is not None and self.rotate_bytes and \
+                    os.fstat(self.fd).st_size >= self.rotate_bytes:
+                self._rotate()
+
+    @contextmanager
+    def _locked(self):
+        if self.lock_fd < 0:
+            yield
+            return
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+
+    def _follow(self) -> None:
+        """Another worker rotated the file: write to the new one."""
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(self.fd)
+            self.fd = self._open()
+
+    def _rotate(self) -> None:
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                older.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
+        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        os.close(self.fd)
+        self.fd = self._open()
+
+    def close(self) -> None:
+        if self.path is not None:
+            os.close(self.fd)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+
+
+class KafkaOutput:
+    """One Kafka message per record, the record's JSON line as value and its flow key
+    as key (both directions of a flow in one partition). librdkafka batches,
+    compresses and retries; the idempotent producer keeps retries from duplicating.
+    While brokers are away records wait in librdkafka's queue (bounded by
+    --kafka-queue); what does not fit is counted dropped, what a broker refuses is
+    counted failed, the rest delivered."""
+
+    def __init__(self, url: str, settings: dict, flush_seconds: float, metrics) -> None:
+        from confluent_kafka import Producer
+
+        self.brokers, self.topic = kafka_url(url)
+        self.metrics = metrics
+        self.produced = self.failed = self.delivered = 0
+        conf = {"bootstrap.servers": self.brokers, "client.id": "cniflow-collector",
+                "enable.idempotence": True, "delivery.report.only.error": True,
+                "message.timeout.ms": 0,  # records wait for the brokers: the queue bounds them
+                "linger.ms": 20, "batch.num.messages": 10000,
+                "error_cb": self._error, "on_delivery": self._failed, **settings}
+        self.flush_seconds = flush_seconds
+        self.producer = Producer(conf)
+        self._last_error = ""
+
+    def write(self, lines: Lines) -> None:
+        if not lines.count:
+            return
+        produce, topic = self.producer.produce, self.topic
+        values = lines.split()
+        keys = lines.keys or [None] * len(values)
+        sent = 0
+        try:
+            for value, key in zip(values, keys, strict=True):
+                produce(topic, value, key)
+                sent += 1
+        except BufferError:  # the queue is full: the brokers are away or too slow
+            self.metrics.kafka_dropped.inc(len(values) - sent)
+        self.produced += sent
+        self.poll()
+
+    def poll(self) -> None:
+        """Serve delivery reports (failures only) and count what was delivered: what
+        was accepted, minus what failed, minus what is still queued."""
+        self.producer.poll(0)
+        queued = len(self.producer)
+        delivered = self.produced - self.failed - queued
+        if delivered > self.delivered:
+            self.metrics.kafka_delivered.inc(delivered - self.delivered)
+            self.delivered = delivered
+        self.metrics.kafka_queued.set(queued)
+
+    def _failed(self, err, _msg) -> None:
+        self.failed += 1
+        self.metrics.kafka_failed.inc()
+        self._log(f"delivery failed: {err}")
+
+    def _error(self, err) -> None:
+        self._log(f"kafka: {err}")
+
+    def _log(self, text: str) -> None:
+        if text != self._last_error:  # a broker away says so once, not every retry
+            self._last_error = text
+            log.warning(text, extra={"brokers": self.brokers, "topic": self.topic})
+
+    def close(self) -> None:
+        """SIGTERM: what is queued gets --kafka-flush-seconds to reach the brokers;
+        the rest is counted dropped and said so."""
+        left = self.producer.flush(self.flush_seconds)
+        self.poll()
+        if left:
+            self.metrics.kafka_dropped.inc(left)
+            log.warning("records not delivered at exit", extra={"records": left,
+                                                                "topic": self.topic})
+
+
+def kafka_url(url: str) -> tuple[str, str]:
+    """kafka://HOST:PORT[,HOST:PORT...]/TOPIC -> (bootstrap servers, topic)."""
+    rest = url.removeprefix("kafka://")
+    brokers, _, topic = rest.partition("/")
+    if not brokers or not topic:
+        raise ValueError(f"must be kafka://HOST:PORT[,HOST:PORT]/TOPIC, got {url!r}")
+    return brokers, topic

@@ -1,0 +1,217 @@
+"""`cniflow collector` to Kafka, against a real Kafka-protocol broker (Tansu, started
+by the tests), read back with a stock consumer (confluent-kafka)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from broker import Broker, free_port
+from conftest import CNIFLOW, wait_for
+
+from agent.ipfix import flows as flowmap
+from agent.ipfix.message import Template, encode_records, message, pack, template_sets
+from agent.jsonlines import flow_key
+from agent.records import FLOW_DTYPE
+
+FIXED = Template.of(400, flowmap.V4 + flowmap.COMMON)
+
+
+def ipfix(n: int, seed: int, domain: int = 9) -> list[bytes]:
+    """A template message, then data messages of `n` records: flows between 40 hosts
+    with both directions of many connections, so one flow key has several records."""
+    rng = np.random.default_rng(seed)
+    f = np.zeros(n, FLOW_DTYPE)
+    k = f["key"]
+    k["ip_version"], k["ifindex"] = 4, 7
+    k["proto"] = rng.choice([6, 17], n)
+    a, b = rng.integers(1, 40, n), rng.integers(1, 40, n)
+    pa, pb = rng.integers(1024, 1040, n), rng.choice([53, 80, 443], n)
+    swap = rng.random(n) < 0.5  # the reply direction of the same connection
+    k["src"][:, :2], k["dst"][:, :2] = [10, 1], [10, 1]
+    k["src"][:, 3], k["dst"][:, 3] = np.where(swap, b, a), np.where(swap, a, b)
+    k["sport"], k["dport"] = np.where(swap, pb, pa), np.where(swap, pa, pb)
+    f["packets"] = rng.integers(1, 1000, n)
+    f["octets"] = f["packets"] * 100
+    f["first_ms"], f["last_ms"], f["end_reason"] = 1_795_000_000_000, 1_795_000_001_000, 1
+    groups = encode_records(FIXED, flowmap.columns(f, {}), n)
+    msgs = pack(FIXED.id, groups, 1400, 1_795_000_000, domain, 0)
+    buf = msgs.buf.tobytes()
+    return [message(template_sets([FIXED]), 1_795_000_000, 0, domain)] + [
+        buf[o : o + ln] for o, ln in zip(msgs.offsets.tolist(), msgs.lengths.tolist(),
+                                         strict=True)]
+
+
+class Collector:
+    """`cniflow collector` on host loopback writing a file and/or Kafka."""
+
+    def __init__(self, tmp: Path, *outputs: str, extra: tuple[str, ...] = ()) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.out = tmp / "records.jsonl"
+        self.log = tmp / "collector.log"
+        self.proc = subprocess.Popen(
+            [str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{self.port}",
+             "--metrics-address", f"127.0.0.1:{self.metrics_port}",
+             *[a for o in outputs for a in ("--output", o)], *extra],
+            stderr=self.log.open("w"))
+        wait_for(self._listening, 15)
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.metrics_port), 0.2).close()
+            return True
+        except OSError:
+            assert self.proc.poll() is None, self.log.read_text()
+            return False
+
+    def send(self, msgs: list[bytes], sock: socket.socket | None = None) -> None:
+        s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i, m in enumerate(msgs):
+            s.sendto(m, ("127.0.0.1", self.port))
+            if i % 50 == 49:
+                time.sleep(0.002)  # no loss on loopback: the test counts exactly
+
+    def metrics(self) -> dict[str, float]:
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read()
+        vals: dict[str, float] = defaultdict(float)
+        for line in text.decode().splitlines():
+            if line and not line.startswith("#"):
+                k, _, v = line.rpartition(" ")
+                vals[k.split("{")[0]] += float(v)
+        return vals
+
+    def lines(self) -> list[bytes]:
+        return self.out.read_bytes().splitlines() if self.out.exists() else []
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(30) == 0, self.log.read_text()
+
+
+@pytest.fixture
+def broker():
+    b = Broker().start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def test_kafka_messages_equal_the_json_lines_and_each_flow_keeps_to_one_partition(tmp_path,
+                                                                                   broker):
+    broker.topic("flows", 3)
+    c = Collector(tmp_path, str(tmp_path / "records.jsonl"), f"kafka://{broker.address}/flows")
+    try:
+        c.send(ipfix(6000, seed=1))
+        assert wait_for(lambda: c.metrics()["cniflow_collector_kafka_delivered_total"] >= 6000, 30)
+        m = c.metrics()
+        assert m["cniflow_collector_kafka_delivered_total"] == 6000
+        assert m["cniflow_collector_kafka_failed_total"] == 0
+        assert m["cniflow_collector_kafka_dropped_total"] == 0
+    finally:
+        c.stop()
+    got = broker.consume("flows", 6000)
+    lines = c.lines()
+    assert len(lines) == 6000
+    assert sorted(v for _, _, v in got) == sorted(lines)  # the same JSON, byte for byte
+    partitions: dict[bytes, set[int]] = defaultdict(set)
+    for part, key, value in got:
+        assert key == flow_key(json.loads(value))
+        partitions[key].add(part)
+    assert all(len(p) == 1 for p in partitions.values())  # both directions too
+    assert {p for ps in partitions.values() for p in ps} == {0, 1, 2}
+    both_ways = [k for k in partitions if sum(1 for _, key, v in got if key == k
+                                              and b'"sourceTransportPort":53' in v)]
+    assert both_ways  # keys that carry replies as well as requests
+
+
+def test_while_the_brokers_are_away_records_wait_in_the_bounded_queue(tmp_path):
+    """No broker yet: the first --kafka-queue records wait, the rest are counted dropped
+    at once (reception goes on: the file gets them all); the broker comes, the waiting
+    records are delivered, exactly those."""
+    broker = Broker()
+    c = Collector(tmp_path, str(tmp_path / "records.jsonl"), f"kafka://{broker.address}/flows",
+                  extra=("--kafka-queue", "1000"))
+    try:
+        c.send(ipfix(2500, seed=2))
+        assert wait_for(lambda: len(c.lines()) == 2500, 20)
+        assert wait_for(lambda: c.metrics()["cniflow_collector_kafka_dropped_total"] == 1500, 10)
+        assert c.metrics()["cniflow_collector_kafka_queued"] == 1000
+        broker.start()
+        broker.topic("flows", 2)
+        assert wait_for(lambda: c.metrics()["cniflow_collector_kafka_delivered_total"] == 1000, 60)
+        m = c.metrics()
+        assert (m["cniflow_collector_kafka_queued"], m["cniflow_collector_kafka_failed_total"]) \
+            == (0, 0)
+        c.send(ipfix(500, seed=3))
+        assert wait_for(lambda: c.metrics()["cniflow_collector_kafka_delivered_total"] == 1500, 30)
+    finally:
+        c.stop()
+        got = broker.consume("flows", 1500)
+        broker.stop()
+    lines = c.lines()
+    assert len(lines) == 3000
+    assert sorted(v for _, _, v in got) == sorted(lines[:1000] + lines[2500:])
+
+
+def test_sigterm_flushes_what_is_queued(tmp_path, broker):
+    broker.topic("flows", 1)
+    c = Collector(tmp_path, f"kafka://{broker.address}/flows",
+                  extra=("--kafka-option", "linger.ms=5000"))  # held in the producer
+    c.send(ipfix(3000, seed=4))
+    assert wait_for(lambda: c.metrics()["cniflow_collector_kafka_queued"] == 3000, 20)
+    c.stop()
+    assert len(broker.consume("flows", 3000)) == 3000
+
+
+def test_kafka_settings_librdkafka_refuses_are_a_clear_error(tmp_path):
+    r = subprocess.run([str(CNIFLOW), "collector", "--output", "kafka://127.0.0.1:1/flows",
+                        "--kafka-option", "no.such.setting=1", "--metrics-address", "off"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "no.such.setting" in r.stderr, r
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([str(CNIFLOW), "collector", "--output", "kafka://127.0.0.1:1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "kafka://HOST:PORT" in r.stderr, r
+
+
+def test_workers_share_the_port_and_keep_each_exporter_whole(tmp_path):
+    """Two workers; 16 exporters each send their template once, then data: were one
+    exporter's messages split between workers, the worker without its template would
+    drop them. Every record arrives once, both workers received, the metrics are
+    summed over them, and the shared file holds whole lines."""
+    c = Collector(tmp_path, str(tmp_path / "records.jsonl"), extra=("--workers", "2"))
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+    try:
+        for i, s in enumerate(socks):
+            c.send(ipfix(2000, seed=10 + i, domain=i), s)
+        assert wait_for(lambda: len(c.lines()) == 32_000, 30)
+        m = c.metrics()
+        assert m["cniflow_collector_records_total"] == 32_000
+        assert m["cniflow_collector_dropped_sets_total"] == 0
+    finally:
+        c.stop()
+        for s in socks:
+            s.close()
+    rows = [json.loads(line) for line in c.lines()]
+    assert len(rows) == 32_000
+    by_exporter = defaultdict(int)
+    for r in rows:
+        by_exporter[r["@exporter"]] += 1
+    assert sorted(by_exporter.values()) == [2000] * 16
+    stopped = [json.loads(line) for line in c.log.read_text().splitlines()
+               if '"collector stopped"' in line]
+    assert len(stopped) == 2 and all(s["records"] > 0 for s in stopped), stopped
+    assert sum(s["records"] for s in stopped) == 32_000
+    assert len({s["pid"] for s in stopped}) == 2 and os.getpid() not in {
+        s["pid"] for s in stopped}
