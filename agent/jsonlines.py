@@ -68,12 +68,14 @@ def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
         group = sets[i:j]
         n = sum(len(g.array) for g in group)
         if n:
-            df = _table(group, n)
+            arr = _joined(group)
             buf = io.BytesIO()
-            df.write_ndjson(buf)
+            _table(group, arr).write_ndjson(buf)
             parts.append(buf.getvalue())
             if out_keys is not None:
-                out_keys += _keys(df)
+                out_keys += _keys(arr, {f.name: name for f, name in
+                                        zip(reversed(rs.spec.fields), reversed(arr.dtype.names),
+                                            strict=True)})
             count += n
         i = j
     return Lines(b"".join(parts), count, out_keys)
@@ -92,12 +94,15 @@ def _unclash(row: dict) -> dict:
     return {(f"{k}#2" if k in META else k): v for k, v in row.items()}
 
 
-def _table(group: list[RecordSet], n: int) -> pl.DataFrame:
-    rs = group[0]
+def _joined(group: list[RecordSet]) -> np.ndarray:
     if len(group) == 1:
-        arr = rs.array
-    else:  # the sets' records are contiguous rows of one dtype: join their bytes
-        arr = np.frombuffer(b"".join(g.array.tobytes() for g in group), rs.spec.dtype)
+        return group[0].array
+    # the sets' records are rows of one dtype: join their bytes
+    return np.frombuffer(b"".join(g.array.tobytes() for g in group), group[0].spec.dtype)
+
+
+def _table(group: list[RecordSet], arr: np.ndarray) -> pl.DataFrame:
+    rs, n = group[0], len(arr)
     times = np.repeat(np.array([g.export_time for g in group], np.int64),
                       [len(g.array) for g in group])
     cols = [pl.Series("@exporter", [rs.exporter], pl.String).new_from_index(0, n),
@@ -158,30 +163,60 @@ def _column(name: str, f, col: np.ndarray) -> pl.Series:
 
 
 def flow_key(row: dict) -> bytes | None:
-    """A record's flow key: "proto|a|b" with a and b its endpoints (address/port) in
-    sorted order; None without addresses."""
-    src = next((row[k] for k in _SRC if k in row), None)
-    dst = next((row[k] for k in _DST if k in row), None)
-    if src is None or dst is None:
-        return None
-    a = f"{src}/{row.get('sourceTransportPort', 0)}"
-    b = f"{dst}/{row.get('destinationTransportPort', 0)}"
-    return f"{row.get('protocolIdentifier', 0)}|{min(a, b)}|{max(a, b)}".encode()
+    """A record's flow key: protocol (1 octet), then its two endpoints, each address
+    (4 or 16 octets) and port (2), the smaller first, so both directions of a flow
+    share it; None without both addresses."""
+    for src_name, dst_name, family in ((_SRC[0], _DST[0], socket.AF_INET),
+                                       (_SRC[1], _DST[1], socket.AF_INET6)):
+        if src_name in row and dst_name in row:
+            try:
+                src = socket.inet_pton(family, row[src_name])
+                dst = socket.inet_pton(family, row[dst_name])
+            except (OSError, TypeError):
+                return None
+            a = src + _port(row.get("sourceTransportPort"))
+            b = dst + _port(row.get("destinationTransportPort"))
+            proto = row.get("protocolIdentifier", 0)
+            return bytes([proto if isinstance(proto, int) and 0 <= proto < 256 else 0]) + \
+                min(a, b) + max(a, b)
+    return None
 
 
-def _keys(df: pl.DataFrame) -> list[bytes | None]:
-    """flow_key() for a whole table, as polars expressions."""
-    src = next((k for k in _SRC if k in df.columns), None)
-    dst = next((k for k in _DST if k in df.columns), None)
-    if src is None or dst is None:
-        return [None] * df.height
+def _port(value) -> bytes:
+    return (value if isinstance(value, int) and 0 <= value < 65536 else 0).to_bytes(2, "big")
 
-    def port(name: str) -> pl.Expr:
-        return pl.col(name).cast(pl.String) if name in df.columns else pl.lit("0")
 
-    proto = port("protocolIdentifier")
-    a = pl.concat_str([pl.col(src), pl.lit("/"), port("sourceTransportPort")])
-    b = pl.concat_str([pl.col(dst), pl.lit("/"), port("destinationTransportPort")])
-    key = pl.when(a <= b).then(pl.concat_str([proto, a, b], separator="|")).otherwise(
-        pl.concat_str([proto, b, a], separator="|"))
-    return df.select(key.cast(pl.Binary)).to_series().to_list()
+def _keys(arr: np.ndarray, names: dict[str, str]) -> list[bytes | None]:
+    """flow_key() for a whole fixed-length table, with numpy: the same octets."""
+    n = len(arr)
+    for src_name, dst_name, size in ((_SRC[0], _DST[0], 4), (_SRC[1], _DST[1], 16)):
+        if src_name in names and dst_name in names:
+            src, dst = _octets(arr, names[src_name], size), _octets(arr, names[dst_name], size)
+            if src is None or dst is None:
+                return [None] * n
+            a = np.hstack([src, _octets(arr, names.get("sourceTransportPort"), 2)])
+            b = np.hstack([dst, _octets(arr, names.get("destinationTransportPort"), 2)])
+            proto = _octets(arr, names.get("protocolIdentifier"), 1)
+            differ = a != b  # the first octet where they differ decides the order
+            first = differ.argmax(axis=1)
+            a_first = a[np.arange(n), first] <= b[np.arange(n), first]
+            lo = np.where(a_first[:, None], a, b)
+            hi = np.where(a_first[:, None], b, a)
+            blob = np.hstack([proto, lo, hi]).tobytes()
+            k = 1 + 2 * (size + 2)
+            return [blob[i : i + k] for i in range(0, len(blob), k)]
+    return [None] * n
+
+
+def _octets(arr: np.ndarray, name: str | None, size: int) -> np.ndarray | None:
+    """A field as an (n, size) matrix of its wire octets; zeros if absent, None if its
+    length is not the one the key needs."""
+    if name is None:
+        return np.zeros((len(arr), size), np.uint8) if size <= 2 else None
+    col = arr[name]
+    width = col.shape[1] if col.ndim == 2 else col.dtype.itemsize
+    if width != size:
+        return None if size > 2 else np.zeros((len(arr), size), np.uint8)
+    if col.ndim == 2:
+        return np.ascontiguousarray(col)
+    return np.ascontiguousarray(col.astype(f">u{size}")).view(np.uint8).reshape(len(arr), size)

@@ -1,14 +1,20 @@
-"""Collector benchmarks: decode and JSON speed in process, and a replay received by
-cniflow collector and nfcapd side by side.
+"""Collector benchmarks: decode, JSON and Kafka speed in process, a replay received
+by cniflow collector and nfcapd side by side, and the collector with 1 and 2 workers.
 
     sudo .venv/bin/python bench/collector.py [--records 1000000]
 
 1. Decode: messages of a fixed-length flow template (what cniflow's exporter
    sends without interface names, and what most routers send), decoded on one core.
-2. JSON lines: the same records turned into JSON lines.
-3. Replay: the same messages sent at a paced rate to cniflow collector and to
+2. JSON lines: the same records decoded and turned into JSON lines (what the
+   collector does between socket and file), one core (POLARS_MAX_THREADS=1), CPU time.
+3. Kafka: the same, plus flow keys and one produce() a record to a local broker
+   (Tansu); CPU time of this process only (the broker runs beside it), and the
+   records the broker acknowledged.
+4. Replay: the same messages sent at a paced rate to cniflow collector and to
    nfcapd at once (each datagram to both); CPU seconds each spends per million
    records, from /proc, and the ratio.
+5. Workers: 8 exporters send as fast as they can to `cniflow collector --workers
+   N` for N = 1 and 2; records written a second.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("POLARS_MAX_THREADS", "1")  # one core, as the collector runs
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
@@ -58,20 +65,58 @@ def messages(n: int) -> list[bytes]:
 
 
 def in_process(msgs: list[bytes], n: int) -> dict:
-    from agent.collector import lines
     from agent.ipfix.decoder import Decoder
+    from agent.jsonlines import encode
 
     d = Decoder()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     sets = [rs for m in msgs for rs in d.message(m, "10.0.0.1:4739")]
-    t1 = time.perf_counter()
-    got = sum(len(rs) for rs in sets)
-    assert got == n, got
-    count = sum(len(lines(sets[i : i + 512])) for i in range(0, len(sets), 512))
-    t2 = time.perf_counter()
+    t1 = time.process_time()
+    assert sum(len(rs) for rs in sets) == n
+    d = Decoder()
+    t2 = time.process_time()
+    count = 0
+    for i in range(0, len(msgs), 512):  # the collector's batches: up to 512 datagrams
+        count += encode([rs for m in msgs[i : i + 512]
+                         for rs in d.message(m, "10.0.0.1:4739")]).count
+    t3 = time.process_time()
     assert count == n
     return {"records": n, "decode_records_per_s": round(n / (t1 - t0)),
-            "json_lines_per_s": round(n / (t2 - t1))}
+            "decode_and_json_lines_per_s": round(n / (t3 - t2))}
+
+
+def kafka(msgs: list[bytes], n: int) -> dict:
+    """Decode, JSON lines with flow keys, produce: one core's CPU time for it all."""
+    from broker import Broker
+
+    from agent.collector import CollectorMetrics
+    from agent.config import CollectorConfig
+    from agent.ipfix.decoder import Decoder
+    from agent.jsonlines import encode
+    from agent.outputs import KafkaOutput
+
+    b = Broker().start()
+    try:
+        b.topic("flows", 3)
+        metrics = CollectorMetrics()
+        out = KafkaOutput(f"kafka://{b.address}/flows",
+                          {**CollectorConfig().kafka_settings(),
+                           "queue.buffering.max.messages": n,
+                           "queue.buffering.max.kbytes": 4 << 20}, 60, metrics)
+        d = Decoder()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(0, len(msgs), 512):
+            out.write(encode([rs for m in msgs[i : i + 512]
+                              for rs in d.message(m, "10.0.0.1:4739")], keys=True))
+        c1 = time.process_time()
+        out.close()
+        t2 = time.perf_counter()
+        delivered = out.delivered
+    finally:
+        b.stop()
+    return {"records": n, "delivered": delivered,
+            "records_per_cpu_s_to_produce": round(n / (c1 - c0)),
+            "records_per_s_until_all_acknowledged": round(n / (t2 - t0))}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -131,6 +176,48 @@ def replay(msgs: list[bytes], n: int, rate: float) -> dict:
         netlab.down("cfcb")
 
 
+def workers(msgs: list[bytes], n: int, seconds: float = 8.0) -> dict:
+    """8 exporters (one process each, its own source port) send the messages in a loop
+    as fast as they can for `seconds`; records the collector wrote a second."""
+    node = netlab.up("cfwk", 0)
+    work = Path(tempfile.mkdtemp())
+    out: dict = {}
+    try:
+        (work / "msgs").write_bytes(b"".join(len(m).to_bytes(2, "big") + m for m in msgs))
+        sender = (
+            "import socket,sys,time\n"
+            "data=open(sys.argv[1],'rb').read();end=time.time()+float(sys.argv[2]);msgs=[];o=0\n"
+            "while o<len(data):\n"
+            "    k=int.from_bytes(data[o:o+2],'big');msgs.append(data[o+2:o+2+k]);o+=2+k\n"
+            "s=socket.socket(2,2)\n"
+            "while time.time()<end:\n"
+            "    for m in msgs: s.sendto(m,('127.0.0.1',4739))\n")
+        cniflow = str(Path(sys.executable).with_name("cniflow"))
+        for w in (1, 2):
+            f = work / f"out{w}.jsonl"
+            col = subprocess.Popen(["ip", "netns", "exec", node.netns, cniflow, "collector",
+                                    "--listen", "127.0.0.1:4739", "--output", str(f),
+                                    "--rotate-bytes", "0", "--workers", str(w),
+                                    "--metrics-address", "off"], stderr=subprocess.DEVNULL)
+            time.sleep(3)
+            senders = [subprocess.Popen(["ip", "netns", "exec", node.netns, "/usr/bin/python3",
+                                         "-c", sender, str(work / "msgs"), str(seconds)])
+                       for _ in range(8)]
+            for p in senders:
+                p.wait()
+            time.sleep(2)
+            col.send_signal(signal.SIGTERM)
+            col.wait(60)
+            written = sum(1 for _ in f.open("rb"))
+            out[f"workers_{w}_records_per_s"] = round(written / seconds)
+            f.unlink()
+        out["ratio_2_to_1"] = round(out["workers_2_records_per_s"]
+                                    / max(out["workers_1_records_per_s"], 1), 2)
+    finally:
+        netlab.down("cfwk")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=1_000_000)
@@ -139,8 +226,10 @@ def main() -> int:
     args = p.parse_args()
     msgs = messages(args.records)
     out = {"in_process": in_process(msgs, args.records)}
+    out["kafka"] = kafka(msgs, args.records)
     small = messages(args.replay_records)
     out["replay"] = replay(small, args.replay_records, args.rate)
+    out["workers"] = workers(messages(20_000), 20_000)
     print(json.dumps(out, indent=2))
     return 0
 
