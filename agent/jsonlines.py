@@ -45,13 +45,14 @@ class Lines:
 
 
 def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
-    """Consecutive fixed-length sets of one exporter, domain and template are joined
-    and formatted as one table; the rest record by record."""
+    """Fixed-length sets of one layout (template id and fields), from any exporter,
+    are joined and formatted as one table, in the order the layout first came, each
+    exporter's records in the order they came; the rest record by record."""
     parts: list[bytes] = []
     out_keys: list[bytes | None] | None = [] if keys else None
-    count, i = 0, 0
-    while i < len(sets):
-        rs, j = sets[i], i + 1
+    count = 0
+    for group in _groups(sets):
+        rs = group[0]
         if rs.array is None:
             rows = [{**_meta(rs), **_unclash(row)} for row in records(rs)]
             if rows:
@@ -60,25 +61,40 @@ def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
             if out_keys is not None:
                 out_keys += [flow_key(r) for r in rows]
             count += len(rows)
-            i = j
             continue
-        while (j < len(sets) and sets[j].spec is rs.spec and sets[j].exporter == rs.exporter
-               and sets[j].domain == rs.domain):
-            j += 1
-        group = sets[i:j]
-        n = sum(len(g.array) for g in group)
-        if n:
-            arr = _joined(group)
-            buf = io.BytesIO()
-            _table(group, arr).write_ndjson(buf)
-            parts.append(buf.getvalue())
-            if out_keys is not None:
-                out_keys += _keys(arr, {f.name: name for f, name in
-                                        zip(reversed(rs.spec.fields), reversed(arr.dtype.names),
-                                            strict=True)})
-            count += n
-        i = j
+        arr = _joined(group)
+        if not len(arr):
+            continue
+        buf = io.BytesIO()
+        _table(group, arr).write_ndjson(buf)
+        parts.append(buf.getvalue())
+        if out_keys is not None:
+            out_keys += _keys(arr, {f.name: name for f, name in
+                                    zip(reversed(rs.spec.fields), reversed(arr.dtype.names),
+                                        strict=True)})
+        count += len(arr)
     return Lines(b"".join(parts), count, out_keys)
+
+
+def _groups(sets: list[RecordSet]) -> list[list[RecordSet]]:
+    """Sets by layout: many exporters sending one template cost one table a batch."""
+    out: list[list[RecordSet]] = []
+    by_layout: dict[tuple, list[RecordSet]] = {}
+    layouts: dict[int, tuple] = {}  # id(spec) -> layout, for this batch
+    for rs in sets:
+        if rs.array is None:
+            out.append([rs])
+            continue
+        layout = layouts.get(id(rs.spec))
+        if layout is None:
+            layout = layouts[id(rs.spec)] = (rs.spec.id, rs.spec.dtype, tuple(
+                (f.name, f.type, f.length) for f in rs.spec.fields))
+        group = by_layout.get(layout)
+        if group is None:
+            group = by_layout[layout] = []
+            out.append(group)
+        group.append(rs)
+    return out
 
 
 def _meta(rs: RecordSet) -> dict:
@@ -103,12 +119,18 @@ def _joined(group: list[RecordSet]) -> np.ndarray:
 
 def _table(group: list[RecordSet], arr: np.ndarray) -> pl.DataFrame:
     rs, n = group[0], len(arr)
-    times = np.repeat(np.array([g.export_time for g in group], np.int64),
-                      [len(g.array) for g in group])
-    cols = [pl.Series("@exporter", [rs.exporter], pl.String).new_from_index(0, n),
-            pl.Series("@domain", [rs.domain], pl.UInt32).new_from_index(0, n),
+    sizes = [len(g.array) for g in group]
+    if len({(g.exporter, g.domain) for g in group}) == 1:
+        exporter = pl.Series("@exporter", [rs.exporter], pl.String).new_from_index(0, n)
+        domain = pl.Series("@domain", [rs.domain], pl.UInt32).new_from_index(0, n)
+    else:
+        which = np.repeat(np.arange(len(group), dtype=np.uint32), sizes)
+        exporter = pl.Series("@exporter", [g.exporter for g in group], pl.String).gather(which)
+        domain = pl.Series("@domain", np.repeat([g.domain for g in group], sizes), pl.UInt32)
+    cols = [exporter, domain,
             pl.Series("@template", [rs.spec.id], pl.UInt16).new_from_index(0, n),
-            pl.Series("@exportTime", times)]
+            pl.Series("@exportTime", np.repeat(np.array([g.export_time for g in group],
+                                                        np.int64), sizes))]
     for f, name in zip(rs.spec.fields, arr.dtype.names, strict=True):
         cols.append(_column(f"{name}#2" if name in META else name, f, arr[name]))
     return pl.DataFrame(cols)

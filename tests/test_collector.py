@@ -427,10 +427,16 @@ def test_json_lines_say_exactly_what_the_decoder_says(pcap):
     out = [json.loads(line) for line in got.split()]
     assert got.count == len(out) == len(got.keys)
     assert got.keys == [flow_key(o) for o in out]  # the table's keys are the rows' keys
-    expected = [r for rs in sets for r in records(rs)]
-    assert [{k: v for k, v in o.items() if not k.startswith("@")} for o in out] == [
-        json.loads(json.dumps(r)) for r in expected]
-    assert all(o["@exporter"] and "@template" in o for o in out)
+    # a batch is formatted a layout at a time: each exporter's records of one template
+    # keep their order, and every record is there with its own exporter and template
+    expected = [{"@exporter": rs.exporter, "@domain": rs.domain, "@template": rs.spec.id,
+                 "@exportTime": rs.export_time, **r} for rs in sets for r in records(rs)]
+
+    def by_template(rows):
+        return {t: [r for r in rows if (r["@exporter"], r["@domain"], r["@template"]) == t]
+                for t in {(r["@exporter"], r["@domain"], r["@template"]) for r in rows}}
+
+    assert by_template(out) == by_template([json.loads(json.dumps(r)) for r in expected])
 
 
 @pytest.fixture
