@@ -69,6 +69,9 @@ class Metrics:
         self.interfaces_not_metered = Gauge(
             "cniflow_interfaces_not_metered",
             "Wanted interfaces cniflow cannot meter, by reason (netkit)", ["reason"], registry=r)
+        self.netns_lookup = Gauge(
+            "cniflow_netns_lookup_enabled", "1 when the last-resort interface lookup through "
+            "pod network namespaces can run (it needs CAP_SYS_ADMIN)", registry=r)
         self.packets_not_ip = Counter(
             "cniflow_packets_not_ip", "Frames that are not IPv4 or IPv6, passed on", registry=r
         )

@@ -28,6 +28,19 @@ from agent.transport import make as make_transport
 log = logging.getLogger(__name__)
 
 
+def netns_lookup(metrics: Metrics) -> bool:
+    """Whether the resolver's last resort (entering pod namespaces) can run: it needs
+    CAP_SYS_ADMIN, which the DaemonSet does not grant. Said once, and as a metric."""
+    from bpf import caps
+
+    able = caps.has("SYS_ADMIN")
+    metrics.netns_lookup.set(int(able))
+    if not able:
+        log.warning("no CAP_SYS_ADMIN: pods found by route, bridge or Cilium's endpoint map "
+                    "only; the lookup through pod network namespaces is off")
+    return able
+
+
 def choose_dataplane(cfg: Config) -> tuple[str, str]:
     """("ebpf", "") or ("vpp", socket path), as --dataplane and the host say."""
     if cfg.dataplane == "ebpf":
@@ -72,7 +85,7 @@ class Agent:
             from bpf.dataplane import EbpfDataplane
 
             self.dataplane = EbpfDataplane(cfg, self.metrics, self.ipr)
-            resolver = Resolver(self.ipr, cfg.cilium_endpoints)
+            resolver = Resolver(self.ipr, cfg.cilium_endpoints, netns_lookup(self.metrics))
             domain = cfg.observation_domain_id
         self.cluster = None
         if cfg.kubernetes:

@@ -91,9 +91,12 @@ def cilium_endpoints(path: str) -> dict[str, int]:
 
 
 class Resolver:
-    def __init__(self, ipr: IPRoute, cilium_map: str = "") -> None:
+    def __init__(self, ipr: IPRoute, cilium_map: str = "", netns_scan: bool = True) -> None:
+        """netns_scan: the last resort may enter pod namespaces (setns needs
+        CAP_SYS_ADMIN, which the DaemonSet does not grant: then it is off)."""
         self.ipr = ipr
         self.cilium_map = cilium_map
+        self.netns_scan = netns_scan
         self._netns: dict[tuple[int, int], tuple[float, dict[str, int]]] = {}
 
     def resolve(self, ips: tuple[str, ...]) -> int | None:
@@ -106,7 +109,7 @@ class Resolver:
             ifindex = endpoints.get(ip)
             if ifindex and pod_veth(ifindex):
                 return ifindex
-        return self._by_netns(ips)
+        return self._by_netns(ips) if self.netns_scan else None
 
     def _by_route(self, ip: str) -> int | None:
         try:

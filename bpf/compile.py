@@ -5,11 +5,17 @@ map file descriptors to the parent over a unix socket (SCM_RIGHTS), then exit.
 
 Keeping BCC and LLVM out of the agent process saves it about 130 MB of
 resident memory; the kernel objects live on through the fds the parent holds.
+
+Headers: BCC compiles in a kernel build tree, BCC_KERNEL_SOURCE (the image sets it to
+the headers it carries), else /lib/modules/$(uname -r)/build, else the kernel's own
+/sys/kernel/kheaders.tar.xz. The program uses uapi headers only, so any recent
+kernel's tree serves; with none of the three the error says so, not BCC's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -28,12 +34,38 @@ def cflags(map_size: int, shared: bool, pin_dir: str = "") -> list[str]:
             [f'-DPIN_DIR="{pin_dir}"'] if pin_dir else [])
 
 
+def kernel_tree() -> str:
+    """The build tree BCC will compile in (its own order), or an error naming what to do."""
+    marker = "include/linux/kconfig.h"  # what BCC itself checks for
+    env = os.environ.get("BCC_KERNEL_SOURCE")
+    if env:
+        if not os.path.isfile(os.path.join(env, marker)):
+            raise RuntimeError(f"BCC_KERNEL_SOURCE={env} is not a kernel build tree "
+                               f"(no {marker})")
+        return env
+    kdir = f"/lib/modules/{os.uname().release}"
+    for sub in ("source", "build"):
+        if os.path.isfile(os.path.join(kdir, sub, marker)):
+            return os.path.join(kdir, sub)
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return "/sys/kernel/kheaders.tar.xz"
+    raise RuntimeError(
+        f"no kernel headers: {kdir}/build does not exist, the kernel has no "
+        "/sys/kernel/kheaders.tar.xz and BCC_KERNEL_SOURCE is not set (the cniflow image "
+        "carries headers and sets it; elsewhere install linux-headers or point "
+        "BCC_KERNEL_SOURCE at any recent kernel's build tree)")
+
+
 def main() -> int:
     sock = socket.socket(fileno=int(sys.argv[1]))
     map_size = int(sys.argv[2])
     shared = len(sys.argv) > 3 and sys.argv[3] == "shared"
     pin_dir = sys.argv[4] if len(sys.argv) > 4 else ""
     try:
+        from bpf import caps
+
+        caps.raise_permitted()  # file capabilities of the image's interpreter
+        kernel_tree()
         from bcc import BPF
 
         b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared, pin_dir))

@@ -11,10 +11,11 @@ import numpy as np
 from agent.config import Config, ConfigError
 from agent.interfaces import driver, links
 from agent.metrics import Metrics
+from bpf import caps
 from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
 from bpf.pins import PinDir, PinError
-from bpf.program import FlowProgram
+from bpf.program import FlowProgram, LoadError
 from bpf.restart import Restart
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,15 @@ class EbpfDataplane:
 
     def __init__(self, cfg: Config, metrics: Metrics, ipr) -> None:
         self.metrics, self.ipr = metrics, ipr
+        try:
+            caps.require()
+        except caps.MissingCapability as e:
+            raise ConfigError(str(e)) from None
         pins = _pins(cfg)
-        self.program = FlowProgram(cfg.map_size, pins=pins)
+        try:
+            self.program = FlowProgram(cfg.map_size, pins=pins)
+        except LoadError as e:  # no headers, a kernel that refuses: one line, exit 2
+            raise ConfigError(str(e)) from None
         self.drainer = BatchDrain(self.program, keep=pins is not None)
         try:
             self.attacher = Attacher(self.program, cfg.attach, cfg.tc_priority, ipr, cfg.dedup,

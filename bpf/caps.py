@@ -1,0 +1,68 @@
+"""The agent's Linux capabilities: raised from the permitted set, checked by name.
+
+In the image the interpreter carries the agent's capabilities as file capabilities
+without the effective bit: the kernel grants what the container's bounding set allows
+and never refuses to start us, and we raise them here. A capability the container was
+not granted is then a clear error naming it, not an EPERM deep in BCC or netlink.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+CAPS = {"NET_ADMIN": 12, "SYS_ADMIN": 21, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
+# What the eBPF dataplane cannot run without, and why (README: In a cluster).
+REQUIRED = {
+    "BPF": "load the TC program and create, read and empty its maps",
+    "NET_ADMIN": "load a TC program and attach it to the pods' interfaces",
+    "PERFMON": "the verifier's full pointer checks for the program's packet parsing",
+}
+_VERSION_3 = 0x20080522
+
+
+class MissingCapability(RuntimeError):
+    """A capability the agent needs is not granted to it."""
+
+
+def _sets() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:")):
+                key, value = line.split(":")
+                out[key[3:].lower()] = int(value, 16)
+    return out
+
+
+def has(name: str) -> bool:
+    """The capability is in the effective set now."""
+    return bool(_sets()["eff"] >> CAPS[name] & 1)
+
+
+def raise_permitted() -> None:
+    """Make every permitted capability effective (file capabilities without the effective
+    bit leave them permitted only); a process already effective is left alone."""
+    s = _sets()
+    if s["prm"] & ~s["eff"] == 0:
+        return
+    header = (ctypes.c_uint32 * 2)(_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words
+    for i in range(2):
+        data[3 * i] = data[3 * i + 1] = (s["prm"] >> (32 * i)) & 0xFFFFFFFF
+        data[3 * i + 2] = (s["inh"] >> (32 * i)) & 0xFFFFFFFF
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), f"capset: {os.strerror(ctypes.get_errno())}")
+
+
+def require(needed: dict[str, str] = REQUIRED) -> None:
+    """Raise the permitted capabilities, then fail naming the first one that is missing."""
+    raise_permitted()
+    eff = _sets()["eff"]
+    for name, why in needed.items():
+        if not eff >> CAPS[name] & 1:
+            raise MissingCapability(
+                f"missing capability CAP_{name} (needed to {why}): grant it in the "
+                f"container's securityContext.capabilities.add ({name}), uid {os.getuid()}")

@@ -1,0 +1,244 @@
+"""The image as the DaemonSet runs it: built by scripts/image.sh (cached by the hash of
+its inputs), its root filesystem read-only under chroot, exactly the manifest's host
+mounts, environment, user, capabilities (bounding set) and no_new_privs, in a lab node.
+
+No container runtime runs here; what a runtime does for these containers is done by
+hand the way runc does it: a private mount namespace, the rootfs bound read-only, proc
+and a sysfs of the pod's network namespace, each volume mounted where the manifest says,
+then the user and the capability bounding set applied and no_new_privs set before the
+entrypoint is executed. RuntimeDefault seccomp is not applied (no runtime's profile).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import filters, netlab, wait_for
+from fakeapi import FakeApiServer
+from test_daemonset import by_kind, render
+
+ROOT = Path(__file__).resolve().parents[1]
+CNIFLOW = Path(sys.executable).with_name("cniflow")
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def rootfs() -> Path:
+    """The built image's root filesystem (built once per change of its inputs)."""
+    out = subprocess.run([str(ROOT / "scripts/image.sh"), "--print-rootfs"],
+                         capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return Path(out.stdout.strip())
+
+
+@pytest.fixture
+def lab():
+    prefix = f"img{os.getpid() % 1000}{next(_ids)}"
+    node = netlab.up(prefix, 2)
+    try:
+        yield node
+    finally:
+        netlab.down(prefix)
+
+
+@pytest.fixture(scope="module")
+def pod() -> dict:
+    objects = render(ROOT / "daemonset")
+    spec = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
+    config = next(c for c in by_kind(objects, "ConfigMap")
+                  if c["metadata"]["name"].startswith("cniflow-config"))["data"]
+    return {"spec": spec, "config": config}
+
+
+def container(pod: dict, name: str) -> dict:
+    spec = pod["spec"]
+    return next(c for c in spec["containers"] + spec.get("initContainers", [])
+                if c["name"] == name)
+
+
+def run(rootfs: Path, pod: dict, name: str, netns: str, env: dict[str, str],
+        host: dict[str, str], log: Path, drop: str = "") -> subprocess.Popen:
+    """Start one container of the pod as a runtime would. host: hostPath overrides (the
+    test's own directories); drop: a capability the manifest grants, taken away."""
+    c = container(pod, name)
+    sc = c["securityContext"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    r = f"/tmp/{netns}-{name}-root"
+    steps = [f"mkdir -p {r}", f"mount --bind {rootfs} {r}"]
+    for m in c.get("volumeMounts", []):
+        (rootfs / m["mountPath"].lstrip("/")).mkdir(parents=True, exist_ok=True)  # as runc
+    if sc.get("readOnlyRootFilesystem"):
+        steps.append(f"mount -o remount,bind,ro {r}")
+    steps += [f"mount -t proc proc {r}/proc", f"mount -t sysfs -o ro sysfs {r}/sys"]
+    for m in c.get("volumeMounts", []):
+        v, target = volumes[m["name"]], r + m["mountPath"]
+        if "emptyDir" in v:
+            steps.append(f"mount -t tmpfs tmpfs {target}")
+            continue
+        src = host.get(v["hostPath"]["path"], v["hostPath"]["path"])
+        if v["hostPath"].get("type") == "DirectoryOrCreate":
+            os.makedirs(src, exist_ok=True)
+        steps.append(f"mount --bind {src} {target}")
+        if m.get("readOnly"):
+            steps.append(f"mount -o remount,bind,ro {target}")
+    caps = [x.lower() for x in sc["capabilities"].get("add", []) if x != drop]
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    priv = ["setpriv", f"--reuid={sc['runAsUser']}", f"--regid={sc.get('runAsGroup', 0)}",
+            "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=" + ",".join(["-all"] + [f"+{x}" for x in caps])]
+    if sc.get("allowPrivilegeEscalation") is False:
+        priv.append("--no-new-privs")
+    base = {"PATH": "/opt/cniflow/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "BCC_KERNEL_SOURCE": "/usr/lib/cniflow/kernel", "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": "/"}  # the image's ENV (and a runtime's HOME)
+    full = {**base, **env, **{e["name"]: e["value"] for e in c.get("env", []) if "value" in e}}
+    # the environment first: anything exec'd between setpriv and the entrypoint would
+    # drop the permitted set (as runc, setpriv executes the entrypoint itself)
+    argv = ["env", "-i", *[f"{k}={v}" for k, v in full.items()], *priv, *c["command"]]
+    steps.append(f"exec chroot {r} " + shlex.join(argv))
+    with log.open("w") as f:
+        return subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "nsenter",
+             f"--net=/run/netns/{netns}", "sh", "-ec", "\n".join(steps)],
+            stdout=f, stderr=subprocess.STDOUT)
+
+
+def status(pid: int) -> dict[str, str]:
+    """/proc/PID/status of a container's process."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, pod, tmp_path):
+    """Agent and collector from the image, non-root, with the manifest's capabilities only
+    and no kernel headers from the node: a pod's pings reach the collector's file exact."""
+    release = os.uname().release
+    assert not (rootfs / "lib/modules" / release / "build").exists()
+    assert "/lib/modules" not in {m["mountPath"] for m in container(pod, "agent")["volumeMounts"]}
+    web, db = lab.pods
+    api = FakeApiServer(lab.netns)
+    api.namespace("shop", {"cniflow.io/export": "true"})
+    api.pod("shop", "web", "node-a", [web.ipv4])
+    api.pod("shop", "db", "node-a", [db.ipv4])
+    records = tmp_path / "records"
+    records.mkdir()
+    os.chmod(tmp_path, 0o755)
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")  # stands in for the service account
+    os.chmod(kubeconfig, 0o644)
+    bpffs = tmp_path / "bpffs"  # the node's bpffs as systemd mounts it (0700), the test's own
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=700", "bpf", str(bpffs)], check=True)
+    host = {"/var/log/cniflow": str(records), "/sys/fs/bpf": str(bpffs)}
+    init = run(rootfs, pod, "owner", lab.netns, pod["config"], host, tmp_path / "init.log")
+    assert init.wait(30) == 0, (tmp_path / "init.log").read_text()
+    assert records.stat().st_uid == 65532 and (bpffs / "cniflow").stat().st_uid == 65532
+    collector = run(rootfs, pod, "collector", lab.netns, {}, host, tmp_path / "collector.log")
+    # the service account's place: a kubeconfig bound where the runtime puts the token
+    sa = rootfs / "run/secrets/kubernetes.io/serviceaccount"
+    sa.mkdir(parents=True, exist_ok=True)
+    env = {**pod["config"], "NODE_NAME": "node-a",
+           "KUBECONFIG": "/run/secrets/kubernetes.io/serviceaccount/kubeconfig",
+           "CNIFLOW_IDLE_TIMEOUT": "2"}
+    agent_pod = json.loads(json.dumps(pod))
+    container(agent_pod, "agent")["volumeMounts"].append(
+        {"name": "sa", "mountPath": "/run/secrets/kubernetes.io/serviceaccount",
+         "readOnly": True})
+    agent_pod["spec"]["volumes"].append({"name": "sa", "hostPath": {"path": str(tmp_path)}})
+    agent = run(rootfs, agent_pod, "agent", lab.netns, env, host, tmp_path / "agent.log")
+    log = tmp_path / "agent.log"
+    try:
+        assert wait_for(lambda: "cniflow_ingress" in filters(lab, web.host_if), 90), \
+            log.read_text()
+        st = status(agent.pid)  # every step exec'd the next: one pid
+        assert st["Uid"].split()[0] == "65532" and st["NoNewPrivs"] == "1"
+        want = (1 << 12) | (1 << 38) | (1 << 39)  # NET_ADMIN, PERFMON, BPF
+        assert int(st["CapEff"], 16) == want and int(st["CapBnd"], 16) == want
+        col = status(collector.pid)
+        assert col["Uid"].split()[0] == "65532" and int(col["CapEff"], 16) == 0
+        assert int(col["CapPrm"], 16) == 0
+        subprocess.run(lab.in_pod(0, f"ping -c 5 -i 0.2 -q {db.ipv4}").split(),
+                       stdout=subprocess.DEVNULL, check=True)
+        out = records / "records.jsonl"
+
+        def echo() -> list[dict]:
+            rows = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+            return [r for r in rows if r.get("icmpTypeCodeIPv4") == 0x0800
+                    and r.get("interfaceName") == web.host_if]
+
+        assert wait_for(lambda: echo(), 20), log.read_text()
+        metrics = subprocess.run(lab.exec("curl -s 127.0.0.1:9477/metrics").split(),
+                                 capture_output=True, text=True).stdout
+        assert "cniflow_netns_lookup_enabled 0.0" in metrics
+    finally:
+        for p in (agent, collector):
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(30) for p in (agent, collector)]
+        api.stop()
+        subprocess.run(["umount", "-l", str(bpffs)])
+    assert codes == [0, 0], log.read_text()
+    assert "no CAP_SYS_ADMIN" in log.read_text()
+    assert [(r["sourcePodName"], r["destinationPodName"], r["packetDeltaCount"],
+             r["octetDeltaCount"]) for r in echo()] == [("web", "db", 5, 5 * 84)]
+
+
+@pytest.mark.parametrize("cap", ["BPF", "NET_ADMIN", "PERFMON"])
+def test_a_capability_taken_away_is_named(rootfs, lab, pod, tmp_path, cap):
+    env = {**pod["config"], "CNIFLOW_KUBERNETES": "false", "CNIFLOW_PIN_PATH": "off",
+           "CNIFLOW_INTERFACE": lab.pods[0].host_if}
+    log = tmp_path / "agent.log"
+    proc = run(rootfs, pod, "agent", lab.netns, env, {}, log, drop=cap)
+    assert proc.wait(60) == 2, log.read_text()
+    err = log.read_text()
+    assert f"missing capability CAP_{cap}" in err, err
+    assert "Traceback" not in err and "cniflow_ingress" not in filters(lab, lab.pods[0].host_if)
+
+
+def test_no_kernel_headers_on_the_node(rootfs, lab, tmp_path):
+    """The host's agent in a mount namespace where /lib/modules and /usr/src are empty:
+    without BCC_KERNEL_SOURCE a clear error; pointed at the image's headers, it meters."""
+    web, db = lab.pods
+    hide = "mount -t tmpfs tmpfs /lib/modules; mount -t tmpfs tmpfs /usr/src; "
+    cmd = (f"{CNIFLOW} agent --interface {web.host_if} --collector 127.0.0.1:4739 "
+           "--metrics-address 127.0.0.1:9477 --poll-interval 0.5 --pin-path off")
+    env = {k: v for k, v in os.environ.items() if k != "BCC_KERNEL_SOURCE"}
+
+    def start(extra: dict[str, str], log: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+             hide + f"test ! -e /lib/modules/{os.uname().release}/build; exec " +
+             lab.exec(cmd)], env={**env, **extra}, stdout=log.open("w"),
+            stderr=subprocess.STDOUT)
+
+    bare = start({}, tmp_path / "bare.log")
+    assert bare.wait(60) == 2
+    err = (tmp_path / "bare.log").read_text()
+    assert "no kernel headers" in err and "BCC_KERNEL_SOURCE" in err, err
+    from test_collector import RunningCollector
+
+    collector = RunningCollector(lab.netns, 4739)
+    agent = start({"BCC_KERNEL_SOURCE": str(rootfs / "usr/lib/cniflow/kernel")},
+                  tmp_path / "agent.log")
+    try:
+        assert wait_for(lambda: "cniflow_ingress" in filters(lab, web.host_if), 60), \
+            (tmp_path / "agent.log").read_text()
+        subprocess.run(lab.in_pod(0, f"ping -c 3 -i 0.2 -q {db.ipv4}").split(),
+                       stdout=subprocess.DEVNULL, check=True)
+        time.sleep(1)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0, (tmp_path / "agent.log").read_text()
+    rows = collector.stop()
+    echo = [r for r in rows if r.get("icmpTypeCodeIPv4") == 0x0800]
+    assert [(r["packetDeltaCount"], r["octetDeltaCount"]) for r in echo] == [(3, 3 * 84)]
