@@ -202,7 +202,7 @@ class Collector:
         sock.close()
 
     @staticmethod
-    def _receive(sock: socket.socket, most: int = 512, window: float = 0.02) -> list:
+    def _receive(sock: socket.socket, most: int = 512, window: float = 0.1) -> list:
         """Datagrams for one batch: what is waiting, and what comes within `window` of
         the first, up to `most`. Decoding and formatting cost per batch as well as per
         record; a few milliseconds of latency make batches large at any rate."""

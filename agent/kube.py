@@ -174,7 +174,7 @@ class Follower(threading.Thread):
         elif e.status == 403:
             log.error(f"forbidden (403): the service account may not list and watch "
                       f"{self.kind}; grant get, list and watch on {self.kind} "
-                      "(daemonset/rbac.yaml)", extra={"resource": self.kind,
+                      "(daemonset/base/rbac.yaml)", extra={"resource": self.kind,
                                                        "err": str(e.reason)[:200]})
         else:
             log.warning("api server error", extra={"resource": self.kind, "status": e.status,

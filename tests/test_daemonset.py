@@ -254,17 +254,59 @@ def test_prometheus_scrapes_a_real_agent_and_every_panel_has_data(node, objects,
         api.stop()
 
 
-def test_the_readmes_overlay_swaps_in_another_collector(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    overlay = readme.split("# overlays/my-collector/kustomization.yaml\n", 1)[1].split("```")[0]
-    d = tmp_path / "overlays" / "my-collector"
-    d.mkdir(parents=True)
-    (tmp_path / "daemonset").symlink_to(ROOT / "daemonset")
-    (d / "kustomization.yaml").write_text(overlay)
-    out = subprocess.run([str(KUBECTL), "kustomize", str(d)], capture_output=True, text=True,
-                         check=True).stdout
-    ds = next(o for o in yaml.safe_load_all(out) if o["kind"] == "DaemonSet")
-    containers = ds["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["agent"]
-    env = {e["name"]: e.get("value") for e in containers[0]["env"]}
+def containers(objects) -> dict[str, dict]:
+    ds = by_kind(objects, "DaemonSet")[0]
+    return {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+
+
+def test_the_collector_overlay_swaps_in_the_collector_users_already_run(objects):
+    over = render(ROOT / "daemonset" / "overlays" / "collector")
+    validate(over)
+    assert list(containers(over)) == ["agent"]
+    env = {e["name"]: e.get("value") for e in containers(over)["agent"]["env"]}
     assert env["CNIFLOW_COLLECTOR"] == "127.0.0.1:2055"  # env wins over the ConfigMap's
+    ports = [e["port"] for e in by_kind(over, "PodMonitor")[0]["spec"]["podMetricsEndpoints"]]
+    assert ports == ["metrics"]  # nothing scrapes a collector that is not there
+    # and nothing else changed: the agent container is the base's but for that variable
+    base_agent = containers(objects)["agent"]
+    assert {k: v for k, v in containers(over)["agent"].items() if k != "env"} == {
+        k: v for k, v in base_agent.items() if k != "env"}
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("# daemonset/overlays/collector/kustomization.yaml\n", 1)[1]
+    assert shown.split("```")[0] == (ROOT / "daemonset/overlays/collector/kustomization.yaml"
+                                     ).read_text().split("\n", 4)[4]  # the README shows it
+
+
+def test_the_minimal_overlay_drops_what_needs_the_prometheus_operator_or_grafana(objects):
+    over = render(ROOT / "daemonset" / "overlays" / "minimal")
+    validate(over)
+    assert set(objects) - set(over) == {"PodMonitor/cniflow",
+                                        "ConfigMap/cniflow-grafana-dashboard"}
+    assert all(over[k] == objects[k] for k in over)  # the rest is the base, unchanged
+
+
+def test_the_kafka_overlay_points_the_collector_at_kafka(objects):
+    from agent.cli import parser
+    from agent.config import COLLECTOR_PREFIX, CollectorConfig, collector_from_sources
+
+    over = render(ROOT / "daemonset" / "overlays" / "kafka")
+    validate(over)
+    collector = containers(over)["collector"]
+    cmd = collector["command"]
+    assert cmd[:2] == ["cniflow", "collector"]
+    env = {e["name"]: e["value"] for e in collector["env"] if e["name"].startswith(
+        COLLECTOR_PREFIX)}
+    cfg = collector_from_sources(parser().parse_args(cmd[1:]), env)  # what the pod will run
+    assert cfg.output == ["/var/log/cniflow/records.jsonl",
+                          "kafka://kafka-0.kafka.kafka.svc:9092,kafka-1.kafka.kafka.svc:9092"
+                          "/cniflow-flows"]
+    assert (cfg.kafka_compression, cfg.kafka_queue) == ("zstd", 100_000)
+    assert cfg.kafka_settings()["queue.buffering.max.kbytes"] == 128 << 10
+    # the queue (128 MiB at most) fits the limit with room for the process itself
+    limit = collector["resources"]["limits"]["memory"]
+    assert limit == "512Mi" and containers(objects)["collector"]["resources"]["limits"][
+        "memory"] == "256Mi"
+    assert {k: v for k, v in collector.items() if k not in ("command", "env", "resources")} == {
+        k: v for k, v in containers(objects)["collector"].items()
+        if k not in ("command", "env", "resources")}
+    assert CollectorConfig().output == ["-"]

@@ -215,3 +215,35 @@ def test_workers_share_the_port_and_keep_each_exporter_whole(tmp_path):
     assert sum(s["records"] for s in stopped) == 32_000
     assert len({s["pid"] for s in stopped}) == 2 and os.getpid() not in {
         s["pid"] for s in stopped}
+
+
+def test_the_kafka_overlays_collector_runs_against_a_broker(tmp_path, broker):
+    """The collector container of daemonset/overlays/kafka as rendered: its command and
+    environment, with only the node's paths and the brokers' address swapped for the
+    lab's; records reach both the file and the topic."""
+    from test_daemonset import containers, render
+
+    c = containers(render(Path(__file__).resolve().parents[1] / "daemonset/overlays/kafka"))
+    collector = c["collector"]
+    out = tmp_path / "records.jsonl"
+    port = free_port()
+    cmd = [a.replace("/var/log/cniflow/records.jsonl", str(out))
+           .replace("127.0.0.1:4739", f"127.0.0.1:{port}") for a in collector["command"]]
+    cmd = [f"kafka://{broker.address}/cniflow-flows" if a.startswith("kafka://") else a
+           for a in cmd]
+    env = {**os.environ, **{e["name"]: e["value"] for e in collector["env"]},
+           "CNIFLOW_COLLECTOR_METRICS_ADDRESS": "off"}
+    broker.topic("cniflow-flows", 3)
+    proc = subprocess.Popen([str(CNIFLOW), *cmd[1:]], env=env, stderr=subprocess.PIPE)
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, proc.stderr.read()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for m in ipfix(1000, seed=5):
+            s.sendto(m, ("127.0.0.1", port))
+        assert wait_for(lambda: out.exists() and len(out.read_bytes().splitlines()) == 1000, 20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    got = broker.consume("cniflow-flows", 1000)
+    assert sorted(v for _, _, v in got) == sorted(out.read_bytes().splitlines())
