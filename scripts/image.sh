@@ -81,6 +81,7 @@ if [ ! -f "$out/done" ]; then
   touch "$out/done"
   # older builds go: one rootfs is enough for the tests
   find "$CACHE" -mindepth 1 -maxdepth 1 -type d -not -name "$hash" -exec rm -rf {} +
+  buildah rmi --prune >/dev/null 2>&1 || true   # the images those builds left untagged
   log "built in $(cat "$out/build-seconds") s: $archive ($(du -h "$archive" | cut -f1)," \
       "root filesystem $(( $(cat "$out/rootfs-bytes") / 1048576 )) MiB)"
 fi
