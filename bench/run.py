@@ -11,7 +11,11 @@ as a ratio, because the machine is shared and noisy.
    frame of a known flow (the hit path), free of the veth's noise.
 2. Drain to wire: a kernel map holding 1,000,000 flows drained, folded into the
    flow table, encoded and sent over UDP, against the raw batch drain alone.
+   The same with the restart journal (pins on a bpffs mounted for the bench), side
+   by side: 10,000 and 65,536 flows a poll kept in the table, and 1,000,000 flushed.
 3. Resident memory of the agent's stages holding 100,000 active flows.
+
+    sudo .venv/bin/python bench/run.py --only drain   # part 2 alone
 """
 
 from __future__ import annotations
@@ -207,6 +211,115 @@ def drain_to_wire(n: int, rounds: int, shared: bool = True) -> dict:
     }
 
 
+BENCH_FS = Path("/run/cniflow-bench/jrn-pins")  # a bpffs of the bench's own
+
+
+class Poller:
+    """One dataplane's polls as agent/pipeline.py runs them: drain, fold, expire (or
+    flush), then, pinned, the journal's commit before the export and exported after
+    (bpf/restart.py's commit: Journal.commit, then the idle map's delete)."""
+
+    def __init__(self, n: int, pins: str, steady: bool, sink) -> None:
+        from agent.exporter import Exporter
+        from agent.flowtable import FlowTable
+        from agent.metrics import Metrics
+        from agent.transport import UdpTransport
+        from bpf.compile import OVERFLOW_SIZE
+        from bpf.drain import BatchDrain
+        from bpf.journal import Journal
+        from bpf.pins import PinDir
+        from bpf.program import FlowProgram
+
+        self.pins = PinDir(pins) if pins else None
+        self.prog = FlowProgram(n, pins=self.pins)
+        self.drain = BatchDrain(self.prog, keep=self.pins is not None)
+        poll = n + OVERFLOW_SIZE  # sized as bpf/restart.py sizes it (--max-flows 2 n)
+        self.journal = Journal(self.pins, 2 * n + 2 * poll, poll) if self.pins else None
+        # steady: the same flows every poll, each reported every poll (active timeout 0)
+        # and kept in the table; else every flow flushed (ends) in the poll it came
+        self.steady = steady
+        self.table = FlowTable(active_timeout_s=0 if steady else 60, idle_timeout_s=3600,
+                               max_flows=2 * n)
+        self.exporter = Exporter(UdpTransport(*sink.getsockname()), 1, Metrics(),
+                                 backlog_limit=2 * n)
+        self.names = {7: "veth1234abcd"}
+
+    def poll(self) -> int:
+        batch = self.drain.drain()
+        evicted = self.table.update(batch, unique=True)
+        due = self.table.expire(int(time.time() * 1000)) if self.steady else self.table.flush()
+        out = np.concatenate([evicted, due]) if len(evicted) else due
+        if self.journal is not None:
+            self.journal.commit(self.table, batch, out, self.drain.idle)
+            self.drain.forget()
+        self.exporter.export(out, self.names)
+        if self.journal is not None:
+            self.journal.exported()
+        return len(out)
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+        self.prog.close()
+        if self.pins is not None:
+            self.pins.remove()
+
+
+def journal_cost(n: int, rounds: int, steady: bool) -> dict:
+    """Drain to wire without pins and with the journal, alternating in one run: records
+    a second each (median of rounds) and the ratio journal / no journal (median of each
+    round's own ratio)."""
+    from agent import memory
+
+    memory.keep_heap()
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setblocking(False)
+    BENCH_FS.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(BENCH_FS)], check=True)
+    pollers = {}
+    try:
+        pollers = {"plain": Poller(n, "", steady, sink),
+                   "journal": Poller(n, str(BENCH_FS / f"cniflow{n}"), steady, sink)}
+        times: dict[str, list[float]] = {k: [] for k in pollers}
+        for r in range(rounds + (1 if steady else 0)):  # steady: a first poll inserts
+            for name, p in pollers.items():
+                fill(p.prog, p.drain.fds[p.drain.active], n, p.drain.ncpu)
+                t0 = time.perf_counter()
+                got = p.poll()
+                dt = time.perf_counter() - t0
+                assert got == n, (name, got)
+                if r or not steady:
+                    times[name].append(dt)
+                try:  # the sink is not read: drop what the kernel queued
+                    while sink.recv(65536):
+                        pass
+                except BlockingIOError:
+                    pass
+    finally:
+        for p in pollers.values():
+            p.close()
+        subprocess.run(["umount", str(BENCH_FS)], check=False)
+        BENCH_FS.rmdir()
+    rate = {k: n / statistics.median(v) for k, v in times.items()}
+    return {
+        "flows_per_poll": n,
+        "mode": "steady (kept, active timeout each poll)" if steady else "flush (new, ended)",
+        "no_journal_records_per_s": round(rate["plain"]),
+        "journal_records_per_s": round(rate["journal"]),
+        "journal_ms_per_poll": round(1000 * statistics.median(times["journal"]), 1),
+        "no_journal_ms_per_poll": round(1000 * statistics.median(times["plain"]), 1),
+        "ratio_journal_to_no_journal": round(statistics.median(
+            a / b for a, b in zip(times["plain"], times["journal"])), 3),
+    }
+
+
+def journal_costs(quick: bool) -> list[dict]:
+    rounds = 3 if quick else 7
+    return [journal_cost(10_000, rounds * 3, True), journal_cost(65_536, rounds, True),
+            journal_cost(200_000 if quick else 1_000_000, 2 if quick else 3, False)]
+
+
 MEMORY = """
 import socket, sys, json
 sys.path[:0] = [{root!r}]
@@ -302,7 +415,14 @@ def memory(n: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds, smaller map")
+    p.add_argument("--only", choices=("drain",), help="drain to wire (and the journal's "
+                   "cost beside it) only")
     args = p.parse_args()
+    if args.only == "drain":
+        n = 200_000 if args.quick else 1_000_000
+        print(json.dumps({"drain_to_wire": drain_to_wire(n, rounds=2 if args.quick else 3),
+                          "journal": journal_costs(args.quick)}, indent=2))
+        return 0
     results = {
         "per_packet": per_packet(rounds=3 if args.quick else 7, seconds=1 if args.quick else 2),
         "program_ns": program_ns(rounds=3 if args.quick else 7),
@@ -312,6 +432,7 @@ def main() -> int:
         "drain_to_wire_percpu": drain_to_wire(  # the alternative map layout, same run
             200_000 if args.quick else 1_000_000, rounds=2 if args.quick else 3, shared=False
         ),
+        "journal": journal_costs(args.quick),
         "memory": memory(100_000),
         "memory_at_limits": [memory_at_limits(n, 100_000) for n in (250_000, 1_000_000)],
     }

@@ -34,8 +34,8 @@ class Restart:
         self.handover = cfg.handover
         self.program, self.drainer, self.attacher = program, drainer, attacher
         self.pins = program.pins
-        self.journal = Journal(self.pins, cfg.max_flows,
-                               2 * cfg.max_flows + 2 * (cfg.map_size + OVERFLOW_SIZE))
+        poll = cfg.map_size + OVERFLOW_SIZE  # the most one drain brings
+        self.journal = Journal(self.pins, cfg.max_flows + 2 * poll, poll)
         self.started = time.monotonic()
         self.settled = False
         if program.adopted:

@@ -283,6 +283,7 @@ OBJ_PIN = 6
 MAP_DELETE_BATCH = 27
 LINK_UPDATE = 29
 F_NO_PREALLOC = 1
+F_MMAPABLE = 1 << 10  # an array map whose values user space maps and stores into
 MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
 
 
@@ -362,3 +363,14 @@ def delete_batch(fd: int, keys: int, key_size: int, count: int) -> None:
             done += 1
         else:
             _check(ret, "BPF_MAP_DELETE_BATCH")
+
+
+def delete_batch_until_absent(fd: int, keys: int, key_size: int, count: int) -> int:
+    """Delete keys in one system call up to the first absent one; returns how many were
+    deleted (count when none was absent)."""
+    attr = _Batch(0, 0, keys, 0, count, fd, 0, 0)
+    ret = _bpf(MAP_DELETE_BATCH, attr)
+    if ret == -errno.ENOENT:
+        return attr.count
+    _check(ret, "BPF_MAP_DELETE_BATCH")
+    return count

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import netlab
+import numpy as np
 import oracles
 import pytest
 from conftest import agent, tcx_programs
@@ -161,3 +162,57 @@ def test_a_pin_path_without_bpffs_is_refused(lab):
                                        f"{Path(__file__).parents[1] / '.venv/bin'}"})
     assert r.returncode == 2
     assert "--pin-path /tmp/not-bpffs: not on a bpffs" in r.stderr
+
+
+def test_the_journal_recovers_a_committed_poll_exactly(lab):
+    """The journal's maps, directly (real pinned maps on the test's bpffs): a flow that
+    came and went within one poll (absent from pending), a log that has to grow, a poll
+    whose export failed before the next commit, and a successor that finds the last
+    poll committed but not exported: pending is the table, the due records are exactly
+    the last poll's, and the idle map the commit named is emptied."""
+    from agent.flowtable import FlowTable
+    from agent.records import FLOW_DTYPE
+    from bpf.journal import Journal
+    from bpf.pins import PinDir
+
+    _, pins = lab
+
+    def flows(ports):
+        b = np.zeros(len(ports), FLOW_DTYPE)
+        b["key"]["ifindex"], b["key"]["ip_version"], b["key"]["proto"] = 7, 4, 17
+        b["key"]["dport"] = ports
+        b["packets"], b["octets"], b["first_ms"], b["last_ms"] = 2, 200, 1000, 2000
+        return b
+
+    def by_port(rows):
+        return {int(r["key"]["dport"]): (int(r["packets"]), int(r["end_reason"]))
+                for r in rows}
+
+    j = Journal(PinDir(pins), 64, 2)
+    table = FlowTable(active_timeout_s=3600, idle_timeout_s=3600)
+    batch = flows([1, 2, 3])
+    table.update(batch, unique=True)
+    j.commit(table, batch, batch[:0], 0)
+    j.exported()
+    batch = flows([1, 4])  # 4 is new: it comes and goes within the poll
+    table.update(batch, unique=True)
+    out = table.flush()
+    j.commit(table, batch, out, 1)  # the export fails: no exported()
+    batch = flows([5, 6, 7])
+    table.update(batch, unique=True)
+    j.commit(table, batch, batch[:0], 0)  # committed, then the agent is killed
+    emptied = []
+    again = Journal(PinDir(pins), 64, 2)
+    rows, due = again.recover(emptied.append)
+    assert by_port(rows) == {5: (2, 0), 6: (2, 0), 7: (2, 0)}
+    assert len(due) == 0 and emptied == [0]
+    table.update(batch := flows([5]), unique=True)
+    out = table.flush()
+    again.commit(table, batch, out, 1)
+    third = Journal(PinDir(pins), 64, 2)
+    rows, due = third.recover(emptied.append)
+    assert len(rows) == 0 and emptied == [0, 1]
+    assert by_port(due) == {5: (4, 4), 6: (2, 4), 7: (2, 4)}
+    assert due.tobytes() == out.tobytes()
+    for x in (j, again, third):
+        x.close()
