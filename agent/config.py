@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -85,6 +86,20 @@ def _pin_path(text: str) -> str:
 
 def _split(text: str) -> list[str]:
     return [p for p in text.replace(",", " ").split() if p]
+
+
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def _label_keys(text: str) -> list[str]:
+    """Kubernetes label keys: [prefix/]name, as the API server validates them."""
+    keys = _split(text)
+    for key in keys:
+        prefix, _, name = key.rpartition("/")
+        if not _LABEL_NAME.fullmatch(name) or (prefix and not _LABEL_PREFIX.fullmatch(prefix)):
+            raise ValueError(f"must be label keys ([prefix/]name), got {key!r}")
+    return keys
 
 
 def _cidrs(text: str) -> list[str]:
@@ -258,6 +273,26 @@ class Config:
         metadata={"parse": _cidrs, "many": True, "help":
                   "the cluster's pod address ranges (repeatable or comma-separated): the other "
                   "end of a flow in them is inter-node (flowType 2), outside them external"},
+    )
+    pod_labels: list[str] = field(
+        default_factory=list,
+        metadata={"parse": _label_keys, "many": True, "help":
+                  "pod label keys (comma-separated or repeatable) whose values records carry "
+                  "as JSON text in Antrea's sourcePodLabels / destinationPodLabels; none: "
+                  "those elements are not sent"},
+    )
+    enterprise_number: int = field(
+        default=0,
+        metadata={"parse": _ranged(0, 0xFFFFFFFF), "help":
+                  "IANA private enterprise number to carry the pods' workload kind and name "
+                  "under (elements 1 to 4, announced by RFC 5610 records); 0: not sent "
+                  "(cniflow has no registered number of its own)"},
+    )
+    workload_series_limit: int = field(
+        default=500,
+        metadata={"parse": _ranged(1, 100_000), "help":
+                  "most workloads, and most Services, with Prometheus series; traffic of "
+                  "more is counted in cniflow_series_limited_packets_total"},
     )
     cilium_endpoints: str = field(
         default="/sys/fs/bpf/tc/globals/cilium_lxc",

@@ -48,7 +48,11 @@ class Exporter:
         clock: Callable[[], float] = time.time,
         with_pods: bool = False,
         biflow: bool = False,
+        labels: bool = False,
+        enterprise_number: int = 0,
     ) -> None:
+        """labels, enterprise_number: pod labels and workload elements in the pod
+        templates (--pod-labels, --enterprise-number), announced by RFC 5610 records."""
         self.transport = transport
         self.domain = domain
         self.metrics = metrics
@@ -56,7 +60,8 @@ class Exporter:
         self.template_refresh_s = template_refresh_s
         self.backlog_limit = backlog_limit
         self.clock = clock
-        self.flow_templates = flowmap.templates(with_pods, biflow)
+        self.flow_templates = flowmap.templates(with_pods, biflow, labels, enterprise_number)
+        self.announced = flowmap.announced(labels, enterprise_number)
         self.biflow = biflow
         self.with_pods = with_pods
         self.backlog: deque[np.ndarray] = deque()
@@ -167,7 +172,7 @@ class Exporter:
         if ifnames:
             blocks.append((flowmap.INTERFACES, flowmap.interface_columns(ifnames), len(ifnames)))
         if self.with_pods:
-            names = flowmap.POD_FIELDS
+            names = self.announced
             blocks.insert(0, (flowmap.IE_TYPES, flowmap.ie_type_columns(names), len(names)))
         sets = []
         for template, cols, n in blocks:

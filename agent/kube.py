@@ -1,5 +1,6 @@
-"""Discover pods: follow this node's pods, all namespaces, this node, and every
-Service and EndpointSlice (to name Service traffic) through the API server.
+"""Discover pods: follow this node's pods, all namespaces, this node, every
+Service and EndpointSlice (to name Service traffic), and every ReplicaSet and Job
+(the second hop from a pod to its Deployment or CronJob) through the API server.
 
 One thread per resource lists, then watches from the list's resourceVersion and,
 when a watch ends or drops, resumes from the last version it saw (as client-go's
@@ -34,6 +35,8 @@ class Pod:
     annotation: str | None  # the value of cniflow.io/export, if present
     phase: str = "Running"
     created: str = ""  # metadata.creationTimestamp (RFC 3339, UTC: sorts as text)
+    owner: tuple[str, str] = ("", "")  # its controller's (kind, name), see owner_of
+    labels: tuple[tuple[str, str], ...] = ()  # the --pod-labels ones it has, sorted
 
     @property
     def owns_addresses(self) -> bool:
@@ -43,14 +46,40 @@ class Pod:
         return self.phase in ("Pending", "Running") and not self.host_network
 
 
-def pod_from(obj: dict) -> Pod:
+BUILTIN_GROUPS = ("", "apps", "batch")  # owner kinds of these groups keep their bare name
+
+
+def owner_of(meta: dict) -> tuple[str, str]:
+    """The controller among an object's ownerReferences, as (kind, name); a kind of
+    another API group is qualified (Rollout.argoproj.io), so it never passes for a
+    built-in one. ("", ""): no controller."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") and ref.get("name"):
+            group = str(ref.get("apiVersion") or "").rpartition("/")[0]
+            kind = ref["kind"] if group in BUILTIN_GROUPS else f"{ref['kind']}.{group}"
+            return kind, ref["name"]
+    return "", ""
+
+
+def pod_from(obj: dict, label_keys: frozenset[str] = frozenset()) -> Pod:
+    """label_keys: the labels kept (--pod-labels); the others are not held at all."""
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     ips = tuple(p["ip"] for p in status.get("podIPs") or [] if p.get("ip"))
     if not ips and status.get("podIP"):
         ips = (status["podIP"],)
+    labels = tuple(sorted((k, str(v)) for k, v in (meta.get("labels") or {}).items()
+                          if k in label_keys))
     return Pod(meta.get("uid", ""), meta["namespace"], meta["name"], ips,
                bool(spec.get("hostNetwork")), (meta.get("annotations") or {}).get(ANNOTATION),
-               status.get("phase") or "Pending", meta.get("creationTimestamp") or "")
+               status.get("phase") or "Pending", meta.get("creationTimestamp") or "",
+               owner_of(meta), labels)
+
+
+def owned_from(obj: dict) -> tuple[tuple[str, str], tuple[str, str]]:
+    """A ReplicaSet or Job: its (namespace, name) and its controller (kind, name); only
+    that much is held of each, however many the cluster has."""
+    meta = obj["metadata"]
+    return (meta["namespace"], meta["name"]), owner_of(meta)
 
 
 def node_from(obj: dict) -> tuple[str, tuple[str, ...]]:
@@ -222,9 +251,10 @@ class Follower(threading.Thread):
 class Cluster:
     """This node's pods and every namespace, as the API server tells them."""
 
-    def __init__(self, node_name: str, kubeconfig: str = "", metrics=None) -> None:
+    def __init__(self, node_name: str, kubeconfig: str = "", metrics=None,
+                 label_keys: tuple[str, ...] = ()) -> None:
         self.kubeconfig = kubeconfig
-        self.v1, self.discovery = self._connect()
+        self.v1, self.discovery, self.apps, self.batch = self._connect()
         self.node_name = node_name
         self.stop_event = threading.Event()
         self.changed = threading.Event()
@@ -237,8 +267,9 @@ class Cluster:
             return Follower(name, list_fn, selector, parse, key, self.stop_event,
                             self.changed, metrics, reauth=self.reauth)
 
-        self.pods = follow("pods", "list_pod_for_all_namespaces",
-                           f"spec.nodeName={node_name}", pod_from, lambda p: p.uid)
+        self.pods = follow("pods", "list_pod_for_all_namespaces", f"spec.nodeName={node_name}",
+                           functools.partial(pod_from, label_keys=frozenset(label_keys)),
+                           lambda p: p.uid)
         self.namespaces = follow("namespaces", "list_namespace", None, namespace_from,
                                  lambda n: n[0])
         self.nodes = follow("nodes", "list_node", f"metadata.name={node_name}", node_from,
@@ -247,6 +278,11 @@ class Cluster:
                                service_from, lambda s: (s.namespace, s.name))
         self.endpointslices = follow("endpointslices", "list_endpoint_slice_for_all_namespaces",
                                      None, endpoints_from, lambda e: e[:2], api="discovery")
+        # a pod's owner's owner: ReplicaSet -> Deployment, Job -> CronJob
+        self.replicasets = follow("replicasets", "list_replica_set_for_all_namespaces", None,
+                                  owned_from, lambda o: o[0], api="apps")
+        self.jobs = follow("jobs", "list_job_for_all_namespaces", None, owned_from,
+                           lambda o: o[0], api="batch")
 
     def _connect(self):
         """A client from the kubeconfig, or the in-cluster service account (whose
@@ -260,12 +296,12 @@ class Cluster:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()  # KUBECONFIG or ~/.kube/config
-        return client.CoreV1Api(), client.DiscoveryV1Api()
+        return client.CoreV1Api(), client.DiscoveryV1Api(), client.AppsV1Api(), client.BatchV1Api()
 
     def reauth(self) -> None:
         """Credentials read again (a token rotated on disk); a failure is retried later."""
         try:
-            self.v1, self.discovery = self._connect()
+            self.v1, self.discovery, self.apps, self.batch = self._connect()
         except Exception as e:  # noqa: BLE001  (a half-written token file, say)
             log.warning("reloading credentials failed", extra={"err": str(e)[:200]})
 
@@ -275,6 +311,8 @@ class Cluster:
         self.nodes.start()
         self.services.start()
         self.endpointslices.start()
+        self.replicasets.start()
+        self.jobs.start()
 
     def node_addresses(self) -> tuple[str, ...]:
         """This node's own addresses, as its Node object says."""
@@ -289,10 +327,14 @@ class Cluster:
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        for f in (self.pods, self.namespaces):
+        for f in (self.pods, self.namespaces, self.replicasets, self.jobs):
             if not f.synced.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
+
+    def owners(self) -> tuple[dict, dict]:
+        """(namespace, name) -> controller (kind, name) of every ReplicaSet and Job."""
+        return dict(self.replicasets.snapshot().values()), dict(self.jobs.snapshot().values())
 
     def snapshot(self) -> tuple[list[Pod], dict[str, str | None]]:
         return list(self.pods.snapshot().values()), dict(self.namespaces.snapshot().values())

@@ -14,6 +14,9 @@ from prometheus_client import (
     start_http_server,
 )
 
+WORKLOAD_LABELS = ["namespace", "workload_kind", "workload", "direction", "flow_type"]
+FLOW_TYPES = ("unknown", "intra-node", "inter-node", "to-external", "from-external")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -138,6 +141,32 @@ class Metrics:
         self.vpp_decode_errors = Counter(
             "cniflow_vpp_decode_errors", "Malformed IPFIX from VPP, by reason", ["reason"],
             registry=r)
+        self.workload_bytes = Counter(
+            "cniflow_workload_bytes",
+            "Octets the metered pods of a workload on this node sent or received, by the "
+            "flow's type (Antrea's flowType: intra-node, inter-node, to-external, "
+            "from-external, unknown)",
+            WORKLOAD_LABELS, registry=r)
+        self.workload_packets = Counter(
+            "cniflow_workload_packets", "Packets the metered pods of a workload on this node "
+            "sent or received, by the flow's type", WORKLOAD_LABELS, registry=r)
+        self.service_bytes = Counter(
+            "cniflow_service_bytes", "Octets to and from a Service port (requests and "
+            "replies) that metered pods of this node sent or received",
+            ["namespace", "service", "port"], registry=r)
+        self.service_packets = Counter(
+            "cniflow_service_packets", "Packets to and from a Service port that metered pods "
+            "of this node sent or received", ["namespace", "service", "port"], registry=r)
+        self.series_limited_packets = Counter(
+            "cniflow_series_limited_packets",
+            "Packets left out of the per-workload or per-Service counters (by) because "
+            "--workload-series-limit of them already have series", ["by"], registry=r)
+        self.pod_labels_left_out = Gauge(
+            "cniflow_pod_labels_left_out",
+            "Selected label values of this node's pods that records leave out: longer than "
+            "the API server allows, or beyond 1024 octets of one pod's labels", registry=r)
+        self._workload_series: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+        self._service_series: set[str] = set()
         self._pod_series: set[tuple[str, str]] = set()
         self._kernel_seen: dict[str, int] = {}
         self._overflow_series: set[str] = set()
@@ -200,6 +229,77 @@ class Metrics:
                         pass
         self._pod_series &= live
 
+    def workload_traffic(self, batch: np.ndarray, table, receivers: np.ndarray,
+                         again: np.ndarray, limit: int) -> None:
+        """Per-workload and per-Service counters from a drained batch, counted as the
+        per-pod ones are (a packet between two metered pods: sent by one, received by
+        the other, once). table: the poll's agent.podmeta.PodTable. At most limit
+        workloads and limit Service ports have series: what a hostile namespace owner
+        makes of ownerReferences or Services stays bounded, the rest is counted apart."""
+        self.pod_labels_left_out.set(table.labels_dropped)
+        if len(batch):
+            keep = ~again
+            ingress, observed, _, _, _, svc, flow_type = table.sides(batch)
+            pod = np.concatenate([observed[keep], table._by_ifindex(
+                receivers[keep & (receivers != 0)].astype(np.int64))])
+            to = keep & (receivers != 0)
+            sent = np.concatenate([ingress[keep], np.zeros(int(to.sum()), bool)])
+            ftype = np.concatenate([flow_type[keep], np.ones(int(to.sum()), np.uint8)])
+            octets = np.concatenate([batch["octets"][keep], batch["octets"][to]])
+            packets = np.concatenate([batch["packets"][keep], batch["packets"][to]])
+            slot = pod.astype(np.int64) * 16 + sent * 8 + ftype
+            self._count_workloads(table, slot, octets, packets, limit)
+            if svc is not None:
+                hit = keep & (svc.service >= 0)
+                self._count_services(table.services.index.names, svc.service[hit],
+                                     batch["octets"][hit], batch["packets"][hit], limit)
+        live = {(table.namespaces[i], table.workload_kinds[i], table.workload_names[i])
+                for i in table.if_pod.tolist()}
+        for key in [k for k in self._workload_series if k not in live]:
+            for direction, ftype in self._workload_series.pop(key):
+                for metric in (self.workload_bytes, self.workload_packets):
+                    metric.remove(*key, direction, ftype)
+        names = set(table.services.index.names) if table.services is not None else set()
+        for name in self._service_series - names:  # the Service (port) is gone
+            for metric in (self.service_bytes, self.service_packets):
+                metric.remove(*_service_labels(name))
+        self._service_series &= names
+
+    def _count_workloads(self, table, slot, octets, packets, limit: int) -> None:
+        keys, inverse = np.unique(slot, return_inverse=True)
+        octets = np.bincount(inverse, weights=octets)
+        packets = np.bincount(inverse, weights=packets)
+        for key, o, p in zip(keys.tolist(), octets.tolist(), packets.tolist(), strict=True):
+            i = key // 16
+            kind = table.workload_kinds[i] if i < len(table.workload_kinds) else ""
+            if not kind:  # no pod of this node behind the interface
+                continue
+            workload = (table.namespaces[i], kind, table.workload_names[i])
+            series = self._workload_series.get(workload)
+            if series is None:
+                if len(self._workload_series) >= limit:
+                    self.series_limited_packets.labels("workload").inc(p)
+                    continue
+                series = self._workload_series[workload] = set()
+            labels = ("sent" if key & 8 else "received", FLOW_TYPES[key % 8])
+            series.add(labels)
+            self.workload_bytes.labels(*workload, *labels).inc(o)
+            self.workload_packets.labels(*workload, *labels).inc(p)
+
+    def _count_services(self, names, service, octets, packets, limit: int) -> None:
+        keys, inverse = np.unique(service, return_inverse=True)
+        octets = np.bincount(inverse, weights=octets)
+        packets = np.bincount(inverse, weights=packets)
+        for key, o, p in zip(keys.tolist(), octets.tolist(), packets.tolist(), strict=True):
+            name = names[key]
+            if name not in self._service_series:
+                if len(self._service_series) >= limit:
+                    self.series_limited_packets.labels("service").inc(p)
+                    continue
+                self._service_series.add(name)
+            self.service_bytes.labels(*_service_labels(name)).inc(o)
+            self.service_packets.labels(*_service_labels(name)).inc(p)
+
     def overflow(self, batch: np.ndarray, names: Mapping[int, str]) -> None:
         """Per-interface overflow counters from a drained batch's overflow entries; the
         series of interfaces no longer metered go."""
@@ -223,3 +323,10 @@ class Metrics:
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+
+
+def _service_labels(name: str) -> tuple[str, str, str]:
+    """"namespace/name:port" (a ServicePortName) as (namespace, service, port)."""
+    namespace, _, rest = name.partition("/")
+    service, _, port = rest.partition(":")
+    return namespace, service, port

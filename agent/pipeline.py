@@ -92,9 +92,11 @@ class Agent:
             from agent.kube import Cluster
             from agent.pods import PodSource
 
-            self.cluster = Cluster(cfg.node_name, cfg.kubeconfig, self.metrics)
+            self.cluster = Cluster(cfg.node_name, cfg.kubeconfig, self.metrics,
+                                   tuple(cfg.pod_labels))
             self.source = PodSource(self.cluster, resolver, self.metrics,
-                                    tuple(cfg.cluster_cidr))
+                                    tuple(cfg.cluster_cidr), bool(cfg.pod_labels),
+                                    cfg.enterprise_number)
         else:
             self.source = InterfaceSet(cfg.interface)
         self.generation = self.dataplane.generation
@@ -111,6 +113,8 @@ class Agent:
             cfg.export_backlog,
             with_pods=cfg.kubernetes,
             biflow=cfg.biflow,
+            labels=cfg.kubernetes and bool(cfg.pod_labels),
+            enterprise_number=cfg.enterprise_number if cfg.kubernetes else 0,
         )
         self.names: dict[int, str] = {}
         self.exit_code = 0
@@ -163,6 +167,8 @@ class Agent:
             receivers, again = pods.receivers(batch)
             self.metrics.pod_traffic(batch, {**self.source.remembered, **self.source.by_ifindex},
                                      receivers, again)
+            self.metrics.workload_traffic(batch, pods, receivers, again,
+                                          self.cfg.workload_series_limit)
             if self.kind == "vpp" and len(batch):  # flowprobe on an interface of no pod
                 known = np.array(sorted(self.source.by_ifindex), np.uint32)
                 self.metrics.vpp_unknown_interface_records.inc(

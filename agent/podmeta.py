@@ -19,6 +19,7 @@ from agent.ipfix.message import Strings
 from agent.kube import Pod
 from agent.records import INGRESS
 from agent.services import Services
+from agent.workloads import labels_text
 
 
 def _address_words(raw16: np.ndarray, version: np.ndarray) -> np.ndarray:
@@ -55,14 +56,18 @@ def in_networks(raw16: np.ndarray, version: np.ndarray, cidrs: Sequence[str]) ->
 class PodTable:
     def __init__(self, node: str, by_ifindex: Mapping[int, Pod], known: Iterable[Pod],
                  cluster_cidrs: Sequence[str] = (), node_addresses: Iterable[str] = (),
-                 services: Services | None = None) -> None:
+                 services: Services | None = None,
+                 workloads: Mapping[str, tuple[str, str]] | None = None,
+                 labels: bool = False, enterprise_number: int = 0) -> None:
         """by_ifindex: the metered pods; known: every pod of the node, whose addresses
         name the other side of a record while they own them (Pending or Running, not
         hostNetwork; of two claiming one address, the one created last); node_addresses
         (and hostNetwork pods' addresses) name the node, never a pod. cluster_cidrs: the
         cluster's pod ranges (flowType 2 when the other end is in them). services: the
         Services of the cluster and the node's conntrack, to name Service traffic and
-        its backend (a pod of another node named by its EndpointSlice)."""
+        its backend (a pod of another node named by its EndpointSlice). workloads: uid ->
+        (kind, name), sent under enterprise_number when it is set; labels: send the pods'
+        selected labels (Antrea's sourcePodLabels and destinationPodLabels)."""
         self.cluster_cidrs = list(cluster_cidrs)
         known = list(known)
         pods = list({p.uid: p for p in known + list(by_ifindex.values())}.values())
@@ -77,6 +82,19 @@ class PodTable:
             e.namespace for e in endpoints]
         self.names = [p.name for p in pods] + ["", ""] + [e.pod for e in endpoints]
         self.node_names = [node] * none + ["", node] + [e.node for e in endpoints]
+        # a backend elsewhere: its workload is not known here (only this node's pods are)
+        known_workloads = workloads or {}
+        work = [known_workloads.get(p.uid, ("", "")) for p in pods]
+        self.workload_kinds = [w[0] for w in work] + [""] * (2 + len(endpoints))
+        self.workload_names = [w[1] for w in work] + [""] * (2 + len(endpoints))
+        self.pod_uids = [p.uid for p in pods]
+        self.enterprise_number, self.labels = enterprise_number, labels
+        self.label_texts: list[str] = []
+        self.labels_dropped = 0
+        if labels:
+            texts = [labels_text(p) for p in pods]
+            self.labels_dropped = sum(d for _, d in texts)
+            self.label_texts = [t for t, _ in texts] + [""] * (2 + len(endpoints))
         self.none = none
         keys = sorted(by_ifindex)
         self.if_keys = np.array(keys, np.int64)
@@ -131,20 +149,20 @@ class PodTable:
         """What a pod received, counted once whatever --dedup and the CNI do: for records
         of packets a pod sent (ingress), the metered interface of the pod of this node
         they went to (0: none); and which records are a second observation of such a
-        packet (at the receiver's egress, kept by --dedup false), not to count again."""
-        k = flows["key"]
-        ingress = k["direction"] == INGRESS
-        to = self.by_address(k["dst"], k["ip_version"])
-        sender = self.by_address(k["src"], k["ip_version"])
-        receivers = np.where(ingress, self.pod_if[to], 0).astype(np.uint32)
-        again = ~ingress & (self.pod_if[sender] != 0)
+        packet (at the receiver's egress, kept by --dedup false), not to count again.
+        The other end is the one sides() names: a Service's backend where conntrack
+        knows it, so a packet to a ClusterIP is received by the pod it reached."""
+        ingress, _, remote, _, _, _, _ = self.sides(flows)
+        metered = self.pod_if[remote]
+        receivers = np.where(ingress, metered, 0).astype(np.uint32)
+        again = ~ingress & (metered != 0)
         return receivers, again
 
-    def columns(self, flows: np.ndarray) -> dict[str, Strings | np.ndarray]:
-        """Pod names, flowType, and for a packet a metered pod of this node sent to
-        another metered pod of this node (counted once, at the sender's ingress), the
-        receiver's interface as egressInterface. Service traffic: the Service port,
-        and where conntrack knows it, the backend as the pod behind the Service."""
+    def sides(self, flows: np.ndarray):
+        """Per record: whether it is an ingress one, the index of the observed pod and
+        of the other end (self.none: no pod; self.node_side: this node), that end's
+        address (a Service's backend where conntrack knows it), the Service match, and
+        Antrea's flowType."""
         k = flows["key"]
         ingress = k["direction"] == INGRESS
         observed = self._by_ifindex(k["ifindex"].astype(np.int64))
@@ -166,7 +184,25 @@ class PodTable:
             outside = np.where(ingress, TO_EXTERNAL, FROM_EXTERNAL)
             flow_type = np.where(local, INTRA_NODE, np.where(pod, INTER_NODE, outside))
         flow_type = np.where(k["overflow"] == 1, UNKNOWN, flow_type).astype(np.uint8)
+        return ingress, observed, remote, src, dst, svc, flow_type
+
+    def columns(self, flows: np.ndarray) -> dict[str, Strings | np.ndarray]:
+        """Pod names, flowType, and for a packet a metered pod of this node sent to
+        another metered pod of this node (counted once, at the sender's ingress), the
+        receiver's interface as egressInterface. Service traffic: the Service port,
+        and where conntrack knows it, the backend as the pod behind the Service.
+        Workloads (under --enterprise-number) and labels (--pod-labels) when set."""
+        k = flows["key"]
+        ingress, observed, remote, src, dst, svc, flow_type = self.sides(flows)
         egress = np.where(ingress, self.pod_if[remote], k["ifindex"]).astype(np.uint32)
+        extra: dict[str, Strings] = {}
+        if self.labels:
+            extra["sourcePodLabels"] = Strings(self.label_texts, src)
+            extra["destinationPodLabels"] = Strings(self.label_texts, dst)
+        if self.enterprise_number:
+            for side, who in (("source", src), ("destination", dst)):
+                extra[f"{side}WorkloadKind"] = Strings(self.workload_kinds, who)
+                extra[f"{side}WorkloadName"] = Strings(self.workload_names, who)
         return {
             "sourcePodNamespace": Strings(self.namespaces, src),
             "sourcePodName": Strings(self.names, src),
@@ -177,6 +213,7 @@ class PodTable:
             "flowType": flow_type,
             "egressInterface": egress,
             **service_columns(svc, len(flows), self.services),
+            **extra,
         }
 
 

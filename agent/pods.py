@@ -11,6 +11,7 @@ from agent.optin import decide
 from agent.podmeta import PodTable
 from agent.resolve import Resolver
 from agent.services import Services
+from agent.workloads import workloads
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,11 @@ MAX_WARNED = 1024  # bad annotations remembered (and warned about once each)
 
 class PodSource:
     def __init__(self, cluster: Cluster, resolver: Resolver, metrics: Metrics,
-                 cluster_cidrs: tuple[str, ...] = ()) -> None:
+                 cluster_cidrs: tuple[str, ...] = (), labels: bool = False,
+                 enterprise_number: int = 0) -> None:
         self.cluster, self.resolver, self.metrics = cluster, resolver, metrics
         self.cluster_cidrs = cluster_cidrs
+        self.labels, self.enterprise_number = labels, enterprise_number
         self.services = Services(cluster.service_objects, cluster.node_addresses)
         self.resolved: dict[str, tuple[tuple[str, ...], int]] = {}  # uid -> (ips, ifindex)
         self.by_ifindex: dict[int, Pod] = {}  # metered now
@@ -87,6 +90,9 @@ class PodSource:
         """Metadata for this poll's records; forget gone pods whose flows are all out."""
         for ifindex in [i for i in self.remembered if i not in still_reported]:
             del self.remembered[ifindex]
-        return PodTable(self.cluster.node_name, {**self.remembered, **self.by_ifindex},
-                        self.known, self.cluster_cidrs, self.cluster.node_addresses(),
-                        self.services)
+        metered = {**self.remembered, **self.by_ifindex}
+        replicasets, jobs = self.cluster.owners()
+        return PodTable(self.cluster.node_name, metered, self.known, self.cluster_cidrs,
+                        self.cluster.node_addresses(), self.services,
+                        workloads([*self.known, *metered.values()], replicasets, jobs),
+                        self.labels, self.enterprise_number)

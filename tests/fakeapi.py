@@ -1,6 +1,7 @@
 """A fake Kubernetes API server: list and watch of pods, namespaces, nodes, Services
-(`/api/v1/services`) and EndpointSlices (`/apis/discovery.k8s.io/v1/endpointslices`)
-over real HTTP.
+(`/api/v1/services`), EndpointSlices (`/apis/discovery.k8s.io/v1/endpointslices`),
+ReplicaSets (`/apis/apps/v1/replicasets`) and Jobs (`/apis/batch/v1/jobs`) over
+real HTTP.
 
 It speaks what the kubernetes client uses: `GET /api/v1/pods` and
 `/api/v1/namespaces` with `fieldSelector=spec.nodeName=...`, `watch=true`,
@@ -99,10 +100,12 @@ def _field(obj: dict, path: str):
 
 
 LISTS = {"pods": "PodList", "namespaces": "NamespaceList", "nodes": "NodeList",
-         "services": "ServiceList", "endpointslices": "EndpointSliceList"}
-GROUPS = {"endpointslices": "discovery.k8s.io"}  # the API group of each kind ("": core)
+         "services": "ServiceList", "endpointslices": "EndpointSliceList",
+         "replicasets": "ReplicaSetList", "jobs": "JobList"}
+# the API group of each kind ("": core)
+GROUPS = {"endpointslices": "discovery.k8s.io", "replicasets": "apps", "jobs": "batch"}
 KINDS = {"pods": "Pod", "namespaces": "Namespace", "nodes": "Node", "services": "Service",
-         "endpointslices": "EndpointSlice"}
+         "endpointslices": "EndpointSlice", "replicasets": "ReplicaSet", "jobs": "Job"}
 
 
 def _api_version(kind: str) -> str:
@@ -122,7 +125,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         url = urlparse(self.path)
-        kind = url.path.removeprefix("/api/v1/").removeprefix("/apis/discovery.k8s.io/v1/")
+        kind = url.path.rpartition("/")[2]
         if kind not in LISTS or url.path != f"/api{'s' if kind in GROUPS else ''}/" \
                 f"{_api_version(kind)}/{kind}":
             return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
@@ -281,6 +284,39 @@ class FakeApiServer:
                        + [{"type": "Hostname", "address": name}]},
         })
 
+    def owned_pod(self, namespace: str, name: str, node: str, ips: list[str],
+                  owner: tuple[str, str, dict], labels: dict | None = None, **kw) -> dict:
+        """A pod a controller made: its ownerReference (owner: the controller's
+        apiVersion, kind and object as this server stores it) and labels."""
+        self.pod(namespace, name, node, ips, **kw)
+        with self.state.cond:
+            obj = copy.deepcopy(self.state.objects["pods"][f"{namespace}/{name}"])
+        obj["metadata"]["ownerReferences"] = [_reference(*owner)]
+        obj["metadata"]["labels"] = labels or {}
+        return self.state.put("pods", obj)
+
+    def replica_set(self, namespace: str, deployment: str, template_hash: str) -> dict:
+        """The ReplicaSet a Deployment rolls out: named deployment-hash, owned by it."""
+        return self.state.put("replicasets", {
+            "metadata": {"name": f"{deployment}-{template_hash}", "namespace": namespace,
+                         "uid": str(uuid.uuid4()), "creationTimestamp": _now(),
+                         "labels": {"pod-template-hash": template_hash},
+                         "ownerReferences": [_reference("apps/v1", "Deployment", {
+                             "metadata": {"name": deployment, "uid": str(uuid.uuid4())}})]},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {
+                "pod-template-hash": template_hash}}},
+            "status": {"replicas": 1}})
+
+    def job(self, namespace: str, name: str, cronjob: str | None = None) -> dict:
+        """A Job, made by a CronJob (named cronjob-<scheduled minute>) or by hand."""
+        meta = {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                "creationTimestamp": _now()}
+        if cronjob:
+            meta["ownerReferences"] = [_reference("batch/v1", "CronJob", {
+                "metadata": {"name": cronjob, "uid": str(uuid.uuid4())}})]
+        return self.state.put("jobs", {"metadata": meta, "spec": {
+            "completions": 1, "parallelism": 1, "backoffLimit": 6}, "status": {"active": 1}})
+
     def delete_pod(self, namespace: str, name: str) -> None:
         self.state.delete("pods", namespace, name)
 
@@ -331,3 +367,13 @@ class FakeApiServer:
                            "targetRef": {"kind": "Pod", "namespace": namespace, "name": pod,
                                          "uid": str(uuid.uuid4())}}
                           for ip, pod, node in endpoints]})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _reference(api_version: str, kind: str, owner: dict) -> dict:
+    """The controller ownerReference to an object, as controllers set it."""
+    return {"apiVersion": api_version, "kind": kind, "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}

@@ -65,13 +65,16 @@ def test_the_manifests_render_and_validate(objects):
     assert set(pm["spec"]) == {"selector", "podMetricsEndpoints"}
 
 
-def test_rbac_asks_only_to_read_pods_namespaces_nodes_services_and_endpointslices(objects):
+def test_rbac_asks_only_to_read_pods_namespaces_nodes_services_endpointslices_and_owners(
+        objects):
     role = by_kind(objects, "ClusterRole")[0]
     read = ["get", "list", "watch"]
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services"],
          "verbs": read},
-        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read}]
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": read},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": read}]
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
     binding = by_kind(objects, "ClusterRoleBinding")[0]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cniflow",
@@ -198,17 +201,25 @@ def test_the_daemonsets_commands_and_environment_start_an_agent_that_exports(obj
 
 def test_prometheus_scrapes_a_real_agent_and_every_panel_has_data(node, objects, tmp_path):
     """Debian's Prometheus scrapes the agent and the collector (labels as the PodMonitor
-    gives them: node, container); each dashboard query returns series."""
+    gives them: node, container); each dashboard query returns series. web pings db
+    and sends datagrams to db's Service (kube-proxy-like DNAT in the node), for the
+    Service panel."""
     from urllib.parse import quote
 
     from test_collector import RunningCollector
     from test_kubernetes import k8s_agent
+    from test_metering import pin_neighbours
+    from test_services import kube_proxy
 
     web, db = node.pods
     api = FakeApiServer(node.netns)
     api.namespace("shop", {"cniflow.io/export": "true"})
     api.pod("shop", "web", "node-a", [web.ipv4])
     api.pod("shop", "db", "node-a", [db.ipv4])
+    api.service("shop", "db", "10.96.0.10", [("sql", "UDP", 80, 8080)])
+    api.endpoint_slice("shop", "db", [("sql", "UDP", 8080)], [(db.ipv4, "db", "node-a")])
+    kube_proxy(node, "db", "10.96.0.10", 80, db.ipv4, 8080)
+    pin_neighbours(node, 0)  # the ClusterIP is routed nowhere: web sends it to the node
     collector = RunningCollector(node.netns, 4739)
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -237,6 +248,9 @@ def test_prometheus_scrapes_a_real_agent_and_every_panel_has_data(node, objects,
             assert wait_for(lambda: "cniflow_ingress" in filters(node, web.host_if), 20)
             pinger = subprocess.Popen(node.in_pod(0, f"ping -i 0.2 {db.ipv4}").split(),
                                       stdout=subprocess.DEVNULL)
+            client = subprocess.Popen(node.in_pod(0, "python3 -c").split() + [
+                "import socket,time\ns=socket.socket(2,2)\nwhile 1:\n"
+                " s.sendto(b'q',('10.96.0.10',80));time.sleep(0.2)"])
             try:
                 deadline = time.time() + 40
                 while time.time() < deadline:
@@ -246,6 +260,7 @@ def test_prometheus_scrapes_a_real_agent_and_every_panel_has_data(node, objects,
                     time.sleep(2)
             finally:
                 pinger.terminate()
+                client.terminate()
         assert empty == [], (empty, query("up"), query("cniflow_collector_messages_total"))
     finally:
         prom.terminate()

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from agent.ipfix.message import Strings, Template
-from agent.ipfix.registry import element
+from agent.ipfix.registry import Element, element, workload_elements
 from agent.records import INGRESS
 
 ICMP, ICMPV6 = 1, 58
@@ -119,10 +119,32 @@ EXPORT_STATS = Template.of(
 INTERFACES = Template.of(262, ["ingressInterface", "interfaceName"], scope_count=1)
 
 
-def templates(with_pods: bool, biflow: bool = False) -> dict[int, Template]:
+# Antrea's pod labels (56506/143, 144: JSON text), with --pod-labels
+LABELS = ["sourcePodLabels", "destinationPodLabels"]
+
+
+def templates(with_pods: bool, biflow: bool = False, labels: bool = False,
+              enterprise_number: int = 0) -> dict[int, Template]:
+    """The data templates; with pods, labels and workload elements (strings, last) as
+    configured: same ids, one layout per agent."""
     if biflow:
-        return BIFLOW_POD_TEMPLATES if with_pods else BIFLOW_TEMPLATES
-    return POD_TEMPLATES if with_pods else TEMPLATES
+        base = BIFLOW_POD_TEMPLATES if with_pods else BIFLOW_TEMPLATES
+    else:
+        base = POD_TEMPLATES if with_pods else TEMPLATES
+    extra = pod_extras(labels, enterprise_number) if with_pods else []
+    if not extra:
+        return base
+    return {v: Template(t.id, list(t.elements) + extra) for v, t in base.items()}
+
+
+def pod_extras(labels: bool, enterprise_number: int) -> list[Element]:
+    return ([element(n) for n in LABELS] if labels else []) + (
+        workload_elements(enterprise_number) if enterprise_number else [])
+
+
+def announced(labels: bool = False, enterprise_number: int = 0) -> list[Element]:
+    """The enterprise elements told with RFC 5610 type records."""
+    return [element(n) for n in POD_FIELDS] + pod_extras(labels, enterprise_number)
 
 
 def interface_columns(ifnames: Mapping[int, str]) -> dict[str, np.ndarray | Strings]:
@@ -142,8 +164,8 @@ def export_stats_columns(process: int, lost: Mapping[str, int]) -> dict[str, np.
     }
 
 
-def ie_type_columns(names: list[str]) -> dict[str, np.ndarray | Strings]:
-    els = [element(n) for n in names]
+def ie_type_columns(names: list[str | Element]) -> dict[str, np.ndarray | Strings]:
+    els = [n if isinstance(n, Element) else element(n) for n in names]
     n = len(els)
     zero = np.zeros(n, np.uint64)
     return {

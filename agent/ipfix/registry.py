@@ -2,7 +2,9 @@
 
 elements.csv holds the IANA registry as Debian's python3-ipfix ships it
 (iana.iespec), with tcpControlBits at 16 bits (RFC 7125), and Antrea's
-enterprise elements (PEN 56506). RFC 5103 reverse elements are derived.
+enterprise elements (PEN 56506). RFC 5103 reverse elements are derived. The
+workload elements have no number of their own (Antrea defines none, cniflow has
+no registered PEN): they live under the enterprise number the user gives.
 """
 
 from __future__ import annotations
@@ -91,6 +93,21 @@ def lookup(pen: int, ie: int) -> Element | None:
         if fwd is not None:
             e = Element(pen, ie, "reverse" + fwd.name[0].upper() + fwd.name[1:], fwd.type)
     return e
+
+
+# cniflow's workload elements: (id, name, description), under the user's enterprise number
+WORKLOAD_ELEMENTS = (
+    (1, "sourceWorkloadKind", "Kind of the source pod's workload: Deployment, StatefulSet, "
+     "DaemonSet, Job, CronJob, another controller's kind, or Pod"),
+    (2, "sourceWorkloadName", "Name of the source pod's workload"),
+    (3, "destinationWorkloadKind", "Kind of the destination pod's workload"),
+    (4, "destinationWorkloadName", "Name of the destination pod's workload"),
+)
+
+
+def workload_elements(pen: int) -> list[Element]:
+    """The four workload elements (strings) under enterprise number pen."""
+    return [Element(pen, i, name, "string", text) for i, name, text in WORKLOAD_ELEMENTS]
 
 
 def element(name: str) -> Element:
