@@ -120,6 +120,7 @@ struct pkt {
     u8 tos;
     u16 segs;     // packets: 1, or the segments a GRO super-packet was made of
     u16 hdrlen;   // IP and transport headers, repeated in each segment
+    u8 jumbo;     // IPv6 BIG TCP: the hop-by-hop jumbo option's octets, in no segment
 };
 
 static __always_inline void stat_inc(int index) {
@@ -350,7 +351,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow_key *key, st
         proto = ip6->nexthdr;
         p->ttl = ip6->hop_limit;
         p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
-        iplen = bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr);
+        // BIG TCP: payload length 0 (behind a hop-by-hop jumbo option where the kernel
+        // adds one), the length is the skb's.
+        iplen = ip6->payload_len ? bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr) : 0;
         off += sizeof(struct ipv6hdr);
 #pragma unroll
         for (int i = 0; i < MAX_IPV6_EXT; i++) {
@@ -365,6 +368,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow_key *key, st
                     return SHORT;
                 break;
             }
+            if (i == 0 && proto == NEXTHDR_HOP && iplen == 0 && x->hdrlen == 0)
+                p->jumbo = 8;  // struct hop_jumbo_hdr, added by GSO/GRO above 64 KB
             if (proto == NEXTHDR_FRAGMENT) {
                 struct frag_hdr_ *f = data + off;
                 if ((void *)(f + 1) > end) {
@@ -450,7 +455,8 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
         u32 segs = skb->gso_segs;
         if (segs > 1) {
             p.segs = segs;
-            p.len += (segs - 1) * p.hdrlen;
+            // The segments carried no jumbo option: GRO added it to the super-packet.
+            p.len += (segs - 1) * (p.hdrlen - p.jumbo) - p.jumbo;
         }
     }
     p.now = bpf_jiffies64();  // 2 ns; bpf_ktime_get_coarse_ns() costs 15

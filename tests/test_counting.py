@@ -197,3 +197,108 @@ def test_a_cni_attached_with_tcx_that_ends_the_hook_hides_nothing(node, cni):
     finally:
         standin.close()
     assert counted == {"tcx": (150, 150 * 78), "tc": (0, 0)}
+
+
+BIG = 185_000  # BIG TCP's usual size (Cilium's default), far above IP's 65,535
+
+
+def big_tcp(netns: str, ifname: str, size: int = BIG) -> None:
+    """BIG TCP on one device: gso_max_size and gro_max_size (IPv6), gso_ipv4_max_size and
+    gro_ipv4_max_size (IPv4, kernel 6.3+). Over raw RTM_NEWLINK: Debian's iproute2 6.1
+    and pyroute2 know no IPv4 attributes (IFLA_GSO_IPV4_MAX_SIZE 63, _GRO_ 64)."""
+    import socket
+    import struct
+
+    import netlab
+
+    def setlink() -> None:
+        attrs = b"".join(struct.pack("=HHI", 8, kind, size) for kind in (41, 58, 63, 64))
+        body = struct.pack("=BxHiII", 0, 0, socket.if_nametoindex(ifname), 0, 0) + attrs
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+            s.sendto(struct.pack("=IHHII", 16 + len(body), 16, 0x5, 1, 0) + body, (0, 0))
+            err = struct.unpack_from("=i", s.recv(4096), 16)[0]  # NLMSG_ERROR, acked
+        if err:
+            raise OSError(-err, f"BIG TCP on {ifname} in {netns}")
+
+    netlab.in_netns(netns, setlink)
+
+
+def bulk(node, dst_exec: str, ip: str, nbytes: int, port: int = 5201) -> int:
+    """nbytes over one TCP connection from pod 0 to a sink run with dst_exec (a pod's or
+    the node's `ip netns exec`); returns what the sink read."""
+    import netlab
+
+    sink = subprocess.Popen(f"{dst_exec} /usr/bin/python3 -c \"{netlab._SINK.format(port=port)}\"",
+                            shell=True, stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout.readline().strip() == "ready"
+        code = netlab._SOURCE.format(ip=ip, port=port, n=nbytes)
+        subprocess.run(node.in_pod(0, f"/usr/bin/python3 -c \"{code}\""), shell=True,
+                       check=True)
+        return int(sink.communicate(timeout=60)[0])
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("side", ["tso", "gro", "tso+gro"])
+def test_big_tcp_super_packets_count_what_the_veth_counted(node, family, side):
+    """BIG TCP on the pod's veth pair, both ends. "tso": the pod's TCP hands its veth
+    super-packets of up to 185,000 octets (TSO on, the host side's GRO off): the veth
+    counts each one once. "gro": the pod sends MSS-sized segments, the host side's GRO
+    (NAPI) builds the super-packets, the veth counted the segments. "tso+gro": both on;
+    the veth keeps a TSO sender's skbs off its NAPI path (veth_skb_is_eligible_for_gro),
+    so it counts as "tso" does. The IP length field is 0 (IPv4 tot_len; IPv6 payload
+    length, behind the hop-by-hop jumbo option 6.18 still adds, which the segments do
+    not carry): octets come from the skb. A capture on the veth
+    proves frames above 65,535 octets crossed it; packets and octets at the collector
+    equal the veth's own counters, and nothing is called malformed.
+    IPv6 goes to the node itself: the node's ip6_forward refuses such packets (each
+    segment with the jumbo option would exceed the route's MTU: Packet Too Big)."""
+    a, b = node.pods
+    pin_neighbours(node, 0)
+    for p in node.pods:
+        big_tcp(node.netns, p.host_if)
+        big_tcp(p.netns, "eth0")
+    if side == "gro":
+        subprocess.run(node.in_pod(0, "ethtool -K eth0 tso off gso off"), shell=True,
+                       check=True)
+    subprocess.run(node.exec(f"ethtool -K {a.host_if} gro {'off' if side == 'tso' else 'on'}"),
+                   shell=True, check=True)
+    if family == 6:
+        subprocess.run(node.exec("ip addr add fd00:ffff::1/128 dev lo"), shell=True,
+                       check=True)
+        dst, dst_exec, src = "fd00:ffff::1", node.exec(""), a.ipv6
+    else:
+        dst, dst_exec, src = b.ipv4, node.in_pod(1, ""), a.ipv4
+    quiet(node, a.host_if)
+    collector = RunningCollector(node.netns, 4739, "tcp")
+    wire = Path(tempfile.mkdtemp()) / "veth.pcap"  # what crossed the host side
+    cap = subprocess.Popen(["ip", "netns", "exec", node.netns, "tshark", "-i", a.host_if,
+                            "-s", "128", "-B", "64", "-f", f"src host {src}", "-F", "pcap",
+                            "-w", str(wire), "-q"], stderr=subprocess.PIPE, text=True)
+    while "Capturing on" not in (cap.stderr.readline() or "Capturing on"):
+        pass
+    before = node.link_stats(a.host_if)
+    with agent(node, "--transport", "tcp", "--idle-timeout", "1") as running:
+        assert bulk(node, dst_exec, dst, 64 << 20) == 64 << 20
+        time.sleep(2)
+        m = running.metrics()
+    after = node.link_stats(a.host_if)
+    cap.send_signal(signal.SIGINT)
+    cap.wait(15)
+    sizes = [int(x) for x in subprocess.run(
+        ["tshark", "-r", str(wire), "-T", "fields", "-e", "frame.len"], capture_output=True,
+        text=True, check=True).stdout.split()]
+    rows = settled(collector)
+    packets = after["rx_packets"] - before["rx_packets"]
+    octets = after["rx_bytes"] - before["rx_bytes"]
+    if side != "gro":  # veth_xmit counts the frame; the NAPI path (gro) counts from IP on
+        octets -= 14 * packets
+    big = sum(s > 65_535 + 14 for s in sizes)
+    print(f"IPv{family} {side}: {len(sizes)} frames captured, {big} above 65,535 octets, "
+          f"largest {max(sizes)}; veth {packets} packets {octets} octets")
+    assert big > 10 and max(sizes) <= BIG + 14, (big, max(sizes))
+    assert ingress_totals(rows, ifindex_of(node, a.host_if)) == (packets, octets)
+    assert m["cniflow_packets_malformed_total"] == 0
