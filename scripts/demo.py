@@ -1,9 +1,12 @@
 """The plain-host demo: two pods, real traffic, cniflow's agent exporting to cniflow's
-collector on the same node, and the flows printed as a table with pod names.
+collector on the same node, and the flows printed as a table with pod names, their
+workloads (a Deployment's pod, a StatefulSet's) and the Service a flow went to.
 
 No Kubernetes runs here, so the agent follows a small stand-in API server (the one
 the tests use, tests/fakeapi.py) that lists the two demo pods in an opted-in
-namespace. Run through scripts/demo.sh, which prepares the host first.
+namespace, their owners, and a Service whose ClusterIP the node translates as
+kube-proxy's iptables mode does. Run through scripts/demo.sh, which prepares the
+host first.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from fakeapi import FakeApiServer  # noqa: E402
 PREFIX = "cfdemo"
 PORT = 4739
 NODE = "demo-node"
+CLUSTER_IP = "10.96.0.10"
+PEN = 32473  # RFC 5612's enterprise number for examples: use your organisation's
+ECHO = ("import socket;s=socket.socket(2,2);s.bind(('',9000))\n"
+        "while 1:\n d,a=s.recvfrom(9999);s.sendto(d,a)")
 REASONS = {1: "idle", 2: "active", 3: "end-of-flow", 4: "forced", 5: "no-room"}
 PROTOS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
 
@@ -41,10 +48,17 @@ def start(node, *args: str, log: Path) -> subprocess.Popen:
 FLOW_TYPES = {1: "intra-node", 2: "inter-node", 3: "to ext", 4: "from ext"}
 
 
+def workload(r: dict, side: str) -> str:
+    kind = r.get(f"{side}WorkloadKind")
+    return f"{kind}/{r[f'{side}WorkloadName']}" if kind else "-"
+
+
 def table(rows: list[dict]) -> None:
-    fmt = "{:<26} {:>5} {:<26} {:>6} {:<6} {:>7} {:>9} {:<12} {:<12} {:<12} {:<10} {:<11}"
+    fmt = ("{:<14} {:>5} {:<14} {:>5} {:<6} {:>7} {:>9} {:<12} {:<14} {:<16} {:<14} "
+           "{:<16} {:<12} {:<10} {:<11}")
     print(fmt.format("source", "sport", "destination", "dport", "proto", "packets", "octets",
-                     "interface", "source pod", "dest pod", "flow type", "end reason"))
+                     "interface", "source pod", "source workload", "dest pod", "dest workload",
+                     "service", "flow type", "end reason"))
     for r in sorted(rows, key=lambda r: (r["flowStartMilliseconds"], r["flowDirection"])):
         proto = r["protocolIdentifier"]
         icmp = r.get("icmpTypeCodeIPv4") or r.get("icmpTypeCodeIPv6") or 0
@@ -54,8 +68,10 @@ def table(rows: list[dict]) -> None:
             r.get("sourceIPv4Address") or r["sourceIPv6Address"], r["sourceTransportPort"],
             r.get("destinationIPv4Address") or r["destinationIPv6Address"], dport,
             PROTOS.get(proto, proto), r["packetDeltaCount"], r["octetDeltaCount"], where,
-            r.get("sourcePodName") or "-", r.get("destinationPodName") or "-",
-            FLOW_TYPES.get(r.get("flowType", 0), "-"), REASONS.get(r["flowEndReason"], "?")))
+            r.get("sourcePodName") or "-", workload(r, "source"),
+            r.get("destinationPodName") or "-", workload(r, "destination"),
+            r.get("destinationServicePortName") or "-", FLOW_TYPES.get(r.get("flowType", 0), "-"),
+            REASONS.get(r["flowEndReason"], "?")))
 
 
 def report(out: Path, note: str) -> int:
@@ -63,9 +79,24 @@ def report(out: Path, note: str) -> int:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     flows = [r for r in rows if "octetDeltaCount" in r]
     step(f"{len(flows)} flow records written by cniflow collector ({out})")
-    table(flows)
+    local = [r for r in flows if str(r.get("sourceIPv6Address")).startswith(("fe80:", "ff02:"))
+             or str(r.get("destinationIPv6Address")).startswith(("fe80:", "ff02:"))]
+    table([r for r in flows if r not in local])
+    if local:
+        print(f"(and {len(local)} records of IPv6 neighbour discovery and multicast listener "
+              "reports on the link, not shown)")
     print("\n" + note)
     return 0 if flows else 1
+
+
+def kube_proxy(node, cluster_ip: str, port: int, backend: str, target: int) -> None:
+    """What kube-proxy's iptables mode writes for one UDP Service port, one endpoint."""
+    for rule in ("-N KUBE-SERVICES", "-I PREROUTING -j KUBE-SERVICES",
+                 "-I OUTPUT -j KUBE-SERVICES", "-N KUBE-SVC-DB", "-N KUBE-SEP-DB",
+                 f"-A KUBE-SERVICES -d {cluster_ip}/32 -p udp --dport {port} -j KUBE-SVC-DB",
+                 "-A KUBE-SVC-DB -j KUBE-SEP-DB",
+                 f"-A KUBE-SEP-DB -p udp -j DNAT --to-destination {backend}:{target}"):
+        netlab.sh(node.exec(f"iptables -t nat {rule}"))
 
 
 def main() -> int:
@@ -77,10 +108,19 @@ def main() -> int:
         a, b = node.pods
         api = FakeApiServer(node.netns)
         api.namespace("shop", {"cniflow.io/export": "true"})
-        api.pod("shop", "web-7d9f", NODE, [a.ipv4, a.ipv6])
-        api.pod("shop", "db-0", NODE, [b.ipv4, b.ipv6])
-        step(f"pods: shop/web-7d9f {a.ipv4} {a.ipv6} (host side {a.host_if}), "
-             f"shop/db-0 {b.ipv4} {b.ipv6} (host side {b.host_if}); namespace shop opted in")
+        rs = api.replica_set("shop", "web", "7d9f")
+        api.owned_pod("shop", "web-7d9f-x2x4q", NODE, [a.ipv4, a.ipv6],
+                      ("apps/v1", "ReplicaSet", rs), {"app": "web"})
+        sts = {"metadata": {"name": "db", "uid": "5f0c1c2e-8c1b-4b7e-9d6a-3f1e2d4c5b6a"}}
+        api.owned_pod("shop", "db-0", NODE, [b.ipv4, b.ipv6], ("apps/v1", "StatefulSet", sts),
+                      {"app": "db"})
+        api.service("shop", "db", CLUSTER_IP, [("sql", "UDP", 80, 9000)])
+        api.endpoint_slice("shop", "db", [("sql", "UDP", 9000)], [(b.ipv4, "db-0", NODE)])
+        kube_proxy(node, CLUSTER_IP, 80, b.ipv4, 9000)
+        step(f"pods: shop/web-7d9f-x2x4q {a.ipv4} {a.ipv6} (Deployment web, host side "
+             f"{a.host_if}), shop/db-0 {b.ipv4} {b.ipv6} (StatefulSet db, host side "
+             f"{b.host_if}); namespace shop opted in; Service shop/db {CLUSTER_IP} port sql "
+             "80/UDP -> db-0:9000 (iptables DNAT, as kube-proxy writes it)")
         out = work / "records.jsonl"
         collector = start(node, "collector", "--listen", f"127.0.0.1:{PORT}", "--output",
                           str(out), "--metrics-address", "off", log=work / "collector.log")
@@ -88,6 +128,7 @@ def main() -> int:
         agent = start(node, "agent", "--kubernetes", "--node-name", NODE, "--kubeconfig",
                       str(api.kubeconfig(work / "kubeconfig")), "--collector",
                       f"127.0.0.1:{PORT}", "--idle-timeout", "3", "--active-timeout", "8",
+                      "--enterprise-number", str(PEN), "--pod-labels", "app",
                       "--metrics-address", "127.0.0.1:9477", log=work / "agent.log")
         procs.append(agent)
         step("cniflow collector on 127.0.0.1:4739 and cniflow agent --kubernetes, in the node")
@@ -98,13 +139,16 @@ def main() -> int:
                     capture_output=True).stdout for p in node.pods):
             time.sleep(0.2)
         subprocess.run(node.in_pod(1, f"iperf3 -s -D -1 -B {b.ipv4} -p 5201").split(), check=True)
-        step("traffic: ping, ping -6, UDP datagrams, an iperf3 TCP transfer")
+        procs.append(subprocess.Popen(node.in_pod(1, "python3 -c").split() + [ECHO]))
+        step("traffic: ping, ping -6, UDP datagrams to the Service (answered), an iperf3 TCP "
+             "transfer")
         subprocess.run(node.in_pod(0, f"ping -c 4 -i 0.2 -q {b.ipv4}").split(),
                        stdout=subprocess.DEVNULL)
         subprocess.run(node.in_pod(0, f"ping -6 -c 3 -i 0.2 -q {b.ipv6}").split(),
                        stdout=subprocess.DEVNULL)
         subprocess.run(node.in_pod(0, "python3 -c \"import socket;s=socket.socket(2,2);"
-                                   f"[s.sendto(b'x'*200,('{b.ipv4}',9000)) for _ in range(10)]\""),
+                                   "s.settimeout(2);s.connect(('" + CLUSTER_IP + "',80))\n"
+                                   "for _ in range(10): s.send(b'x'*200);s.recv(999)\""),
                        shell=True)
         time.sleep(0.5)
         subprocess.run(node.in_pod(0, f"iperf3 -c {b.ipv4} -p 5201 -t 2 -b 20M").split(),
@@ -117,7 +161,10 @@ def main() -> int:
         procs.clear()
         return report(out, "'in' is the TC ingress of the host-side veth: traffic the pod "
                       "sent. A packet between two\nmetered pods of the node is counted once, "
-                      "at the sender's veth (--dedup).")
+                      "at the sender's veth (--dedup). The datagrams to the\nService's "
+                      "ClusterIP name the Service and, from the node's conntrack, db-0 behind "
+                      "it; workloads\ntravel under --enterprise-number (here RFC 5612's "
+                      f"example number {PEN}), named by RFC 5610 records.")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
