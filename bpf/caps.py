@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 
 CAPS = {"NET_ADMIN": 12, "SYS_ADMIN": 21, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
@@ -24,6 +25,14 @@ _VERSION_3 = 0x20080522
 
 class MissingCapability(RuntimeError):
     """A capability the agent needs is not granted to it."""
+
+
+SECCOMP_HINT = (
+    "the container runtime's default seccomp profile allows bpf() only with CAP_SYS_ADMIN "
+    "(containerd before 1.7 and early 1.6.x, Docker before 23.0, CRI-O and podman with an "
+    "older containers-common profile): apply daemonset/overlays/legacy-seccomp (the "
+    "agent's seccompProfile Unconfined, no capability added), or upgrade the runtime: "
+    "newer profiles allow bpf() with CAP_BPF and perf_event_open() with CAP_PERFMON")
 
 
 def _sets() -> dict[str, int]:
@@ -66,3 +75,35 @@ def require(needed: dict[str, str] = REQUIRED) -> None:
             raise MissingCapability(
                 f"missing capability CAP_{name} (needed to {why}): grant it in the "
                 f"container's securityContext.capabilities.add ({name}), uid {os.getuid()}")
+
+
+def bpf_syscall_allowed() -> None:
+    """Fail clearly when a seccomp filter refuses bpf(2) although CAP_BPF is held.
+
+    An unknown command with no attributes is EINVAL from any kernel that has bpf(2); a
+    filter matches on the syscall number alone and answers EPERM (or ENOSYS) before the
+    kernel looks. Older runtimes' RuntimeDefault profiles allow bpf only with
+    CAP_SYS_ADMIN: without this check the agent would fail deep in BCC."""
+    from bpf.syscall import _NR_BPF
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.syscall(ctypes.c_long(_NR_BPF), ctypes.c_int(0x7FFF), None, ctypes.c_uint(0)) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EPERM, errno.ENOSYS) or not has("BPF"):
+        return  # EINVAL: allowed; without CAP_BPF require() names the capability
+    mode = _seccomp_mode()
+    if err == errno.ENOSYS and mode != 2:
+        raise MissingCapability("bpf() does not exist on this kernel (CONFIG_BPF_SYSCALL off)")
+    raise MissingCapability(
+        f"bpf() refused ({errno.errorcode[err]}) with CAP_BPF held, under a seccomp filter "
+        f"(Seccomp: {mode}): " + SECCOMP_HINT)
+
+
+def _seccomp_mode() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Seccomp:"):
+                return int(line.split()[1])
+    return 0

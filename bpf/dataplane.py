@@ -38,6 +38,7 @@ class EbpfDataplane:
         self.metrics, self.ipr = metrics, ipr
         try:
             caps.require()
+            caps.bpf_syscall_allowed()  # a runtime's seccomp profile may still refuse it
         except caps.MissingCapability as e:
             raise ConfigError(str(e)) from None
         pins = _pins(cfg)

@@ -325,3 +325,24 @@ def test_the_kafka_overlay_points_the_collector_at_kafka(objects):
         k: v for k, v in containers(objects)["collector"].items()
         if k not in ("command", "env", "resources")}
     assert CollectorConfig().output == ["-"]
+
+
+def test_the_legacy_seccomp_overlay_unconfines_the_agent_alone(objects):
+    """For runtimes whose RuntimeDefault allows bpf() only with CAP_SYS_ADMIN: the agent's
+    seccomp profile becomes Unconfined and nothing else changes (no capability added);
+    tests/test_image.py meters with it under such a runtime's real profile."""
+    over = render(ROOT / "daemonset" / "overlays" / "legacy-seccomp")
+    validate(over)
+    assert set(over) == set(objects)
+    agent, base = containers(over)["agent"], containers(objects)["agent"]
+    assert agent["securityContext"]["seccompProfile"] == {"type": "Unconfined"}
+    assert base["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert agent["securityContext"]["capabilities"] == base["securityContext"]["capabilities"]
+    assert "SYS_ADMIN" not in agent["securityContext"]["capabilities"]["add"]
+    strip = lambda c: {**c, "securityContext": {  # noqa: E731
+        k: v for k, v in c["securityContext"].items() if k != "seccompProfile"}}
+    assert strip(agent) == strip(base)
+    ds, base_ds = by_kind(over, "DaemonSet")[0], by_kind(objects, "DaemonSet")[0]
+    ds["spec"]["template"]["spec"]["containers"][0] = base_ds["spec"]["template"]["spec"][
+        "containers"][0]
+    assert over == objects  # the collector and init container keep RuntimeDefault

@@ -11,6 +11,7 @@ entrypoint is executed. RuntimeDefault seccomp is not applied (no runtime's prof
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import seccomp_profile
 from conftest import filters, netlab, wait_for
 from fakeapi import FakeApiServer
 from test_daemonset import by_kind, render
@@ -50,13 +52,31 @@ def lab():
         netlab.down(prefix)
 
 
-@pytest.fixture(scope="module")
-def pod() -> dict:
-    objects = render(ROOT / "daemonset")
+@functools.cache
+def rendered(path: str = "daemonset") -> dict:
+    """The pod template and agent settings of a kustomization (the base or an overlay)."""
+    objects = render(ROOT / path)
     spec = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
     config = next(c for c in by_kind(objects, "ConfigMap")
                   if c["metadata"]["name"].startswith("cniflow-config"))["data"]
     return {"spec": spec, "config": config}
+
+
+@pytest.fixture(scope="module")
+def pod() -> dict:
+    return rendered()
+
+
+@functools.cache
+def profiles() -> dict[str, dict]:
+    """RuntimeDefault as runtimes generate it. older: containers-common's profile as
+    installed here (Debian 12's 0.50.1; CRI-O, podman, buildah), which allows bpf and
+    perf_event_open only with CAP_SYS_ADMIN, as containerd before 1.7 and Docker before
+    23.0 did. newer: the same with bpf allowed by CAP_BPF and perf_event_open by
+    CAP_PERFMON, the change containerd#7301 (1.7.0, backported to 1.6 in #7574), moby#43987
+    (23.0) and container-libs' seccomp.json made."""
+    older = json.loads(Path(seccomp_profile.COMMON).read_text())
+    return {"older": older, "newer": seccomp_profile.newer(older)}
 
 
 def container(pod: dict, name: str) -> dict:
@@ -66,9 +86,12 @@ def container(pod: dict, name: str) -> dict:
 
 
 def run(rootfs: Path, pod: dict, name: str, netns: str, env: dict[str, str],
-        host: dict[str, str], log: Path, drop: str = "") -> subprocess.Popen:
+        host: dict[str, str], log: Path, drop: str = "",
+        profile: dict | None = None) -> subprocess.Popen:
     """Start one container of the pod as a runtime would. host: hostPath overrides (the
-    test's own directories); drop: a capability the manifest grants, taken away."""
+    test's own directories); drop: a capability the manifest grants, taken away;
+    profile: the runtime's default seccomp profile, applied where the container asks
+    for RuntimeDefault."""
     c = container(pod, name)
     sc = c["securityContext"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
@@ -104,7 +127,15 @@ def run(rootfs: Path, pod: dict, name: str, netns: str, env: dict[str, str],
     # the environment first: anything exec'd between setpriv and the entrypoint would
     # drop the permitted set (as runc, setpriv executes the entrypoint itself)
     argv = ["env", "-i", *[f"{k}={v}" for k, v in full.items()], *priv, *c["command"]]
-    steps.append(f"exec chroot {r} " + shlex.join(argv))
+    redirect = ""
+    if profile is not None and sc.get("seccompProfile", {}).get("type") == "RuntimeDefault":
+        bpf = log.with_suffix(".seccomp")  # the filter, for exactly this bounding set
+        seccomp_profile.compile_filter(seccomp_profile.resolve(
+            profile, {f"CAP_{x.upper()}" for x in caps}), str(bpf))
+        at = len(argv) - len(c["command"])  # setpriv execs the installer, which execs it
+        argv[at:at] = ["/opt/cniflow/bin/python3", "-c", seccomp_profile.INSTALL]
+        redirect = f" 3<{shlex.quote(str(bpf))}"
+    steps.append(f"exec chroot {r} " + shlex.join(argv) + redirect)
     with log.open("w") as f:
         return subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "nsenter",
@@ -121,9 +152,15 @@ def status(pid: int) -> dict[str, str]:
     return out
 
 
-def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, pod, tmp_path):
-    """Agent and collector from the image, non-root, with the manifest's capabilities only
-    and no kernel headers from the node: a pod's pings reach the collector's file exact."""
+@pytest.mark.parametrize("runtime,manifest", [
+    ("newer", "daemonset"), ("older", "daemonset/overlays/legacy-seccomp")])
+def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, runtime,
+                                                         manifest):
+    """Agent and collector from the image, non-root, with the manifest's capabilities only,
+    under the runtime's default seccomp profile (newer runtimes: the base as shipped; older
+    ones: the legacy-seccomp overlay, the agent unconfined) and no kernel headers from the
+    node: a pod's pings reach the collector's file exact."""
+    pod, profile = rendered(manifest), profiles()[runtime]
     release = os.uname().release
     assert not (rootfs / "lib/modules" / release / "build").exists()
     assert "/lib/modules" not in {m["mountPath"] for m in container(pod, "agent")["volumeMounts"]}
@@ -141,10 +178,12 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, pod, tmp_p
     bpffs.mkdir()
     subprocess.run(["mount", "-t", "bpf", "-o", "mode=700", "bpf", str(bpffs)], check=True)
     host = {"/var/log/cniflow": str(records), "/sys/fs/bpf": str(bpffs)}
-    init = run(rootfs, pod, "owner", lab.netns, pod["config"], host, tmp_path / "init.log")
+    init = run(rootfs, pod, "owner", lab.netns, pod["config"], host, tmp_path / "init.log",
+               profile=profile)
     assert init.wait(30) == 0, (tmp_path / "init.log").read_text()
     assert records.stat().st_uid == 65532 and (bpffs / "cniflow").stat().st_uid == 65532
-    collector = run(rootfs, pod, "collector", lab.netns, {}, host, tmp_path / "collector.log")
+    collector = run(rootfs, pod, "collector", lab.netns, {}, host, tmp_path / "collector.log",
+                    profile=profile)
     # the service account's place: a kubeconfig bound where the runtime puts the token
     sa = rootfs / "run/secrets/kubernetes.io/serviceaccount"
     sa.mkdir(parents=True, exist_ok=True)
@@ -156,7 +195,8 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, pod, tmp_p
         {"name": "sa", "mountPath": "/run/secrets/kubernetes.io/serviceaccount",
          "readOnly": True})
     agent_pod["spec"]["volumes"].append({"name": "sa", "hostPath": {"path": str(tmp_path)}})
-    agent = run(rootfs, agent_pod, "agent", lab.netns, env, host, tmp_path / "agent.log")
+    agent = run(rootfs, agent_pod, "agent", lab.netns, env, host, tmp_path / "agent.log",
+                profile=profile)
     log = tmp_path / "agent.log"
     try:
         assert wait_for(lambda: "cniflow_ingress" in filters(lab, web.host_if), 90), \
@@ -165,7 +205,10 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, pod, tmp_p
         assert st["Uid"].split()[0] == "65532" and st["NoNewPrivs"] == "1"
         want = (1 << 12) | (1 << 38) | (1 << 39)  # NET_ADMIN, PERFMON, BPF
         assert int(st["CapEff"], 16) == want and int(st["CapBnd"], 16) == want
+        # filtered where the manifest asks for RuntimeDefault, and only there
+        assert st["Seccomp"] == ("2" if runtime == "newer" else "0")
         col = status(collector.pid)
+        assert col["Seccomp"] == "2" and col["Seccomp_filters"] == "1"
         assert col["Uid"].split()[0] == "65532" and int(col["CapEff"], 16) == 0
         assert int(col["CapPrm"], 16) == 0
         subprocess.run(lab.in_pod(0, f"ping -c 5 -i 0.2 -q {db.ipv4}").split(),
@@ -203,6 +246,56 @@ def test_a_capability_taken_away_is_named(rootfs, lab, pod, tmp_path, cap):
     err = log.read_text()
     assert f"missing capability CAP_{cap}" in err, err
     assert "Traceback" not in err and "cniflow_ingress" not in filters(lab, lab.pods[0].host_if)
+
+
+def test_an_older_runtimes_profile_is_named_with_what_to_do(rootfs, lab, pod, tmp_path):
+    """The base as shipped on a runtime whose RuntimeDefault allows bpf() only with
+    CAP_SYS_ADMIN: exit 2, one line naming the cause and the remedy, nothing attached."""
+    env = {**pod["config"], "CNIFLOW_KUBERNETES": "false", "CNIFLOW_PIN_PATH": "off",
+           "CNIFLOW_INTERFACE": lab.pods[0].host_if}
+    log = tmp_path / "agent.log"
+    proc = run(rootfs, pod, "agent", lab.netns, env, {}, log, profile=profiles()["older"])
+    assert proc.wait(60) == 2, log.read_text()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert "bpf() refused (EPERM) with CAP_BPF held" in lines[0]
+    assert "allows bpf() only with CAP_SYS_ADMIN" in lines[0]
+    assert "daemonset/overlays/legacy-seccomp" in lines[0]
+    assert "cniflow_ingress" not in filters(lab, lab.pods[0].host_if)
+
+
+PROBE = """
+import ctypes, errno, os, platform
+nr = {"x86_64": (321, 298, 300), "aarch64": (280, 241, 262)}[platform.machine()]
+libc = ctypes.CDLL(None, use_errno=True)
+args = ((0x7FFF, 0, 0), (0, 0, -1, -1, 0), (-1, 0))  # each fails in the kernel if let in
+print(*[errno.errorcode[ctypes.get_errno()] if libc.syscall(n, *a) == -1 else "ok"
+        for n, a in zip(nr, args)])
+"""
+
+
+@pytest.mark.parametrize("runtime,caps,want", [
+    ("older", {"CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"}, "EPERM EPERM EPERM"),
+    ("older", {"CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"},
+     "EINVAL EFAULT EINVAL"),
+    ("newer", {"CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"}, "EINVAL EFAULT EPERM"),
+    ("newer", {"CAP_BPF"}, "EINVAL EPERM EPERM"),
+    ("newer", set(), "EPERM EPERM EPERM"),  # the collector
+])
+def test_the_filter_answers_bpf_perf_event_open_fanotify_init_as_the_profile_says(
+        tmp_path, runtime, caps, want):
+    """bpf, perf_event_open, fanotify_init (CAP_SYS_ADMIN's alone) through the compiled
+    filter: the kernel answers what the filter lets in (EINVAL, EFAULT, EINVAL: bad
+    arguments), the filter refuses with EPERM."""
+    bpf = tmp_path / "filter"
+    seccomp_profile.compile_filter(seccomp_profile.resolve(profiles()[runtime], caps), str(bpf))
+    with bpf.open("rb") as f:
+        out = subprocess.run([sys.executable, "-c", seccomp_profile.INSTALL, sys.executable,
+                              "-c", PROBE], stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, pass_fds=(3,),
+                             preexec_fn=lambda: os.dup2(f.fileno(), 3))  # fd 3, as run()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == want.split()
 
 
 def test_no_kernel_headers_on_the_node(rootfs, lab, tmp_path):
