@@ -5,8 +5,10 @@ mounts, environment, user, capabilities (bounding set) and no_new_privs, in a la
 No container runtime runs here; what a runtime does for these containers is done by
 hand the way runc does it: a private mount namespace, the rootfs bound read-only, proc
 and a sysfs of the pod's network namespace, each volume mounted where the manifest says,
-then the user and the capability bounding set applied and no_new_privs set before the
-entrypoint is executed. RuntimeDefault seccomp is not applied (no runtime's profile).
+then the user and the capability bounding set applied and no_new_privs set, and last the
+runtime's default seccomp filter (tests/seccomp_profile.py: a real profile resolved for the
+container's bounding set and compiled by libseccomp) before the entrypoint is executed.
+Not modelled: runc's stub answering ENOSYS for syscalls newer than the profile knows.
 """
 
 from __future__ import annotations
@@ -241,7 +243,8 @@ def test_a_capability_taken_away_is_named(rootfs, lab, pod, tmp_path, cap):
     env = {**pod["config"], "CNIFLOW_KUBERNETES": "false", "CNIFLOW_PIN_PATH": "off",
            "CNIFLOW_INTERFACE": lab.pods[0].host_if}
     log = tmp_path / "agent.log"
-    proc = run(rootfs, pod, "agent", lab.netns, env, {}, log, drop=cap)
+    proc = run(rootfs, pod, "agent", lab.netns, env, {}, log, drop=cap,
+               profile=profiles()["newer"])  # the filter resolved without it, too
     assert proc.wait(60) == 2, log.read_text()
     err = log.read_text()
     assert f"missing capability CAP_{cap}" in err, err
