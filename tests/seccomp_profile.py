@@ -83,8 +83,7 @@ def compile_filter(spec: dict, path: str) -> None:
         f.add_arch(lib.Arch(arch.removeprefix("SCMP_ARCH_").lower()))
     for call in spec["syscalls"]:
         key = (call["action"], call.get("errnoRet"))
-        if key == default or (key[0] == default[0] == "SCMP_ACT_ERRNO" and key[1] is None
-                              and default[1] is None):
+        if key == default:
             continue  # runc skips a rule that repeats the default
         action = _action(*key)
         args = [lib.Arg(a["index"], _OPS[a["op"]], a["value"], a.get("valueTwo", 0))
