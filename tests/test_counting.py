@@ -84,7 +84,7 @@ def test_frames_from_an_af_packet_tx_ring_are_all_counted(node, txring):
 
 def test_a_flood_of_new_flows_keeps_the_totals_exact(node, txring):
     """A million datagrams, each opening a new flow, as fast as the TX ring sends them
-    (600,000+ a second here): the map is drained early when it fills, and what still
+    (400,000 to 700,000 a second here): the map is drained early when it fills, and what still
     finds no room leaves in per-interface overflow records. Summed over all records,
     packets and octets equal the veth's counters; the flow-level share is reported."""
     a, b = node.pods
@@ -111,7 +111,9 @@ def test_a_flood_of_new_flows_keeps_the_totals_exact(node, txring):
     rows = settled(collector)
     packets = after["rx_packets"] - before["rx_packets"]
     octets = after["rx_bytes"] - before["rx_bytes"] - 14 * packets
-    assert packets >= count and rate > 400_000, rate
+    # no speed asserted (a busy machine floods slower; bench/accuracy.py measures): what
+    # proves the flood is that the map filled, below: overflow records and early drains
+    assert packets >= count, rate
     ifindex = ifindex_of(node, a.host_if)
     assert ingress_totals(rows, ifindex) == (packets, octets)
     over = [r for r in rows if r.get("ingressInterface") == ifindex
