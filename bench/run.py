@@ -233,8 +233,8 @@ class Poller:
         self.pins = PinDir(pins) if pins else None
         self.prog = FlowProgram(n, pins=self.pins)
         self.drain = BatchDrain(self.prog, keep=self.pins is not None)
-        poll = n + OVERFLOW_SIZE  # sized as bpf/restart.py sizes it (--max-flows 2 n)
-        self.journal = Journal(self.pins, 2 * n + 2 * poll, poll) if self.pins else None
+        poll = n + OVERFLOW_SIZE  # sized as bpf/restart.py sizes it
+        self.journal = Journal(self.pins, poll) if self.pins else None
         # steady: the same flows every poll, each reported every poll (active timeout 0)
         # and kept in the table; else every flow flushed (ends) in the poll it came
         self.steady = steady

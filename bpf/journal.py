@@ -1,31 +1,49 @@
 """Flows drained but not yet exported, kept in pinned maps so a SIGKILL loses none.
 
 The flow table lives in the agent's memory for up to the active timeout; the kernel's
-idle map is emptied every poll. Without this a killed agent loses both. Three pinned
-maps hold that state:
+idle map is emptied every poll. Without this a killed agent loses both. Two pinned
+maps (three while one grows) hold that state:
 
-    pending  flow key -> the table's row (FLOW_DTYPE without the key)
-    log      this poll's changes, an mmap-able array of FLOW_DTYPE rows: the table's
-             rows for the keys it touched (end_reason 255 when the row left the
-             table), then the records to export
-    journal  [0] = (generation, phase, idle slot drained, rows logged, records logged)
+    ring0|ring1  an mmap-able array of FLOW_DTYPE rows used as a ring, written with
+                 plain stores (no system call per row): the table as a sequence of row
+                 versions, then the records due
+    commit       [0] = (generation, phase, idle slot drained, ring in use, base, end,
+                 records due): one 56-octet update, the commit point
 
-A poll: read the idle map without deleting it; fold it into the table; write the log
-(plain stores into the mapped array: no system call); set the journal to COMMITTED
-with the log's counts (one 40-octet update: the commit point); apply the log to
-pending; delete the idle map; export; set EXPORTED. A successor finds:
+State S = the ring's rows [base, end) replayed in order: the last version of each key
+wins, a version with end_reason GONE removes it. Records due: the ring's [end,
+end + due) while the phase is COMMITTED. A poll reads the idle map without deleting
+it, folds it into the table and takes the table's changes since the last commit (the
+table marks every row it writes and keeps every row it removes: FlowTable.changes());
+then either appends them (GONE versions of the removed keys first, then the current
+rows of the changed ones: a key removed and added again ends live) or, when the ring
+since base would exceed 1.25 table sizes (or on the first commit), writes the whole
+table (compaction: a snapshot); the records due follow. Both are written at end, into
+ring space outside [base, end): (end - base) + written <= capacity, checked. Then the
+commit record: COMMITTED with the new end (and, after a compaction, base = where the
+snapshot starts). Then the idle map is deleted, the records exported, EXPORTED set.
 
-- before the commit: pending as before the poll, the idle map intact -> drained again
-  (the log's contents mean nothing: the journal does not say COMMITTED for them);
-- COMMITTED: the log is applied again (it sets values: idempotent), the idle map named
-  in the journal emptied, the logged records exported (the one window: a kill while
-  they were being sent repeats the messages already sent, see README: Restarts);
-- EXPORTED: nothing to redo.
+Why nothing is lost or counted twice, whenever the agent dies:
 
-The log is only rewritten while the journal does not say COMMITTED (a poll whose
-export failed is marked EXPORTED first), so a kill halfway through the stores never
-leaves a committed log half overwritten. It grows (a new map, pinned in its place)
-when a poll logs more rows than it holds, again only outside a commit.
+- before the commit update: the record still names the previous S, whose rows were
+  not overwritten (only space outside [base, end) was written, and the previous
+  poll's due space is free: a poll finding COMMITTED, whose export failed, first marks
+  it EXPORTED); S is the table as of the previous commit, and the idle map is intact
+  (read, not deleted): the successor drains it again into S. Nothing counted twice:
+  nothing of this poll is in S, nothing of it was exported.
+- between the commit and EXPORTED: S is the table after this poll (it holds every
+  drained packet not in a record due), the records due are in the ring; the successor
+  empties the idle map named in the record (idempotent: part may already be deleted)
+  and sends the due records. The one window: if the kill came while or after they
+  were sent, they are sent again (README: Restarts).
+- after EXPORTED: the idle map is already deleted (before the export), S is the table.
+- a growing (or shrinking) ring is a new map pinned under the other name, written
+  with the compaction, named by the commit update; the old one is unpinned after it.
+  A successor removes whichever ring the record does not name.
+
+The commit update is one bpf(2) call, which a SIGKILL does not cut in half. S equals
+the table only if every write to a row is marked: FlowTable marks them itself (fold,
+active-timeout resets, partners) and keeps removed rows (evictions, expiry, flush).
 """
 
 from __future__ import annotations
@@ -37,7 +55,7 @@ import struct
 
 import numpy as np
 
-from agent.flowtable import FlowTable, key_hash, key_words
+from agent.flowtable import FlowTable, key_hash, key_words, sort_exact
 from agent.records import FLOW_DTYPE, KEY_DTYPE, take
 from bpf import syscall
 from bpf.pins import PinDir
@@ -46,183 +64,235 @@ log = logging.getLogger(__name__)
 
 REST = FLOW_DTYPE.itemsize - KEY_DTYPE.itemsize  # a row without its key: 40 octets
 ROW = np.dtype([("key", np.void, KEY_DTYPE.itemsize), ("rest", np.void, REST)])
-GONE = 255  # end_reason of a logged row that left the table
+GONE = 255  # end_reason of a row version that removes its key
 COMMITTED, EXPORTED = 1, 2
-_J = struct.Struct("<QQQQQ")
+_J = struct.Struct("<QQQQQQQ")  # generation, phase, slot, ring, base, end, due
 _ZERO = struct.pack("<I", 0)
-_LOG = (syscall.MAP_ARRAY, 4, FLOW_DTYPE.itemsize)
+_RING = (syscall.MAP_ARRAY, 4, FLOW_DTYPE.itemsize)
+ALIGN = 4096  # ring capacities in rows: whole pages (88 of them)
+_BYTES = np.dtype((np.void, FLOW_DTYPE.itemsize))
+SPAN = 1.25  # compact once the ring since base would exceed this many table sizes
 
 
 class Journal:
-    def __init__(self, pins: PinDir, pending_size: int, log_size: int) -> None:
-        """pending_size: the table's --max-flows and room for one poll's new keys
-        (_delete may insert them for a moment); log_size: rows the log holds at first."""
+    def __init__(self, pins: PinDir, poll: int) -> None:
+        """poll: the most rows one drain brings (the ring holds twice that at first)."""
         self.pins = pins
-        self.pending, old = self._open("pending", syscall.MAP_HASH, KEY_DTYPE.itemsize, REST,
-                                       pending_size, syscall.F_NO_PREALLOC)
-        self.journal, _ = self._open("journal", syscall.MAP_ARRAY, 4, _J.size, 1, 0)
-        self.gen, self.phase, self.slot, self.nrows, self.ndue = _J.unpack(
-            syscall.lookup(self.journal, _ZERO, _J.size))
-        self.log, self.rows = self._log(log_size)
-        self.carried = old  # pending rows of a map that had to be recreated
+        self.min_rows = _round(2 * poll)
+        self.record = self._open_record()
+        (self.gen, self.phase, self.slot, self.which, self.base, self.end,
+         self.ndue) = _J.unpack(syscall.lookup(self.record, _ZERO, _J.size))
+        self.ring, self.rows = self._open_ring()
+        self._migrate()
 
-    def _open(self, name: str, kind: int, k: int, v: int, n: int,
-              flags: int) -> tuple[int, np.ndarray]:
-        """The pinned map, or a new one pinned; one of another capacity is read out
-        and replaced."""
-        path = self.pins.map_path(name)
-        rows = np.zeros(0, FLOW_DTYPE)
+    def _open_record(self) -> int:
+        path = self.pins.map_path("commit")
         if os.path.exists(path):
             fd = syscall.obj_get(path)
-            if syscall.map_info(fd) == (kind, k, v, n, flags):
-                return fd, rows
-            if syscall.map_info(fd)[1:3] == (k, v) and kind == syscall.MAP_HASH:
-                rows = read(fd, syscall.map_info(fd)[3])
-            log.warning("pinned map of another size replaced", extra={"map": name})
+            if syscall.map_info(fd)[:4] == (syscall.MAP_ARRAY, 4, _J.size, 1):
+                return fd
             os.close(fd)
             os.unlink(path)
-        fd = syscall.map_create(kind, k, v, n, flags, f"cniflow_{name}"[:15])
+            log.warning("pinned commit record of another layout replaced")
+        fd = syscall.map_create(syscall.MAP_ARRAY, 4, _J.size, 1, 0, "cniflow_commit")
         syscall.obj_pin(fd, path)
-        return fd, rows
+        return fd
 
-    def _log(self, size: int) -> tuple[int, np.ndarray]:
-        """The pinned log (any capacity: it only grows) mapped as FLOW_DTYPE rows, or a
-        new one of `size` rows. A committed log is always kept."""
-        path = self.pins.map_path("log")
+    def _path(self, which: int) -> str:
+        return self.pins.map_path(f"ring{which}")
+
+    def _open_ring(self) -> tuple[int, np.ndarray]:
+        """The ring the record names (any capacity), or a new one when none was ever
+        committed; the other ring's pin (a grow cut short, or one not yet unpinned)
+        removed."""
+        other = self._path(1 - self.which)
+        if os.path.exists(other):
+            os.unlink(other)
+        path = self._path(self.which)
         if os.path.exists(path):
             fd = syscall.obj_get(path)
             kind, k, v, n, flags = syscall.map_info(fd)
-            if (kind, k, v) == _LOG and flags == syscall.F_MMAPABLE and (
-                    n >= size or self.phase == COMMITTED):
+            if (kind, k, v) == _RING and flags == syscall.F_MMAPABLE:
                 return fd, _rows(fd, n)
             os.close(fd)
             os.unlink(path)
-        fd = syscall.map_create(*_LOG, size, syscall.F_MMAPABLE, "cniflow_log")
+        if self.gen:
+            log.error("the journal's ring is gone: the flows it held are lost",
+                      extra={"path": path})
+            self.base = self.end = self.ndue = 0
+            self.phase = EXPORTED
+        return self._create(self.which, self.min_rows)
+
+    def _create(self, which: int, rows: int) -> tuple[int, np.ndarray]:
+        path = self._path(which)
+        if os.path.exists(path):
+            os.unlink(path)
+        fd = syscall.map_create(*_RING, rows, syscall.F_MMAPABLE, "cniflow_ring")
         syscall.obj_pin(fd, path)
-        return fd, _rows(fd, size)
+        return fd, _rows(fd, rows)
 
     def recover(self, empty_idle) -> tuple[np.ndarray, np.ndarray]:
         """After an agent that did not finish its last poll: (the table's rows, records
         still to export). empty_idle(slot) deletes the idle map the commit covered."""
         due = np.zeros(0, FLOW_DTYPE)
         if self.phase == COMMITTED:
-            self._apply(self.rows[:self.nrows].copy())
             empty_idle(int(self.slot))
-            due = self.rows[self.nrows:self.nrows + self.ndue].copy()
+            due = self._read(self.end, self.ndue)
             log.warning("the previous agent stopped after a commit: its last records sent "
                         "again", extra={"records": len(due), "generation": self.gen})
-        rows = read(self.pending, 1 << 22)
-        if len(self.carried):
-            rows = np.concatenate([rows, self.carried])
-            self._write(self.pending, rows)
-            self.carried = self.carried[:0]
-        return rows, due
+        return replay(self._read(self.base, self.end - self.base)), due
 
     def commit(self, table: FlowTable, batch: np.ndarray, out: np.ndarray, slot: int) -> None:
-        """Log the table's rows for every key this poll touched and the records about to
-        be exported; the journal's commit point; then apply the log to pending."""
-        if not len(batch) and not len(out):
+        """Log the table's changes since the last commit (or the whole table) and the
+        records about to be exported; then the commit point. batch: the drain folded in
+        (only its being empty matters: the table reports the changes)."""
+        full = not table.tracking
+        if full:
+            table.track()
+        slots, gone = table.changes()
+        if not full and not len(slots) and not len(gone) and not len(out):
             return
-        rows = touched(table, batch, out)
-        if self.phase == COMMITTED:  # the last poll's export failed: never overwrite
-            self._mark(EXPORTED, self.slot, 0, 0)  # a committed log in place
-        need = len(rows) + len(out)
-        if need > len(self.rows):
-            self._grow(need)
-        self.rows[:len(rows)] = rows
-        self.rows[len(rows):need] = out
+        if self.phase == COMMITTED:  # the last poll's export failed: its due space is
+            self._mark(EXPORTED, self.slot, 0)  # reused only once that is recorded
+        n, d, live = len(table), len(out), self.end - self.base
+        k = len(slots) + len(gone)
+        cap = len(self.rows)
+        if full or live + k > SPAN * n or live + k + d > cap:
+            self._compact(table.flows, out, slot)
+            return
+        marks = gone.copy()
+        marks["end_reason"] = GONE
+        self._write(self.end, marks, take(table.flows, slots), out)
         self.gen += 1
-        self._mark(COMMITTED, slot, len(rows), len(out))
-        self._apply(rows)
+        self.end += k
+        self._mark(COMMITTED, slot, d)
+
+    def _compact(self, flows: np.ndarray, out: np.ndarray, slot: int,
+                 phase: int = COMMITTED) -> None:
+        """The whole table as the new base, then the records due; in a new ring when
+        this one has no room beside what it holds (or is four times too large)."""
+        n, d, live = len(flows), len(out), self.end - self.base
+        want = _round(max(self.min_rows, 2 * n + 2 * d + n // 2))
+        cap = len(self.rows)
+        if live + n + d <= cap and cap <= 4 * want:
+            self._write(self.end, flows, out)
+            self.gen += 1
+            self.base = self.end
+            self.end += n
+            self._mark(phase, slot, d)
+            return
+        old, path = self.ring, self._path(self.which)
+        fd, rows = self._create(1 - self.which, want)
+        log.info("journal ring resized", extra={"rows": want})
+        self.ring, self.rows, self.which = fd, rows, 1 - self.which
+        self._write(0, flows, out)
+        self.gen += 1
+        self.base, self.end = 0, n
+        self._mark(phase, slot, d)
+        os.unlink(path)
+        os.close(old)
 
     def exported(self) -> None:
         if self.phase != COMMITTED:
             return
-        self._mark(EXPORTED, self.slot, 0, 0)
+        self._mark(EXPORTED, self.slot, 0)
 
-    def _grow(self, need: int) -> None:
-        size = 1 << (need - 1).bit_length()
-        log.info("journal log grown", extra={"rows": size})
-        self.rows = self.rows[:0]
-        os.close(self.log)
-        os.unlink(self.pins.map_path("log"))
-        self.log, self.rows = self._log(size)
+    def _mark(self, phase: int, slot: int, ndue: int) -> None:
+        self.phase, self.slot, self.ndue = phase, slot, ndue
+        syscall.update(self.record, _ZERO, _J.pack(self.gen, phase, slot, self.which,
+                                                   self.base, self.end, ndue))
 
-    def _mark(self, phase: int, slot: int, nrows: int, ndue: int) -> None:
-        self.phase, self.slot, self.nrows, self.ndue = phase, slot, nrows, ndue
-        syscall.update(self.journal, _ZERO, _J.pack(self.gen, phase, slot, nrows, ndue))
+    def _write(self, at: int, *parts: np.ndarray) -> int:
+        """Store parts one after the other from ring position `at` (wrapping); returns
+        the position after them."""
+        cap, ring = len(self.rows), self.rows.view(_BYTES)
+        for p in parts:  # as opaque bytes: numpy copies nested fields one by one
+            i, n, b = at % cap, len(p), np.ascontiguousarray(p).view(_BYTES)
+            first = min(n, cap - i)
+            ring[i:i + first] = b[:first]
+            if first < n:
+                ring[:n - first] = b[first:]
+            at += n
+        return at
 
-    def _apply(self, rows: np.ndarray) -> None:
-        """Gone keys out of pending first (pending then holds at most the table before
-        the poll), then the live rows written."""
-        gone = rows["end_reason"] == GONE
-        if gone.any():
-            self._delete(np.ascontiguousarray(take(rows, gone).view(ROW)["key"]))
-        self._write(self.pending, take(rows, ~gone))
+    def _read(self, at: int, n: int) -> np.ndarray:
+        """A copy of n rows from ring position `at` (wrapping)."""
+        cap = len(self.rows)
+        i = at % cap
+        first = min(n, cap - i)
+        if first == n:
+            return self.rows[i:i + n].copy()
+        return np.concatenate([self.rows[i:], self.rows[:n - first]])
 
-    def _delete(self, keys: np.ndarray) -> None:
-        """Delete keys from pending, some maybe absent (a flow that came and went within
-        the poll). The kernel stops a batch delete at an absent key; rather than one
-        system call per absent key, the rest are inserted first, then deleted in one."""
-        n = len(keys)
-        done = syscall.delete_batch_until_absent(self.pending, keys.ctypes.data,
-                                                 KEY_DTYPE.itemsize, n)
-        if done < n:
-            rest = np.ascontiguousarray(keys[done:])
-            blank = np.zeros(len(rest), (np.void, REST))
-            syscall.update_batch(self.pending, rest.ctypes.data, blank.ctypes.data, len(rest))
-            syscall.delete_batch(self.pending, rest.ctypes.data, KEY_DTYPE.itemsize, len(rest))
-
-    @staticmethod
-    def _write(fd: int, rows: np.ndarray) -> None:
-        if len(rows):
-            r = rows.view(ROW)
-            keys, rest = np.ascontiguousarray(r["key"]), np.ascontiguousarray(r["rest"])
-            syscall.update_batch(fd, keys.ctypes.data, rest.ctypes.data, len(rows))
+    def _migrate(self) -> None:
+        """The previous layout's state (pending hash, log) written as one compaction
+        with its phase, then its maps unpinned; only into a journal never committed (a
+        migration cut short is done again, a committed one is not)."""
+        legacy = _legacy(self.pins) if not self.gen else None
+        if legacy is not None:
+            rows, due, slot, committed = legacy
+            self._compact(rows, due if committed else due[:0], slot,
+                          COMMITTED if committed else EXPORTED)
+            log.info("journal of the previous layout migrated",
+                     extra={"flows": len(rows), "records": len(due)})
+        for name in ("pending", "log", "journal"):
+            if os.path.exists(self.pins.map_path(name)):
+                os.unlink(self.pins.map_path(name))
 
     def close(self) -> None:
         self.rows = self.rows[:0]
-        for fd in (self.pending, self.log, self.journal):
+        for fd in (self.ring, self.record):
             os.close(fd)
 
 
-def touched(table: FlowTable, batch: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """The table's row for each key of the batch and of the records due, once each; keys
-    no longer in the table as rows with end_reason GONE. Present keys are made unique
-    by their table slot; gone keys are the records' (a drained key that left the table
-    left it as a record), plus any gone batch key not among them, matched by hash and
-    compared in full."""
-    bw, ow = key_words(batch), key_words(out)
-    bh, oh = key_hash(bw), key_hash(ow)
-    bat, oat = table.find(bh, bw), table.find(oh, ow)
-    seen = np.zeros(len(table.flows), bool)
-    seen[bat[bat >= 0]] = True
-    seen[oat[oat >= 0]] = True
-    live = take(table.flows, np.flatnonzero(seen))
-    gone = take(out, oat < 0)
-    lost = bat < 0
-    if lost.any():  # a drained key that left the table: normally among the records
-        lh, lw = bh[lost], bw[lost]
-        gh, gw = oh[oat < 0], ow[oat < 0]
-        order = np.argsort(gh)
-        at = np.minimum(np.searchsorted(gh[order], lh), max(len(gh) - 1, 0))
-        dup = np.zeros(len(lh), bool)
-        if len(gh):
-            j = order[at]
-            dup = (gh[j] == lh) & (gw[j] == lw).all(axis=1)
-        gone = np.concatenate([gone, take(batch, np.flatnonzero(lost)[~dup])])
-    blank = np.zeros(len(gone), FLOW_DTYPE)
-    blank.view(ROW)["key"] = gone.view(ROW)["key"]
-    blank["end_reason"] = GONE
-    return np.concatenate([live, blank])
+def replay(seg: np.ndarray) -> np.ndarray:
+    """The last version of each key of a sequence of row versions, those marked GONE
+    left out. sort_exact keeps equal keys in their order (stable), so the last of each
+    run is the latest."""
+    if not len(seg):
+        return seg
+    words = key_words(seg)
+    order = sort_exact(key_hash(words), words)
+    w = words[order]
+    last = np.ones(len(seg), bool)
+    last[:-1] = (w[1:] != w[:-1]).any(axis=1)
+    latest = take(seg, order[last])
+    return take(latest, latest["end_reason"] != GONE)
+
+
+def _round(rows: int) -> int:
+    return max(ALIGN, -(-rows // ALIGN) * ALIGN)
 
 
 def _rows(fd: int, n: int) -> np.ndarray:
-    """The log map's values as a writable FLOW_DTYPE array (the map's own pages)."""
+    """The ring map's values as a writable FLOW_DTYPE array (the map's own pages)."""
     size = n * FLOW_DTYPE.itemsize
     m = mmap.mmap(fd, (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE,
                   mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     return np.frombuffer(m, FLOW_DTYPE, count=n)
+
+
+def _legacy(pins: PinDir) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
+    """The previous layout's state, if its maps are pinned: pending (flow key -> row
+    without the key), its log (rows, then records due) and a 40-octet journal
+    (generation, phase, slot, rows logged, records logged); a committed log applied."""
+    paths = [pins.map_path(n) for n in ("pending", "journal", "log")]
+    if not all(os.path.exists(p) for p in paths[:2]):
+        return None
+    fds = [syscall.obj_get(p) for p in paths if os.path.exists(p)]
+    try:
+        _, phase, slot, nrows, ndue = struct.unpack(
+            "<QQQQQ", syscall.lookup(fds[1], _ZERO, 40))
+        rows = read(fds[0], syscall.map_info(fds[0])[3])
+        due = rows[:0]
+        if phase == COMMITTED:  # the old agent replaced its log only outside a commit
+            logged = _rows(fds[2], syscall.map_info(fds[2])[3])
+            rows = replay(np.concatenate([rows, logged[:nrows]]))
+            due = logged[nrows:nrows + ndue].copy()
+        return rows, due, int(slot), phase == COMMITTED
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def read(fd: int, capacity: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The pin directory: what outlives an agent on a bpffs, so its successor adopts it.
 
     PIN/v<LAYOUT>/<map>        the program's maps (BCC reuses them by path), and the
-                               journal's (bpf/journal.py): pending flows, log, journal
+                               journal's (bpf/journal.py): commit, ring0 or ring1 (the
+                               previous journal's pending, log, journal are migrated)
     PIN/links/<ifindex>-<hook> one TCX link per interface and direction
 
 A map whose type, sizes or capacity differ from what this agent would create (another

@@ -35,7 +35,7 @@ class Restart:
         self.program, self.drainer, self.attacher = program, drainer, attacher
         self.pins = program.pins
         poll = cfg.map_size + OVERFLOW_SIZE  # the most one drain brings
-        self.journal = Journal(self.pins, cfg.max_flows + 2 * poll, poll)
+        self.journal = Journal(self.pins, poll)
         self.started = time.monotonic()
         self.settled = False
         if program.adopted:

@@ -123,7 +123,8 @@ def test_an_agent_killed_mid_stream_loses_and_repeats_nothing(lab):
         proc.kill()
         proc.wait(10)
         assert cniflow_links(node, node.pods[0].host_if), "the links died with the agent"
-        assert {"flows_a", "pending", "journal"} <= set(os.listdir(f"{pins}/v1"))
+        pinned = set(os.listdir(f"{pins}/v1"))
+        assert {"flows_a", "commit"} <= pinned and pinned & {"ring0", "ring1"}
 
     r = run_through(node, pins, kill, ())
     assert "restored flows not yet exported" in r["logs"][1]
@@ -166,7 +167,7 @@ def test_a_pin_path_without_bpffs_is_refused(lab):
 
 def test_the_journal_recovers_a_committed_poll_exactly(lab):
     """The journal's maps, directly (real pinned maps on the test's bpffs): a flow that
-    came and went within one poll (absent from pending), a log that has to grow, a poll
+    came and went within one poll (never in the ring), a poll
     whose export failed before the next commit, and a successor that finds the last
     poll committed but not exported: pending is the table, the due records are exactly
     the last poll's, and the idle map the commit named is emptied."""
@@ -188,7 +189,7 @@ def test_the_journal_recovers_a_committed_poll_exactly(lab):
         return {int(r["key"]["dport"]): (int(r["packets"]), int(r["end_reason"]))
                 for r in rows}
 
-    j = Journal(PinDir(pins), 64, 2)
+    j = Journal(PinDir(pins), 2)
     table = FlowTable(active_timeout_s=3600, idle_timeout_s=3600)
     batch = flows([1, 2, 3])
     table.update(batch, unique=True)
@@ -202,17 +203,165 @@ def test_the_journal_recovers_a_committed_poll_exactly(lab):
     table.update(batch, unique=True)
     j.commit(table, batch, batch[:0], 0)  # committed, then the agent is killed
     emptied = []
-    again = Journal(PinDir(pins), 64, 2)
+    again = Journal(PinDir(pins), 2)
     rows, due = again.recover(emptied.append)
     assert by_port(rows) == {5: (2, 0), 6: (2, 0), 7: (2, 0)}
     assert len(due) == 0 and emptied == [0]
     table.update(batch := flows([5]), unique=True)
     out = table.flush()
     again.commit(table, batch, out, 1)
-    third = Journal(PinDir(pins), 64, 2)
+    third = Journal(PinDir(pins), 2)
     rows, due = third.recover(emptied.append)
     assert len(rows) == 0 and emptied == [0, 1]
     assert by_port(due) == {5: (4, 4), 6: (2, 4), 7: (2, 4)}
     assert due.tobytes() == out.tobytes()
     for x in (j, again, third):
         x.close()
+
+
+@pytest.fixture
+def pinfs():
+    """A bpffs of the test's own, no namespaces: the journal's maps alone."""
+    fs = Path(f"/run/cniflow-lab/jr2{os.getpid() % 1000}{next(_ids)}-pins")
+    fs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
+    try:
+        yield str(fs / "cniflow")
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)
+        fs.rmdir()
+
+
+def _rows(ports, direction, now, rng):
+    from agent.records import FLOW_DTYPE
+
+    b = np.zeros(len(ports), FLOW_DTYPE)
+    b["key"]["ifindex"], b["key"]["ip_version"], b["key"]["proto"] = 7, 4, 17
+    b["key"]["direction"] = direction
+    b["key"]["sport"] = np.where(direction == 0, 9, ports)  # partners: (9, p) and (p, 9)
+    b["key"]["dport"] = np.where(direction == 0, ports, 9)
+    b["packets"] = rng.integers(1, 50, len(ports))
+    b["octets"] = b["packets"] * 100
+    b["first_ms"] = now - rng.integers(0, 900, len(ports))
+    b["last_ms"] = now
+    b["tcp_flags"] = np.where(rng.random(len(ports)) < 0.1, 1, 0)  # FIN: ends early
+    return b
+
+
+def _canon(rows) -> list[bytes]:
+    return sorted(r.tobytes() for r in rows)
+
+
+def test_the_journal_log_and_snapshots_replay_to_the_table_at_every_kill_point(pinfs):
+    """A random run of polls (new, repeated and ended flows, evictions from a full table,
+    idle and active timeouts, biflow partners, flushes, failed exports) through real
+    pinned maps; after every poll a successor opens the pins as a SIGKILL would leave
+    them: before the commit (the ring's free space half written with garbage) it finds
+    exactly the table and records of the previous commit, after the commit exactly the
+    table now and the records of this poll. The run crosses appends, compactions, a
+    ring that wraps and rings grown and shrunk into the other pin."""
+    from agent.flowtable import FlowTable
+    from agent.records import FLOW_DTYPE
+    from bpf.journal import Journal
+    from bpf.pins import PinDir
+
+    rng = np.random.default_rng(13)
+    pins = PinDir(pinfs)
+    j = Journal(pins, 64)  # a ring of 4096 rows at first
+    table = FlowTable(active_timeout_s=4, idle_timeout_s=3, max_flows=7000, end_grace_s=1)
+    now, state, due_then, ring_sizes, modes, laps = 1_000_000, [], [], set(), set(), 0.0
+    for poll in range(80):
+        now += 1000
+        size = int(rng.choice([0, 3, 40, 400, 2500, 9000], p=[.1, .2, .3, .2, .15, .05]))
+        ports = rng.choice(20_000 if size > 2000 else 600, size, replace=False)
+        batch = _rows(ports, rng.integers(0, 2, size), now, rng)
+        evicted = table.update(batch, unique=True)
+        due = table.flush() if rng.random() < 0.05 else table.expire(now)
+        due = np.concatenate([due, table.partners(due)])
+        out = np.concatenate([evicted, due]) if len(evicted) else due
+        # killed before the commit: garbage in the ring's free space, S as before
+        free = len(j.rows) - (j.end - j.base) - j.ndue
+        junk = np.frombuffer(rng.bytes(min(free, 3000) * FLOW_DTYPE.itemsize), FLOW_DTYPE)
+        j._write(j.end + j.ndue, junk)
+        emptied = []
+        dead = Journal(pins, 64)
+        rows, again = dead.recover(emptied.append)
+        assert _canon(rows) == state, poll
+        assert _canon(again) == due_then and emptied == ([poll % 2 ^ 1] if due_then else [])
+        dead.close()
+        before = (j.base, j.end, len(j.rows))
+        j.commit(table, batch, out, poll % 2)
+        if (j.base, j.end, len(j.rows)) != before:
+            modes.add("resize" if len(j.rows) != before[2] else
+                      "compact" if j.base != before[0] else "append")
+        ring_sizes.add(len(j.rows))
+        laps = max(laps, (j.end + j.ndue) / len(j.rows))
+        state = _canon(table.flows)
+        failed = rng.random() < 0.15  # the export fails: no exported(); records stay due
+        if not failed:
+            j.exported()
+        committed = j.phase == 1
+        # killed after the commit: the table now, this poll's records, the slot emptied
+        dead = Journal(pins, 64)
+        emptied = []
+        rows, again = dead.recover(emptied.append)
+        assert _canon(rows) == state, poll
+        due_then = _canon(out) if committed else []
+        assert _canon(again) == due_then
+        assert emptied == ([poll % 2] if committed else [])
+        dead.close()
+    assert modes >= {"append", "compact", "resize"}, modes
+    assert len(ring_sizes) >= 3, ring_sizes  # grown and shrunk
+    assert laps > 2, laps  # positions wrapped around a ring
+    j.close()
+    assert set(os.listdir(pins.maps)) == {"commit", f"ring{j.which}"}
+
+
+def test_the_previous_layouts_pending_flows_are_migrated(pinfs):
+    """An agent of the previous layout (pending hash, log array, 40-octet journal) killed
+    after a commit: its pending rows with the log applied (a changed row, a removed one)
+    become the table, its logged records are due, its maps are unpinned; a second
+    successor finds the migrated journal, not the old maps."""
+    import struct
+
+    from agent.records import FLOW_DTYPE, KEY_DTYPE
+    from bpf import syscall
+    from bpf.journal import GONE, REST, ROW, Journal
+    from bpf.journal import _rows as mapped
+    from bpf.pins import PinDir
+
+    rng = np.random.default_rng(5)
+    pins = PinDir(pinfs)
+    table = _rows(np.arange(10), np.zeros(10, int), 5000, rng)
+    pending = syscall.map_create(syscall.MAP_HASH, KEY_DTYPE.itemsize, REST, 64,
+                                 syscall.F_NO_PREALLOC, "cniflow_pending")
+    r = table.view(ROW)
+    keys, rest = np.ascontiguousarray(r["key"]), np.ascontiguousarray(r["rest"])
+    syscall.update_batch(pending, keys.ctypes.data, rest.ctypes.data, len(table))
+    logfd = syscall.map_create(syscall.MAP_ARRAY, 4, FLOW_DTYPE.itemsize, 16,
+                               syscall.F_MMAPABLE, "cniflow_log")
+    logged = mapped(logfd, 16)
+    changed, removed = table[3:4].copy(), table[4:5].copy()
+    changed["packets"] = 0
+    removed["end_reason"] = GONE
+    records = _rows(np.arange(100, 103), np.ones(3, int), 5000, rng)
+    logged[:5] = np.concatenate([changed, removed, records])
+    jfd = syscall.map_create(syscall.MAP_ARRAY, 4, 40, 1, 0, "cniflow_journal")
+    syscall.update(jfd, struct.pack("<I", 0), struct.pack("<QQQQQ", 9, 1, 1, 2, 3))
+    for name, fd in (("pending", pending), ("log", logfd), ("journal", jfd)):
+        syscall.obj_pin(fd, pins.map_path(name))
+        os.close(fd)
+    del logged
+    emptied = []
+    j = Journal(pins, 8)
+    rows, due = j.recover(emptied.append)
+    expect = np.concatenate([table[:3], changed, table[5:]])
+    assert _canon(rows) == _canon(expect)
+    assert _canon(due) == _canon(records) and emptied == [1]
+    assert not {"pending", "log", "journal"} & set(os.listdir(pins.maps))
+    j.exported()
+    j.close()
+    again = Journal(pins, 8)
+    rows, due = again.recover(emptied.append)
+    assert _canon(rows) == _canon(expect) and len(due) == 0 and emptied == [1]
+    again.close()
