@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from agent.flowtable import FlowTable, key_hash, key_words, sort_exact
+from agent.flowtable import FlowTable, key_hash, key_words, report_order
 from agent.ipfix.decoder import NTP_EPOCH_OFFSET, Decoder, RecordSet
 from agent.records import EGRESS, FLOW_DTYPE, take
 
@@ -102,8 +102,7 @@ class Continuity:
             return batch
         words = key_words(batch)
         h = key_hash(words)
-        by_end = np.argsort(batch["last_ms"], kind="stable")
-        order = by_end[sort_exact(h[by_end], words[by_end])]
+        order = report_order(h, words, batch["last_ms"])
         b, w = take(batch, order), words[order]
         first_of_key = np.ones(n, bool)
         first_of_key[1:] = (w[1:] != w[:-1]).any(axis=1)
