@@ -69,9 +69,42 @@ def sort_exact(h: np.ndarray, words: np.ndarray) -> np.ndarray:
     return order
 
 
+def in_report_order(h: np.ndarray, words: np.ndarray, last_ms: np.ndarray) -> bool:
+    """Is the batch ordered by hash, then each key's reports by end (as Continuity.apply
+    leaves it, and any boolean mask of it)? Then sorting it again would change nothing.
+    Distinct keys sharing a hash: answered no (the sort decides their order)."""
+    rise = h[1:] != h[:-1]
+    if not (h[1:] >= h[:-1]).all():
+        return False
+    if rise.all():
+        return True
+    same = np.flatnonzero(~rise)
+    return bool((words[same] == words[same + 1]).all()
+                and (last_ms[same] <= last_ms[same + 1]).all())
+
+
+def report_order(h: np.ndarray, words: np.ndarray, last_ms: np.ndarray) -> np.ndarray:
+    """Order by hash, full key, then end (ties: as they came). One sort by hash; only
+    rows that share a hash (a key reported twice, or a collision) are sorted further."""
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    same = np.flatnonzero(hs[1:] == hs[:-1])
+    if len(same):
+        rows = np.union1d(same, same + 1)
+        sub = order[rows]
+        cols = [last_ms[sub]] + [words[sub, i] for i in range(words.shape[1] - 1, -1, -1)]
+        order[rows] = sub[np.lexsort(cols + [h[sub]])]
+    return order
+
+
+def _copy(rows: np.ndarray) -> np.ndarray:
+    """rows.copy() as opaque bytes (numpy copies nested structured dtypes field by field)."""
+    return rows.view(np.dtype((np.void, rows.dtype.itemsize))).copy().view(rows.dtype)
+
+
 def fold_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     """Counters of src added to dst (same keys, row for row); returns the result."""
-    out = dst.copy()
+    out = _copy(dst)
     fresh = dst["packets"] == 0  # reset by an active timeout: dst's last_ms was reported
     out["packets"] = dst["packets"] + src["packets"]
     out["octets"] = dst["octets"] + src["octets"]
@@ -190,15 +223,16 @@ class FlowTable:
         flushed late), each round vectorised."""
         words = key_words(batch)
         h = key_hash(words)
-        by_end = np.argsort(batch["last_ms"], kind="stable")
-        order = by_end[sort_exact(h[by_end], words[by_end])]  # stable: ends stay in order
-        w, hs = words[order], h[order]
-        first_of_key = np.ones(len(order), bool)
+        if in_report_order(h, words, batch["last_ms"]):  # from Continuity.apply: no sort
+            order, b, w, hs = None, batch, words, h
+        else:
+            order = report_order(h, words, batch["last_ms"])
+            b, w, hs = take(batch, order), words[order], h[order]
+        first_of_key = np.ones(len(b), bool)
         first_of_key[1:] = (w[1:] != w[:-1]).any(axis=1)
         if first_of_key.all():
             return self._fold(batch, words, h, reports=True)
-        b = take(batch, order)
-        at = np.arange(len(order))
+        at = np.arange(len(b))
         rank = at - np.maximum.accumulate(np.where(first_of_key, at, 0))
         evicted = [self._fold(take(b, rank == r), w[rank == r], hs[rank == r], reports=True)
                    for r in range(int(rank.max()) + 1)]
@@ -220,7 +254,8 @@ class FlowTable:
         hit = match >= 0
         if hit.any():
             idx = match[hit]
-            dst, src = take(self.flows, idx), take(batch, hit)
+            dst = take(self.flows, idx)
+            src = batch if len(idx) == len(batch) else take(batch, hit)
             if reports:  # quiet for the idle timeout before this report: ended before it
                 quiet = src["first_ms"].astype(np.int64) - dst["last_ms"].astype(np.int64)
                 idle = (dst["packets"] > 0) & (quiet >= self.idle_ms)
@@ -229,13 +264,14 @@ class FlowTable:
             dst = fold_into(dst, src)
             if reports:
                 self._active_reached(dst)
-            self.flows[idx] = dst
+            row = np.dtype((np.void, dst.dtype.itemsize))  # as bytes: field by field is slow
+            self.flows.view(row)[idx] = dst.view(row)
             self._mark(idx)
         new = ~hit
         if not new.any():
             return batch[:0]
         if reports:
-            batch = batch.copy()
+            batch = _copy(batch)
             self._active_reached(batch, new)
         evicted = self._make_room(int(new.sum()))
         if not len(self.flows) and new.all():  # first fill: take the batch as it is
@@ -250,10 +286,14 @@ class FlowTable:
         self._words = np.concatenate([self._words, words[new]])
         if self._dirty is not None:
             self._dirty = np.concatenate([self._dirty, np.ones(len(self.flows) - start, bool)])
-        hashes = np.concatenate([self.sorted_h, h[new]])
-        slots = np.concatenate([self.order, np.arange(start, len(self.flows))])
-        perm = np.argsort(hashes)  # equal hashes need no order: _find scans their range
-        self.sorted_h, self.order = hashes[perm], slots[perm]
+        # merged in, not sorted again: equal hashes need no order (_find scans their range)
+        added, slots = h[new], np.arange(start, len(self.flows))
+        if not (added[1:] >= added[:-1]).all():
+            perm = np.argsort(added)
+            added, slots = added[perm], slots[perm]
+        at = np.searchsorted(self.sorted_h, added)
+        self.sorted_h = np.insert(self.sorted_h, at, added)
+        self.order = np.insert(self.order, at, slots)
         return evicted
 
     def _active_reached(self, rows: np.ndarray, among: np.ndarray | None = None) -> None:
@@ -275,16 +315,17 @@ class FlowTable:
         match = np.full(len(h), -1, np.int64)
         if not len(self.sorted_h):
             return match
-        lo = np.searchsorted(self.sorted_h, h, "left")
-        hi = np.searchsorted(self.sorted_h, h, "right")
-        span = hi - lo
-        one = np.flatnonzero(span == 1)
+        sh, last = self.sorted_h, len(self.sorted_h) - 1
+        lo = np.searchsorted(sh, h, "left")  # one search: a neighbour tells a collision
+        found = sh[np.minimum(lo, last)] == h
+        more = found & (lo < last) & (sh[np.minimum(lo + 1, last)] == h)
+        one = np.flatnonzero(found & ~more)
         if len(one):
             cand = self.order[lo[one]]
             equal = (self._words[cand] == words[one]).all(axis=1)
             match[one[equal]] = cand[equal]
-        for i in np.flatnonzero(span > 1):  # hash collisions: rare
-            for j in self.order[lo[i] : hi[i]]:
+        for i in np.flatnonzero(more):  # hash collisions: rare
+            for j in self.order[lo[i] : np.searchsorted(sh, h[i], "right")]:
                 if (self._words[j] == words[i]).all():
                     match[i] = j
                     break
