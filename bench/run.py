@@ -217,7 +217,7 @@ BENCH_FS = Path("/run/cniflow-bench/jrn-pins")  # a bpffs of the bench's own
 class Poller:
     """One dataplane's polls as agent/pipeline.py runs them: drain, fold, expire (or
     flush), then, pinned, the journal's commit before the export and exported after
-    (bpf/restart.py's commit: Journal.commit, then the idle map's delete)."""
+    (bpf/restart.py's commit; the drain goes into the pinned buffers, DRAINING first)."""
 
     def __init__(self, n: int, pins: str, steady: bool, sink) -> None:
         from agent.exporter import Exporter
@@ -235,6 +235,8 @@ class Poller:
         self.drain = BatchDrain(self.prog, keep=self.pins is not None)
         poll = n + OVERFLOW_SIZE  # sized as bpf/restart.py sizes it
         self.journal = Journal(self.pins, poll) if self.pins else None
+        if self.journal is not None:
+            self.drain.before = self.journal.draining
         # steady: the same flows every poll, each reported every poll (active timeout 0)
         # and kept in the table; else every flow flushed (ends) in the poll it came
         self.steady = steady
@@ -251,7 +253,6 @@ class Poller:
         out = np.concatenate([evicted, due]) if len(evicted) else due
         if self.journal is not None:
             self.journal.commit(self.table, batch, out, self.drain.idle)
-            self.drain.forget()
         self.exporter.export(out, self.names)
         if self.journal is not None:
             self.journal.exported()

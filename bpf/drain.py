@@ -5,12 +5,21 @@ the slot, waits out programs still running on the old map, then empties it with
 BPF_MAP_LOOKUP_AND_DELETE_BATCH into buffers allocated once. Values of the
 per-CPU layout are folded with numpy reductions, and jiffies become wall-clock
 milliseconds.
+
+Pinned (keep), those buffers are the pages of a pinned mmap-able array ("drained"):
+the kernel deletes each entry in the same system call that copies it there, so an
+entry is always in the map or in the buffer, whatever kills the agent; the journal
+says when the buffer holds a drain not yet committed (bpf/journal.py, DRAINING). Keys
+are zeroed before each drain: the first all-zero key (ifindex 0, never a packet's
+interface) ends what a drain cut short wrote.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import mmap
+import os
 import time
 from collections.abc import Callable
 
@@ -85,6 +94,82 @@ class Jiffies:
 
 
 _ROW = np.dtype([("key", np.void, KEY_DTYPE.itemsize), ("val", np.void, VAL_DTYPE.itemsize)])
+PINNED = "drained"  # the pinned buffers' map
+_HEAD = np.dtype([("magic", "<u8"), ("capacity", "<u8"), ("copies", "<u8"),
+                  ("overflow", "<u8")])
+_MAGIC = 0x31445243  # layout 1 of the buffers below
+
+
+def _layout(capacity: int, copies: int, overflow: int) -> list[tuple[int, np.dtype, tuple]]:
+    """(offset, dtype, shape) of keys, values, overflow keys, overflow values."""
+    parts = [(KEY_DTYPE, (capacity,)), (VAL_DTYPE, (capacity, copies)),
+             (KEY_DTYPE, (overflow,)), (VAL_DTYPE, (overflow, 1))]
+    out, at = [], _HEAD.itemsize
+    for dtype, shape in parts:
+        out.append((at, dtype, shape))
+        at += dtype.itemsize * math.prod(shape)
+    return out
+
+
+def _map(fd: int) -> np.ndarray:
+    size = syscall.map_info(fd)[3] * 8
+    m = mmap.mmap(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, mmap.MAP_SHARED,
+                  mmap.PROT_READ | mmap.PROT_WRITE)
+    return np.frombuffer(m, np.uint8, count=size)
+
+
+def _views(buf: np.ndarray) -> list[np.ndarray]:
+    head = buf[:_HEAD.itemsize].view(_HEAD)[0]
+    return [buf[at:at + dtype.itemsize * math.prod(shape)].view(dtype).reshape(shape)
+            for at, dtype, shape in _layout(int(head["capacity"]), int(head["copies"]),
+                                            int(head["overflow"]))]
+
+
+def pinned_buffers(path: str, capacity: int, copies: int, overflow: int) -> list[np.ndarray]:
+    """The drain's buffers in the pinned map at path (created, or replaced when of
+    another geometry: called only once a successor has read it, read_pinned)."""
+    layout = _layout(capacity, copies, overflow)
+    at, dtype, shape = layout[-1]
+    words = -(-(at + dtype.itemsize * math.prod(shape)) // 8)
+    want = (syscall.MAP_ARRAY, 4, 8, words, syscall.F_MMAPABLE)
+    if os.path.exists(path):
+        fd = syscall.obj_get(path)
+        if syscall.map_info(fd) == want:
+            buf = _map(fd)
+            os.close(fd)
+            if buf[:_HEAD.itemsize].view(_HEAD)[0]["magic"] == _MAGIC:
+                return _views(buf)
+        else:
+            os.close(fd)
+        os.unlink(path)
+    fd = syscall.map_create(*want[:4], want[4], "cniflow_drained")
+    syscall.obj_pin(fd, path)
+    buf = _map(fd)
+    os.close(fd)
+    buf[:_HEAD.itemsize].view(_HEAD)[0] = (_MAGIC, capacity, copies, overflow)
+    return _views(buf)
+
+
+def written(keys: np.ndarray) -> int:
+    """Entries a drain wrote: up to the first all-zero key."""
+    zero = ~keys.view("<u8").reshape(len(keys), -1).any(axis=1)
+    return int(np.argmax(zero)) if zero.any() else len(keys)
+
+
+def read_pinned(path: str, place: Callable[[np.ndarray], None]) -> np.ndarray:
+    """What the pinned buffers hold of a drain (bpf/journal.py decides whether it
+    counts), as FLOW_DTYPE records, read by the geometry they were written with."""
+    if not os.path.exists(path):
+        return np.zeros(0, FLOW_DTYPE)
+    fd = syscall.obj_get(path)
+    buf = _map(fd)
+    os.close(fd)
+    if buf[:_HEAD.itemsize].view(_HEAD)[0]["magic"] != _MAGIC:
+        return np.zeros(0, FLOW_DTYPE)
+    keys, vals, okeys, ovals = _views(buf)
+    n, m = written(keys), written(okeys)
+    return np.concatenate([merge(keys[:n], vals[:n], place),
+                           merge(okeys[:m], ovals[:m], place)])
 assert _ROW.itemsize == FLOW_DTYPE.itemsize
 assert [FLOW_DTYPE.fields[n][1] - KEY_DTYPE.itemsize for n in ("packets", "first_ms", "tos")] == [
     VAL_DTYPE.fields[n][1] for n in ("packets", "first", "tos")]
@@ -94,11 +179,15 @@ class BatchDrain:
     """Owns the preallocated buffers and the slot flip for one FlowProgram."""
 
     def __init__(self, program, ncpu: int | None = None, keep: bool = False) -> None:
-        """keep: the idle map is read, not emptied, until forget() (bpf/journal.py
-        deletes it only once what it held is committed)."""
+        """keep: drain into pinned buffers (program.pins), opened at the first drain,
+        after a successor has read what they held; before(slot) is called once their
+        keys are zeroed, before the flip (the journal records DRAINING)."""
         self.program = program
         self.keep = keep
-        self.held = (0, 0)  # entries of the idle flow and overflow maps read, not deleted
+        self.before: Callable[[int], None] | None = None
+        self.pinned = False
+        self.used = (0, 0)  # entries the last drain wrote: zeroed before the next
+        self.held = (0, 0)  # entries of the idle maps read, not deleted (none, now)
         self.capacity = program.map_size
         self.ncpu = ncpu or program.value_copies
         self.fds = list(program.flow_map_fds)
@@ -122,27 +211,44 @@ class BatchDrain:
     def drain_raw(self) -> int:
         """Flip and empty the idle map into self.keys / self.vals and its overflow map
         into self.overflow_keys / _vals (count in self.overflowed); return the count."""
+        if self.keep:
+            self._pin()
         idle = self.active
         self.active ^= 1
         self.program.set_slot(self.active)
         time.sleep(GRACE_SECONDS)
         self.program.reset_fill(idle)
-        read = syscall.lookup_batch_into if self.keep else syscall.lookup_and_delete_batch
+        read = syscall.lookup_and_delete_batch
         self.overflowed = read(
             self.overflow_fds[idle], self.overflow_keys.ctypes.data,
             self.overflow_vals.ctypes.data, KEY_DTYPE.itemsize, VAL_DTYPE.itemsize,
             self.overflow_capacity)
         n = read(self.fds[idle], self.keys.ctypes.data, self.vals.ctypes.data,
                  KEY_DTYPE.itemsize, VAL_DTYPE.itemsize * self.ncpu, self.capacity)
-        self.held = (n, self.overflowed) if self.keep else (0, 0)
+        self.used = (n, self.overflowed)
         return n
+
+    def _pin(self) -> None:
+        """The buffers in the pinned map (the first time), what the last drain wrote
+        there zeroed, then before(slot about to be drained)."""
+        if not self.pinned:
+            self.keys, self.vals, self.overflow_keys, self.overflow_vals = pinned_buffers(
+                self.program.pins.map_path(PINNED), self.capacity, self.ncpu,
+                self.overflow_capacity)
+            self.used, self.pinned = (self.capacity, self.overflow_capacity), True
+        n, m = self.used
+        self.keys[:n].view(np.uint8).fill(0)
+        self.overflow_keys[:m].view(np.uint8).fill(0)
+        if self.before is not None:
+            self.before(self.active)
 
     @property
     def idle(self) -> int:
         return self.active ^ 1
 
     def forget(self) -> None:
-        """Delete what the last drain read from the idle maps (keep mode), by key."""
+        """Delete what a drain read without deleting (none does now: kept for
+        bpf/dataplane.py, which calls it after a failed poll)."""
         n, m = self.held
         if n:
             syscall.delete_batch(self.fds[self.idle], self.keys.ctypes.data,
@@ -153,13 +259,20 @@ class BatchDrain:
         self.held = (0, 0)
 
     def empty(self, slot: int) -> None:
-        """Delete everything in one slot's flow and overflow maps (read, discarded)."""
-        syscall.lookup_and_delete_batch(self.fds[slot], self.keys.ctypes.data,
-                                        self.vals.ctypes.data, KEY_DTYPE.itemsize,
-                                        VAL_DTYPE.itemsize * self.ncpu, self.capacity)
-        syscall.lookup_and_delete_batch(self.overflow_fds[slot], self.overflow_keys.ctypes.data,
-                                        self.overflow_vals.ctypes.data, KEY_DTYPE.itemsize,
+        """Delete everything in one slot's flow and overflow maps (read, discarded; into
+        buffers of its own: the pinned ones may hold what a successor reads)."""
+        size = max(self.capacity, self.overflow_capacity)
+        keys, vals = np.zeros(size, KEY_DTYPE), np.zeros((size, self.ncpu), VAL_DTYPE)
+        syscall.lookup_and_delete_batch(self.fds[slot], keys.ctypes.data, vals.ctypes.data,
+                                        KEY_DTYPE.itemsize, VAL_DTYPE.itemsize * self.ncpu,
+                                        self.capacity)
+        syscall.lookup_and_delete_batch(self.overflow_fds[slot], keys.ctypes.data,
+                                        vals.ctypes.data, KEY_DTYPE.itemsize,
                                         VAL_DTYPE.itemsize, self.overflow_capacity)
+
+    def read_pinned(self) -> np.ndarray:
+        """What the pinned buffers hold (an earlier agent's drain), as records."""
+        return read_pinned(self.program.pins.map_path(PINNED), self.clock.placer())
 
     def drain(self) -> np.ndarray:
         """Empty the kernel maps and return their flows as a FLOW_DTYPE batch, the

@@ -1,49 +1,58 @@
 """Flows drained but not yet exported, kept in pinned maps so a SIGKILL loses none.
 
 The flow table lives in the agent's memory for up to the active timeout; the kernel's
-idle map is emptied every poll. Without this a killed agent loses both. Two pinned
-maps (three while one grows) hold that state:
+idle map is emptied every poll. Without this a killed agent loses both. Pinned maps
+hold that state:
 
+    drained      the drain's buffers (bpf/drain.py): the kernel copies each entry of
+                 the idle map there and deletes it in the same system call
     ring0|ring1  an mmap-able array of FLOW_DTYPE rows used as a ring, written with
                  plain stores (no system call per row): the table as a sequence of row
                  versions, then the records due
-    commit       [0] = (generation, phase, idle slot drained, ring in use, base, end,
-                 records due): one 56-octet update, the commit point
+    commit       [0] = (generation, phase, slot, ring in use, base, end, records due):
+                 one 56-octet update, the commit point
 
 State S = the ring's rows [base, end) replayed in order: the last version of each key
 wins, a version with end_reason GONE removes it. Records due: the ring's [end,
-end + due) while the phase is COMMITTED. A poll reads the idle map without deleting
-it, folds it into the table and takes the table's changes since the last commit (the
-table marks every row it writes and keeps every row it removes: FlowTable.changes());
-then either appends them (GONE versions of the removed keys first, then the current
+end + due) while the phase is COMMITTED. A poll: zero the buffers' keys; record
+DRAINING (slot: the map about to be drained); flip and empty the idle map into the
+buffers; fold them into the table and take the table's changes since the last commit
+(it marks every row it writes and keeps every row it removes: FlowTable.changes());
+then either append them (GONE versions of the removed keys first, then the current
 rows of the changed ones: a key removed and added again ends live) or, when the ring
-since base would exceed 1.25 table sizes (or on the first commit), writes the whole
-table (compaction: a snapshot); the records due follow. Both are written at end, into
-ring space outside [base, end): (end - base) + written <= capacity, checked. Then the
-commit record: COMMITTED with the new end (and, after a compaction, base = where the
-snapshot starts). Then the idle map is deleted, the records exported, EXPORTED set.
+since base would exceed 1.25 table sizes (or on the first commit), write the whole
+table (compaction: a snapshot); the records due follow. Both go at end, into ring
+space outside [base, end): (end - base) + written <= capacity, checked. Then the
+commit record: COMMITTED, the new end (after a compaction, base = the snapshot's
+start). Then the export, then EXPORTED.
 
-Why nothing is lost or counted twice, whenever the agent dies:
+Why nothing is lost or counted twice, whenever the agent dies (every drained entry
+is, at every instant, in the kernel map or in the buffers: one system call moves it,
+and a SIGKILL does not cut a system call in half; the buffers' keys were zeroed first,
+so the first all-zero key ends what was moved):
 
-- before the commit update: the record still names the previous S, whose rows were
-  not overwritten (only space outside [base, end) was written, and the previous
-  poll's due space is free: a poll finding COMMITTED, whose export failed, first marks
-  it EXPORTED); S is the table as of the previous commit, and the idle map is intact
-  (read, not deleted): the successor drains it again into S. Nothing counted twice:
-  nothing of this poll is in S, nothing of it was exported.
-- between the commit and EXPORTED: S is the table after this poll (it holds every
-  drained packet not in a record due), the records due are in the ring; the successor
-  empties the idle map named in the record (idempotent: part may already be deleted)
-  and sends the due records. The one window: if the kill came while or after they
-  were sent, they are sent again (README: Restarts).
-- after EXPORTED: the idle map is already deleted (before the export), S is the table.
+- before DRAINING: the buffers are not counted (the record says COMMITTED or
+  EXPORTED): S (and the due records if COMMITTED) as after the last poll; the maps
+  hold the rest.
+- DRAINING, before the commit: S is the table as of the last commit (only space
+  outside [base, end) was written; the previous poll's due space was given up by
+  DRAINING itself: its export had finished or failed). The successor folds what the
+  buffers hold into S and commits that at once (before its own drain reuses them);
+  what the drain had not yet moved is still in the kernel map, drained later. Nothing
+  of this poll was in S or exported.
+- COMMITTED: S is the table after this poll (every moved entry folded in, or in a
+  record due), the records due are in the ring; the buffers no longer count. The
+  successor sends the due records. The one window: a kill while or after they were
+  sent sends them again (README: Restarts).
+- EXPORTED: nothing to redo.
 - a growing (or shrinking) ring is a new map pinned under the other name, written
   with the compaction, named by the commit update; the old one is unpinned after it.
   A successor removes whichever ring the record does not name.
 
-The commit update is one bpf(2) call, which a SIGKILL does not cut in half. S equals
-the table only if every write to a row is marked: FlowTable marks them itself (fold,
-active-timeout resets, partners) and keeps removed rows (evictions, expiry, flush).
+S equals the table only if every write to a row is marked: FlowTable marks them
+itself (fold, active-timeout resets, partners) and keeps removed rows (evictions,
+expiry, flush). The previous layout (a pending hash and a log, the idle map read and
+deleted by key after the commit) is migrated once: see _legacy.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ log = logging.getLogger(__name__)
 REST = FLOW_DTYPE.itemsize - KEY_DTYPE.itemsize  # a row without its key: 40 octets
 ROW = np.dtype([("key", np.void, KEY_DTYPE.itemsize), ("rest", np.void, REST)])
 GONE = 255  # end_reason of a row version that removes its key
-COMMITTED, EXPORTED = 1, 2
+COMMITTED, EXPORTED, DRAINING = 1, 2, 3
 _J = struct.Struct("<QQQQQQQ")  # generation, phase, slot, ring, base, end, due
 _ZERO = struct.pack("<I", 0)
 _RING = (syscall.MAP_ARRAY, 4, FLOW_DTYPE.itemsize)
@@ -131,16 +140,35 @@ class Journal:
         syscall.obj_pin(fd, path)
         return fd, _rows(fd, rows)
 
-    def recover(self, empty_idle) -> tuple[np.ndarray, np.ndarray]:
+    def recover(self, empty_idle, drained) -> tuple[np.ndarray, np.ndarray]:
         """After an agent that did not finish its last poll: (the table's rows, records
-        still to export). empty_idle(slot) deletes the idle map the commit covered."""
+        still to export). empty_idle(slot) deletes the idle map a commit covered (the
+        previous layout only read it); drained() reads the pinned drain buffers, folded
+        into the table when the record says DRAINING and committed at once (the next
+        drain overwrites them)."""
         due = np.zeros(0, FLOW_DTYPE)
         if self.phase == COMMITTED:
             empty_idle(int(self.slot))
             due = self._read(self.end, self.ndue)
             log.warning("the previous agent stopped after a commit: its last records sent "
                         "again", extra={"records": len(due), "generation": self.gen})
-        return replay(self._read(self.base, self.end - self.base)), due
+        rows = replay(self._read(self.base, self.end - self.base))
+        if self.phase == DRAINING:
+            extra = drained()
+            if len(extra):
+                table = FlowTable(max_flows=len(rows) + len(extra))
+                table.update(rows, unique=True)
+                table.update(extra, unique=True)  # one drain: no key twice
+                rows = table.flows
+                log.warning("the previous agent stopped during a poll: what it had drained "
+                            "is restored", extra={"flows": len(extra)})
+            self._compact(rows, due, self.slot, EXPORTED)
+        return rows, due
+
+    def draining(self, slot: int) -> None:
+        """The drain buffers are about to receive the map of `slot` (bpf/drain.py): from
+        now until the commit they count. Ends a COMMITTED whose export failed."""
+        self._mark(DRAINING, slot, 0)
 
     def commit(self, table: FlowTable, batch: np.ndarray, out: np.ndarray, slot: int) -> None:
         """Log the table's changes since the last commit (or the whole table) and the
@@ -150,7 +178,7 @@ class Journal:
         if full:
             table.track()
         slots, gone = table.changes()
-        if not full and not len(slots) and not len(gone) and not len(out):
+        if not (full or len(slots) or len(gone) or len(out) or self.phase == DRAINING):
             return
         if self.phase == COMMITTED:  # the last poll's export failed: its due space is
             self._mark(EXPORTED, self.slot, 0)  # reused only once that is recorded

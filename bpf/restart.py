@@ -36,6 +36,7 @@ class Restart:
         self.pins = program.pins
         poll = cfg.map_size + OVERFLOW_SIZE  # the most one drain brings
         self.journal = Journal(self.pins, poll)
+        drainer.before = self.journal.draining  # DRAINING, then the flip and the drain
         self.started = time.monotonic()
         self.settled = False
         if program.adopted:
@@ -46,7 +47,7 @@ class Restart:
     def restore(self) -> tuple[np.ndarray, np.ndarray]:
         """The flow table's rows an earlier agent left, and records it had committed
         but maybe not sent."""
-        rows, due = self.journal.recover(self.drainer.empty)
+        rows, due = self.journal.recover(self.drainer.empty, self.drainer.read_pinned)
         if len(rows) or len(due):
             log.info("restored flows not yet exported",
                      extra={"flows": len(rows), "records": len(due)})
@@ -75,7 +76,6 @@ class Restart:
 
     def commit(self, table, batch: np.ndarray, out: np.ndarray) -> None:
         self.journal.commit(table, batch, out, self.drainer.idle)
-        self.drainer.forget()
 
     def close(self) -> None:
         self.journal.close()

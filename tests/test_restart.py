@@ -204,14 +204,14 @@ def test_the_journal_recovers_a_committed_poll_exactly(lab):
     j.commit(table, batch, batch[:0], 0)  # committed, then the agent is killed
     emptied = []
     again = Journal(PinDir(pins), 2)
-    rows, due = again.recover(emptied.append)
+    rows, due = again.recover(emptied.append, nothing)
     assert by_port(rows) == {5: (2, 0), 6: (2, 0), 7: (2, 0)}
     assert len(due) == 0 and emptied == [0]
     table.update(batch := flows([5]), unique=True)
     out = table.flush()
     again.commit(table, batch, out, 1)
     third = Journal(PinDir(pins), 2)
-    rows, due = third.recover(emptied.append)
+    rows, due = third.recover(emptied.append, nothing)
     assert len(rows) == 0 and emptied == [0, 1]
     assert by_port(due) == {5: (4, 4), 6: (2, 4), 7: (2, 4)}
     assert due.tobytes() == out.tobytes()
@@ -246,6 +246,13 @@ def _rows(ports, direction, now, rng):
     b["last_ms"] = now
     b["tcp_flags"] = np.where(rng.random(len(ports)) < 0.1, 1, 0)  # FIN: ends early
     return b
+
+
+def nothing():
+    """No drain buffers: what recover() reads when the record says DRAINING."""
+    from agent.records import FLOW_DTYPE
+
+    return np.zeros(0, FLOW_DTYPE)
 
 
 def _canon(rows) -> list[bytes]:
@@ -285,7 +292,7 @@ def test_the_journal_log_and_snapshots_replay_to_the_table_at_every_kill_point(p
         j._write(j.end + j.ndue, junk)
         emptied = []
         dead = Journal(pins, 64)
-        rows, again = dead.recover(emptied.append)
+        rows, again = dead.recover(emptied.append, nothing)
         assert _canon(rows) == state, poll
         assert _canon(again) == due_then and emptied == ([poll % 2 ^ 1] if due_then else [])
         dead.close()
@@ -304,7 +311,7 @@ def test_the_journal_log_and_snapshots_replay_to_the_table_at_every_kill_point(p
         # killed after the commit: the table now, this poll's records, the slot emptied
         dead = Journal(pins, 64)
         emptied = []
-        rows, again = dead.recover(emptied.append)
+        rows, again = dead.recover(emptied.append, nothing)
         assert _canon(rows) == state, poll
         due_then = _canon(out) if committed else []
         assert _canon(again) == due_then
@@ -354,7 +361,7 @@ def test_the_previous_layouts_pending_flows_are_migrated(pinfs):
     del logged
     emptied = []
     j = Journal(pins, 8)
-    rows, due = j.recover(emptied.append)
+    rows, due = j.recover(emptied.append, nothing)
     expect = np.concatenate([table[:3], changed, table[5:]])
     assert _canon(rows) == _canon(expect)
     assert _canon(due) == _canon(records) and emptied == [1]
@@ -362,6 +369,68 @@ def test_the_previous_layouts_pending_flows_are_migrated(pinfs):
     j.exported()
     j.close()
     again = Journal(pins, 8)
-    rows, due = again.recover(emptied.append)
+    rows, due = again.recover(emptied.append, nothing)
     assert _canon(rows) == _canon(expect) and len(due) == 0 and emptied == [1]
     again.close()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_poll_killed_after_its_drain_is_restored_from_the_pinned_buffers(pinfs, shared):
+    """The drain empties the kernel map into pinned buffers (no delete by key after the
+    commit); a successor of an agent killed after that drain, before its commit, folds
+    what the buffers hold into the table, commits it, and never reads them again; one
+    killed after DRAINING was recorded but before the flip finds the counts still in
+    the kernel map. Real maps: a FlowProgram's, shared and per-CPU."""
+    from agent.flowtable import FlowTable
+    from agent.records import KEY_DTYPE
+    from bpf import syscall
+    from bpf.drain import VAL_DTYPE, BatchDrain
+    from bpf.journal import EXPORTED, Journal
+    from bpf.pins import PinDir
+    from bpf.program import FlowProgram
+
+    pins = PinDir(pinfs)
+    prog = FlowProgram(256, shared=shared, pins=pins)
+
+    def fill(fd, n, packets):
+        keys = np.zeros(n, KEY_DTYPE)
+        keys["ifindex"], keys["ip_version"], keys["proto"] = 7, 4, 17
+        keys["sport"], keys["dport"] = 9, np.arange(n) + 1
+        vals = np.zeros((n, prog.value_copies), VAL_DTYPE)
+        vals["packets"][:, -1], vals["octets"][:, -1] = packets, 100 * packets
+        now = prog.jiffies() + (1 << 32)
+        vals["first"][:, -1], vals["last"][:, -1] = now - 50, now
+        syscall.update_batch(fd, keys.ctypes.data, vals.ctypes.data, n)
+
+    def packets(rows):
+        return {int(r["key"]["dport"]): int(r["packets"]) for r in rows}
+
+    def successor():
+        d = BatchDrain(prog, keep=True)
+        j = Journal(pins, 256)
+        d.before = j.draining
+        return d, j, j.recover(d.empty, d.read_pinned)
+
+    drain, j, _ = successor()
+    table = FlowTable(active_timeout_s=3600, idle_timeout_s=3600)
+    fill(drain.fds[drain.active], 40, 3)
+    table.update(batch := drain.drain(), unique=True)
+    j.commit(table, batch, batch[:0], drain.idle)
+    j.exported()
+    fill(drain.fds[drain.active], 60, 5)  # 40 known keys, 20 new
+    assert len(drain.drain()) == 60  # ... and the agent is killed before the commit
+    assert syscall.lookup_batch(drain.fds[drain.idle], KEY_DTYPE.itemsize,
+                                VAL_DTYPE.itemsize * prog.value_copies, 256) == []
+    drain, j, (rows, due) = successor()
+    assert packets(rows) == {p: 8 if p <= 40 else 5 for p in range(1, 61)} and not len(due)
+    assert j.phase == EXPORTED  # committed at once: the next drain may overwrite them
+    drain, j, (rows, due) = successor()  # killed again before any poll: not read twice
+    assert packets(rows) == {p: 8 if p <= 40 else 5 for p in range(1, 61)}
+    slot = drain.active
+    fill(drain.fds[slot], 10, 7)
+    drain._pin()  # keys zeroed, DRAINING recorded; killed before the flip and the drain
+    drain, j, (rows, due) = successor()
+    assert packets(rows) == {p: 8 if p <= 40 else 5 for p in range(1, 61)}
+    assert drain.active == slot and packets(drain.drain()) == {p: 7 for p in range(1, 11)}
+    j.close()
+    prog.close()
