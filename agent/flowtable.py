@@ -282,7 +282,9 @@ class FlowTable:
             self.sorted_h = h[self.order]
             return evicted
         start = len(self.flows)
-        self.flows = np.concatenate([self.flows, take(batch, new)])
+        row = np.dtype((np.void, batch.dtype.itemsize))  # as bytes: fields are slow
+        self.flows = np.concatenate([self.flows.view(row), take(batch, new).view(row)]).view(
+            batch.dtype)
         self._words = np.concatenate([self._words, words[new]])
         if self._dirty is not None:
             self._dirty = np.concatenate([self._dirty, np.ones(len(self.flows) - start, bool)])
