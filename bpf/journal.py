@@ -200,7 +200,8 @@ class Journal:
         """The whole table as the new base, then the records due; in a new ring when
         this one has no room beside what it holds (or is four times too large)."""
         n, d, live = len(flows), len(out), self.end - self.base
-        want = _round(max(self.min_rows, 2 * n + 2 * d + n // 2))
+        # room for the next compaction beside this one: live (<= 1.25 n) + n + d
+        want = _round(max(self.min_rows, (10 * n + 5 * d) // 4))
         cap = len(self.rows)
         if live + n + d <= cap and cap <= 4 * want:
             self._write(self.end, flows, out)
