@@ -91,9 +91,10 @@ class Continuity:
         return len(self.ends)
 
     def apply(self, batch: np.ndarray, now_ms: int) -> np.ndarray:
-        """The batch (ordered by key, then end) with each report's first_ms no earlier
-        than the end of the flow's previous report (in this batch or remembered), and
-        no later than its own end."""
+        """The batch with each report's first_ms no earlier than the end of the flow's
+        previous report (in this batch or remembered), and no later than its own end;
+        ordered by key hash, key, then end: the order FlowTable.update(reports=True)
+        folds in, so it sorts nothing again (nor after a boolean mask)."""
         if now_ms >= self._next_expire:  # forget what VPP certainly forgot (once a second)
             self.ends.expire(now_ms)
             self._next_expire = now_ms + 1000
@@ -103,7 +104,8 @@ class Continuity:
         words = key_words(batch)
         h = key_hash(words)
         order = report_order(h, words, batch["last_ms"])
-        b, w = take(batch, order), words[order]
+        b = take(batch, order)
+        w = key_words(b)  # a contiguous copy costs less than gathering words[order]
         first_of_key = np.ones(n, bool)
         first_of_key[1:] = (w[1:] != w[:-1]).any(axis=1)
         previous = np.zeros(n, np.uint64)
