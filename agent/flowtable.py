@@ -102,6 +102,13 @@ def _copy(rows: np.ndarray) -> np.ndarray:
     return rows.view(np.dtype((np.void, rows.dtype.itemsize))).copy().view(rows.dtype)
 
 
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate of record arrays, as opaque bytes (fields are copied one by one)."""
+    dtype = parts[0].dtype
+    row = np.dtype((np.void, dtype.itemsize))
+    return np.concatenate([p.view(row) for p in parts]).view(dtype)
+
+
 def fold_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     """Counters of src added to dst (same keys, row for row); returns the result."""
     out = _copy(dst)
@@ -236,7 +243,7 @@ class FlowTable:
         rank = at - np.maximum.accumulate(np.where(first_of_key, at, 0))
         evicted = [self._fold(take(b, rank == r), w[rank == r], hs[rank == r], reports=True)
                    for r in range(int(rank.max()) + 1)]
-        return np.concatenate(evicted)
+        return _concat(evicted)
 
     def _reset(self, rows: np.ndarray, which: np.ndarray, reason: int) -> None:
         """Rows that fell due while folding reports: recorded, their counters reset
@@ -359,14 +366,14 @@ class FlowTable:
 
     def _take_early(self) -> np.ndarray:
         early, self._early = self._early, []
-        return np.concatenate(early) if early else self.flows[:0]
+        return _concat(early) if early else self.flows[:0]
 
     def expire(self, now_ms: int) -> np.ndarray:
         """Records due at now_ms: end of flow (3), idle (1), active timeout (2), after
         those that fell due while reports were folded."""
         early = self._take_early()
         if len(early):
-            return np.concatenate([early, self._expire(now_ms)])
+            return _concat([early, self._expire(now_ms)])
         return self._expire(now_ms)
 
     def _expire(self, now_ms: int) -> np.ndarray:
@@ -424,7 +431,7 @@ class FlowTable:
         early = self._take_early()
         out = take(self.flows, self.flows["packets"] > 0)
         out["end_reason"] = FORCED_END
-        out = np.concatenate([early, out]) if len(early) else out
+        out = _concat([early, out]) if len(early) else out
         if self._dirty is not None:
             self._gone.append(self.flows)
             self._dirty = self._dirty[:0]
