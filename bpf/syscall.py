@@ -87,26 +87,27 @@ def lookup_and_delete_batch(
     fd: int, keys: int, values: int, key_size: int, value_size: int, capacity: int
 ) -> int:
     """Empty a hash map into the buffers at `keys` and `values` (addresses); returns
-    the number of entries. The kernel's batch token for hash maps is a bucket index."""
+    the number of entries."""
+    return _batches(MAP_LOOKUP_AND_DELETE_BATCH, "BPF_MAP_LOOKUP_AND_DELETE_BATCH", fd, keys,
+                    values, key_size, value_size, capacity)
+
+
+def _batches(cmd: int, what: str, fd: int, keys: int, values: int, key_size: int,
+             value_size: int, capacity: int) -> int:
+    """One batch command repeated until the map is done (ENOENT) or the buffers are
+    full. The kernel's batch token for hash maps is a bucket index."""
     token = ct.c_uint32(0)
     total, first = 0, True
     while total < capacity:
-        attr = _Batch(
-            0 if first else ct.addressof(token),
-            ct.addressof(token),
-            keys + total * key_size,
-            values + total * value_size,
-            capacity - total,
-            fd,
-            0,
-            0,
-        )
-        ret = _bpf(MAP_LOOKUP_AND_DELETE_BATCH, attr)
+        attr = _Batch(0 if first else ct.addressof(token), ct.addressof(token),
+                      keys + total * key_size, values + total * value_size,
+                      capacity - total, fd, 0, 0)
+        ret = _bpf(cmd, attr)
         total += attr.count
         first = False
         if ret == -errno.ENOENT:
             break
-        _check(ret, "BPF_MAP_LOOKUP_AND_DELETE_BATCH")
+        _check(ret, what)
     return total
 
 
@@ -337,19 +338,8 @@ def lookup_batch_into(fd: int, keys: int, values: int, key_size: int, value_size
                       capacity: int) -> int:
     """Copy a hash map's entries, without deleting them, into the buffers at `keys`
     and `values`; returns the count."""
-    token = ct.c_uint32(0)
-    total, first = 0, True
-    while total < capacity:
-        attr = _Batch(0 if first else ct.addressof(token), ct.addressof(token),
-                      keys + total * key_size, values + total * value_size,
-                      capacity - total, fd, 0, 0)
-        ret = _bpf(MAP_LOOKUP_BATCH, attr)
-        total += attr.count
-        first = False
-        if ret == -errno.ENOENT:
-            break
-        _check(ret, "BPF_MAP_LOOKUP_BATCH")
-    return total
+    return _batches(MAP_LOOKUP_BATCH, "BPF_MAP_LOOKUP_BATCH", fd, keys, values, key_size,
+                    value_size, capacity)
 
 
 def delete_batch(fd: int, keys: int, key_size: int, count: int) -> None:

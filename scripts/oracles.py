@@ -347,40 +347,9 @@ class Tshark:
         """Flow records with the Antrea strings (tshark shows them as hex), read from
         tshark's decoded tree: src, dst, proto, packets, octets, interface, and
         src_pod_ns, src_pod, dst_pod_ns, dst_pod, src_node, dst_node."""
-        out = subprocess.run(
-            ["tshark", "-r", str(self.pcap), *self.decode_args(), "-O", "cflow", "-V"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        records, cur = [], None
-        for line in out.splitlines():
-            text = line.strip()
-            if re.match(r"^Flow \d+$", text):
-                cur = {}
-                records.append(cur)
-            elif text.startswith("Set ") or text.startswith("Frame "):
-                cur = None
-            elif cur is not None:
-                m = re.match(r"Enterprise Private entry: \(Project Antrea\) Type (\d+)(.*)",
-                             text)
-                if m and int(m.group(1)) in self.ANTREA:  # an empty string shows no bytes
-                    hexed = re.search(r"Value \(hex bytes\):?\s*([0-9a-f ]*)", m.group(2))
-                    cur[self.ANTREA[int(m.group(1))]] = bytes.fromhex(
-                        hexed.group(1) if hexed else "").decode()
-                    continue
-                for label, key in (
-                    ("SrcAddr", "src"),
-                    ("DstAddr", "dst"),
-                    ("Packets", "packets"),
-                    ("Octets", "octets"),
-                    ("IfName", "interface"),
-                    ("Protocol", "proto"),
-                    ("DstPort", "dport"),
-                    ("Direction", "direction"),  # Ingress or Egress
-                ):
-                    if text.startswith(label + ":"):
-                        cur[key] = text.split(":", 1)[1].strip().split(" ")[0]
+        records = [{**{k: v for k, v in r.items() if isinstance(k, str)},
+                    **{self.ANTREA[k]: v.decode() for k, v in r.items() if k in self.ANTREA}}
+                   for r in tshark_tree(self.pcap, self.decode_args())]
         # tshark shows no line for an empty string: a record with any Antrea field has
         # them all, the missing ones empty
         names = set(self.ANTREA.values())
@@ -426,3 +395,33 @@ class Tshark:
                     }
                 )
         return flows
+
+
+def tshark_tree(pcap: Path, decode: list[str]) -> list[dict]:
+    """Flow records from tshark's decoded tree (`-V`): src, dst, sport, dport, proto,
+    packets, octets, interface, direction as tshark prints them, and each Antrea
+    element by its id, as bytes (tshark 4.0 names none of them and shows them in hex;
+    an empty string shows no line)."""
+    out = subprocess.run(["tshark", "-r", str(pcap), *decode, "-O", "cflow", "-V"],
+                         capture_output=True, text=True, check=True).stdout
+    records, cur = [], None
+    for line in out.splitlines():
+        text = line.strip()
+        if re.match(r"^Flow \d+$", text):
+            cur = {}
+            records.append(cur)
+        elif text.startswith(("Set ", "Frame ")):
+            cur = None
+        elif cur is not None:
+            m = re.match(r"Enterprise Private entry: \(Project Antrea\) Type (\d+)(.*)", text)
+            if m:
+                hexed = re.search(r"Value \(hex bytes\):?\s*([0-9a-f ]*)", m.group(2))
+                cur[int(m.group(1))] = bytes.fromhex(hexed.group(1) if hexed else "")
+                continue
+            for label, key in (("SrcAddr", "src"), ("DstAddr", "dst"), ("SrcPort", "sport"),
+                               ("DstPort", "dport"), ("Packets", "packets"),
+                               ("Octets", "octets"), ("IfName", "interface"),
+                               ("Protocol", "proto"), ("Direction", "direction")):
+                if text.startswith(label + ":"):
+                    cur[key] = text.split(":", 1)[1].strip().split(" ")[0]
+    return records

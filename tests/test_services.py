@@ -6,7 +6,6 @@ record of it names the Service port and the backend, read back by tshark and by
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import netlab
 import pytest
 from conftest import agent
 from fakeapi import FakeApiServer
-from oracles import Tshark
+from oracles import Tshark, tshark_tree
 from test_collector import RunningCollector
 from test_counting import ifindex_of
 from test_metering import pin_neighbours
@@ -57,28 +56,8 @@ def ask(node, ip: str, port: int, sport: int, count: int) -> None:
 
 
 def antrea_records(pcap: Path, decode: list[str]) -> list[dict]:
-    """Flow records from tshark's tree (4.0 names no Antrea element: by id, as bytes)."""
-    out = subprocess.run(["tshark", "-r", str(pcap), *decode, "-O", "cflow", "-V"],
-                         capture_output=True, text=True, check=True).stdout
-    records, cur = [], None
-    for line in out.splitlines():
-        text = line.strip()
-        if re.match(r"^Flow \d+$", text):
-            cur = {}
-            records.append(cur)
-        elif text.startswith(("Set ", "Frame ")):
-            cur = None
-        elif cur is not None:
-            m = re.match(r"Enterprise Private entry: \(Project Antrea\) Type (\d+)(.*)", text)
-            if m:
-                hexed = re.search(r"Value \(hex bytes\):?\s*([0-9a-f ]*)", m.group(2))
-                cur[int(m.group(1))] = bytes.fromhex(hexed.group(1) if hexed else "")
-                continue
-            for label, key in (("SrcAddr", "src"), ("DstAddr", "dst"), ("SrcPort", "sport"),
-                               ("DstPort", "dport"), ("Packets", "packets")):
-                if text.startswith(label + ":"):
-                    cur[key] = text.split(":", 1)[1].strip().split(" ")[0]
-    return [r for r in records if 101 in r or 103 in r]
+    """Flow records from tshark's tree that carry pod names (Antrea 101 or 103)."""
+    return [r for r in tshark_tree(pcap, decode) if 101 in r or 103 in r]
 
 
 @pytest.mark.parametrize("dedup", [True, False])
