@@ -168,8 +168,10 @@ class PodTable:
         observed = self._by_ifindex(k["ifindex"].astype(np.int64))
         other = np.where(ingress[:, None], k["dst"], k["src"])
         svc = self.services.match(k, ingress) if self.services is not None else None
-        if svc is not None:  # the other end is a Service's address: its backend instead
+        if svc is not None:  # the other end is a Service's address: its backend instead;
+            # at the backend, the client conntrack saw before a masquerade, not the node
             other = np.where(svc.translated[:, None], svc.backend, other)
+            other = np.where(svc.at_backend[:, None], svc.client, other)
         remote = self.by_address(other, k["ip_version"])
         if svc is not None:  # a backend on another node, as its EndpointSlice names it
             elsewhere = svc.translated & (remote == self.none)

@@ -215,14 +215,19 @@ def read_dnat() -> np.ndarray:
 @dataclass
 class Matches:
     """Per record: the Service port (-1: none), whether it is the destination's
-    (else the source's), the frontend address and port, and where the record's other
-    end is the frontend and conntrack knows the backend: that backend's address."""
+    (else the source's), the frontend address and port; where the record's other
+    end is the frontend and conntrack knows the backend: that backend's address; and
+    where the record is the backend's side: the client as conntrack first saw it, which
+    a masquerade (kube-proxy's for NodePorts, external and load balancer IPs under
+    externalTrafficPolicy Cluster) hides behind the node's address."""
     service: np.ndarray
     to_service: np.ndarray
     frontend: np.ndarray  # (n, 16)
     port: np.ndarray
     backend: np.ndarray  # (n, 16)
     translated: np.ndarray  # backend known and the record's other end is the frontend
+    client: np.ndarray  # (n, 16)
+    at_backend: np.ndarray  # the record's other end is the client (client known)
 
 
 class Services:
@@ -305,6 +310,8 @@ class Services:
         port = np.where(to_service, key["dport"], key["sport"]).astype(np.uint16)
         backend = np.zeros((n, 16), np.uint8)
         translated = np.zeros(n, bool)
+        client = np.zeros((n, 16), np.uint8)
+        at_backend = np.zeros(n, bool)
         # conntrack only when a record may be Service traffic: at a frontend, or at a
         # backend's address (the translated forms)
         maybe = (service >= 0) | (ix.endpoint(src, version) >= 0) | (ix.endpoint(dst, version) >= 0)
@@ -327,7 +334,12 @@ class Services:
                 f = form[known]
                 translated[known] = ((f == ORIG) & ingress[known]) | (
                     (f == ORIG_REVERSED) & ~ingress[known])
+                # the client is the other end: REPLY_REVERSED at egress, REPLY at ingress
+                client[known] = rows["orig"]["src"]
+                at_backend[known] = ((f == REPLY_REVERSED) & ~ingress[known]) | (
+                    (f == REPLY) & ingress[known])
         none = service < 0
         frontend[none] = 0
         port[none] = 0
-        return Matches(service, to_service, frontend, port, backend, translated)
+        return Matches(service, to_service, frontend, port, backend, translated, client,
+                       at_backend)

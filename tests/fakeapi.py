@@ -322,26 +322,36 @@ class FakeApiServer:
 
     def service(self, namespace: str, name: str, cluster_ip: str,
                 ports: list[tuple[str, str, int, int]], node_ports: dict[str, int] | None = None,
-                external_ips: list[str] | None = None) -> dict:
+                external_ips: list[str] | None = None,
+                load_balancer_ips: list[str] | None = None) -> dict:
         """A Service as the API server stores it; ports: (name, protocol, port,
-        targetPort); node_ports: port name -> nodePort (type NodePort)."""
+        targetPort); node_ports: port name -> nodePort (type NodePort, or LoadBalancer
+        with load_balancer_ips: the addresses its controller wrote to
+        status.loadBalancer.ingress). As the API server defaults them:
+        externalTrafficPolicy Cluster for both types, and a LoadBalancer's ports get
+        nodePorts (allocateLoadBalancerNodePorts true)."""
         node_ports = node_ports or {}
         family = "IPv6" if ":" in cluster_ip else "IPv4"
+        kind = "LoadBalancer" if load_balancer_ips else "NodePort" if node_ports else "ClusterIP"
         spec = {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ipFamilies": [family],
                 "ipFamilyPolicy": "SingleStack", "sessionAffinity": "None",
-                "internalTrafficPolicy": "Cluster",
-                "type": "NodePort" if node_ports else "ClusterIP",
+                "internalTrafficPolicy": "Cluster", "type": kind,
                 "selector": {"app": name},
                 "ports": [{"name": n, "protocol": proto, "port": port, "targetPort": target,
                            **({"nodePort": node_ports[n]} if n in node_ports else {})}
                           for n, proto, port, target in ports]}
+        if kind != "ClusterIP":
+            spec["externalTrafficPolicy"] = "Cluster"
+        if kind == "LoadBalancer":
+            spec["allocateLoadBalancerNodePorts"] = True
         if external_ips:
             spec["externalIPs"] = external_ips
+        ingress = [{"ip": ip, "ipMode": "VIP"} for ip in load_balancer_ips or ()]
         return self.state.put("services", {
             "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
                          "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                             time.gmtime())},
-            "spec": spec, "status": {"loadBalancer": {}}})
+            "spec": spec, "status": {"loadBalancer": {"ingress": ingress} if ingress else {}}})
 
     def endpoint_slice(self, namespace: str, service: str,
                        ports: list[tuple[str, str, int]],

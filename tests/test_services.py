@@ -1,8 +1,11 @@
-"""Stories of Service traffic: kube-proxy-like DNAT rules (iptables-nft, KUBE-SERVICES
-chains) in the lab node, a ClusterIP whose backend is a pod of the node and one whose
-backend runs elsewhere (the remote host, a pod of node-b by its EndpointSlice). Every
-record of it names the Service port and the backend, read back by tshark and by
-`cniflow collector`, and every packet is counted once."""
+"""Stories of Service traffic through kube-proxy's own rule shapes (iptables-nft and
+ip6tables, its chains as pkg/proxy/iptables/proxier.go writes them) in the lab node: a
+ClusterIP whose backend is a pod of the node and one whose backend runs elsewhere (the
+remote host, a pod of node-b by its EndpointSlice), over IPv4 and IPv6; a NodePort, an
+external IP and a load balancer IP reached from outside the node, masqueraded as
+externalTrafficPolicy Cluster does; a whole TCP connection through a ClusterIP. Every
+record names the Service port and the backend, read back by tshark and by `cniflow
+collector`, and every packet is counted once."""
 
 from __future__ import annotations
 
@@ -22,25 +25,69 @@ from test_metering import pin_neighbours
 NODE = "node-a"
 PY = "/usr/bin/python3"
 DB_IP, CACHE_IP = "10.96.0.10", "10.96.0.20"  # ClusterIPs
-ECHO = ("import socket,sys;s=socket.socket(2,2);s.bind(('',int(sys.argv[1])));"
+# UDP echo on both families (an IPv6 socket that takes IPv4 too)
+ECHO = ("import socket,sys;s=socket.socket(10,2);s.setsockopt(41,26,0);"
+        "s.bind(('',int(sys.argv[1])));"
         "print('ready',flush=True)\nwhile 1:\n d,a=s.recvfrom(9999);s.sendto(d,a)")
-CLIENT = ("import socket,sys;s=socket.socket(2,2);s.bind(('',int(sys.argv[3])));"
-          "s.settimeout(3);s.connect((sys.argv[1],int(sys.argv[2])))\n"
+CLIENT = ("import socket,sys;s=socket.socket(10 if ':' in sys.argv[1] else 2,2);"
+          "s.bind(('',int(sys.argv[3])));s.settimeout(3);s.connect((sys.argv[1],int(sys.argv[2])))\n"
           "for _ in range(int(sys.argv[4])):\n s.send(b'q'*100);s.recv(9999)")
 
 
-def kube_proxy(node, service: str, cluster_ip: str, port: int, backend: str, target: int) -> None:
-    """What kube-proxy's iptables mode writes for one UDP Service port and one endpoint."""
-    chain = f"KUBE-SVC-{service.upper()}"
-    sep = f"KUBE-SEP-{service.upper()}"
-    for rule in ("-N KUBE-SERVICES", "-I PREROUTING -j KUBE-SERVICES",
-                 "-I OUTPUT -j KUBE-SERVICES"):
-        subprocess.run(node.exec(f"iptables -t nat {rule}").split(), capture_output=True)
-    for rule in (f"-N {chain}", f"-N {sep}",
-                 f"-A KUBE-SERVICES -d {cluster_ip}/32 -p udp --dport {port} -j {chain}",
-                 f"-A {chain} -j {sep}",
-                 f"-A {sep} -p udp -j DNAT --to-destination {backend}:{target}"):
-        netlab.sh(node.exec(f"iptables -t nat {rule}"))
+def kube_proxy(node, service: str, cluster_ip: str, port: int, backend: str, target: int,
+               proto: str = "udp", node_port: int = 0, external_ips: tuple[str, ...] = (),
+               cluster_cidr: str = "10.99.0.0/16") -> None:
+    """What kube-proxy's iptables mode writes for one Service port ("shop/<service>") and
+    one endpoint (pkg/proxy/iptables/proxier.go): KUBE-SERVICES captures the ClusterIP
+    (to KUBE-SVC-*, which marks for masquerade what does not come from the cluster CIDR)
+    and the external and load balancer IPs (to KUBE-EXT-*); its last rule sends the
+    node's own addresses to KUBE-NODEPORTS, whose nodePort goes to KUBE-EXT-* too;
+    KUBE-EXT-* marks for masquerade (externalTrafficPolicy Cluster) and jumps to
+    KUBE-SVC-*; KUBE-SEP-* DNATs; KUBE-POSTROUTING masquerades what was marked.
+    ip6tables for an IPv6 ClusterIP."""
+    v6 = ":" in cluster_ip
+    tool, host = ("ip6tables", "/128") if v6 else ("iptables", "/32")
+    to = f"[{backend}]:{target}" if v6 else f"{backend}:{target}"
+    name = f"shop/{service}"
+    svc, sep, ext = (f"KUBE-{c}-{service.upper()}" for c in ("SVC", "SEP", "EXT"))
+
+    def nat(*rules: str) -> None:
+        for rule in rules:
+            netlab.sh(node.exec(f"{tool} -t nat {rule}"))
+
+    if not subprocess.run(node.exec(f"{tool} -t nat -N KUBE-SERVICES").split(),
+                          capture_output=True).returncode:  # the node's first Service
+        nat("-N KUBE-NODEPORTS", "-N KUBE-POSTROUTING", "-N KUBE-MARK-MASQ",
+            "-A PREROUTING -m comment --comment 'kubernetes service portals' -j KUBE-SERVICES",
+            "-A OUTPUT -m comment --comment 'kubernetes service portals' -j KUBE-SERVICES",
+            "-A POSTROUTING -m comment --comment 'kubernetes postrouting rules' "
+            "-j KUBE-POSTROUTING",
+            "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+            "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+            "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+            "-A KUBE-POSTROUTING -m comment --comment 'kubernetes service traffic requiring "
+            "SNAT' -j MASQUERADE --random-fully",
+            "-A KUBE-SERVICES -m comment --comment 'kubernetes service nodeports; NOTE: this "
+            "must be the last rule in this chain' -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+    match = f"-m {proto} -p {proto}"
+    nat(f"-N {svc}", f"-N {sep}",
+        f"-I KUBE-SERVICES 1 -m comment --comment '{name} cluster IP' {match} "
+        f"-d {cluster_ip}{host} --dport {port} -j {svc}",
+        f"-A {svc} -m comment --comment '{name} cluster IP' {match} -d {cluster_ip}{host} "
+        f"--dport {port} ! -s {cluster_cidr} -j KUBE-MARK-MASQ",
+        f"-A {svc} -m comment --comment '{name} -> {to}' -j {sep}",
+        f"-A {sep} -m comment --comment {name} -s {backend}{host} -j KUBE-MARK-MASQ",
+        f"-A {sep} -m comment --comment {name} {match} -j DNAT --to-destination {to}")
+    if node_port or external_ips:
+        nat(f"-N {ext}",
+            f"-A {ext} -m comment --comment 'masquerade traffic for {name} external "
+            "destinations' -j KUBE-MARK-MASQ", f"-A {ext} -j {svc}")
+    for ip in external_ips:
+        nat(f"-I KUBE-SERVICES 1 -m comment --comment '{name} external IP' {match} "
+            f"-d {ip}{host} --dport {port} -j {ext}")
+    if node_port:
+        nat(f"-A KUBE-NODEPORTS -m comment --comment {name} {match} --dport {node_port} "
+            f"-j {ext}")
 
 
 def echo(cmd_prefix: str, port: int) -> subprocess.Popen:
@@ -50,9 +97,11 @@ def echo(cmd_prefix: str, port: int) -> subprocess.Popen:
     return p
 
 
-def ask(node, ip: str, port: int, sport: int, count: int) -> None:
-    """count datagrams of 100 octets from web, each answered before the next."""
-    netlab.sh(node.in_pod(0, f"{PY} -c \"{CLIENT}\" {ip} {port} {sport} {count}"))
+def ask(node, ip: str, port: int, sport: int, count: int, remote: bool = False) -> None:
+    """count datagrams of 100 octets from web (or the remote host), each answered before
+    the next."""
+    cmd = f"{PY} -c \"{CLIENT}\" {ip} {port} {sport} {count}"
+    netlab.sh(node.in_remote(cmd) if remote else node.in_pod(0, cmd))
 
 
 def antrea_records(pcap: Path, decode: list[str]) -> list[dict]:
@@ -168,3 +217,98 @@ def test_service_traffic_names_the_service_and_its_backend_here_and_elsewhere(de
     t = by_tshark[(web.ipv4, "53")]
     assert (t[109], t[103], t[105]) == (b"shop/cache", b"cache-0", b"node-b")
     assert by_tshark[(web.ipv4, "9009")].get(109, b"") == b""
+
+
+NODE_IP = "10.99.200.1"  # the node's address toward the remote host (netlab's uplink)
+EXTERNAL_IP, LB_IP = "203.0.113.10", "203.0.113.20"
+
+
+def records_at(rows: list[dict], interface: str, **fields) -> list[dict]:
+    """Flow records of one veth whose fields have these values."""
+    return [r for r in rows if r.get("interfaceName") == interface and "packetDeltaCount" in r
+            and all(r.get(k) == v for k, v in fields.items())]
+
+
+def test_traffic_from_outside_to_a_nodeport_external_ip_and_load_balancer_ip():
+    """A client outside the node reaches db's Service (type LoadBalancer) three ways:
+    the node's address and its nodePort, an external IP and the load balancer's IP
+    routed to the node. kube-proxy DNATs each to db, a pod of this node, and
+    masquerades it (externalTrafficPolicy Cluster): db sees the node's own address.
+    The records at db's veth name the Service port, the address and port the client
+    used, db as the backend and the client's side as outside the cluster (flowType 4
+    in, 3 for the answers), never this node: the masquerade hides the client, the
+    node's conntrack does not."""
+    prefix = "sv2x"
+    node = netlab.up(prefix, 2, remote=True)
+    api = FakeApiServer(node.netns)
+    servers: list[subprocess.Popen] = []
+    counts = {(NODE_IP, 30080): 6, (EXTERNAL_IP, 80): 4, (LB_IP, 80): 3}
+    try:
+        web, db = node.pods
+        api.namespace("shop", {"cniflow.io/export": "true"})
+        api.node(NODE, [NODE_IP])
+        api.pod("shop", "web", NODE, [web.ipv4])
+        api.pod("shop", "db", NODE, [db.ipv4])
+        api.service("shop", "db", DB_IP, [("sql", "UDP", 80, 8080)], node_ports={"sql": 30080},
+                    external_ips=[EXTERNAL_IP], load_balancer_ips=[LB_IP])
+        api.endpoint_slice("shop", "db", [("sql", "UDP", 8080)], [(db.ipv4, "db", NODE)])
+        kube_proxy(node, "db", DB_IP, 80, db.ipv4, 8080, node_port=30080,
+                   external_ips=(EXTERNAL_IP, LB_IP), cluster_cidr="10.99.0.0/18")
+        # A real node's masquerade source is its own address (the pods' gateway
+        # 169.254.1.1 lives on no real node's interface): link scope, so MASQUERADE
+        # picks the uplink's address as a node's would pick its InternalIP
+        netlab.sh(node.exec("ip addr del 169.254.1.1/32 dev lo"))
+        netlab.sh(node.exec("ip addr add 169.254.1.1/32 dev lo scope link"))
+        for ip in (EXTERNAL_IP, LB_IP):  # the network routes them to this node
+            netlab.sh(node.in_remote(f"ip route add {ip}/32 via {NODE_IP}"))
+        for i in range(2):
+            pin_neighbours(node, i)
+        servers = [echo(node.in_pod(1, ""), 8080)]
+        collector = RunningCollector(node.netns, 4739)
+        tshark = Tshark(node.netns, 4739)
+        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
+        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
+                   "--idle-timeout", "1", "--cluster-cidr", "10.99.0.0/18",
+                   interfaces=()) as running:
+            time.sleep(1.5)
+            for (ip, port), n in counts.items():
+                ask(node, ip, port, 42000 + n, n, remote=True)
+            time.sleep(3)
+            assert running.metrics()["cniflow_poll_errors_total"] == 0
+        tshark.stop()
+        assert tshark.expert() == []
+        rows = collector.stop()
+        db_if = ifindex_of(node, db.host_if)
+        raw = [r for r in tshark_tree(tshark.pcap, tshark.decode_args())
+               if r.get("interface") == db.host_if]
+    finally:
+        for s in servers:
+            s.kill()
+        api.stop()
+        netlab.down(prefix)
+    at_db = records_at(rows, db.host_if)
+    assert at_db, rows
+    assert sum(r["packetDeltaCount"] for r in at_db) == 2 * sum(counts.values()), at_db
+    assert records_at(rows, web.host_if) == []  # web took no part
+    for (ip, port), n in counts.items():
+        # in: db's egress, from the masquerade (the node's address) to db:8080
+        into = records_at(rows, db.host_if, sourceIPv4Address=NODE_IP,
+                          destinationIPv4Address=db.ipv4, destinationTransportPort=8080,
+                          destinationClusterIPv4=ip)
+        back = records_at(rows, db.host_if, sourceIPv4Address=db.ipv4,
+                          sourceTransportPort=8080, destinationIPv4Address=NODE_IP,
+                          destinationClusterIPv4=ip)
+        for rs, packets, ftype, pods, nodes in (
+                (into, n, 4, ("", "db"), ("", NODE)), (back, n, 3, ("db", ""), (NODE, ""))):
+            assert sum(r["packetDeltaCount"] for r in rs) == packets, (ip, rs, rows)
+            for r in rs:
+                assert (r["destinationServicePortName"], r["destinationServicePort"],
+                        r["flowType"], (r["sourcePodName"], r["destinationPodName"]),
+                        (r["sourceNodeName"], r["destinationNodeName"])) == (
+                    "shop/db:sql", port, ftype, pods, nodes), r
+        assert {r["egressInterface"] for r in into} == {db_if}
+        # tshark reads the same from the wire: 109, 108, 106, flowType (137)
+        (t,) = [t for t in raw if t.get("src") == NODE_IP
+                and t.get(106) == bytes(map(int, ip.split(".")))]
+        assert (t[109], t[108], t[103], t.get(101, b""), t[137], int(t["packets"])) == (
+            b"shop/db:sql", port.to_bytes(2, "big"), b"db", b"", b"\x04", n), t
