@@ -312,3 +312,177 @@ def test_traffic_from_outside_to_a_nodeport_external_ip_and_load_balancer_ip():
                 and t.get(106) == bytes(map(int, ip.split(".")))]
         assert (t[109], t[108], t[103], t.get(101, b""), t[137], int(t["packets"])) == (
             b"shop/db:sql", port.to_bytes(2, "big"), b"db", b"", b"\x04", n), t
+
+
+# TCP echo: answer each message, close after the client's FIN
+TCP_ECHO = ("import socket,sys;s=socket.create_server(('',int(sys.argv[1])));"
+            "print('ready',flush=True);c,_=s.accept()\n"
+            "while (b:=c.recv(9999)): c.sendall(b)\nc.close()")
+# connect from a fixed port, send n messages each answered, FIN, wait for the server's
+TCP_CLIENT = ("import socket,sys;ip,port,sport,n,size=sys.argv[1],*map(int,sys.argv[2:]);"
+              "c=socket.create_connection((ip,port),3,('',sport))\n"
+              "for _ in range(n):\n c.sendall(b'q'*size);got=0\n"
+              " while got<size: got+=len(c.recv(9999))\n"
+              "c.shutdown(socket.SHUT_WR);assert c.recv(1)==b'';c.close()")
+
+
+def counter(node, chain: str, rule: str) -> tuple[int, int]:
+    """Packets and octets (IP lengths) iptables counted for the one rule of a mangle
+    chain whose listing shows `rule`."""
+    out = netlab.sh(node.exec(f"iptables -t mangle -L {chain} -n -v -x")).stdout.splitlines()
+    (line,) = [x for x in out[2:] if rule in x + " "]
+    packets, octets = line.split()[:2]
+    return int(packets), int(octets)
+
+
+def test_a_tcp_connection_through_a_clusterip_is_counted_once_and_ends_as_it_ended():
+    """web opens a TCP connection to db's ClusterIP (DNAT to db, a pod of the node),
+    exchanges 5 messages of 300 octets each way, and both sides close it (SYN .. FIN).
+    With --dedup (default) each direction is one record at its sender's veth: packets
+    and octets equal what the node's own netfilter counted as they arrived from each
+    veth, SYN and FIN seen, end reason end of flow (3), the Service and db named."""
+    prefix = "sv2t"
+    node = netlab.up(prefix, 2)
+    api = FakeApiServer(node.netns)
+    servers: list[subprocess.Popen] = []
+    try:
+        web, db = node.pods
+        api.namespace("shop", {"cniflow.io/export": "true"})
+        api.node(NODE, ["10.99.200.1"])
+        api.pod("shop", "web", NODE, [web.ipv4])
+        api.pod("shop", "db", NODE, [db.ipv4])
+        api.service("shop", "db", DB_IP, [("sql", "TCP", 80, 8080)])
+        api.endpoint_slice("shop", "db", [("sql", "TCP", 8080)], [(db.ipv4, "db", NODE)])
+        kube_proxy(node, "db", DB_IP, 80, db.ipv4, 8080, proto="tcp")
+        # the oracle: mangle PREROUTING counts each packet as it arrives from a veth,
+        # before DNAT (web's side) or un-DNAT (db's answers)
+        forward, answer = f"-i {web.host_if}", f"-i {db.host_if}"
+        netlab.sh(node.exec("iptables -t mangle -N SV2COUNT"))
+        netlab.sh(node.exec("iptables -t mangle -A PREROUTING -p tcp -j SV2COUNT"))
+        netlab.sh(node.exec(f"iptables -t mangle -A SV2COUNT {forward} -s {web.ipv4} "
+                            f"-d {DB_IP} -p tcp --sport 43080 --dport 80"))
+        netlab.sh(node.exec(f"iptables -t mangle -A SV2COUNT {answer} -s {db.ipv4} "
+                            f"-d {web.ipv4} -p tcp --sport 8080 --dport 43080"))
+        for i in range(2):
+            pin_neighbours(node, i)
+        server = subprocess.Popen(node.in_pod(1, f"{PY} -c \"{TCP_ECHO}\" 8080"), shell=True,
+                                  stdout=subprocess.PIPE, text=True)
+        servers.append(server)
+        assert server.stdout.readline().strip() == "ready"
+        collector = RunningCollector(node.netns, 4739)
+        tshark = Tshark(node.netns, 4739)
+        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
+        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
+                   "--idle-timeout", "5", "--cluster-cidr", "10.99.0.0/16",
+                   interfaces=()) as running:
+            time.sleep(1.5)
+            netlab.sh(node.in_pod(0, f"{PY} -c \"{TCP_CLIENT}\" {DB_IP} 80 43080 5 300"))
+            assert server.wait(5) == 0
+            time.sleep(3)  # within the idle timeout: only the end of the flow ends them
+            assert running.metrics()["cniflow_poll_errors_total"] == 0
+        tshark.stop()
+        assert tshark.expert() == []
+        rows = collector.stop()
+        sent = counter(node, "SV2COUNT", "spt:43080 ")
+        answered = counter(node, "SV2COUNT", "spt:8080 ")
+        raw = antrea_records(tshark.pcap, tshark.decode_args())
+    finally:
+        for s in servers:
+            s.kill()
+        api.stop()
+        netlab.down(prefix)
+    assert sent[0] >= 8 and answered[0] >= 7, (sent, answered)  # SYN, 5 data, FIN, ACKs
+    tcp = [r for r in rows if r.get("protocolIdentifier") == 6]
+    to_db = records_at(tcp, web.host_if, sourceIPv4Address=web.ipv4,
+                       destinationIPv4Address=DB_IP, sourceTransportPort=43080)
+    back = records_at(tcp, db.host_if, sourceIPv4Address=db.ipv4,
+                      destinationIPv4Address=web.ipv4, destinationTransportPort=43080)
+    assert len(to_db) + len(back) == len(tcp) == 2, tcp  # one record a direction, no others
+    for (r,), oracle, pods in ((to_db, sent, ("web", "db")), (back, answered, ("db", "web"))):
+        assert ((r["packetDeltaCount"], r["octetDeltaCount"]), r["flowEndReason"],
+                r["tcpControlBits"] & 0x03, r["destinationServicePortName"],
+                r["destinationServicePort"], r["destinationClusterIPv4"],
+                (r["sourcePodName"], r["destinationPodName"]), r["flowType"]) == (
+            oracle, 3, 0x03, "shop/db:sql", 80, DB_IP, pods, 1), r
+    (t,) = [t for t in raw if t.get("src") == web.ipv4 and t.get("dport") == "80"]
+    assert (t[109], t[103], int(t["packets"]), int(t["octets"])) == (b"shop/db:sql", b"db",
+                                                                      *sent)
+
+
+def test_ipv6_clusterips_name_the_service_and_its_backend_in_every_form():
+    """The same two Services over IPv6 (ip6tables DNAT, conntrack's IPv6 tuples): db's
+    ClusterIP lands on db of this node, cache's on cache-0 of node-b. With --dedup false
+    every veth a packet crosses reports it, so each of the four forms conntrack knows
+    (before DNAT, after it, the answer before and after un-DNAT) is a record of exactly
+    the packets sent, naming the Service, the address and port the client used, and
+    the backend."""
+    prefix = "sv2v6"
+    db6, cache6 = "fd00:96::10", "fd00:96::20"
+    node = netlab.up(prefix, 2, remote=True)
+    api = FakeApiServer(node.netns)
+    servers: list[subprocess.Popen] = []
+    try:
+        web, db = node.pods
+        api.namespace("shop", {"cniflow.io/export": "true"})
+        api.node(NODE, ["10.99.200.1", "fd00:99:200::1"])
+        api.pod("shop", "web", NODE, [web.ipv4, web.ipv6])
+        api.pod("shop", "db", NODE, [db.ipv4, db.ipv6])
+        api.service("shop", "db", db6, [("sql", "UDP", 80, 8080)])
+        api.endpoint_slice("shop", "db", [("sql", "UDP", 8080)], [(db.ipv6, "db", NODE)])
+        api.service("shop", "cache", cache6, [("", "UDP", 53, 5353)])
+        api.endpoint_slice("shop", "cache", [("", "UDP", 5353)],
+                           [(node.remote_ip6, "cache-0", "node-b")])
+        kube_proxy(node, "db", db6, 80, db.ipv6, 8080, cluster_cidr="fd00:99::/32")
+        kube_proxy(node, "cache", cache6, 53, node.remote_ip6, 5353, cluster_cidr="fd00:99::/32")
+        for i in range(2):
+            pin_neighbours(node, i)
+        servers = [echo(node.in_pod(1, ""), 8080), echo(node.in_remote(""), 5353)]
+        collector = RunningCollector(node.netns, 4739)
+        tshark = Tshark(node.netns, 4739)
+        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
+        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
+                   "--idle-timeout", "1", "--dedup", "false",
+                   "--cluster-cidr", "10.99.0.0/16,fd00:99::/32", interfaces=()) as running:
+            time.sleep(1.5)
+            ask(node, db6, 80, 41180, 7)
+            ask(node, cache6, 53, 41153, 5)
+            time.sleep(3)
+            assert running.metrics()["cniflow_poll_errors_total"] == 0
+        tshark.stop()
+        assert tshark.expert() == []
+        rows = collector.stop()
+        db_if = ifindex_of(node, db.host_if)
+        raw = antrea_records(tshark.pcap, tshark.decode_args())
+    finally:
+        for s in servers:
+            s.kill()
+        api.stop()
+        netlab.down(prefix)
+    w, d = web.ipv6, db.ipv6
+    expected = [  # interface, src, sport, dst, dport, packets, service, port, frontend,
+        # source pod, destination pod, source node, destination node, flowType
+        (web.host_if, w, 41180, db6, 80, 7, "shop/db:sql", 80, db6, "web", "db", NODE, NODE, 1),
+        (db.host_if, w, 41180, d, 8080, 7, "shop/db:sql", 80, db6, "web", "db", NODE, NODE, 1),
+        (db.host_if, d, 8080, w, 41180, 7, "shop/db:sql", 80, db6, "db", "web", NODE, NODE, 1),
+        (web.host_if, db6, 80, w, 41180, 7, "shop/db:sql", 80, db6, "db", "web", NODE, NODE, 1),
+        (web.host_if, w, 41153, cache6, 53, 5, "shop/cache", 53, cache6, "web", "cache-0", NODE,
+         "node-b", 2),
+        (web.host_if, cache6, 53, w, 41153, 5, "shop/cache", 53, cache6, "cache-0", "web",
+         "node-b", NODE, 2)]
+    udp6 = [r for r in rows if r.get("protocolIdentifier") == 17 and "sourceIPv6Address" in r]
+    for at, src, sport, dst, dport, packets, *names in expected:
+        rs = records_at(udp6, at, sourceIPv6Address=src, sourceTransportPort=sport,
+                        destinationIPv6Address=dst, destinationTransportPort=dport)
+        assert sum(r["packetDeltaCount"] for r in rs) == packets, (at, src, dst, rows)
+        for r in rs:
+            assert [r["destinationServicePortName"], r["destinationServicePort"],
+                    r["destinationClusterIPv6"], r["sourcePodName"], r["destinationPodName"],
+                    r["sourceNodeName"], r["destinationNodeName"], r["flowType"]] == names, r
+    # nothing else: every packet is in one of the six
+    assert sum(r["packetDeltaCount"] for r in udp6) == 4 * 7 + 2 * 5, udp6
+    (to_db,) = records_at(udp6, web.host_if, destinationIPv6Address=db6)
+    assert to_db["egressInterface"] == db_if
+    # tshark: the IPv6 address the client used (56506/107), the Service and its backend
+    t = [t for t in raw if t.get(107) == bytes.fromhex("fd000096" + "0" * 22 + "10")
+         and t.get(101) == b"web" and t.get("dport") == "80"]
+    assert [(x[109], x[103], int(x["packets"])) for x in t] == [(b"shop/db:sql", b"db", 7)], raw
