@@ -103,17 +103,22 @@ class Service:
     name: str
     addresses: tuple[str, ...]  # clusterIPs, externalIPs, load balancer ingress IPs
     ports: tuple[ServicePort, ...]
+    cluster_ips: tuple[str, ...] = ()  # what Antrea's destinationClusterIPv4/v6 carry
 
 
 def service_from(obj: dict) -> Service:
     meta, spec = obj["metadata"], obj.get("spec") or {}
     ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
+    cluster = [ip for ip in ips if ip and ip != "None"]
     ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-    addresses = [ip for ip in ips if ip and ip != "None"] + list(spec.get("externalIPs") or [])
-    addresses += [i["ip"] for i in ingress if i.get("ip")]
+    addresses = cluster + list(spec.get("externalIPs") or [])
+    # ipMode Proxy: the load balancer proxies to the nodes itself, kube-proxy does not
+    # translate that address on the node
+    addresses += [i["ip"] for i in ingress if i.get("ip") and i.get("ipMode") != "Proxy"]
     return Service(meta["namespace"], meta["name"], tuple(dict.fromkeys(addresses)), tuple(
         ServicePort(p.get("name") or "", p.get("protocol") or "TCP", int(p["port"]),
-                    int(p.get("nodePort") or 0)) for p in spec.get("ports") or []))
+                    int(p.get("nodePort") or 0)) for p in spec.get("ports") or []),
+        tuple(cluster))
 
 
 @dataclass(frozen=True)

@@ -229,9 +229,13 @@ def service_columns(svc, n: int, services: Services | None) -> dict[str, Strings
         return {"destinationServicePortName": Strings(names, np.zeros(n, np.int64)),
                 "destinationServicePort": np.zeros(n, np.uint16),
                 "destinationClusterIPv4": np.zeros((n, 4), np.uint8),
-                "destinationClusterIPv6": np.zeros((n, 16), np.uint8)}
-    return {"destinationServicePortName": Strings(
-                names, np.where(svc.service >= 0, svc.service, len(names) - 1)),
+                "destinationClusterIPv6": np.zeros((n, 16), np.uint8),
+                "destinationServiceIPv4": np.zeros((n, 4), np.uint8),
+                "destinationServiceIPv6": np.zeros((n, 16), np.uint8)}
+    which = np.where(svc.service >= 0, svc.service, len(names) - 1)
+    return {"destinationServicePortName": Strings(names, which),
             "destinationServicePort": svc.port,
-            "destinationClusterIPv4": svc.frontend[:, :4],
-            "destinationClusterIPv6": svc.frontend}
+            "destinationClusterIPv4": services.index.cluster4[which],
+            "destinationClusterIPv6": services.index.cluster6[which],
+            "destinationServiceIPv4": svc.frontend[:, :4],
+            "destinationServiceIPv6": svc.frontend}

@@ -97,6 +97,18 @@ def _raw(ip: str) -> tuple[bytes, int]:
     return a.packed.ljust(16, b"\0"), a.version
 
 
+def _cluster_ips(ips: Sequence[str]) -> tuple[bytes, bytes]:
+    """A Service's IPv4 and IPv6 ClusterIPs as octets (zeros where it has none)."""
+    v4, v6 = bytes(4), bytes(16)
+    for ip in ips:
+        a = ipaddress.ip_address(ip)
+        if a.version == 4 and v4 == bytes(4):
+            v4 = a.packed
+        elif a.version == 6 and v6 == bytes(16):
+            v6 = a.packed
+    return v4, v6
+
+
 class ServiceIndex:
     """The API's Services as arrays: frontends (address, port, protocol) to their
     Service port, and the addresses of every pod endpoint to that pod."""
@@ -105,6 +117,7 @@ class ServiceIndex:
                  node_addresses: Sequence[str] = ()) -> None:
         self.names: list[str] = []
         rows: list[tuple[bytes, int, int, int, int]] = []  # raw, version, port, proto, index
+        cluster: list[tuple[bytes, bytes]] = []  # each Service port's ClusterIPv4, ClusterIPv6
         for svc in services:
             for p in svc.ports:
                 proto = PROTOCOLS.get(p.protocol)
@@ -112,11 +125,17 @@ class ServiceIndex:
                     continue
                 i = len(self.names)
                 self.names.append(f"{svc.namespace}/{svc.name}" + (f":{p.name}" if p.name else ""))
+                cluster.append(_cluster_ips(svc.cluster_ips))
                 for ip in svc.addresses:
                     rows.append((*_raw(ip), p.port, proto, i))
                 for ip in node_addresses if p.node_port else ():
                     rows.append((*_raw(ip), p.node_port, proto, i))
         self.frontends = Lookup(*self._words(rows))
+        # by Service port index, one row more (zeros) for "no Service"
+        self.cluster4 = np.frombuffer(b"".join(c[0] for c in cluster) + bytes(4),
+                                      np.uint8).reshape(-1, 4)
+        self.cluster6 = np.frombuffer(b"".join(c[1] for c in cluster) + bytes(16),
+                                      np.uint8).reshape(-1, 16)
         self.pods: list[Endpoint] = []
         addrs: list[tuple[bytes, int, int, int, int]] = []
         for ep in endpoints:

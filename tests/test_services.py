@@ -176,11 +176,13 @@ def test_service_traffic_names_the_service_and_its_backend_here_and_elsewhere(de
         return out
 
     def check(r, packets, svc, port, cluster_ip, src_pod, dst_pod, src_node, dst_node, ftype):
+        # through a ClusterIP, the address the client used is the ClusterIP (168 = 106)
         assert (r["packetDeltaCount"], r["destinationServicePortName"],
-                r["destinationServicePort"], r["destinationClusterIPv4"], r["sourcePodName"],
+                r["destinationServicePort"], r["destinationClusterIPv4"],
+                r["destinationServiceIPv4"], r["sourcePodName"],
                 r["destinationPodName"], r["sourceNodeName"], r["destinationNodeName"],
-                r["flowType"]) == (packets, svc, port, cluster_ip, src_pod, dst_pod, src_node,
-                                   dst_node, ftype), r
+                r["flowType"]) == (packets, svc, port, cluster_ip, cluster_ip, src_pod, dst_pod,
+                                   src_node, dst_node, ftype), r
 
     # web -> db's ClusterIP, at web's veth ingress: the Service, and conntrack's backend,
     # db of this node, whose veth is the egress interface; one packet counted once
@@ -209,11 +211,12 @@ def test_service_traffic_names_the_service_and_its_backend_here_and_elsewhere(de
               DB_IP, "web", "db", NODE, NODE, 1)
         check(one(named(DB_IP, 80, web.ipv4, 41080, web.host_if)), 7, "shop/db:sql", 80,
               DB_IP, "db", "web", NODE, NODE, 1)
-    # tshark reads the same elements from the wire (56506/106, 108, 109)
+    # tshark reads the same elements from the wire (56506/106, 108, 109, 168)
     by_tshark = {(r["src"], r["dport"]): r for r in raw}
     t = by_tshark[(web.ipv4, "80")]
-    assert (t[109], t[108], t[106], t[103]) == (b"shop/db:sql", (80).to_bytes(2, "big"),
-                                                bytes([10, 96, 0, 10]), b"db")
+    assert (t[109], t[108], t[106], t[168], t[103]) == (
+        b"shop/db:sql", (80).to_bytes(2, "big"), bytes([10, 96, 0, 10]), bytes([10, 96, 0, 10]),
+        b"db")
     t = by_tshark[(web.ipv4, "53")]
     assert (t[109], t[103], t[105]) == (b"shop/cache", b"cache-0", b"node-b")
     assert by_tshark[(web.ipv4, "9009")].get(109, b"") == b""
@@ -294,10 +297,13 @@ def test_traffic_from_outside_to_a_nodeport_external_ip_and_load_balancer_ip():
         # in: db's egress, from the masquerade (the node's address) to db:8080
         into = records_at(rows, db.host_if, sourceIPv4Address=NODE_IP,
                           destinationIPv4Address=db.ipv4, destinationTransportPort=8080,
-                          destinationClusterIPv4=ip)
+                          destinationServiceIPv4=ip)
         back = records_at(rows, db.host_if, sourceIPv4Address=db.ipv4,
                           sourceTransportPort=8080, destinationIPv4Address=NODE_IP,
-                          destinationClusterIPv4=ip)
+                          destinationServiceIPv4=ip)
+        # the address used (168) is the node's, the external or the load balancer IP;
+        # the Service's ClusterIP (106) is the same for all three
+        assert {r["destinationClusterIPv4"] for r in into + back} == {DB_IP}, into + back
         for rs, packets, ftype, pods, nodes in (
                 (into, n, 4, ("", "db"), ("", NODE)), (back, n, 3, ("db", ""), (NODE, ""))):
             assert sum(r["packetDeltaCount"] for r in rs) == packets, (ip, rs, rows)
@@ -307,11 +313,12 @@ def test_traffic_from_outside_to_a_nodeport_external_ip_and_load_balancer_ip():
                         (r["sourceNodeName"], r["destinationNodeName"])) == (
                     "shop/db:sql", port, ftype, pods, nodes), r
         assert {r["egressInterface"] for r in into} == {db_if}
-        # tshark reads the same from the wire: 109, 108, 106, flowType (137)
+        # tshark reads the same from the wire: 109, 108, 168, 106, flowType (137)
         (t,) = [t for t in raw if t.get("src") == NODE_IP
-                and t.get(106) == bytes(map(int, ip.split(".")))]
-        assert (t[109], t[108], t[103], t.get(101, b""), t[137], int(t["packets"])) == (
-            b"shop/db:sql", port.to_bytes(2, "big"), b"db", b"", b"\x04", n), t
+                and t.get(168) == bytes(map(int, ip.split(".")))]
+        assert (t[109], t[108], t[106], t[103], t.get(101, b""), t[137], int(t["packets"])) == (
+            b"shop/db:sql", port.to_bytes(2, "big"), bytes(map(int, DB_IP.split("."))), b"db",
+            b"", b"\x04", n), t
 
 
 # TCP echo: answer each message, close after the client's FIN
@@ -478,11 +485,14 @@ def test_ipv6_clusterips_name_the_service_and_its_backend_in_every_form():
             assert [r["destinationServicePortName"], r["destinationServicePort"],
                     r["destinationClusterIPv6"], r["sourcePodName"], r["destinationPodName"],
                     r["sourceNodeName"], r["destinationNodeName"], r["flowType"]] == names, r
+            assert r["destinationServiceIPv6"] == r["destinationClusterIPv6"], r  # used it
     # nothing else: every packet is in one of the six
     assert sum(r["packetDeltaCount"] for r in udp6) == 4 * 7 + 2 * 5, udp6
     (to_db,) = records_at(udp6, web.host_if, destinationIPv6Address=db6)
     assert to_db["egressInterface"] == db_if
-    # tshark: the IPv6 address the client used (56506/107), the Service and its backend
+    # tshark: the Service's IPv6 ClusterIP (56506/107), the address the client used
+    # (169: the same), the Service and its backend
     t = [t for t in raw if t.get(107) == bytes.fromhex("fd000096" + "0" * 22 + "10")
+         and t.get(169) == t.get(107)
          and t.get(101) == b"web" and t.get("dport") == "80"]
     assert [(x[109], x[103], int(x["packets"])) for x in t] == [(b"shop/db:sql", b"db", 7)], raw

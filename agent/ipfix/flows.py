@@ -58,13 +58,16 @@ TEMPLATES = {4: TEMPLATE_V4, 6: TEMPLATE_V6}
 # this node (1), of another node (2), or outside the cluster (3 to, 4 from).
 # Fixed-length before the strings, as templates order them.
 FLOW_TYPE = ["flowType"]
-# Antrea's Service elements (56506/106 to 109): the Service port a flow went to, or
-# for a reply came from (empty and zero for other flows)
-SERVICE = {4: ["destinationServicePort", "destinationClusterIPv4"],
-           6: ["destinationServicePort", "destinationClusterIPv6"]}
+# Antrea's Service elements (56506/106 to 109, 168, 169): the Service port a flow went
+# to, or for a reply came from, its ClusterIP, and the address the client used (the
+# ClusterIP, an external or load balancer IP, or this node's for a NodePort); empty and
+# zero for other flows
+SERVICE = {4: ["destinationServicePort", "destinationClusterIPv4", "destinationServiceIPv4"],
+           6: ["destinationServicePort", "destinationClusterIPv6", "destinationServiceIPv6"]}
 SERVICE_STRINGS = ["destinationServicePortName"]
 POD_FIELDS = (POD_STRINGS + FLOW_TYPE + SERVICE_STRINGS  # announced with RFC 5610 records
-              + ["destinationServicePort", "destinationClusterIPv4", "destinationClusterIPv6"])
+              + ["destinationServicePort", "destinationClusterIPv4", "destinationClusterIPv6",
+                 "destinationServiceIPv4", "destinationServiceIPv6"])
 TEMPLATE_V4_PODS = Template.of(
     258, V4 + COMMON + FLOW_TYPE + SERVICE[4] + STRINGS + POD_STRINGS + SERVICE_STRINGS)
 TEMPLATE_V6_PODS = Template.of(
