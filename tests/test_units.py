@@ -478,3 +478,26 @@ def test_jiffies_become_wall_clock_milliseconds_at_any_hz(hz):
     tick = 1000 / hz
     assert abs(t[0] - now_ms) <= tick + 5
     assert list(np.diff(t.astype(np.int64))) == [-1000, -9000]
+
+
+def test_a_service_as_the_api_serves_it_names_what_kube_proxy_translates():
+    """ClusterIPs (dual-stack), external IPs and load balancer IPs in VIP mode are the
+    node's to translate; an ingress in Proxy mode is the load balancer's own (kube-proxy
+    leaves it alone) and a headless Service has no ClusterIP."""
+    from agent.kube import service_from
+
+    svc = service_from({
+        "metadata": {"namespace": "shop", "name": "db"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+                 "externalIPs": ["192.0.2.7"], "ports": [{"name": "sql", "port": 80,
+                                                          "protocol": "UDP", "nodePort": 30080}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1", "ipMode": "VIP"},
+                                                {"ip": "198.51.100.2", "ipMode": "Proxy"},
+                                                {"hostname": "lb.example"}]}}})
+    assert svc.addresses == ("10.96.0.10", "fd00:96::10", "192.0.2.7", "198.51.100.1")
+    assert svc.cluster_ips == ("10.96.0.10", "fd00:96::10")
+    assert [(p.name, p.protocol, p.port, p.node_port) for p in svc.ports] == [
+        ("sql", "UDP", 80, 30080)]
+    headless = service_from({"metadata": {"namespace": "shop", "name": "h"},
+                             "spec": {"clusterIP": "None", "ports": []}})
+    assert (headless.addresses, headless.cluster_ips) == ((), ())
