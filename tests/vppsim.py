@@ -214,7 +214,7 @@ class VppSim:
 
     def add_interface(self, name: str, tag: str = "", dev_type: str = "virtio") -> int:
         i = max(self.interfaces) + 1
-        self.interfaces[i] = Interface(i, name, tag, dev_type, bytes([2, 0xFE, 0, 0, 0, i]))
+        self.interfaces[i] = Interface(i, name, tag, dev_type, b"\x02\xfe" + i.to_bytes(4, "big"))
         return i
 
     # -- the wire ---------------------------------------------------------------------
