@@ -190,6 +190,7 @@ class Tap:
     def __init__(self, netns: str, pods: dict) -> None:
         from agent.ipfix.decoder import Decoder
         self.decoder, self.pods, self.packets = Decoder(), pods, 0
+        self.times: list[tuple[float, int]] = []  # (arrival, packets) per datagram
         self.sock = in_netns(netns, lambda: socket.socket(
             socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800)))
         self.sock.bind(("lo", 0x0800))
@@ -211,11 +212,14 @@ class Tap:
             sport, dport = struct.unpack_from("!HH", data, ihl)
             if dport != 4739:
                 continue
+            n = 0
             for rs in self.decoder.message(bytes(data[ihl + 8:]), f"127.0.0.1:{sport}"):
                 for r in records(rs):
                     if r.get("sourceIPv4Address") in self.pods or \
                             r.get("destinationIPv4Address") in self.pods:
-                        self.packets += r.get("packetDeltaCount", 0)
+                        n += r.get("packetDeltaCount", 0)
+            self.packets += n
+            self.times.append((time.time(), n))
 
     def close(self) -> None:
         time.sleep(1)
@@ -287,6 +291,7 @@ class EbpfLane(Lane):
         self.agent = Agent(self.node, self.api, self.prefix, "--transport", self.transport)
         self.live: list[dict] = []
         self.lock = threading.Lock()
+        self.down: list[tuple[float, float]] = []  # UDP collector away: (from, to)
 
     # pods: IPv4 only, permanent neighbours both ways: the veth carries only our packets
     def add_pod(self) -> dict:
@@ -388,9 +393,11 @@ class EbpfLane(Lane):
         while not self.stop.wait(every):
             k += 1
             if self.transport == "udp":
+                down = time.time()
                 self.collector.stop()
                 time.sleep(2)
                 self.collector.start()
+                self.down.append((down, time.time()))  # from SIGTERM to listening again
                 self.events.append("collector restarted")
             elif k % 2:
                 out = sh(self.node.exec(
@@ -440,6 +447,9 @@ class EbpfLane(Lane):
         if self.tap:
             out["packets_on_the_wire"] = self.tap.packets
             out["lost_to_a_collector_that_was_down"] = self.tap.packets - got
+            out["packets_on_the_wire_while_the_collector_was_down"] = sum(
+                n for t, n in self.tap.times if any(a <= t <= b for a, b in self.down))
+            out["collector_down_seconds"] = round(sum(b - a for a, b in self.down), 1)
         out["unaccounted"] = unaccounted
         out["exact"] = unaccounted == 0 and not self.errors
         bad = {p["name"]: (p["rx"] + p["tx"], per.get(ip, 0)) for ip, p in self.pods.items()
