@@ -38,7 +38,10 @@ assert _MMSGHDR.itemsize == 64 and ct.sizeof(ct.c_void_p) == 8
 
 def sendmmsg(fd: int, buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
     """Send each [offset, offset+length) of buf as one datagram. Returns
-    (datagrams sent, errno of the call that stopped early or 0)."""
+    (datagrams sent, errno of the call that failed or 0). A call the kernel stopped
+    early after sending some returns at once with a short count and no errno: the
+    kernel reports the count and drops the error (net/socket.c __sys_sendmmsg), and
+    the caller must find out why (agent/transport.py)."""
     n = len(lengths)
     iov = np.zeros(n, _IOVEC)
     iov["base"] = buf.ctypes.data + offsets
@@ -53,4 +56,6 @@ def sendmmsg(fd: int, buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray)
         if r < 0:
             return sent, ct.get_errno() or errno.EIO
         sent += r
+        if r < batch:
+            break
     return sent, 0

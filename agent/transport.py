@@ -55,35 +55,63 @@ class UdpTransport:
         return True
 
     def send(self, msg: bytes) -> bool:
-        """A refusal reported here is an ICMP error about an earlier datagram: this one
-        was not tried, so it is counted and sent again at once."""
+        """One message; False when it did not reach a listening socket as far as the
+        kernel can tell. A refusal raised here is an ICMP error about an earlier
+        datagram (a remote collector's, arriving late): this one was not tried, so it is
+        counted and sent again at once. One pending after the send is about this one."""
         for _ in range(2):
             try:
                 self.sock.send(msg)
-                return True
             except ConnectionRefusedError as e:
                 self._error(e)
+                continue
             except OSError as e:  # buffer full, no route...
                 self._error(e)
                 return False
+            return not self._refused()
         return False
 
     def send_many(self, msgs: Messages) -> int:
-        """All messages with sendmmsg; returns how many went. A refusal (an ICMP error
-        about an earlier datagram) is counted and the stopped datagram tried once more."""
-        sent, retried = 0, False
+        """All messages with sendmmsg; returns how many reached a listening socket as far
+        as the kernel can tell, so that the rest stay in the backlog. A node-local
+        collector's refusal (ICMP port unreachable) comes back within the send of the
+        datagram it refuses: the kernel then stops sendmmsg at the next datagram with a
+        short count and drops the error, or leaves the error pending after the last one.
+        Either way the last datagram counted as sent was refused, and is not counted. A
+        short count can also be a signal: a probe with the next datagram alone tells the
+        two apart. A refusal about an earlier datagram (late, from afar) is counted and
+        the batch tried once more."""
+        sent, stale = 0, False
+        fd = self.sock.fileno()
         while sent < len(msgs):
-            n, err = sendmmsg(
-                self.sock.fileno(), msgs.buf, msgs.offsets[sent:], msgs.lengths[sent:]
-            )
-            sent += n
-            if not err:
-                break
-            self._error(OSError(err, os.strerror(err)))
-            if err != errno.ECONNREFUSED or (retried and n == 0):
-                break
-            retried = n == 0
+            want = len(msgs) - sent
+            n, err = sendmmsg(fd, msgs.buf, msgs.offsets[sent:], msgs.lengths[sent:])
+            if err:
+                self._error(OSError(err, os.strerror(err)))
+                if err == errno.ECONNREFUSED and n == 0 and not stale:
+                    stale = True
+                    continue
+                return sent + n
+            if n == want:
+                return sent + n - (1 if self._refused() else 0)
+            # why did the kernel stop? the next datagram alone tells
+            m, err = sendmmsg(fd, msgs.buf, msgs.offsets[sent + n: sent + n + 1],
+                              msgs.lengths[sent + n: sent + n + 1])
+            if err:
+                self._error(OSError(err, os.strerror(err)))
+                return sent + n - 1
+            if self._refused():  # refused again: so was the datagram before it
+                return sent + n - 1
+            sent += n + 1  # a signal, nothing refused: go on
         return sent
+
+    def _refused(self) -> bool:
+        """An error pending on the socket (read and cleared): a refusal of the datagram
+        just sent, for a node-local collector."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._error(OSError(err, os.strerror(err)))
+        return err == errno.ECONNREFUSED
 
     def _error(self, e: OSError) -> None:
         if str(e) != self.last_error:

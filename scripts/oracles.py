@@ -245,9 +245,20 @@ class Tshark:
         "cflow.direction",
     )
 
+    # A collector's socket where the test runs none: without one the kernel refuses every
+    # datagram (ICMP port unreachable) and the agent, as it should, keeps and sends again
+    # what was refused. Where a collector already listens, its bind fails and it exits.
+    SINK = ("import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            "s.bind(('127.0.0.1',int(sys.argv[1])))\nwhile True: s.recv(65535)")
+
     def __init__(self, netns: str, port: int, proto: str = "udp") -> None:
         self.port, self.proto = port, proto
         self.pcap = Path(tempfile.mkdtemp(prefix="cniflow-tshark-")) / "export.pcap"
+        self.sink = None
+        if proto == "udp":
+            self.sink = subprocess.Popen(["ip", "netns", "exec", netns, "python3", "-c",
+                                          self.SINK, str(port)], stderr=subprocess.DEVNULL)
+            _wait_port(netns, port, "u")
         self.proc = subprocess.Popen(
             [
                 "ip",
@@ -280,6 +291,9 @@ class Tshark:
         time.sleep(0.5)
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(timeout=10)
+        if self.sink is not None:
+            self.sink.kill()
+            self.sink.wait()
         return self.pcap
 
     def decode_args(self) -> list[str]:
