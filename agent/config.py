@@ -84,6 +84,13 @@ def _pin_path(text: str) -> str:
     return text.rstrip("/") or "/"
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def _split(text: str) -> list[str]:
     return [p for p in text.replace(",", " ").split() if p]
 
@@ -215,8 +222,10 @@ class Config:
         },
     )
     template_refresh: float = field(
-        default=60.0,
-        metadata={"parse": _positive(float), "help": "seconds between template resends over UDP"},
+        default=0.0,
+        metadata={"parse": _non_negative, "help":
+                  "seconds between template resends over UDP; 0: with every export, so a "
+                  "collector that restarted between two exports decodes the first data it gets"},
     )
     map_size: int = field(
         default=65536,

@@ -43,7 +43,7 @@ class Exporter:
         domain: int,
         metrics: Metrics,
         max_message: int = 1400,
-        template_refresh_s: float = 60,
+        template_refresh_s: float = 0,
         backlog_limit: int = 100_000,
         clock: Callable[[], float] = time.time,
         with_pods: bool = False,

@@ -76,7 +76,11 @@ def supervise(cfg: CollectorConfig, collect: Callable[..., int]) -> int:
 
 
 def _worker(collect: Callable[..., int], cfg: CollectorConfig, lock: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM stops
+    # the supervisor decides; SIGTERM stops. Until collect() installs its own handler, the
+    # default action: the supervisor's handler, inherited by the fork, would swallow a
+    # SIGTERM that comes while the worker starts, and the worker would never stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(collect(cfg, lock=lock, metrics=False))
 
 

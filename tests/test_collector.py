@@ -351,6 +351,28 @@ def test_a_udp_collector_that_restarts_loses_nothing_and_gets_templates_first(no
     assert by_port == {9860: 5, 9861: 5, 9862: 5, 9863: 5, 9864: 5, 9865: 5, 9866: 150}
 
 
+def test_a_udp_collector_restarted_between_two_exports_decodes_the_next_one(node):
+    """A collector that restarts while the agent has nothing to export sees no refusal
+    (nothing was sent): templates go with every export, so the next records decode at
+    once rather than after a template refresh."""
+    a, b = node.pods
+    first = RunningCollector(node.netns, 4739)
+    with agent(node, "--idle-timeout", "0.5") as running:
+        send_udp(node, 0, b.ipv4, 9870, count=5, size=10)
+        assert wait_for(lambda: [r for r in first.records()
+                                 if r.get("destinationTransportPort") == 9870], 10)
+        time.sleep(1.5)  # everything exported: no export until new traffic
+        errors = running.metrics()["cniflow_export_errors_total"]
+        first.stop()
+        second = RunningCollector(node.netns, 4739)  # back before any export
+        send_udp(node, 0, b.ipv4, 9871, count=5, size=10)
+        got = wait_for(lambda: sum(r["packetDeltaCount"] for r in second.records()
+                                   if r.get("destinationTransportPort") == 9871) == 5, 5)
+        assert running.metrics()["cniflow_export_errors_total"] == errors  # none refused
+    second.stop()
+    assert got
+
+
 @pytest.mark.parametrize("max_message", [512, 1400])
 def test_templates_and_options_fit_the_message_size_with_300_pods(node, max_message):
     """300 pods' interfaces (long names) and the RFC 5610 type records: templates and
@@ -366,11 +388,11 @@ def test_templates_and_options_fit_the_message_size_with_300_pods(node, max_mess
     from agent.records import FLOW_DTYPE
     from agent.transport import UdpTransport
 
+    sink = in_netns(node.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    sink.bind(("127.0.0.1", 4739))
     tshark = oracles.Tshark(node.netns, 4739)
     ifnames = {1000 + i: f"lxc{i:04d}abcdef01" for i in range(300)}
     transport = in_netns(node.netns, lambda: UdpTransport("127.0.0.1", 4739))
-    sink = in_netns(node.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    sink.bind(("127.0.0.1", 4739))
     exporter = Exporter(transport, 1, Metrics(), max_message=max_message, with_pods=True)
     exporter._send_templates_if_due(ifnames)
     ifnames[2000] = "lxc-late-one"  # a pod more: the options again, at once

@@ -62,7 +62,12 @@ class Collector:
              "--metrics-address", f"127.0.0.1:{self.metrics_port}",
              *[a for o in outputs for a in ("--output", o)], *extra],
             stderr=self.log.open("w"))
-        wait_for(self._listening, 15)
+        assert wait_for(self._listening, 15), self.log.read_text()
+        workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        proto = "t" if "tcp" in extra else "u"
+        assert wait_for(lambda: len(subprocess.run(  # every worker's socket bound
+            ["ss", f"-ln{proto}H", f"sport = :{self.port}"], capture_output=True,
+            text=True).stdout.splitlines()) == workers, 15), self.log.read_text()
 
     def _listening(self) -> bool:
         try:
