@@ -251,6 +251,8 @@ class Remote:
                 data, addr = self.udp.recvfrom(2048)
             except TimeoutError:
                 continue
+            except OSError:  # closed at the end of the run
+                return
             seq = struct.unpack_from("!Q", data)[0]  # in order on a veth: a gap is a loss
             last, count = self.received.get(addr[0], (0, 0))
             self.received[addr[0]] = (seq, count + 1) if seq > last else (last, count)
@@ -261,6 +263,8 @@ class Remote:
                 conn, _ = self.tcp.accept()
             except TimeoutError:
                 continue
+            except OSError:  # closed at the end of the run
+                return
             threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
 
     @staticmethod
