@@ -104,6 +104,14 @@ def ask(node, ip: str, port: int, sport: int, count: int, remote: bool = False) 
     netlab.sh(node.in_remote(cmd) if remote else node.in_pod(0, cmd))
 
 
+def shop(api: FakeApiServer, web, db, node_ips: list[str], v6: bool = False) -> None:
+    """The opted-in namespace shop, this node with its addresses, and its two pods."""
+    api.namespace("shop", {"cniflow.io/export": "true"})
+    api.node(NODE, node_ips)
+    for name, pod in (("web", web), ("db", db)):
+        api.pod("shop", name, NODE, [pod.ipv4, pod.ipv6] if v6 else [pod.ipv4])
+
+
 def antrea_records(pcap: Path, decode: list[str]) -> list[dict]:
     """Flow records from tshark's tree that carry pod names (Antrea 101 or 103)."""
     return [r for r in tshark_tree(pcap, decode) if 101 in r or 103 in r]
@@ -117,10 +125,7 @@ def test_service_traffic_names_the_service_and_its_backend_here_and_elsewhere(de
     servers: list[subprocess.Popen] = []
     try:
         web, db = node.pods
-        api.namespace("shop", {"cniflow.io/export": "true"})
-        api.node(NODE, ["10.99.200.1"])
-        api.pod("shop", "web", NODE, [web.ipv4])
-        api.pod("shop", "db", NODE, [db.ipv4])
+        shop(api, web, db, ["10.99.200.1"])
         api.service("shop", "db", DB_IP, [("sql", "UDP", 80, 8080)])
         api.endpoint_slice("shop", "db", [("sql", "UDP", 8080)], [(db.ipv4, "db", NODE)])
         api.service("shop", "cache", CACHE_IP, [("", "UDP", 53, 5353)])  # its only port
@@ -248,10 +253,7 @@ def test_traffic_from_outside_to_a_nodeport_external_ip_and_load_balancer_ip():
     counts = {(NODE_IP, 30080): 6, (EXTERNAL_IP, 80): 4, (LB_IP, 80): 3}
     try:
         web, db = node.pods
-        api.namespace("shop", {"cniflow.io/export": "true"})
-        api.node(NODE, [NODE_IP])
-        api.pod("shop", "web", NODE, [web.ipv4])
-        api.pod("shop", "db", NODE, [db.ipv4])
+        shop(api, web, db, [NODE_IP])
         api.service("shop", "db", DB_IP, [("sql", "UDP", 80, 8080)], node_ports={"sql": 30080},
                     external_ips=[EXTERNAL_IP], load_balancer_ips=[LB_IP])
         api.endpoint_slice("shop", "db", [("sql", "UDP", 8080)], [(db.ipv4, "db", NODE)])
@@ -354,10 +356,7 @@ def test_a_tcp_connection_through_a_clusterip_is_counted_once_and_ends_as_it_end
     servers: list[subprocess.Popen] = []
     try:
         web, db = node.pods
-        api.namespace("shop", {"cniflow.io/export": "true"})
-        api.node(NODE, ["10.99.200.1"])
-        api.pod("shop", "web", NODE, [web.ipv4])
-        api.pod("shop", "db", NODE, [db.ipv4])
+        shop(api, web, db, ["10.99.200.1"])
         api.service("shop", "db", DB_IP, [("sql", "TCP", 80, 8080)])
         api.endpoint_slice("shop", "db", [("sql", "TCP", 8080)], [(db.ipv4, "db", NODE)])
         kube_proxy(node, "db", DB_IP, 80, db.ipv4, 8080, proto="tcp")
@@ -430,10 +429,7 @@ def test_ipv6_clusterips_name_the_service_and_its_backend_in_every_form():
     servers: list[subprocess.Popen] = []
     try:
         web, db = node.pods
-        api.namespace("shop", {"cniflow.io/export": "true"})
-        api.node(NODE, ["10.99.200.1", "fd00:99:200::1"])
-        api.pod("shop", "web", NODE, [web.ipv4, web.ipv6])
-        api.pod("shop", "db", NODE, [db.ipv4, db.ipv6])
+        shop(api, web, db, ["10.99.200.1", "fd00:99:200::1"], v6=True)
         api.service("shop", "db", db6, [("sql", "UDP", 80, 8080)])
         api.endpoint_slice("shop", "db", [("sql", "UDP", 8080)], [(db.ipv6, "db", NODE)])
         api.service("shop", "cache", cache6, [("", "UDP", 53, 5353)])
