@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -76,8 +77,6 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_collector(args: argparse.Namespace) -> int:
-    import os
-
     from agent import logs
 
     try:
@@ -96,8 +95,6 @@ def run_collector(args: argparse.Namespace) -> int:
 def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -> int:
     """One receiving process: its outputs, its socket, until SIGTERM; then the outputs
     are flushed (Kafka: what is queued gets --kafka-flush-seconds)."""
-    import os
-
     from agent.collector import Collector, CollectorMetrics, serve_metrics
     from agent.outputs import FileOutput, KafkaOutput
     from agent.transport import TlsError, server_tls

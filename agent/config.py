@@ -376,9 +376,16 @@ class Config:
 SETTINGS = fields(Config)
 
 
-def _outputs(text: str) -> list[str]:
-    from agent.outputs import kafka_url
+def kafka_url(url: str) -> tuple[str, str]:
+    """kafka://HOST:PORT[,HOST:PORT...]/TOPIC -> (bootstrap servers, topic)."""
+    rest = url.removeprefix("kafka://")
+    brokers, _, topic = rest.partition("/")
+    if not brokers or not topic:
+        raise ValueError(f"must be kafka://HOST:PORT[,HOST:PORT]/TOPIC, got {url!r}")
+    return brokers, topic
 
+
+def _outputs(text: str) -> list[str]:
     out = text.split()
     for o in out:
         if o.startswith("kafka://"):

@@ -13,6 +13,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from agent.config import kafka_url
 from agent.jsonlines import Lines
 
 log = logging.getLogger(__name__)
@@ -155,12 +156,3 @@ class KafkaOutput:
             self.metrics.kafka_dropped.inc(left)
             log.warning("records not delivered at exit", extra={"records": left,
                                                                 "topic": self.topic})
-
-
-def kafka_url(url: str) -> tuple[str, str]:
-    """kafka://HOST:PORT[,HOST:PORT...]/TOPIC -> (bootstrap servers, topic)."""
-    rest = url.removeprefix("kafka://")
-    brokers, _, topic = rest.partition("/")
-    if not brokers or not topic:
-        raise ValueError(f"must be kafka://HOST:PORT[,HOST:PORT]/TOPIC, got {url!r}")
-    return brokers, topic
