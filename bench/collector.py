@@ -1,7 +1,7 @@
 """Collector benchmarks: decode, JSON and Kafka speed in process, a replay received
 by cniflow collector and nfcapd side by side, and the collector with 1 and 2 workers.
 
-    sudo .venv/bin/python bench/collector.py [--records 1000000]
+    sudo .venv/bin/python bench/collector.py [--records 1000000] [--only replay]
 
 1. Decode: messages of a fixed-length flow template (what cniflow's exporter
    sends without interface names, and what most routers send), decoded on one core.
@@ -125,56 +125,89 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def replay(msgs: list[bytes], n: int, rate: float) -> dict:
+def _collector(node, out: Path, port: int, checkout: Path | None) -> subprocess.Popen:
+    """cniflow collector in the node's namespace: this checkout's, or another's (a git
+    worktree of an older commit) imported first from its directory."""
+    args = ["collector", "--listen", f"127.0.0.1:{port}", "--output", str(out),
+            "--rotate-bytes", "0", "--metrics-address", "off"]
+    if checkout is None:
+        cmd = [str(Path(sys.executable).with_name("cniflow")), *args]
+    else:
+        cmd = ["env", f"PYTHONPATH={checkout}", sys.executable, "-c",
+               "import sys; from agent.cli import main; sys.exit(main())", *args]
+    return subprocess.Popen(["ip", "netns", "exec", node.netns, *cmd],
+                            stderr=subprocess.DEVNULL, cwd=checkout or ROOT)
+
+
+REPLAY_SENDER = """
+import socket, sys
+import time
+data = open(sys.argv[1], "rb").read()
+rate, ports = float(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+msgs, o = [], 0
+while o < len(data):
+    n = int.from_bytes(data[o:o + 2], "big"); msgs.append(data[o + 2:o + 2 + n]); o += 2 + n
+s = socket.socket(2, 2)
+t0 = time.time()
+for i, m in enumerate(msgs):
+    for p in ports:
+        s.sendto(m, ("127.0.0.1", p))
+    if i % 100 == 0:
+        ahead = t0 + i / rate - time.time()
+        if ahead > 0:
+            time.sleep(ahead)
+"""
+
+
+def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None) -> dict:
+    """Each datagram to cniflow collector and nfcapd (and, with `baseline`, to the
+    collector of another checkout), all under the same load at once."""
     node = netlab.up("cfcb", 0)
     work = Path(tempfile.mkdtemp())
     try:
-        cniflow = str(Path(sys.executable).with_name("cniflow"))
-        ours = subprocess.Popen(["ip", "netns", "exec", node.netns, cniflow, "collector",
-                                 "--listen", "127.0.0.1:4739", "--output", str(work / "out.jsonl"),
-                                 "--rotate-bytes", "0",
-                                 "--metrics-address", "off"], stderr=subprocess.DEVNULL)
+        procs = {"cniflow": (_collector(node, work / "out.jsonl", 4739, None), 4739)}
+        if baseline is not None:
+            procs["baseline"] = (_collector(node, work / "base.jsonl", 4741, baseline), 4741)
         (work / "nf").mkdir()
-        theirs = subprocess.Popen(["ip", "netns", "exec", node.netns, "nfcapd", "-w",
-                                   str(work / "nf"), "-b", "127.0.0.1", "-p", "4740", "-t", "3600",
-                                   "-B", str(8 << 20)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        procs["nfcapd"] = (subprocess.Popen(
+            ["ip", "netns", "exec", node.netns, "nfcapd", "-w", str(work / "nf"), "-b",
+             "127.0.0.1", "-p", "4740", "-t", "3600", "-B", str(8 << 20)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), 4740)
         time.sleep(2)
-        before = {"cniflow": cpu_seconds(ours.pid), "nfcapd": cpu_seconds(theirs.pid)}
+        before = {k: cpu_seconds(p.pid) for k, (p, _) in procs.items()}
         (work / "msgs").write_bytes(b"".join(len(m).to_bytes(2, "big") + m for m in msgs))
-        sender = (
-            "import socket,sys,time\n"
-            "data=open(sys.argv[1],'rb').read();rate=float(sys.argv[2]);msgs=[];o=0\n"
-            "while o<len(data):\n"
-            "    n=int.from_bytes(data[o:o+2],'big');msgs.append(data[o+2:o+2+n]);o+=2+n\n"
-            "s=socket.socket(2,2);t0=time.time()\n"
-            "for i,m in enumerate(msgs):\n"
-            "    s.sendto(m,('127.0.0.1',4739));s.sendto(m,('127.0.0.1',4740))\n"
-            "    if i%100==0:\n"
-            "        ahead=t0+i/rate-time.time()\n"
-            "        if ahead>0: time.sleep(ahead)\n")
         t0 = time.time()
-        subprocess.run(["ip", "netns", "exec", node.netns, "/usr/bin/python3", "-c", sender,
-                        str(work / "msgs"), str(rate)], check=True)
+        subprocess.run(["ip", "netns", "exec", node.netns, "/usr/bin/python3", "-c",
+                        REPLAY_SENDER, str(work / "msgs"), str(rate),
+                        *(str(port) for _, port in procs.values())], check=True)
         sent_s = time.time() - t0
         time.sleep(3)
-        used = {"cniflow": cpu_seconds(ours.pid) - before["cniflow"],
-                "nfcapd": cpu_seconds(theirs.pid) - before["nfcapd"]}
-        ours.send_signal(signal.SIGTERM)
-        theirs.send_signal(signal.SIGTERM)
-        ours.wait(20)
-        theirs.wait(20)
-        written = sum(1 for line in (work / "out.jsonl").open() if '"octetDeltaCount"' in line)
+        used = {k: cpu_seconds(p.pid) - before[k] for k, (p, _) in procs.items()}
+        for p, _ in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p, _ in procs.values():
+            p.wait(20)
         nf = subprocess.run(["nfdump", "-R", str(work / "nf"), "-q", "-o", "csv"],
                             capture_output=True, text=True).stdout
-        nf_records = sum(1 for line in nf.splitlines() if line and line[0].isdigit())
-        return {"messages": len(msgs), "records": n, "send_seconds": round(sent_s, 1),
-                "cniflow_records": written, "nfcapd_records": nf_records,
-                "cpu_s_per_million": {k: round(v / n * 1e6, 2) for k, v in used.items()},
-                "cpu_ratio_cniflow_to_nfcapd": round(used["cniflow"] / max(used["nfcapd"], 1e-9),
-                                                     2)}
+        out = {"messages": len(msgs), "records": n, "send_seconds": round(sent_s, 1),
+               "cniflow_records": _written(work / "out.jsonl"),
+               "nfcapd_records": sum(1 for line in nf.splitlines()
+                                     if line and line[0].isdigit()),
+               "cpu_s_per_million": {k: round(v / n * 1e6, 2) for k, v in used.items()},
+               "cpu_ratio_cniflow_to_nfcapd": round(
+                   used["cniflow"] / max(used["nfcapd"], 1e-9), 2)}
+        if baseline is not None:
+            out["baseline_records"] = _written(work / "base.jsonl")
+            out["cpu_ratio_baseline_to_nfcapd"] = round(
+                used["baseline"] / max(used["nfcapd"], 1e-9), 2)
+        return out
     finally:
         netlab.down("cfcb")
+
+
+def _written(path: Path) -> int:
+    with path.open() as f:
+        return sum(1 for line in f if '"octetDeltaCount"' in line)
 
 
 SENDER = """
@@ -243,18 +276,32 @@ def workers(msgs: list[bytes], n: int, seconds: float = 5.0) -> dict:
     return out
 
 
+PARTS = ("in_process", "kafka", "replay", "workers")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--replay-records", type=int, default=200_000)
     p.add_argument("--rate", type=float, default=2000, help="messages per second in the replay")
+    p.add_argument("--baseline", type=Path,
+                   help="replay also to the collector of this checkout (a git worktree)")
+    p.add_argument("--only", choices=PARTS, action="append",
+                   help="run only this part (repeatable); default: all")
     args = p.parse_args()
-    msgs = messages(args.records)
-    out = {"in_process": in_process(msgs, args.records)}
-    out["kafka"] = kafka(msgs, args.records)
-    small = messages(args.replay_records)
-    out["replay"] = replay(small, args.replay_records, args.rate)
-    out["workers"] = workers(messages(20_000), 20_000)
+    only = set(args.only or PARTS)
+    out: dict = {}
+    if only & {"in_process", "kafka"}:
+        msgs = messages(args.records)
+        if "in_process" in only:
+            out["in_process"] = in_process(msgs, args.records)
+        if "kafka" in only:
+            out["kafka"] = kafka(msgs, args.records)
+    if "replay" in only:
+        small = messages(args.replay_records)
+        out["replay"] = replay(small, args.replay_records, args.rate, args.baseline)
+    if "workers" in only:
+        out["workers"] = workers(messages(20_000), 20_000)
     print(json.dumps(out, indent=2))
     return 0
 
