@@ -29,7 +29,7 @@ from agent.ipfix.message import (
     template_sets,
 )
 from agent.metrics import Metrics
-from agent.records import take
+from agent.records import FLOW_DTYPE, take
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ class Exporter:
         self.announced = flowmap.announced(labels, enterprise_number)
         self.biflow = biflow
         self.with_pods = with_pods
-        self.backlog: deque[np.ndarray] = deque()
-        self.backlog_records = 0
+        self.backlog = np.zeros(0, FLOW_DTYPE)  # records waiting, oldest first
         self.sequence = 0
         self.session = None
         self.templates_due = 0.0
@@ -75,62 +74,81 @@ class Exporter:
         self._sent_messages = self._sent_records = 0
         # Over TCP and TLS, records written into the connection count as exported only
         # once the collector's kernel acknowledged them; if the connection breaks first,
-        # they are sent again on the next one. (stream offset after them, records)
-        self.unconfirmed: deque[tuple[int, np.ndarray]] = deque()
+        # they are sent again on the next one. Per write: (the stream offset after each
+        # message, their records, the records before each message and after the last)
+        self.unconfirmed: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque()
         self._unconfirmed_session = None
 
-    def export(self, records: np.ndarray, ifnames: Mapping[int, str], pods=None) -> None:
+    @property
+    def backlog_records(self) -> int:
+        return len(self.backlog)
+
+    def export(self, records: np.ndarray, ifnames: Mapping[int, str], pods=None,
+               commit: Callable[[np.ndarray], None] | None = None,
+               progress: Callable[[int], None] | None = None) -> None:
         """Queue records and send everything the collector can take now. pods: an
-        agent.podmeta.PodTable naming the pods (required when built with_pods)."""
+        agent.podmeta.PodTable naming the pods (required when built with_pods).
+
+        With the restart journal (bpf/journal.py): every record held is encoded first,
+        commit(held) is called with them in the order the messages carry them, before
+        any leaves; progress(n) after each write says the first n have left (whole
+        messages), and at the end counts the oldest dropped from a full backlog too:
+        what is not yet sent is always a tail of held."""
         self._confirm()
         if len(records):
             if self.biflow:  # pairs are made from what is due together
                 records = pair(records)
-            self.backlog.append(records)
-            self.backlog_records += len(records)
-        if self.backlog_records and self.transport.ready():
+            self.backlog = np.concatenate([self.backlog, records]) if len(self.backlog) \
+                else records
+        plan = []
+        if len(self.backlog) and self.transport.ready():
             self._start_session_if_new()
             self._send_templates_if_due(ifnames)
-            while self.backlog:
-                batch = self.backlog.popleft()
-                self.backlog_records -= len(batch)
-                rest = self._send(batch, ifnames, pods)
-                if len(rest):
-                    self.backlog.appendleft(rest)
-                    self.backlog_records += len(rest)
-                    break
+            plan = self._encode(self.backlog, ifnames, pods)
+            if plan:
+                self.backlog = np.concatenate([take(sub, m.rows) for sub, m in plan])
+        held = len(self.backlog)
+        if commit is not None:
+            commit(self.backlog)
+        self.backlog = self.backlog[self._send(plan, progress):]
         self._bound_backlog()  # what the collector could not take now: kept, up to the bound
+        if progress is not None:
+            progress(held - len(self.backlog))
         self._count()
-        self.metrics.export_backlog.set(self.backlog_records)
+        self.metrics.export_backlog.set(len(self.backlog))
 
     def _bound_backlog(self) -> None:
-        while self.backlog_records > self.backlog_limit and self.backlog:
-            over = self.backlog_records - self.backlog_limit
-            oldest = self.backlog[0]
-            drop = min(over, len(oldest))
+        """The oldest records over the bound are dropped (counted): the head of the
+        backlog, so what is kept stays a tail of what was held."""
+        drop = len(self.backlog) - self.backlog_limit
+        if drop > 0:
             self.metrics.records_dropped.inc(drop)
-            self._count_lost(oldest[:drop])
-            self.backlog_records -= drop
-            if drop == len(oldest):
-                self.backlog.popleft()
-            else:
-                self.backlog[0] = oldest[drop:]
+            self._count_lost(self.backlog[:drop])
+            self.backlog = self.backlog[drop:]
 
     def _confirm(self) -> None:
         """Records the collector acknowledged count as exported; those written into a
         connection that broke before it acknowledged them wait to be sent again, first."""
         if not self.unconfirmed:
             return
-        if self.transport.connected and self.transport.session == self._unconfirmed_session:
-            acked = self.transport.acked()
-            while self.unconfirmed and self.unconfirmed[0][0] <= acked:
-                self._sent_records += len(self.unconfirmed.popleft()[1])
-            return
-        resend = [recs for _, recs in self.unconfirmed]
+        live = self.transport.connected and self.transport.session == self._unconfirmed_session
+        session, acked = self.transport.closed  # a reset keeps what was acknowledged
+        if live or session == self._unconfirmed_session:
+            acked = self.transport.acked() if live else acked
+            while self.unconfirmed:  # message by message
+                ends, recs, before = self.unconfirmed[0]
+                k = int(np.searchsorted(ends, acked, "right"))
+                self._sent_records += int(before[k])
+                if k < len(ends):
+                    self.unconfirmed[0] = (ends[k:], recs[before[k]:], before[k:] - before[k])
+                    break
+                self.unconfirmed.popleft()
+            if live or not self.unconfirmed:
+                return
+        resend = [recs for _, recs, _ in self.unconfirmed]
         self.unconfirmed.clear()
-        self.backlog.extendleft(reversed(resend))
         count = sum(len(r) for r in resend)
-        self.backlog_records += count
+        self.backlog = np.concatenate(resend + [self.backlog])
         self.metrics.records_resent.inc(count)
         log.info("records sent again: the connection broke before the collector "
                  "acknowledged them", extra={"records": count})
@@ -234,7 +252,7 @@ class Exporter:
             if not self.unconfirmed or not self.transport.connected:
                 break
             time.sleep(0.1)
-        for _, recs in self.unconfirmed:  # not acknowledged, and no next connection
+        for _, recs, _ in self.unconfirmed:  # not acknowledged, and no next connection
             self.metrics.records_dropped.inc(len(recs))
             self._count_lost(recs)
         self.unconfirmed.clear()
@@ -264,10 +282,12 @@ class Exporter:
             self.metrics.records_exported.inc(self._sent_records)
             self._sent_messages = self._sent_records = 0
 
-    def _send(self, batch: np.ndarray, ifnames: Mapping[int, str], pods) -> np.ndarray:
-        """Send one batch; returns the records that could not be sent."""
+    def _encode(self, batch: np.ndarray, ifnames: Mapping[int, str], pods) -> list:
+        """The batch as messages, a template at a time: [(records, Messages)], with
+        sequence numbers as if every message before went out."""
         version = batch["key"]["ip_version"]
         room = self.max_message - HEADER.size - SET_HEADER.size
+        plan, sequence = [], self.sequence
         for v, template in self.flow_templates.items():
             rows = np.flatnonzero(version == v)
             if not len(rows):
@@ -275,18 +295,34 @@ class Exporter:
             sub = take(batch, rows)
             cols = flowmap.columns(sub, ifnames, pods if self.with_pods else None)
             groups = encode_records(template, cols, len(sub), max_record=room)
-            msgs = pack(
-                template.id, groups, self.max_message, int(self.clock()), self.domain, self.sequence
-            )
-            sent = self.transport.send_many(msgs)
-            records = int(msgs.counts[:sent].sum())
+            msgs = pack(template.id, groups, self.max_message, int(self.clock()), self.domain,
+                        sequence)
+            sequence += int(msgs.counts.sum())
+            plan.append((sub, msgs))
+        return plan
+
+    def _send(self, plan: list, progress: Callable[[int], None] | None) -> int:
+        """Send the planned messages in order, until the transport takes no more; returns
+        the records sent (those of the messages sent whole, in plan order)."""
+        done = 0
+        for sub, msgs in plan:
+            before = np.concatenate([[0], np.cumsum(msgs.counts)])
+            report = None if progress is None else \
+                (lambda k, base=done, c=before: progress(base + int(c[k])))
+            start = getattr(self.transport, "written", 0)
+            sent = self.transport.send_many(msgs, report)
+            records = int(before[sent])
+            if report is not None:
+                report(sent)
             self.sequence = (self.sequence + records) & 0xFFFFFFFF
             self._sent_messages += sent
             if self.transport.kind == "udp":
                 self._sent_records += records
-            elif records:  # counted once acknowledged (_confirm)
-                self.unconfirmed.append((self.transport.written, take(sub, msgs.rows[:records])))
+            elif records:  # counted once acknowledged (_confirm), message by message
+                ends = start + msgs.offsets[:sent] + msgs.lengths[:sent]
+                self.unconfirmed.append((ends, take(sub, msgs.rows[:records]), before[:sent + 1]))
                 self._unconfirmed_session = self.transport.session
+            done += records
             if sent < len(msgs):
-                return np.concatenate([take(sub, msgs.rows_after(sent)), take(batch, version > v)])
-        return batch[:0]
+                break
+        return done

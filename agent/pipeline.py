@@ -22,7 +22,7 @@ from agent.flowtable import FlowTable
 from agent.interfaces import InterfaceSet, links
 from agent.metrics import Metrics
 from agent.podmeta import PodTable
-from agent.records import EGRESS, FLOW_DTYPE, take
+from agent.records import EGRESS, take
 from agent.transport import make as make_transport
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,8 @@ class Agent:
             return
         rows, due = left
         self.table.update(rows, unique=True)
-        if len(due):
-            self.exporter.export(due, self.names, None)
+        self.exporter.export(due, self.names, None, self.dataplane.keep,
+                             self.dataplane.progress)
         self.dataplane.exported()
 
     def reconcile(self) -> None:
@@ -178,10 +178,12 @@ class Agent:
         t1 = time.perf_counter()
         commit = getattr(self.dataplane, "commit", None)
         if commit is not None:  # pinned: logged before it leaves (bpf/journal.py)
-            commit(self.table, batch, out)
-        self.exporter.export(out if len(out) else np.zeros(0, FLOW_DTYPE), self.names, pods)
-        if commit is not None:
+            self.exporter.export(out, self.names, pods,
+                                 lambda held: commit(self.table, batch, held),
+                                 self.dataplane.progress)
             self.dataplane.exported()
+        else:
+            self.exporter.export(out, self.names, pods)
         self.metrics.export_seconds.observe(time.perf_counter() - t1)
         self.metrics.flows_active.set(len(self.table))
         for ifindex in [i for i in self.names if i not in reported]:

@@ -8,12 +8,14 @@ connection for TCP.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import socket
 import ssl
+import struct
 import termios
 import time
 
@@ -71,7 +73,7 @@ class UdpTransport:
             return not self._refused()
         return False
 
-    def send_many(self, msgs: Messages) -> int:
+    def send_many(self, msgs: Messages, progress=None) -> int:
         """All messages with sendmmsg; returns how many reached a listening socket as far
         as the kernel can tell, so that the rest stay in the backlog. A node-local
         collector's refusal (ICMP port unreachable) comes back within the send of the
@@ -149,6 +151,7 @@ class TcpTransport:
         self.errors = 0
         self.last_error = ""
         self.written = 0  # octets written into the current connection
+        self.closed = (0, 0)  # (session, octets acknowledged) of the last connection reset
 
     @property
     def connected(self) -> bool:
@@ -209,31 +212,41 @@ class TcpTransport:
             self.written += len(msg)
             return True
         except OSError as e:
-            self.sock.close()
-            self.sock = None
-            self._failed(str(e))
+            self._abort(str(e))
             return False
 
-    def send_many(self, msgs: Messages) -> int:
-        """The messages as one stream write; returns how many went whole. A broken
-        connection is closed: the collector gets templates again on the next one."""
+    def send_many(self, msgs: Messages, progress=None) -> int:
+        """The messages as one stream write; returns how many went whole, and tells
+        progress(k) after each write that ends the k-th. A broken connection is closed:
+        the collector gets templates again on the next one."""
         if self.sock is None:
             return 0
-        view = (
-            memoryview(msgs.buf)[: int(msgs.offsets[-1] + msgs.lengths[-1])] if len(msgs) else b""
-        )
-        done = 0
+        ends = msgs.offsets + msgs.lengths
+        view = memoryview(msgs.buf)[: int(ends[-1])] if len(msgs) else b""
+        done = whole = 0
         try:
             while done < len(view):
                 done += self.sock.send(view[done:])
+                if progress is not None and done >= ends[whole]:
+                    whole = int(np.searchsorted(ends, done, "right"))
+                    progress(whole)
         except OSError as e:
             self.written += done
-            self.sock.close()
-            self.sock = None
-            self._failed(str(e))
+            self._abort(str(e))
         else:
             self.written += done
-        return int(np.searchsorted(msgs.offsets + msgs.lengths, done, "right"))
+        return int(np.searchsorted(ends, done, "right"))
+
+    def _abort(self, err: str) -> None:
+        """Close with a reset (SO_LINGER 0): what the collector has not acknowledged is
+        discarded, never delivered after the exporter has queued it to send again (a
+        collector that stalled past the timeout would otherwise get it twice)."""
+        self.closed = (self.session, self.acked())  # what the collector has, for good
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+        self.sock = None
+        self._failed(err)
 
     def close(self) -> None:
         if self.sock is not None:

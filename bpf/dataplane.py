@@ -135,10 +135,21 @@ class EbpfDataplane:
             return  # links, maps and pending flows stay for the next agent
         self.attacher.detach_all()
 
-    # The journal's two steps around an export (bpf/journal.py); no-ops unpinned.
-    def commit(self, table, batch: np.ndarray, out: np.ndarray) -> None:
+    # The journal around an export (bpf/journal.py); no-ops unpinned.
+    def commit(self, table, batch: np.ndarray, held: np.ndarray) -> None:
+        """Before anything is sent: the table, and every record held in sending order."""
         if self.restart is not None:
-            self.restart.commit(table, batch, out)
+            self.restart.commit(table, batch, held)
+
+    def keep(self, held: np.ndarray) -> None:
+        """The records held (the table as committed): at start, for what was left."""
+        if self.restart is not None:
+            self.restart.journal.keep(held)
+
+    def progress(self, sent: int) -> None:
+        """The first `sent` records held have left."""
+        if self.restart is not None:
+            self.restart.journal.progress(sent)
 
     def exported(self) -> None:
         if self.restart is not None:

@@ -3,7 +3,8 @@
 At start: the maps were reused by the program (bpf/pins.py) and the links adopted by
 the attacher; here the journal is opened, the table an earlier agent left is handed
 back (restore), maps of another layout are read once, and links nobody claims are
-removed after a grace. At every poll: commit before export (bpf/journal.py). At exit:
+removed after a grace. At every poll: commit before export, and the export's
+progress (bpf/journal.py). At exit:
 everything unpinned, or left as it is for the next agent (--handover).
 """
 
@@ -45,8 +46,8 @@ class Restart:
                 "generation": self.journal.gen})
 
     def restore(self) -> tuple[np.ndarray, np.ndarray]:
-        """The flow table's rows an earlier agent left, and records it had committed
-        but maybe not sent."""
+        """The flow table's rows an earlier agent left, and the records it had not
+        sent (its last export's rest, and its backlog)."""
         rows, due = self.journal.recover(self.drainer.empty, self.drainer.read_pinned)
         if len(rows) or len(due):
             log.info("restored flows not yet exported",
@@ -74,8 +75,8 @@ class Restart:
             self.settled = True
             self.attacher.prune()
 
-    def commit(self, table, batch: np.ndarray, out: np.ndarray) -> None:
-        self.journal.commit(table, batch, out, self.drainer.idle)
+    def commit(self, table, batch: np.ndarray, held: np.ndarray) -> None:
+        self.journal.commit(table, batch, held, self.drainer.idle)
 
     def close(self) -> None:
         self.journal.close()

@@ -15,7 +15,7 @@ import netlab
 import numpy as np
 import oracles
 import pytest
-from conftest import agent, tcx_programs
+from conftest import agent, tcx_programs, wait_for
 from test_collector import RunningCollector
 from test_counting import ifindex_of, ingress_totals, settled
 from test_metering import PY, pin_neighbours, quiet
@@ -27,11 +27,11 @@ PORT = 7700
 SENDER = """
 import socket, struct, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-dst, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+dst, rate, seconds, ports = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 start, sent = time.monotonic(), 0
 while (t := time.monotonic() - start) < seconds:
     while sent < t * rate:
-        s.sendto(struct.pack("!Q", sent) + b"x" * 92, (dst, 7700))
+        s.sendto(struct.pack("!Q", sent) + b"x" * 92, (dst, 7700 + sent % ports))
         sent += 1
     time.sleep(0.001)
 print(sent)
@@ -55,8 +55,8 @@ def lab():
         netlab.down(prefix)
 
 
-def start_sender(node, seconds: float) -> subprocess.Popen:
-    code = node.in_pod(0, f"{PY} -c '{SENDER}' {node.pods[1].ipv4} {RATE} {seconds}")
+def start_sender(node, seconds: float, ports: int = 1) -> subprocess.Popen:
+    code = node.in_pod(0, f"{PY} -c '{SENDER}' {node.pods[1].ipv4} {RATE} {seconds} {ports}")
     return subprocess.Popen(code, shell=True, stdout=subprocess.PIPE, text=True)
 
 
@@ -65,23 +65,28 @@ def cniflow_links(node, ifname: str) -> list[str]:
             if n.startswith("cniflow_")]
 
 
-def run_through(node, pins: str, stop_first, args: tuple[str, ...]) -> dict:
-    """Agent one meters the traffic, is stopped by stop_first(proc) mid-stream, agent two
-    takes over and is stopped with SIGTERM after the traffic; what was counted and sent."""
+def run_through(node, pins: str, stop_first, args: tuple[str, ...], ports: int = 1,
+                late_collector: bool = False, oracle: bool = True) -> dict:
+    """Agent one (with args) meters the traffic, is stopped by stop_first(agent,
+    collector) mid-stream (the collector is None when it starts only after that), agent
+    two takes over and is stopped with SIGTERM after the traffic; what was counted and
+    sent."""
     a = node.pods[0]
     pin_neighbours(node, 0)
     quiet(node, a.host_if)
-    collector = RunningCollector(node.netns, 4739, "tcp")
-    tshark = oracles.Tshark(node.netns, 4739, proto="tcp")
+    collector = None if late_collector else RunningCollector(node.netns, 4739, "tcp")
+    tshark = oracles.Tshark(node.netns, 4739, proto="tcp") if oracle else None
     # long timeouts: the flow stays in the table, so a restart must carry it over
     common = ("--transport", "tcp", "--pin-path", pins, "--idle-timeout", "30",
               "--active-timeout", "120")
     before = node.link_stats(a.host_if)
     with agent(node, *common, *args) as first:
-        sender = start_sender(node, 8.0)
+        sender = start_sender(node, 8.0, ports)
         time.sleep(3)
-        stop_first(first.proc)
+        stop_first(first, collector)
     log_first = first.log.read_text()
+    if collector is None:
+        collector = RunningCollector(node.netns, 4739, "tcp")
     time.sleep(1)  # no agent at all: the pinned links and maps go on counting
     with agent(node, *common) as second:
         sent = int(sender.communicate(timeout=30)[0])
@@ -89,21 +94,22 @@ def run_through(node, pins: str, stop_first, args: tuple[str, ...]) -> dict:
         log_second = second.log.read_text()
     after = node.link_stats(a.host_if)
     rows = settled(collector)
-    oracle = tshark.records() if tshark.stop() else []
     packets = after["rx_packets"] - before["rx_packets"]
-    return {"sent": sent, "packets": packets,
+    return {"sent": sent, "packets": packets, "ports": ports,
             "octets": after["rx_bytes"] - before["rx_bytes"] - 14 * packets,
-            "rows": rows, "oracle": oracle, "ifindex": ifindex_of(node, a.host_if),
-            "logs": (log_first, log_second)}
+            "rows": rows, "ifindex": ifindex_of(node, a.host_if),
+            "oracle": (tshark.records() if tshark.stop() else []) if tshark else None,
+            "logs": (log_first, log_second), "errors": (collector.dir / "log").read_text()}
 
 
 def check_exact(node, r: dict) -> None:
-    udp = [x for x in r["rows"] if x.get("destinationTransportPort") == PORT]
+    ports = range(PORT, PORT + r["ports"])
+    udp = [x for x in r["rows"] if x.get("destinationTransportPort") in ports]
     assert sum(x["packetDeltaCount"] for x in udp) == r["sent"], r["logs"][1][-3000:]
     assert ingress_totals(r["rows"], r["ifindex"]) == (r["packets"], r["octets"])
-    # the second oracle: tshark's decode of the same IPFIX stream
-    mine = [x for x in r["oracle"] if x["dport"] == PORT]
-    assert sum(x["packets"] for x in mine) == r["sent"]
+    if r["oracle"] is not None:  # the second oracle: tshark's decode of the same stream
+        mine = [x for x in r["oracle"] if x["dport"] in ports]
+        assert sum(x["packets"] for x in mine) == r["sent"]
     assert r["sent"] >= 7 * RATE
 
 
@@ -119,9 +125,9 @@ def test_an_agent_killed_mid_stream_loses_and_repeats_nothing(lab):
     exported, and the collector's total is every datagram sent, once."""
     node, pins = lab
 
-    def kill(proc):
-        proc.kill()
-        proc.wait(10)
+    def kill(first, _):
+        first.proc.kill()
+        first.proc.wait(10)
         assert cniflow_links(node, node.pods[0].host_if), "the links died with the agent"
         pinned = set(os.listdir(f"{pins}/v1"))
         assert {"flows_a", "commit"} <= pinned and pinned & {"ring0", "ring1"}
@@ -133,15 +139,94 @@ def test_an_agent_killed_mid_stream_loses_and_repeats_nothing(lab):
     no_leftovers(node, pins)
 
 
+def test_a_backlog_held_for_an_absent_collector_survives_a_sigkill(lab):
+    """No collector: the records due wait in the exporter's backlog, which lives in the
+    journal's due array; the agent is SIGKILLed, the collector comes up, the successor
+    sends what the dead agent held, and the totals are exact."""
+    node, pins = lab
+
+    def kill(first, _):
+        assert wait_for(lambda: first.metrics().get("cniflow_export_backlog_records", 0) > 50,
+                        10), first.log.read_text()
+        first.proc.kill()
+        first.proc.wait(10)
+
+    r = run_through(node, pins, kill, ("--active-timeout", "1", "--idle-timeout", "1"),
+                    ports=40, late_collector=True)
+    assert "the previous agent left records it had not sent" in r["logs"][1]
+    check_exact(node, r)
+    no_leftovers(node, pins)
+
+
+def small_tcp_buffers(node) -> None:
+    for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
+        subprocess.run(["ip", "netns", "exec", node.netns, "sysctl", "-qw",
+                        f"{key}=4096 4096 4096"], check=True)
+
+
+def stop_reading(node, first, collector) -> None:
+    """SIGSTOP the collector and wait until the agent has octets it cannot write."""
+    collector.proc.send_signal(19)
+
+    def queued() -> bool:
+        out = subprocess.run(node.exec("ss -tnH state established dport = :4739").split(),
+                             capture_output=True, text=True).stdout.split()
+        return len(out) >= 2 and int(out[1]) > 0
+    assert wait_for(queued, 10), first.log.read_text()
+
+
+def test_an_agent_killed_while_its_export_is_stuck_in_the_socket_repeats_nothing(lab):
+    """The collector stops reading (SIGSTOP) and the node's TCP buffers are 4 KB: the
+    export's writes stop part-way through a message. The agent is SIGKILLed there; the
+    kernel still delivers what it had written when the collector reads again, and the
+    successor sends exactly the rest, from the first message not written whole (the
+    collector drops the cut one): no record twice, none lost."""
+    node, pins = lab
+    small_tcp_buffers(node)
+
+    def stuck(first, collector):
+        stop_reading(node, first, collector)
+        time.sleep(0.5)
+        first.proc.kill()
+        first.proc.wait(10)
+        collector.proc.send_signal(18)  # SIGCONT
+
+    r = run_through(node, pins, stuck, ("--active-timeout", "1", "--idle-timeout", "1"),
+                    ports=200, oracle=False)
+    assert "the previous agent left records it had not sent" in r["logs"][1]
+    check_exact(node, r)
+    no_leftovers(node, pins)
+
+
+def test_a_collector_that_stalls_past_the_send_timeout_gets_every_record_once(lab):
+    """The collector stops reading for 5 s: the agent's writes time out (2 s), it resets
+    the connection (SO_LINGER 0: the kernel discards what the collector has not
+    acknowledged, rather than deliver it later) and queues those records again for the
+    next connection. When the collector reads again it gets every record once."""
+    node, pins = lab
+    small_tcp_buffers(node)
+
+    def stall(first, collector):
+        stop_reading(node, first, collector)
+        time.sleep(5)
+        collector.proc.send_signal(18)
+        time.sleep(1)
+
+    r = run_through(node, pins, stall, ("--active-timeout", "1", "--idle-timeout", "1",
+                                        "--handover", "true"), ports=200, oracle=False)
+    assert "records sent again: the connection broke" in r["logs"][0]
+    check_exact(node, r)
+
+
 def test_a_handover_on_sigterm_leaves_everything_to_the_next_agent(lab):
     """--handover: a SIGTERM exports nothing early and leaves maps, links and the pending
     flow pinned; the next agent continues them; its own plain SIGTERM then exports all,
     detaches and unpins."""
     node, pins = lab
 
-    def handover(proc):
-        proc.send_signal(15)
-        assert proc.wait(30) == 0
+    def handover(first, _):
+        first.proc.send_signal(15)
+        assert first.proc.wait(30) == 0
         assert len(cniflow_links(node, node.pods[0].host_if)) == 2
         assert os.listdir(f"{pins}/links")
 
@@ -261,12 +346,14 @@ def _canon(rows) -> list[bytes]:
 
 def test_the_journal_log_and_snapshots_replay_to_the_table_at_every_kill_point(pinfs):
     """A random run of polls (new, repeated and ended flows, evictions from a full table,
-    idle and active timeouts, biflow partners, flushes, failed exports) through real
-    pinned maps; after every poll a successor opens the pins as a SIGKILL would leave
-    them: before the commit (the ring's free space half written with garbage) it finds
-    exactly the table and records of the previous commit, after the commit exactly the
-    table now and the records of this poll. The run crosses appends, compactions, a
-    ring that wraps and rings grown and shrunk into the other pin."""
+    idle and active timeouts, biflow partners, flushes, exports cut short) through real
+    pinned maps, with an exporter's backlog: after every step a successor opens the
+    pins as a SIGKILL would leave them. Before the commit (the ring's free space and the
+    idle due array half written with garbage) it finds exactly the table of the previous
+    commit and what was left unsent then; after the commit, the table now and every
+    record held, in sending order; after each write of the export, the records not yet
+    sent. The run crosses appends, compactions, a ring that wraps, rings and due arrays
+    grown and shrunk into the other pin."""
     from agent.flowtable import FlowTable
     from agent.records import FLOW_DTYPE
     from bpf.journal import Journal
@@ -276,7 +363,18 @@ def test_the_journal_log_and_snapshots_replay_to_the_table_at_every_kill_point(p
     pins = PinDir(pinfs)
     j = Journal(pins, 64)  # a ring of 4096 rows at first
     table = FlowTable(active_timeout_s=4, idle_timeout_s=3, max_flows=7000, end_grace_s=1)
-    now, state, due_then, ring_sizes, modes, laps = 1_000_000, [], [], set(), set(), 0.0
+    now, state, backlog, ring_sizes, due_sizes, modes, laps = (
+        1_000_000, [], np.zeros(0, FLOW_DTYPE), set(), set(), set(), 0.0)
+
+    def successor(rows_then, left_then, slot_if_committed):
+        emptied = []
+        dead = Journal(pins, 64)
+        rows, left = dead.recover(emptied.append, nothing)
+        assert _canon(rows) == rows_then, poll
+        assert left.tobytes() == left_then.tobytes(), poll  # the same records, same order
+        assert emptied == slot_if_committed, poll
+        dead.close()
+
     for poll in range(80):
         now += 1000
         size = int(rng.choice([0, 3, 40, 400, 2500, 9000], p=[.1, .2, .3, .2, .15, .05]))
@@ -286,42 +384,85 @@ def test_the_journal_log_and_snapshots_replay_to_the_table_at_every_kill_point(p
         due = table.flush() if rng.random() < 0.05 else table.expire(now)
         due = np.concatenate([due, table.partners(due)])
         out = np.concatenate([evicted, due]) if len(evicted) else due
-        # killed before the commit: garbage in the ring's free space, S as before
-        free = len(j.rows) - (j.end - j.base) - j.ndue
-        junk = np.frombuffer(rng.bytes(min(free, 3000) * FLOW_DTYPE.itemsize), FLOW_DTYPE)
-        j._write(j.end + j.ndue, junk)
-        emptied = []
-        dead = Journal(pins, 64)
-        rows, again = dead.recover(emptied.append, nothing)
-        assert _canon(rows) == state, poll
-        assert _canon(again) == due_then and emptied == ([poll % 2 ^ 1] if due_then else [])
-        dead.close()
+        # killed before the commit: garbage where the commit writes, S as before
+        junk = rng.bytes(min(len(j.rows) - (j.end - j.base), 3000) * FLOW_DTYPE.itemsize)
+        j._write(j.end, np.frombuffer(junk, FLOW_DTYPE))
+        idle = j._due(1 - j.dwhich)
+        if idle is not None:
+            idle[:min(len(idle), 500)] = np.frombuffer(rng.bytes(500 * 88), FLOW_DTYPE)[
+                :min(len(idle), 500)]
+        successor(state, backlog, [poll % 2 ^ 1] if j.phase == 1 else [])
+        # the exporter's order: the backlog and this poll's records, shuffled by encoding
+        held = np.concatenate([backlog, out])
+        held = held[rng.permutation(len(held))]
         before = (j.base, j.end, len(j.rows))
-        j.commit(table, batch, out, poll % 2)
+        j.commit(table, batch, held, poll % 2)
         if (j.base, j.end, len(j.rows)) != before:
             modes.add("resize" if len(j.rows) != before[2] else
                       "compact" if j.base != before[0] else "append")
         ring_sizes.add(len(j.rows))
-        laps = max(laps, (j.end + j.ndue) / len(j.rows))
+        if len(held):
+            due_sizes.add(len(j._due(j.dwhich)))
+        laps = max(laps, j.end / len(j.rows))
         state = _canon(table.flows)
-        failed = rng.random() < 0.15  # the export fails: no exported(); records stay due
-        if not failed:
-            j.exported()
-        committed = j.phase == 1
-        # killed after the commit: the table now, this poll's records, the slot emptied
-        dead = Journal(pins, 64)
-        emptied = []
-        rows, again = dead.recover(emptied.append, nothing)
-        assert _canon(rows) == state, poll
-        due_then = _canon(out) if committed else []
-        assert _canon(again) == due_then
-        assert emptied == ([poll % 2] if committed else [])
-        dead.close()
+        committed = [poll % 2] if j.phase == 1 else []
+        successor(state, held, committed)  # killed after the commit, before any write
+        # the export: some writes, maybe cut short (the collector away), and the oldest
+        # dropped from a full backlog of 3000
+        cut = len(held) if rng.random() < 0.7 else int(rng.integers(0, len(held) + 1))
+        for sent in sorted(set(rng.integers(0, cut + 1, 3).tolist()) | {cut}):
+            j.progress(sent)
+            successor(state, held[sent:], committed)  # killed after this write
+        backlog = held[cut:]
+        if len(backlog) > 3000:
+            backlog = backlog[len(backlog) - 3000:]
+            j.progress(len(held) - 3000)
+        j.exported()
+        successor(state, backlog, [])
     assert modes >= {"append", "compact", "resize"}, modes
-    assert len(ring_sizes) >= 3, ring_sizes  # grown and shrunk
+    assert len(ring_sizes) >= 3 and len(due_sizes) >= 2, (ring_sizes, due_sizes)
     assert laps > 2, laps  # positions wrapped around a ring
     j.close()
-    assert set(os.listdir(pins.maps)) == {"commit", f"ring{j.which}"}
+    assert set(os.listdir(pins.maps)) == {"commit", f"ring{j.which}", "due0", "due1"}
+
+
+def test_the_previous_commit_record_is_migrated(pinfs):
+    """An agent of the previous journal (a 56-octet commit record, its records due in
+    the ring after the table's log) killed after a commit: the successor finds the table
+    and those records, and the record in its new layout."""
+    import struct
+
+    from agent.flowtable import FlowTable
+    from bpf import syscall
+    from bpf.journal import Journal
+    from bpf.pins import PinDir
+
+    rng = np.random.default_rng(3)
+    pins = PinDir(pinfs)
+    j = Journal(pins, 8)
+    table = FlowTable(active_timeout_s=3600, idle_timeout_s=3600)
+    table.update(rows := _rows(np.arange(20), np.zeros(20, int), 5000, rng), unique=True)
+    j.commit(table, rows, rows[:0], 1)
+    due = _rows(np.arange(100, 105), np.ones(5, int), 5000, rng)
+    j._write(j.end, due)  # where the previous layout kept them
+    old = syscall.map_create(syscall.MAP_ARRAY, 4, 56, 1, 0, "cniflow_commit")
+    syscall.update(old, struct.pack("<I", 0), struct.pack(
+        "<QQQQQQQ", j.gen, 1, 1, j.which, j.base, j.end, len(due)))
+    j.close()
+    os.unlink(pins.map_path("commit"))
+    syscall.obj_pin(old, pins.map_path("commit"))
+    os.close(old)
+    emptied = []
+    again = Journal(pins, 8)
+    got, left = again.recover(emptied.append, nothing)
+    assert _canon(got) == _canon(rows) and left.tobytes() == due.tobytes() and emptied == [1]
+    assert syscall.map_info(again.record)[2] == 72
+    assert "commit_new" not in os.listdir(pins.maps)
+    again.progress(5)
+    again.close()
+    third = Journal(pins, 8)
+    assert len(third.recover(emptied.append, nothing)[1]) == 0
+    third.close()
 
 
 def test_the_previous_layouts_pending_flows_are_migrated(pinfs):
@@ -366,6 +507,7 @@ def test_the_previous_layouts_pending_flows_are_migrated(pinfs):
     assert _canon(rows) == _canon(expect)
     assert _canon(due) == _canon(records) and emptied == [1]
     assert not {"pending", "log", "journal"} & set(os.listdir(pins.maps))
+    j.progress(len(due))
     j.exported()
     j.close()
     again = Journal(pins, 8)
