@@ -8,8 +8,10 @@ Three lanes run side by side, each on a lab node of its own (namespaces sok<lane
 - udp: an eBPF agent in --kubernetes mode (the fake API server, the real kubernetes
   client's watch), exporting over UDP to `cniflow collector`, which is stopped and
   started again every --restart-every seconds;
-- tcp: the same over TCP; every --restart-every seconds the connection breaks, in
-  turn by a reset of the agent's socket (`ss -K`) and by killing the collector;
+- tcp: the same over TCP; every --restart-every seconds, in turn: a reset of the
+  agent's socket (`ss -K`), the collector killed, the agent killed (SIGKILL) and
+  started again at once (eBPF agents pin their maps and links on a bpffs of the
+  lane's, as the DaemonSet does: the successor adopts them);
 - vpp: an agent in VPP mode against the VPP simulator (tests/vppsim.py), restarted in
   turn as a new process and in its container (same pid, same message table).
 
@@ -123,16 +125,36 @@ class Collector:
 
 
 class Agent:
-    def __init__(self, node: netlab.Node, api: FakeApiServer, tag: str, *args: str) -> None:
+    """`cniflow agent` as the DaemonSet runs it: pinned maps and links on a bpffs of the
+    lane's own (eBPF lanes), so a SIGKILLed agent's successor adopts them."""
+
+    def __init__(self, node: netlab.Node, api: FakeApiServer, tag: str, *args: str,
+                 pins: str = "off") -> None:
         self.netns, self.tag = node.netns, tag
         kubeconfig = api.kubeconfig(WORK / f"{tag}-kubeconfig")
         self.log = WORK / f"{tag}-agent.log"
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, str(CNIFLOW), "agent", "--kubernetes",
-             "--node-name", NODE, "--kubeconfig", str(kubeconfig), "--collector",
-             "127.0.0.1:4739", "--metrics-address", "127.0.0.1:9477", "--pin-path", "off",
-             "--poll-interval", "0.5", "--idle-timeout", "2", "--active-timeout", "10",
-             *args], stderr=self.log.open("w"))
+        self.cmd = ["ip", "netns", "exec", node.netns, str(CNIFLOW), "agent", "--kubernetes",
+                    "--node-name", NODE, "--kubeconfig", str(kubeconfig), "--collector",
+                    "127.0.0.1:4739", "--metrics-address", "127.0.0.1:9477", "--pin-path",
+                    pins, "--poll-interval", "0.5", "--idle-timeout", "2", "--active-timeout",
+                    "10", *args]
+        self.runs, self.restarting = 0, False
+        self.lost_before = 0.0  # packets the killed agents' loss counters held
+        self.start()
+
+    def start(self) -> None:
+        self.runs += 1
+        self.proc = subprocess.Popen(self.cmd, stderr=self.log.open(
+            "a" if self.runs > 1 else "w"))
+
+    def kill_and_start(self) -> None:
+        """SIGKILL (its loss counters read just before), then a new agent at once."""
+        self.restarting = True
+        self.lost_before += total(self.metrics(), "cniflow_packets_lost_total")
+        self.proc.kill()
+        self.proc.wait(30)
+        self.start()
+        self.restarting = False
 
     def metrics(self) -> dict[str, float]:
         return metrics(self.netns, 9477)
@@ -292,7 +314,11 @@ class EbpfLane(Lane):
         self.remote = Remote(self.node)
         self.collector = Collector(self.node.netns, self.transport, self.prefix)
         self.tap = Tap(self.node.netns, self.pods) if self.transport == "udp" else None
-        self.agent = Agent(self.node, self.api, self.prefix, "--transport", self.transport)
+        self.pinfs = Path(f"/run/cniflow-lab/{self.prefix}-pins")
+        self.pinfs.mkdir(parents=True, exist_ok=True)
+        sh(f"mount -t bpf bpf {self.pinfs}")
+        self.agent = Agent(self.node, self.api, self.prefix, "--transport", self.transport,
+                           pins=str(self.pinfs / "cniflow"))
         self.live: list[dict] = []
         self.lock = threading.Lock()
         self.down: list[tuple[float, float]] = []  # UDP collector away: (from, to)
@@ -403,10 +429,13 @@ class EbpfLane(Lane):
                 self.collector.start()
                 self.down.append((down, time.time()))  # from SIGTERM to listening again
                 self.events.append("collector restarted")
-            elif k % 2:
+            elif k % 3 == 1:
                 out = sh(self.node.exec(
                     "ss -K -tn state established dport = :4739"), check=False)
                 self.events.append(f"agent's connection reset ({len(out.splitlines()) - 1})")
+            elif k % 3 == 0:
+                self.agent.kill_and_start()
+                self.events.append("agent killed (SIGKILL) and started: pins adopted")
             else:
                 self.collector.stop(signal.SIGKILL)
                 time.sleep(2)
@@ -429,7 +458,7 @@ class EbpfLane(Lane):
         got, lost, per = self.at_collector()
         missing_udp = sum(pod["udp_sent"] - self.remote.received.get(ip, (0, 0))[1]
                           for ip, pod in self.pods.items())
-        agent_lost = lost + total(m, "cniflow_packets_lost_total")
+        agent_lost = lost + total(m, "cniflow_packets_lost_total") + self.agent.lost_before
         out = {
             "pods": len(self.pods),
             "packets_sent": self.sent,
@@ -439,6 +468,7 @@ class EbpfLane(Lane):
             "packets_at_collector": got,
             "packets_in_agent_loss_counters": agent_lost,
             "agent_exit": rc,
+            "agent_runs": self.agent.runs,
             "agent": {k: total(m, k) for k in (
                 "cniflow_records_exported_total", "cniflow_records_dropped_total",
                 "cniflow_records_resent_total", "cniflow_export_errors_total",
@@ -468,6 +498,9 @@ class EbpfLane(Lane):
                 proc.kill()
         self.api.stop()
         netlab.down(self.prefix)
+        sh(f"umount {self.pinfs}", check=False)
+        with contextlib.suppress(OSError):
+            self.pinfs.rmdir()
 
     def threads(self, args) -> list[threading.Thread]:
         return [threading.Thread(target=f, args=a, daemon=True) for f, a in (
@@ -584,6 +617,7 @@ class VppLane(Lane):
             "packets_at_collector": got,
             "packets_in_agent_loss_counters": agent_lost,
             "agent_exit": rc,
+            "agent_runs": self.agent.runs,
             "agent": {k: total(m, k) for k in (
                 "cniflow_records_exported_total", "cniflow_records_dropped_total",
                 "cniflow_vpp_records_total", "cniflow_vpp_decode_errors_total",
@@ -665,7 +699,7 @@ def main() -> int:
             if time.time() >= next_sample:
                 for lane in lanes:
                     lane.sample(t0)
-                    if lane.agent.proc.poll() is not None:
+                    if lane.agent.proc.poll() is not None and not lane.agent.restarting:
                         raise RuntimeError(f"{lane.name}: agent exited")
                 next_sample += args.sample_every
                 log("soak", f"{(time.time() - t0) / 60:.1f} min: " + "; ".join(
