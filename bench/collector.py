@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +204,7 @@ def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None)
         return out
     finally:
         netlab.down("cfcb")
+        shutil.rmtree(work, ignore_errors=True)  # some 200 MB a run otherwise
 
 
 def _written(path: Path) -> int:
@@ -273,6 +275,7 @@ def workers(msgs: list[bytes], n: int, seconds: float = 5.0) -> dict:
                                     / max(out["workers_1_sustained_records_per_s"], 1), 2)
     finally:
         netlab.down("cfwk")
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
