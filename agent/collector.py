@@ -82,18 +82,33 @@ class CollectorMetrics:
             "(labelled \"other\")", registry=r)
         self._labels: set[str] = set()
 
-    def exporter(self, exporter: str) -> str:
+    def exporter(self, exporter: str, messages: int = 1) -> str:
         """The label of an exporter: its address, not its port (an exporter's source port
         may change with every restart or connection), the first MAX_EXPORTER_LABELS of
-        them; the rest share "other"."""
+        them; the rest share "other" (and their `messages` are counted over the cap)."""
         address = exporter.rsplit(":", 1)[0]
         if address in self._labels:
             return address
         if len(self._labels) < MAX_EXPORTER_LABELS:
             self._labels.add(address)
             return address
-        self.exporters_over_cap.inc()
+        self.exporters_over_cap.inc(messages)
         return "other"
+
+    def received(self, counts: dict[str, list[int]]) -> None:
+        """A batch's counts, [datagrams, messages, records] by exporter, in the order
+        the exporters first came: one increment per label and counter a batch."""
+        by_label: dict[str, list[int]] = {}
+        for exporter, (datagrams, messages, records) in counts.items():
+            label = self.exporter(exporter, datagrams)
+            total = by_label.setdefault(label, [0, 0])
+            total[0] += messages
+            total[1] += records
+        for label, (messages, records) in by_label.items():
+            if records:
+                self.records.labels(label).inc(records)
+            if messages:
+                self.messages.labels(label).inc(messages)
 
 
 class Collector:
@@ -109,18 +124,27 @@ class Collector:
         self._last_log: dict[str, float] = {}
 
     def handle(self, batch: list[tuple[bytes, str]]) -> None:
-        """Datagrams or framed messages as they came, (data, exporter) each."""
+        """Datagrams or framed messages as they came, (data, exporter) each. Metrics
+        are counted per batch; errors are synced at the message that had them, so
+        the log names its exporter."""
         sets: list[RecordSet] = []
+        counts: dict[str, list[int]] = {}  # exporter -> [datagrams, messages, records]
+        decoder, stats = self.decoder, self.decoder.stats
         for data, exporter in batch:
-            msgs_before = self.decoder.stats["messages"]
-            got = self.decoder.message(data, exporter)
-            sets += got
-            label = self.metrics.exporter(exporter)
+            messages, faults = stats["messages"], decoder.faults
+            got = decoder.message(data, exporter)
+            c = counts.get(exporter)
+            if c is None:
+                c = counts[exporter] = [0, 0, 0]
+            c[0] += 1
+            c[1] += stats["messages"] - messages
             if got:
-                self.metrics.records.labels(label).inc(sum(len(rs) for rs in got))
-            if self.decoder.stats["messages"] > msgs_before:
-                self.metrics.messages.labels(label).inc()
-            self._sync(exporter)
+                sets += got
+                c[2] += sum(map(len, got))
+            if decoder.faults != faults:
+                self._sync(exporter)
+        self.metrics.received(counts)
+        self._sync_stats()
         if sets:
             lines = self._lines(sets)
             self.metrics.written.inc(lines.count)
@@ -149,7 +173,7 @@ class Collector:
             if hasattr(output, "poll"):
                 output.poll()
 
-    def _sync(self, exporter: str) -> None:
+    def _sync_stats(self) -> None:
         s = self.decoder.stats
         for name, metric in (("template_misses", self.metrics.template_misses),
                              ("dropped_sets", self.metrics.dropped_sets),
@@ -158,6 +182,10 @@ class Collector:
             if delta:
                 metric.inc(delta)
                 self._seen_stats[name] = s[name]
+
+    def _sync(self, exporter: str) -> None:
+        """The decoder's new errors into the metrics, logged as `exporter`'s."""
+        self._sync_stats()
         for reason, count in self.decoder.errors.items():
             delta = count - self._seen_errors.get(reason, 0)
             if delta:

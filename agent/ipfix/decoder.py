@@ -124,7 +124,12 @@ class Decoder:
         self.names: dict[tuple[str, int], dict] = {}  # RFC 5610: (pen, id) -> (name, type)
         self.hold_seconds, self.hold_bytes, self.clock = hold_seconds, hold_bytes, clock
         self.errors: Counter = Counter()  # reason -> count
+        self.faults = 0  # errors counted in all: one comparison tells a message had any
         self.stats: Counter = Counter()  # messages, records, template_misses, dropped, gaps
+
+    def _fault(self, why: str) -> None:
+        self.errors[reason(why)] += 1
+        self.faults += 1
 
     def forget(self, exporter: str) -> None:
         """A TCP connection closed: its templates die with it (RFC 7011 10.4.2)."""
@@ -138,9 +143,9 @@ class Decoder:
         try:
             return self._message(memoryview(data), exporter)
         except Malformed as e:
-            self.errors[reason(str(e))] += 1
+            self._fault(str(e))
         except Exception as e:  # noqa: BLE001  (a case the checks above missed)
-            self.errors[reason(f"unexpected {type(e).__name__}")] += 1
+            self._fault(f"unexpected {type(e).__name__}")
         return []
 
     def _message(self, data: memoryview, exporter: str) -> list[RecordSet]:
@@ -170,7 +175,7 @@ class Decoder:
                 if set_id in (2, 3):
                     self._templates(session, body, set_id == 3, names)
                 elif set_id < 256:
-                    self.errors["reserved set id"] += 1
+                    self._fault("reserved set id")
                 else:
                     rs = self._data(session, key, set_id, body, export_time)
                     if rs is not None:
@@ -178,9 +183,9 @@ class Decoder:
                         out.append(rs)
                         self._learn(rs, names)
             except Malformed as e:  # this set is lost, the rest of the message is not
-                self.errors[reason(str(e))] += 1
+                self._fault(str(e))
             except Exception as e:  # noqa: BLE001  (a case the checks missed: the same)
-                self.errors[reason(f"unexpected {type(e).__name__}")] += 1
+                self._fault(f"unexpected {type(e).__name__}")
         if session.next_sequence is not None and sequence != session.next_sequence:
             self.stats["sequence_gaps"] += 1
         session.next_sequence = (sequence + records) & 0xFFFFFFFF
@@ -322,7 +327,7 @@ class Decoder:
                     out.append(rs)
                     self.stats["records"] += len(rs)
                 except Malformed as e:
-                    self.errors[reason(str(e))] += 1
+                    self._fault(str(e))
             elif now - t > self.hold_seconds:
                 self.stats["dropped_sets"] += 1
             else:
@@ -342,7 +347,7 @@ class Decoder:
             code = row.get("informationElementDataType")
             name, key = row["informationElementName"], (pen, row["informationElementId"])
             if not isinstance(name, str) or not name.isprintable() or not 0 < len(name) <= 64:
-                self.errors["RFC 5610 name not a short printable string"] += 1
+                self._fault("RFC 5610 name not a short printable string")
             elif key not in names and len(names) >= MAX_NAMES:
                 self.stats["names_refused"] += 1
             else:
