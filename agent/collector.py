@@ -23,7 +23,7 @@ from prometheus_client import (
 
 from agent.config import CollectorConfig
 from agent.ipfix.decoder import Decoder, Malformed, RecordSet, split_stream
-from agent.jsonlines import Lines, encode
+from agent.jsonlines import Lines, encode, warm
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ class Collector:
                                                   "total": self.decoder.errors[reason]})
 
     def serve(self, stop: threading.Event) -> None:
+        warm()
         host, port = self.cfg.listen_host_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         if self.cfg.transport == "udp":
