@@ -15,7 +15,6 @@ fixed order, so both directions of a flow land in one partition.
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import struct
@@ -49,7 +48,7 @@ def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
     """Fixed-length sets of one layout (template id and fields), from any exporter,
     are joined and formatted as one table, in the order the layout first came, each
     exporter's records in the order they came; the rest record by record."""
-    parts: list[bytes] = []
+    parts = _Parts()
     out_keys: list[bytes | None] | None = [] if keys else None
     count = 0
     for group in _groups(sets):
@@ -57,7 +56,7 @@ def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
         if rs.array is None:
             rows = [{**_meta(rs), **_unclash(row)} for row in records(rs)]
             if rows:
-                parts.append(("\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
+                parts.write(("\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
                               + "\n").encode())
             if out_keys is not None:
                 out_keys += [flow_key(r) for r in rows]
@@ -66,15 +65,28 @@ def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
         arr = _joined(group)
         if not len(arr):
             continue
-        buf = io.BytesIO()
-        _table(group, arr).write_ndjson(buf)
-        parts.append(buf.getvalue())
+        _table(group, arr).write_ndjson(parts)
         if out_keys is not None:
             out_keys += _keys(arr, {f.name: name for f, name in
                                     zip(reversed(rs.spec.fields), reversed(arr.dtype.names),
                                         strict=True)})
         count += len(arr)
-    return Lines(b"".join(parts), count, out_keys)
+    return Lines(b"".join(parts.parts), count, out_keys)
+
+
+class _Parts:
+    """Where polars' NDJSON writer puts a table's text: the bytes object it hands
+    over is kept, not copied into a BytesIO (a megabyte a batch less to move)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self.parts.append(data if type(data) is bytes else bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 def warm() -> None:
