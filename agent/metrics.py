@@ -96,6 +96,9 @@ class Metrics:
         self.interfaces_attached = Gauge(
             "cniflow_interfaces_attached", "Interfaces with cniflow's filters", registry=r
         )
+        self.tcx_moved_to_head = Counter(
+            "cniflow_tcx_moved_to_head", "cniflow's TCX links moved back to the head of a "
+            "chain another program had been put in front of", registry=r)
         self.attach_failures = Counter(
             "cniflow_attach_failures", "Interfaces the kernel refused a filter on", registry=r
         )

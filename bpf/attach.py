@@ -22,12 +22,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpf import syscall
+from bpf.pins import HOOKS as HOOKS_NAMES
 from bpf.pins import PinDir
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ PARENT_EGRESS = 0xFFFFFFF3  # clsact ffff:fff3
 GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)
 PREFIX = "cniflow_"  # the names cniflow's programs are loaded with
 MODES = ("auto", "tcx", "tc")
+# A program that takes the head of a hook's chain again and again is left there after
+# this many moves of cniflow's link back in front within the window (said once).
+HEAD_MOVES, HEAD_WINDOW_S = 3, 600.0
 
 
 class AttachError(RuntimeError):
@@ -50,6 +55,7 @@ class Attachment:
     name: str
     created_clsact: bool = False
     links: list[int] = field(default_factory=list)  # TCX link fds, ingress then egress
+    spare: list[bool] = field(default_factory=lambda: [False, False])  # which copy runs
 
 
 def choose_mode(mode: str) -> str:
@@ -71,9 +77,12 @@ class Attacher:
         self.ipr = ipr or IPRoute()
         self.dedup = dedup
         self.attached: dict[int, Attachment] = {}
-        self.ours = {syscall.prog_id(program.ingress.fd), syscall.prog_id(program.egress.fd)}
+        self.ours = {syscall.prog_id(p.fd) for p in (program.ingress, program.egress,
+                                                      *program.spares)}
         self.pins = pins
         self.adopted: dict[tuple[int, int], int] = {}  # (ifindex, hook) -> link fd
+        self.moves: dict[tuple[int, int], list[float]] = {}  # (ifindex, hook) -> when
+        self.yielded: set[tuple[int, int]] = set()
         log.info("attach mode", extra={"mode": self.mode, "tcx": self.tcx})
         if pins is not None:
             self._adopt()
@@ -149,6 +158,70 @@ class Attacher:
             self._remove(att)
             raise AttachError(f"{name}: attaching with TCX failed: {e.strerror}") from e
         return att
+
+    def keep_first(self) -> int:
+        """TCX: a program attached after cniflow's link but before it (BPF_F_BEFORE)
+        runs first, and a verdict of its that ends the hook hides the packet from
+        cniflow. Such a link is moved back to the head: a new link in front (the other
+        copy of the program: a chain holds a program once), pinned in place of the old
+        one, then the old one detached. In the microseconds between, a packet the other
+        program ends is counted once; one it passes on to the next, twice. Another
+        program that keeps taking the head is left there after HEAD_MOVES moves in
+        HEAD_WINDOW_S, said once. Returns the links moved."""
+        if self.mode != "tcx":
+            return 0
+        moved, now = 0, time.monotonic()
+        for att in self.attached.values():
+            for i, hook in enumerate((syscall.TCX_INGRESS, syscall.TCX_EGRESS)):
+                try:
+                    entries = syscall.query(att.ifindex, hook)
+                except OSError:  # the interface is going: the next reconcile forgets it
+                    continue
+                if not entries or entries[0][0] in self.ours or i >= len(att.links):
+                    continue
+                key = (att.ifindex, hook)
+                when = self.moves[key] = [t for t in self.moves.get(key, [])
+                                          if now - t < HEAD_WINDOW_S]
+                try:
+                    ahead = syscall.prog_name(entries[0][0])
+                except OSError:
+                    ahead = f"id {entries[0][0]}"
+                where = {"interface": att.name, "hook": HOOKS_NAMES[hook], "program": ahead}
+                if len(when) >= HEAD_MOVES:
+                    if key not in self.yielded:
+                        self.yielded.add(key)
+                        log.error("another program keeps taking the head of the TCX chain: "
+                                  "left there; packets it ends are not counted", extra=where)
+                    continue
+                self.yielded.discard(key)
+                try:
+                    self._move_to_head(att, i, hook)
+                except OSError as e:
+                    log.warning("moving cniflow's link to the head failed",
+                                extra={**where, "err": str(e)})
+                    continue
+                when.append(now)
+                moved += 1
+                log.warning("a program was attached before cniflow's link: moved back to "
+                            "the head of the TCX chain", extra=where)
+        return moved
+
+    def _move_to_head(self, att: Attachment, i: int, hook: int) -> None:
+        """The other copy of the program in front, then the old link detached: where the
+        program in between ends the hook, every packet is counted once throughout."""
+        copies = ((self.program.ingress, self.program.egress), self.program.spares)
+        prog = copies[not att.spare[i]][i]
+        new = syscall.link_create(prog.fd, att.ifindex, hook, syscall.F_BEFORE)
+        att.spare[i] = not att.spare[i]
+        if self.pins is not None:  # the pin names the new link at once (an atomic rename)
+            path = self.pins.link_path(att.ifindex, hook)
+            syscall.obj_pin(new, path + "_next")
+            os.replace(path + "_next", path)
+        old, att.links[i] = att.links[i], new
+        try:
+            syscall.link_detach(old)
+        finally:
+            os.close(old)
 
     def _attach_tc(self, ifindex: int, name: str) -> Attachment:
         created = False

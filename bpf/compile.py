@@ -22,6 +22,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("flow.bpf.c")
 PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_jiffies")
+SPARES = ("cniflow_ingress", "cniflow_egress")
 MAPS = ("flows_a", "flows_b", "overflow_a", "overflow_b", "slot", "stats", "fill", "metered")
 # Overflow entries: one per interface, direction and IP version; metered interfaces.
 OVERFLOW_SIZE = 16384
@@ -70,8 +71,15 @@ def main() -> int:
 
         b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared, pin_dir))
         progs = [b.load_func(name, BPF.SCHED_CLS) for name in PROGRAMS]
-        fds = [p.fd for p in progs] + [b[name].map_fd for name in MAPS]
-        names = list(PROGRAMS) + list(MAPS)
+        # A second copy of each classifier (the same maps): a hook's chain holds a
+        # program once, and moving cniflow's link back to its head puts the other copy
+        # in front before the old link goes (bpf/attach.py, keep_first).
+        spares = []
+        for name in SPARES:
+            b.funcs.pop(name.encode())  # BCC loads a function once, then hands out that fd
+            spares.append(b.load_func(name, BPF.SCHED_CLS))
+        fds = [p.fd for p in progs + spares] + [b[name].map_fd for name in MAPS]
+        names = list(PROGRAMS) + [f"{n}/2" for n in SPARES] + list(MAPS)
         socket.send_fds(sock, [json.dumps({"names": names}).encode()], fds)
         return 0
     except Exception as e:  # reported to the parent, which turns it into LoadError

@@ -99,6 +99,7 @@ class EbpfDataplane:
                 self.metrics.attach_failures.inc()
                 log.warning("attach failed", extra={"interface": name, "err": str(e),
                                                     "retry_in_s": delay})
+        self.metrics.tcx_moved_to_head.inc(self.attacher.keep_first())
         for ifindex in [i for i in self.failed if i not in want]:
             del self.failed[ifindex]
         if self.restart is not None:

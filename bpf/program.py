@@ -71,6 +71,9 @@ class FlowProgram:
             raise
         self.ingress = Prog(fds["cniflow_ingress"], "cniflow_ingress")
         self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
+        # the same programs loaded once more: the other copy for a hook's chain
+        self.spares = (Prog(fds["cniflow_ingress/2"], "cniflow_ingress"),
+                       Prog(fds["cniflow_egress/2"], "cniflow_egress"))
         self._jiffies = fds["cniflow_jiffies"]
         self.flow_map_fds = (fds["flows_a"], fds["flows_b"])
         self.overflow_map_fds = (fds["overflow_a"], fds["overflow_b"])

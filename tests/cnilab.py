@@ -136,10 +136,12 @@ class _Tcx:
         self.links: dict[tuple[str, str], int] = {}  # (ifname, hook) -> link fd
         self.ifindex: dict[str, int] = {}
 
-    def attach(self, ifname: str, hook: str, prog_fd: int) -> None:
+    def attach(self, ifname: str, hook: str, prog_fd: int, head: bool = False) -> None:
+        """At the tail of the chain, or at its head."""
         def run() -> tuple[int, int]:  # ifindex and BPF_LINK_CREATE are per namespace
             idx = socket.if_nametoindex(ifname)
-            return idx, syscall.link_create(prog_fd, idx, HOOKS[hook], F_AFTER)
+            return idx, syscall.link_create(prog_fd, idx, HOOKS[hook],
+                                            syscall.F_BEFORE if head else F_AFTER)
 
         self.ifindex[ifname], self.links[(ifname, hook)] = in_netns(self.netns, run)
 
@@ -207,16 +209,16 @@ netlab.DATAPATHS["cilium"] = CiliumDatapath
 
 
 class StandIn:
-    """A generic CNI program at the tail of TCX on each of ifnames, in netns, on the
-    given hooks. mode "pass": count, TC_ACT_OK (ends the hook). mode "redirect": count,
-    then for an IPv4 destination in targets ({ip: veth}) bpf_redirect_peer to that
-    veth's pod (bpf_redirect from egress), everything else bpf_redirect to target's
-    egress when target is given, else TC_ACT_OK. Frames are redirected as they are
-    (no MAC rewrite)."""
+    """A generic CNI program at the tail of TCX (the head with head=True) on each of
+    ifnames, in netns, on the given hooks. mode "pass": count, TC_ACT_OK (ends the
+    hook). mode "redirect": count, then for an IPv4 destination in targets ({ip: veth})
+    bpf_redirect_peer to that veth's pod (bpf_redirect from egress), everything else
+    bpf_redirect to target's egress when target is given, else TC_ACT_OK. Frames are
+    redirected as they are (no MAC rewrite)."""
 
     def __init__(self, netns: str, ifnames: Iterable[str], mode: str = "pass",
                  targets: dict[str, str] | None = None, target: str = "",
-                 hooks: Iterable[str] = ("ingress",)) -> None:
+                 hooks: Iterable[str] = ("ingress",), head: bool = False) -> None:
         if mode not in ("pass", "redirect"):
             raise ValueError(f"mode {mode!r}")
         b = BPF(text=STANDIN.encode(), cflags=["-w"] + (["-DREDIRECT"] if mode == "redirect"
@@ -234,7 +236,12 @@ class StandIn:
         self.hooks = tuple(hooks)
         for ifname in ifnames:
             for hook in self.hooks:
-                self.tcx.attach(ifname, hook, self.progs[hook].fd)
+                self.tcx.attach(ifname, hook, self.progs[hook].fd, head)
+
+    def to_head(self, ifname: str, hook: str = "ingress") -> None:
+        """Its link made again, at the head of the chain (as a CNI re-creating it)."""
+        os.close(self.tcx.links.pop((ifname, hook)))
+        self.tcx.attach(ifname, hook, self.progs[hook].fd, head=True)
 
     def seen(self, ifname: str, hook: str | None = None) -> int:
         """Packets seen on ifname's hook (both hooks when None)."""

@@ -4,6 +4,7 @@ the collector equal what crossed the pods' veths, read from the veths' own count
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import tempfile
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import agent, tcx_programs
+from conftest import agent, tcx_programs, wait_for
 from test_collector import RunningCollector
 from test_metering import pin_neighbours, quiet, send_udp
 
@@ -199,6 +200,55 @@ def test_a_cni_attached_with_tcx_that_ends_the_hook_hides_nothing(node, cni):
     finally:
         standin.close()
     assert counted == {"tcx": (150, 150 * 78), "tc": (0, 0)}
+
+
+def test_a_program_put_before_cniflows_link_is_moved_behind_it(node):
+    """A program attached at the head of the TCX chain after cniflow (BPF_F_BEFORE) that
+    ends the hook would hide every packet: at the next reconcile cniflow's link is in
+    front again (pinned in place of the old one), the other program untouched, still
+    seeing every packet, and every packet counted once. One that keeps taking the head
+    is left there after three moves, said once."""
+    import cnilab
+
+    a, b = node.pods
+    pin_neighbours(node, 0)
+    fs = Path(f"/run/cniflow-lab/{node.prefix}-pins")
+    fs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
+    collector = RunningCollector(node.netns, 4739, "tcp")
+    standin = None
+    try:
+        with agent(node, "--transport", "tcp", "--idle-timeout", "1", "--pin-path",
+                   str(fs / "cniflow")) as running:
+            def moved() -> float:
+                return running.metrics().get("cniflow_tcx_moved_to_head_total", 0)
+            standin = cnilab.StandIn(node.netns, [a.host_if], mode="pass", head=True)
+            assert wait_for(lambda: moved() == 1, 10), running.log.read_text()
+            assert tcx_programs(node.netns, a.host_if) == ["cniflow_ingress", "standin_ingress"]
+            pins = sorted(os.listdir(fs / "cniflow" / "links"))
+            assert len(pins) == 4, pins  # one pin per interface and hook, the moved one too
+            quiet(node, a.host_if, still=1)
+            seen0, rx0 = standin.seen(a.host_if), node.link_stats(a.host_if)["rx_packets"]
+            send_udp(node, 0, b.ipv4, 9901, count=150, size=50)
+            time.sleep(2)
+            assert node.link_stats(a.host_if)["rx_packets"] - rx0 == 150
+            assert standin.seen(a.host_if) - seen0 == 150 and standin.attached(a.host_if)
+            for n in (2, 3):
+                standin.to_head(a.host_if)
+                assert wait_for(lambda n=n: moved() == n, 10)
+            standin.to_head(a.host_if)  # a fourth time within ten minutes: left there
+            assert wait_for(lambda: "keeps taking the head" in running.log.read_text(), 10)
+            assert moved() == 3
+            assert tcx_programs(node.netns, a.host_if)[0] == "standin_ingress"
+        rows = settled(collector)
+        assert tcx_programs(node.netns, a.host_if) == ["standin_ingress"]
+    finally:
+        if standin is not None:
+            standin.close()
+        subprocess.run(["umount", str(fs)], check=False)
+        fs.rmdir()
+    mine = [r for r in rows if r.get("destinationTransportPort") == 9901]
+    assert sum(r["packetDeltaCount"] for r in mine) == 150
 
 
 BIG = 185_000  # BIG TCP's usual size (Cilium's default), far above IP's 65,535
