@@ -454,6 +454,34 @@ def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_export
     assert d.templates_total <= 4096
 
 
+def test_a_batchs_metrics_are_what_counting_message_by_message_made_them(caplog):
+    """The collector counts once a batch: records and messages by exporter address
+    (ports folded), messages of addresses past the label cap counted as such, an
+    error counted by reason and logged as the exporter's that sent it."""
+    import statefuzz
+
+    from agent.collector import MAX_EXPORTER_LABELS, Collector
+    from agent.config import CollectorConfig
+
+    collector = Collector(CollectorConfig(), [])
+    batch = [(statefuzz.good(0, 1), "10.0.0.1:1000"), (statefuzz.good(1, 2), "10.0.0.1:1000"),
+             (statefuzz.good(0, 3), "10.0.0.1:2000"),  # another port: its own session
+             (statefuzz.message([], 0, lie=9), "10.0.0.2:1")]  # longer than its data
+    batch += [(statefuzz.good(0, 1), f"10.1.{i >> 8}.{i & 255}:1")
+              for i in range(MAX_EXPORTER_LABELS)]  # the last two past the cap
+    with caplog.at_level("WARNING", logger="agent.collector"):
+        collector.handle(batch)
+    value = collector.metrics.registry.get_sample_value
+    for label, rows, messages in (("10.0.0.1", 3, 3), ("10.1.0.253", 1, 1),
+                                  ("other", 2, 2), ("10.0.0.2", None, None)):
+        assert value("cniflow_collector_records_total", {"exporter": label}) == rows
+        assert value("cniflow_collector_messages_total", {"exporter": label}) == messages
+    assert value("cniflow_collector_exporters_over_cap_total") == 2
+    assert value("cniflow_collector_decode_errors_total",
+                 {"reason": "message length beyond the data"}) == 1
+    assert [r.exporter for r in caplog.records] == ["10.0.0.2:1"]
+
+
 @pytest.mark.parametrize("pcap", PCAPS, ids=[p.name[:40] for p in PCAPS])
 def test_json_lines_say_exactly_what_the_decoder_says(pcap):
     from agent.jsonlines import encode, flow_key
