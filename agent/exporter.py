@@ -34,6 +34,7 @@ from agent.records import FLOW_DTYPE, take
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT_STEPS = 20  # at exit, up to 2 s for the collector to acknowledge the last records
+PROBE = 1000  # records tried first after an export the collector did not take whole
 
 
 class Exporter:
@@ -65,6 +66,7 @@ class Exporter:
         self.biflow = biflow
         self.with_pods = with_pods
         self.backlog = np.zeros(0, FLOW_DTYPE)  # records waiting, oldest first
+        self._stalled = False  # the last export left records: probe before encoding all
         self.sequence = 0
         self.session = None
         self.templates_due = 0.0
@@ -89,30 +91,44 @@ class Exporter:
         """Queue records and send everything the collector can take now. pods: an
         agent.podmeta.PodTable naming the pods (required when built with_pods).
 
-        With the restart journal (bpf/journal.py): every record held is encoded first,
+        With the restart journal (bpf/journal.py): the records held are encoded first,
         commit(held) is called with them in the order the messages carry them, before
         any leaves; progress(n) after each write says the first n have left (whole
         messages), and at the end counts the oldest dropped from a full backlog too:
-        what is not yet sent is always a tail of held."""
+        what is not yet sent is always a tail of held. After an export the collector
+        did not take whole, the next one tries PROBE records first (a collector still
+        away costs their encoding, not the backlog's); if they go, the rest follows,
+        committed again in its new order."""
         self._confirm()
         if len(records):
             if self.biflow:  # pairs are made from what is due together
                 records = pair(records)
             self.backlog = np.concatenate([self.backlog, records]) if len(self.backlog) \
                 else records
-        plan = []
-        if len(self.backlog) and self.transport.ready():
-            self._start_session_if_new()
-            self._send_templates_if_due(ifnames)
-            plan = self._encode(self.backlog, ifnames, pods)
-            if plan:
-                self.backlog = np.concatenate([take(sub, m.rows) for sub, m in plan])
-        held = len(self.backlog)
-        if commit is not None:
-            commit(self.backlog)
-        self.backlog = self.backlog[self._send(plan, progress):]
+        limit = PROBE if self._stalled else len(self.backlog)
+        committed, held = False, 0
+        while True:
+            plan, head = [], self.backlog[:limit]
+            if len(head) and self.transport.ready():
+                self._start_session_if_new()
+                self._send_templates_if_due(ifnames)
+                plan = self._encode(head, ifnames, pods)
+                if plan:
+                    self.backlog = np.concatenate([take(sub, m.rows) for sub, m in plan]
+                                                  + [self.backlog[len(head):]])
+            if commit is not None and (plan or not committed):
+                commit(self.backlog)
+                committed, held = True, len(self.backlog)
+            if not plan:
+                break
+            sent = self._send(plan, progress)
+            self.backlog = self.backlog[sent:]
+            if sent < len(head) or not len(self.backlog):
+                break
+            limit = len(self.backlog)  # the collector took them: the rest at once
+        self._stalled = bool(len(self.backlog))
         self._bound_backlog()  # what the collector could not take now: kept, up to the bound
-        if progress is not None:
+        if progress is not None and committed:
             progress(held - len(self.backlog))
         self._count()
         self.metrics.export_backlog.set(len(self.backlog))
