@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import subprocess
 import tempfile
@@ -501,3 +502,52 @@ def test_a_service_as_the_api_serves_it_names_what_kube_proxy_translates():
     headless = service_from({"metadata": {"namespace": "shop", "name": "h"},
                              "spec": {"clusterIP": "None", "ports": []}})
     assert (headless.addresses, headless.cluster_ips) == ((), ())
+
+
+def test_a_collector_away_costs_a_probe_and_the_journal_always_holds_what_is_unsent():
+    """Over UDP to a port nobody listens on: everything waits. The next export encodes
+    only the first 1,000 records (the probe) and leaves the rest in the order they
+    came; what is committed before anything leaves ends, after the export, with
+    exactly the backlog (progress says how many of it left). When the collector is
+    back, the probe goes, the rest is committed again in its new order and goes."""
+    import socket
+
+    from agent.exporter import PROBE, Exporter
+    from agent.ipfix.decoder import Decoder, records
+    from agent.metrics import Metrics
+    from agent.transport import UdpTransport
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    port = rx.getsockname()[1]
+    rx.close()  # nobody listens yet
+    e = Exporter(UdpTransport("127.0.0.1", port), 1, Metrics())
+    commits: list[bytes] = []
+    sent: list[int] = []
+
+    def export(recs):
+        e.export(recs, {}, commit=lambda held: commits.append(held.tobytes()),
+                 progress=sent.append)
+        committed = np.frombuffer(commits[-1], FLOW_DTYPE)
+        assert committed[sent[-1]:].tobytes() == e.backlog.tobytes()  # the unsent tail
+
+    export(flows(5000))
+    assert len(e.backlog) == 5000 and sent[-1] == 0
+    before = e.backlog.copy()
+    export(flows(10, port0=9000))  # still away: the probe alone was encoded
+    assert len(commits) == 2 and len(e.backlog) == 5010
+    assert e.backlog[PROBE:].tobytes() == np.concatenate([before[PROBE:],
+                                                          flows(10, port0=9000)]).tobytes()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", port))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.settimeout(0.3)
+    export(flows(0))  # back: the probe, then the rest committed again and sent
+    assert len(commits) == 4 and len(e.backlog) == 0
+    assert len(np.frombuffer(commits[-1], FLOW_DTYPE)) == 5010 - PROBE
+    d, ports = Decoder(), []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            for rs in d.message(rx.recv(65535), "x"):
+                ports += [r["sourceTransportPort"] for r in records(rs) if "packetDeltaCount" in r]
+    assert sorted(ports) == sorted(list(range(1, 5001)) + list(range(9000, 9010)))
