@@ -9,9 +9,13 @@
 - Cilium's default layout (the whole pod CIDR routed through cilium_host, no
   per-pod routes): Cilium's own endpoint map (cilium_lxc, pinned in bpffs) gives
   the lxc interface of each local endpoint address;
-- fallback: the network namespaces (named under /run/netns, then those only
-  processes hold, under /proc), for the interface holding the pod's address,
-  whose veth peer index is the host side.
+- any CNI that gives pods a veth (Open vSwitch ones as well: Antrea, Kube-OVN,
+  OVN-Kubernetes): each host-side veth's peer namespace, read by netnsid without
+  entering it (agent/peerns.py: CAP_NET_ADMIN, not CAP_SYS_ADMIN), holds the pod's
+  address on the veth's peer;
+- last resort, where the agent may setns(): the network namespaces (named under
+  /run/netns, then those only processes hold, under /proc), for the interface
+  holding the pod's address, whose veth peer index is the host side.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent import peerns
 from agent.interfaces import driver
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,7 @@ AF_BRIDGE = 7
 LXC_KEY, LXC_VALUE, LXC_ENTRIES = 20, 48, 65535
 ENDPOINT_F_HOST, ENDPOINT_F_ATHOSTNS = 1, 2
 NETNS_RESCAN_SECONDS = 10.0  # a namespace's addresses are read again after this
+PEER_RESCAN_SECONDS = 1.0  # the peer namespaces' addresses, at most this often
 
 
 def iflink(ifindex: int) -> int:
@@ -98,6 +104,8 @@ class Resolver:
         self.cilium_map = cilium_map
         self.netns_scan = netns_scan
         self._netns: dict[tuple[int, int], tuple[float, dict[str, int]]] = {}
+        self._peers: dict[str, int] = {}  # address -> host-side veth (agent/peerns.py)
+        self._peers_at = -PEER_RESCAN_SECONDS
 
     def resolve(self, ips: tuple[str, ...]) -> int | None:
         for ip in ips:
@@ -109,7 +117,28 @@ class Resolver:
             ifindex = endpoints.get(ip)
             if ifindex and pod_veth(ifindex):
                 return ifindex
+        ifindex = self._by_peer_ns(ips)
+        if ifindex:
+            return ifindex
         return self._by_netns(ips) if self.netns_scan else None
+
+    def _by_peer_ns(self, ips: tuple[str, ...]) -> int | None:
+        """The addresses behind every host-side veth (read again at most every
+        PEER_RESCAN_SECONDS when an address is not among them)."""
+        now = time.monotonic()
+        if not any(ip in self._peers for ip in ips) and \
+                now - self._peers_at >= PEER_RESCAN_SECONDS:
+            try:
+                self._peers = peerns.host_sides()
+            except OSError as e:  # a kernel before 4.20, or no CAP_NET_ADMIN
+                log.debug("peer namespaces", extra={"err": str(e)})
+                self._peers = {}
+            self._peers_at = now
+        for ip in ips:
+            ifindex = self._peers.get(ip)
+            if ifindex and pod_veth(ifindex):
+                return ifindex
+        return None
 
     def _by_route(self, ip: str) -> int | None:
         try:

@@ -194,7 +194,7 @@ import json, sys
 from pyroute2 import IPRoute
 from agent.interfaces import links
 from agent.resolve import Resolver
-r = Resolver(IPRoute(), sys.argv[2])
+r = Resolver(IPRoute(), sys.argv[2], netns_scan=sys.argv[3] == "scan")
 out = {"links": {n: i for i, n in links().items()}}
 for ips in json.loads(sys.argv[1]):
     out[",".join(ips)] = [r.resolve(tuple(ips)), r._by_route(ips[-1])]
@@ -202,18 +202,23 @@ print(json.dumps(out))
 """
 
 
-def resolve_in(node, *ip_sets: tuple[str, ...]) -> dict:
-    """The resolver as the agent runs it: inside the node's network namespace."""
+def resolve_in(node, *ip_sets: tuple[str, ...], scan: bool = True) -> dict:
+    """The resolver as the agent runs it: inside the node's network namespace; scan:
+    setns() into namespaces allowed (not where the DaemonSet grants no CAP_SYS_ADMIN)."""
     cmd = ["ip", "netns", "exec", node.netns, sys.executable, "-c", RESOLVE,
-           json.dumps(ip_sets), node.lxc_map if node.layout == "cilium" else ""]
+           json.dumps(ip_sets), node.lxc_map if node.layout == "cilium" else "",
+           "scan" if scan else "no"]
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
 def test_each_way_of_finding_a_pods_interface():
     """Routed: the route. Bridged: neighbour and FDB. Cilium (the pod CIDR routed through
     cilium_host, itself a veth, and no per-pod routes): Cilium's endpoint map. No route
-    at all: the pod's namespace names its veth peer, named under /run/netns or only held
-    by a process. A pod's second interface never stands for it."""
+    at all (what carries the traffic is none of the node's routes or bridges, as with
+    Open vSwitch): the host-side veth's peer namespace, read by netnsid without entering
+    it (as the DaemonSet runs, without CAP_SYS_ADMIN), or entered, named under
+    /run/netns or only held by a process. A pod's second interface never stands for
+    it."""
     import cnilab  # noqa: F401  (registers the Cilium datapath stand-in)
 
     routed = netlab.up("rsr", 3, unnamed=(2,), net1=(0,))
@@ -234,12 +239,17 @@ def test_each_way_of_finding_a_pods_interface():
                 for p in node.pods[1:]:
                     netlab.sh(f"ip -n {node.netns} route del {p.ipv4}/32")
                     netlab.sh(f"ip -n {node.netns} -6 route del {p.ipv6}/128")
-                    assert resolve_in(node, (p.ipv4, p.ipv6))[f"{p.ipv4},{p.ipv6}"] == [
-                        index[p.host_if], None], p
+                    for scan in (True, False):  # read by netnsid, without setns()
+                        assert resolve_in(node, (p.ipv4, p.ipv6), scan=scan)[
+                            f"{p.ipv4},{p.ipv6}"] == [index[p.host_if], None], (p, scan)
+                        assert resolve_in(node, (p.ipv6,), scan=scan)[p.ipv6] == [
+                            index[p.host_if], None], (p, scan)
                 assert node.pods[2].pid and not Path(f"/run/netns/{node.pods[2].netns}").exists()
                 # the second interface's address names its own veth, not the pod's
                 extra = node.pods[0].extra_ips[0]
-                assert resolve_in(node, (extra,))[extra][0] != index[node.pods[0].host_if]
+                for scan in (True, False):
+                    assert resolve_in(node, (extra,), scan=scan)[extra][0] != \
+                        index[node.pods[0].host_if]
     finally:
         for prefix in ("rsr", "rsb", "rsc"):
             netlab.down(prefix)
