@@ -36,8 +36,9 @@ def netns_lookup(metrics: Metrics) -> bool:
     able = caps.has("SYS_ADMIN")
     metrics.netns_lookup.set(int(able))
     if not able:
-        log.warning("no CAP_SYS_ADMIN: pods found by route, bridge or Cilium's endpoint map "
-                    "only; the lookup through pod network namespaces is off")
+        log.warning("no CAP_SYS_ADMIN: pods found by route, bridge, Cilium's endpoint map "
+                    "or their veth's peer namespace; the lookup entering pod network "
+                    "namespaces is off")
     return able
 
 

@@ -102,11 +102,14 @@ class RunningAgent:
 
 @contextlib.contextmanager
 def agent(node, *args: str, interfaces: tuple[str, ...] | None = None, wait_attached=True,
-          collector: str = "127.0.0.1:4739", metrics_port: int = 9477):
-    """Run `cniflow agent` in the node namespace; on exit SIGTERM it and expect exit 0."""
+          collector: str = "127.0.0.1:4739", metrics_port: int = 9477,
+          wrap: tuple[str, ...] = ()):
+    """Run `cniflow agent` in the node namespace (under wrap, e.g. setpriv); on exit
+    SIGTERM it and expect exit 0."""
     log = Path(f"/tmp/{node.prefix}-agent.log")
     ifs = interfaces if interfaces is not None else (f"{node.prefix}v*",)
-    cmd = ["ip", "netns", "exec", node.netns, str(CNIFLOW), "agent", "--collector", collector,
+    cmd = ["ip", "netns", "exec", node.netns, *wrap, str(CNIFLOW), "agent", "--collector",
+           collector,
            "--metrics-address", f"127.0.0.1:{metrics_port}", "--poll-interval", "0.5"]
     for i in ifs:
         cmd += ["--interface", i]

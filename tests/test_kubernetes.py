@@ -27,10 +27,10 @@ def attached(node, pod) -> bool:
 
 
 @contextlib.contextmanager
-def k8s_agent(node, api: FakeApiServer, *args: str):
+def k8s_agent(node, api: FakeApiServer, *args: str, wrap: tuple[str, ...] = ()):
     kubeconfig = api.kubeconfig(Path(f"/tmp/{node.prefix}-kubeconfig"))
     with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-               *args, interfaces=(), wait_attached=False) as running:
+               *args, interfaces=(), wait_attached=False, wrap=wrap) as running:
         yield running
 
 
@@ -253,6 +253,38 @@ def test_each_way_of_finding_a_pods_interface():
     finally:
         for prefix in ("rsr", "rsb", "rsc"):
             netlab.down(prefix)
+
+
+def test_without_cap_sys_admin_a_pod_no_route_leads_to_is_found_by_its_veths_peer():
+    """As the DaemonSet runs (no CAP_SYS_ADMIN: no setns into pod namespaces), a pod the
+    node has no route to (its traffic carried by something cniflow cannot read, as Open
+    vSwitch) is found through its veth's peer namespace, read by netnsid: attached, and
+    what it sends is counted exactly, with its name."""
+    node = netlab.up("rsn", 2, unnamed=(0,))
+    server = FakeApiServer(node.netns)
+    try:
+        web, db = node.pods
+        netlab.sh(f"ip -n {node.netns} route del {web.ipv4}/32")
+        netlab.sh(f"ip -n {node.netns} -6 route del {web.ipv6}/128")
+        server.namespace("shop", OPT_IN)
+        server.pod("shop", "web", NODE, [web.ipv4, web.ipv6])
+        server.pod("shop", "db", NODE, [db.ipv4, db.ipv6])
+        tshark = oracles.Tshark(node.netns, 4739)
+        no_sys_admin = ("setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
+                        "--")
+        with k8s_agent(node, server, "--idle-timeout", "1", wrap=no_sys_admin) as running:
+            assert wait_for(lambda: attached(node, web) and attached(node, db), 15), \
+                running.log.read_text()
+            assert running.metrics()["cniflow_netns_lookup_enabled"] == 0
+            send_udp(node, 0, db.ipv4, 9740, count=7, size=10)
+            time.sleep(2.5)
+        tshark.stop()
+        sent = [r for r in tshark.pod_records() if r["dport"] == 9740]
+        assert sum(r["packets"] for r in sent) == 7
+        assert {(r["interface"], r["src_pod"]) for r in sent} == {(web.host_if, "web")}
+    finally:
+        server.stop()
+        netlab.down("rsn")
 
 
 def test_stray_netlink_replies_are_dropped_each_reconcile():
