@@ -44,7 +44,8 @@ AF_BRIDGE = 7
 LXC_KEY, LXC_VALUE, LXC_ENTRIES = 20, 48, 65535
 ENDPOINT_F_HOST, ENDPOINT_F_ATHOSTNS = 1, 2
 NETNS_RESCAN_SECONDS = 10.0  # a namespace's addresses are read again after this
-PEER_RESCAN_SECONDS = 1.0  # the peer namespaces' addresses, at most this often
+PEER_RESCAN_SECONDS = 2.0  # the peer namespaces' addresses, at most this often (a pod no
+# way finds, a netkit or macvlan one, would otherwise have them read every poll)
 
 
 def iflink(ifindex: int) -> int:
