@@ -252,11 +252,14 @@ class Poller:
         evicted = self.table.update(batch, unique=True)
         due = self.table.expire(int(time.time() * 1000)) if self.steady else self.table.flush()
         out = np.concatenate([evicted, due]) if len(evicted) else due
-        if self.journal is not None:
-            self.journal.commit(self.table, batch, out, self.drain.idle)
-        self.exporter.export(out, self.names)
-        if self.journal is not None:
-            self.journal.exported()
+        if self.journal is not None:  # as agent/pipeline.py: commit, send, progress
+            j = self.journal
+            self.exporter.export(out, self.names, None,
+                                 lambda held: j.commit(self.table, batch, held, self.drain.idle),
+                                 j.progress)
+            j.exported()
+        else:
+            self.exporter.export(out, self.names)
         return len(out)
 
     def close(self) -> None:
