@@ -134,6 +134,18 @@ def agent(node, *args: str, interfaces: tuple[str, ...] | None = None, wait_atta
             assert rc == 0, log.read_text()
 
 
+@contextlib.contextmanager
+def k8s_agent(node, api, *args: str, wait_attached: bool = False, wrap: tuple[str, ...] = (),
+              node_name: str = "node-a"):
+    """`cniflow agent --kubernetes` in the node namespace against the fake API server
+    (tests/fakeapi.py), as the node node_name; wait_attached: until every pod of the
+    node is attached."""
+    kubeconfig = api.kubeconfig(Path(f"/tmp/{node.prefix}-kubeconfig"))
+    with agent(node, "--kubernetes", "--node-name", node_name, "--kubeconfig", str(kubeconfig),
+               *args, interfaces=(), wait_attached=wait_attached, wrap=wrap) as running:
+        yield running
+
+
 def wait_for(predicate, timeout: float = 10.0, step: float = 0.1):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -3,7 +3,6 @@ server (real list and watch over HTTP), pods built as namespaces and veths."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import netlab
 import oracles
 import pytest
-from conftest import agent, filters, wait_for
+from conftest import agent, filters, k8s_agent, wait_for
 from fakeapi import FakeApiServer
 from test_metering import send_udp
 
@@ -24,14 +23,6 @@ OPT_OUT = {"cniflow.io/export": "false"}
 
 def attached(node, pod) -> bool:
     return "cniflow_ingress" in filters(node, pod.host_if)
-
-
-@contextlib.contextmanager
-def k8s_agent(node, api: FakeApiServer, *args: str, wrap: tuple[str, ...] = ()):
-    kubeconfig = api.kubeconfig(Path(f"/tmp/{node.prefix}-kubeconfig"))
-    with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-               *args, interfaces=(), wait_attached=False, wrap=wrap) as running:
-        yield running
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import netlab
 import pytest
-from conftest import agent
+from conftest import k8s_agent
 from fakeapi import FakeApiServer
 from oracles import Tshark, tshark_tree
 from test_collector import RunningCollector
@@ -139,10 +139,8 @@ def test_service_traffic_names_the_service_and_its_backend_here_and_elsewhere(de
         servers = [echo(node.in_pod(1, ""), 8080), echo(node.in_remote(""), 5353)]
         collector = RunningCollector(node.netns, 4739)
         tshark = Tshark(node.netns, 4739)
-        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
-        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-                   "--idle-timeout", "1", "--dedup", str(dedup).lower(),
-                   "--cluster-cidr", "10.99.0.0/16", interfaces=()) as running:
+        with k8s_agent(node, api, "--idle-timeout", "1", "--dedup", str(dedup).lower(),
+                       "--cluster-cidr", "10.99.0.0/16", wait_attached=True) as running:
             time.sleep(1.5)
             ask(node, DB_IP, 80, 41080, 7)       # to a backend on this node
             ask(node, CACHE_IP, 53, 41053, 5)    # to a backend elsewhere
@@ -271,10 +269,8 @@ def test_traffic_from_outside_to_a_nodeport_external_ip_and_load_balancer_ip():
         servers = [echo(node.in_pod(1, ""), 8080)]
         collector = RunningCollector(node.netns, 4739)
         tshark = Tshark(node.netns, 4739)
-        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
-        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-                   "--idle-timeout", "1", "--cluster-cidr", "10.99.0.0/18",
-                   interfaces=()) as running:
+        with k8s_agent(node, api, "--idle-timeout", "1", "--cluster-cidr", "10.99.0.0/18",
+                       wait_attached=True) as running:
             time.sleep(1.5)
             for (ip, port), n in counts.items():
                 ask(node, ip, port, 42000 + n, n, remote=True)
@@ -377,10 +373,8 @@ def test_a_tcp_connection_through_a_clusterip_is_counted_once_and_ends_as_it_end
         assert server.stdout.readline().strip() == "ready"
         collector = RunningCollector(node.netns, 4739)
         tshark = Tshark(node.netns, 4739)
-        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
-        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-                   "--idle-timeout", "5", "--cluster-cidr", "10.99.0.0/16",
-                   interfaces=()) as running:
+        with k8s_agent(node, api, "--idle-timeout", "5", "--cluster-cidr", "10.99.0.0/16",
+                       wait_attached=True) as running:
             time.sleep(1.5)
             netlab.sh(node.in_pod(0, f"{PY} -c \"{TCP_CLIENT}\" {DB_IP} 80 43080 5 300"))
             assert server.wait(5) == 0
@@ -442,10 +436,8 @@ def test_ipv6_clusterips_name_the_service_and_its_backend_in_every_form():
         servers = [echo(node.in_pod(1, ""), 8080), echo(node.in_remote(""), 5353)]
         collector = RunningCollector(node.netns, 4739)
         tshark = Tshark(node.netns, 4739)
-        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
-        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-                   "--idle-timeout", "1", "--dedup", "false",
-                   "--cluster-cidr", "10.99.0.0/16,fd00:99::/32", interfaces=()) as running:
+        with k8s_agent(node, api, "--idle-timeout", "1", "--dedup", "false", "--cluster-cidr",
+                       "10.99.0.0/16,fd00:99::/32", wait_attached=True) as running:
             time.sleep(1.5)
             ask(node, db6, 80, 41180, 7)
             ask(node, cache6, 53, 41153, 5)

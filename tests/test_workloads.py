@@ -17,7 +17,7 @@ from xml.etree import ElementTree
 
 import netlab
 import pytest
-from conftest import agent, wait_for
+from conftest import k8s_agent, wait_for
 from fakeapi import FakeApiServer
 from oracles import Tshark
 from test_collector import RunningCollector
@@ -151,10 +151,8 @@ def test_records_and_metrics_name_each_pods_workload_and_the_service(named):
         servers = [echo(node.in_pod(1, ""), 8080)]
         collector = RunningCollector(node.netns, 4739)
         tshark = Tshark(node.netns, 4739)
-        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
         extra = ["--enterprise-number", str(PEN), "--pod-labels", "app,tier"] if named else []
-        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-                   "--idle-timeout", "1", *extra, interfaces=()) as running:
+        with k8s_agent(node, api, "--idle-timeout", "1", *extra, wait_attached=True) as running:
             traffic(node)
             time.sleep(2.5)
             m = running.metrics()
@@ -248,10 +246,8 @@ def test_a_hostile_namespace_owner_gets_a_bounded_number_of_workload_series():
             owner = {"metadata": {"name": f"w{i}", "uid": uid}}
             api.owned_pod("evil", f"p{i}", NODE, [p.ipv4],
                           ("example.com/v1", "Deployment", owner))
-        kubeconfig = api.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
-        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-                   "--idle-timeout", "1", "--workload-series-limit", "2",
-                   interfaces=()) as running:
+        with k8s_agent(node, api, "--idle-timeout", "1", "--workload-series-limit", "2",
+                       wait_attached=True) as running:
             for i in range(4):  # each pod sends the next 5 + i datagrams
                 send(node, i, node.pods[(i + 1) % 4].ipv4, 9000, 42000, 5 + i)
             time.sleep(2.5)
