@@ -177,7 +177,8 @@ class Mediator:
             sets += self.decoder.message(bytes(view[:n]), f"{peer[0]}:{peer[1]}")
         by_layout: dict[np.dtype, list[bytes]] = {}  # sets of one template: one conversion
         for rs in sets:
-            if rs.array is None or rs.spec.scope_count:
+            if rs.array is None or rs.spec.scope_count or rs.spec.length_octets:
+                # options, and records with strings (flowprobe sends none): not flows
                 self.unusable += len(rs)
                 continue
             by_layout.setdefault(rs.array.dtype, []).append(rs.array.tobytes())

@@ -45,6 +45,8 @@ class Spec:
     scope_count: int = 0
     dtype: np.dtype | None = None  # all fields fixed-length: the record's numpy layout
     min_length: int = 0
+    # a variable-length template's layout (_layout): where its string length octets are
+    length_octets: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class RecordSet:
 
 
 MAX_NAMES = 1024  # RFC 5610 names one session may teach
+MAX_LAYOUTS = 512  # string-length combinations (of all templates) kept as layouts
 
 
 class Malformed(ValueError):
@@ -126,6 +129,8 @@ class Decoder:
         self.errors: Counter = Counter()  # reason -> count
         self.faults = 0  # errors counted in all: one comparison tells a message had any
         self.stats: Counter = Counter()  # messages, records, template_misses, dropped, gaps
+        # (id(spec), string lengths...) -> (spec, its layout), least recently used first
+        self.layouts: OrderedDict[tuple, tuple[Spec, Spec]] = OrderedDict()
 
     def _fault(self, why: str) -> None:
         self.errors[reason(why)] += 1
@@ -177,8 +182,7 @@ class Decoder:
                 elif set_id < 256:
                     self._fault("reserved set id")
                 else:
-                    rs = self._data(session, key, set_id, body, export_time)
-                    if rs is not None:
+                    for rs in self._data(session, key, set_id, body, export_time):
                         records += len(rs)
                         out.append(rs)
                         self._learn(rs, names)
@@ -261,26 +265,76 @@ class Decoder:
         # what is left is padding
 
     def _data(self, session: Session, key, set_id: int, body: memoryview,
-              export_time: int) -> RecordSet | None:
+              export_time: int) -> list[RecordSet]:
         spec = session.templates.get(set_id)
         if spec is None:
             self.stats["template_misses"] += 1
             self._hold(session, set_id, bytes(body))
-            return None
+            return []
         return self._decode(key, spec, body, export_time)
 
-    def _decode(self, key, spec: Spec, body: memoryview, export_time: int) -> RecordSet:
-        rs = RecordSet(key[0], key[1], export_time, spec)
+    def _decode(self, key, spec: Spec, body: memoryview, export_time: int) -> list[RecordSet]:
+        """A set's records: one array for a fixed-length template; for a variable-length
+        one, an array for each run of records whose strings have the same lengths (an
+        exporter that groups them, as cniflow's does, sends a set as one run) and rows
+        for records in no run, all in the set's order."""
         if spec.dtype is not None:
             n = len(body) // spec.dtype.itemsize  # the rest is padding
-            rs.array = np.frombuffer(body, spec.dtype, n) if n else np.zeros(0, spec.dtype)
-            return rs
-        rows, off = [], 0
+            return [RecordSet(key[0], key[1], export_time, spec,
+                              np.frombuffer(body, spec.dtype, n) if n
+                              else np.zeros(0, spec.dtype))]
+        out: list[RecordSet] = []
+        rows: list[dict] = []
+        off = 0
         while len(body) - off >= spec.min_length:
-            row, off = self._record(spec, body, off)
-            rows.append(row)
-        rs.rows = rows
-        return rs
+            run = self._run(spec, body, off)
+            if run is None:
+                row, off = self._record(spec, body, off)
+                rows.append(row)
+                continue
+            layout, n = run
+            if rows:
+                out.append(RecordSet(key[0], key[1], export_time, spec, rows=rows))
+                rows = []
+            out.append(RecordSet(key[0], key[1], export_time, layout,
+                                 np.frombuffer(body, layout.dtype, n, off)))
+            off += n * layout.dtype.itemsize
+        if rows or not out:
+            out.append(RecordSet(key[0], key[1], export_time, spec, rows=rows))
+        return out
+
+    def _run(self, spec: Spec, body: memoryview, off: int) -> tuple[Spec, int] | None:
+        """The records from `off` that have the string lengths of the record there:
+        their fixed-length layout and how many, or None (a length of 255 or more, a
+        record cut short). Layouts are kept for the MAX_LAYOUTS combinations last used."""
+        lengths, pos = [], off  # the first record's string lengths, read as _record would
+        for f in spec.fields:
+            n = f.length
+            if n == VARLEN:
+                if pos >= len(body) or body[pos] == 255:
+                    return None
+                n = body[pos]
+                lengths.append(n)
+                pos += 1
+            pos += n
+        if pos > len(body):
+            return None
+        key = (id(spec), *lengths)
+        held = self.layouts.get(key)
+        if held is None or held[0] is not spec:
+            held = self.layouts[key] = (spec, _layout(spec, lengths))
+            if len(self.layouts) > MAX_LAYOUTS:
+                self.layouts.popitem(last=False)
+        else:
+            self.layouts.move_to_end(key)
+        layout = held[1]
+        size = layout.dtype.itemsize
+        octets = np.frombuffer(body, np.uint8, (len(body) - off) // size * size, off)
+        octets = octets.reshape(-1, size)
+        same = np.ones(len(octets), bool)
+        for at, n in layout.length_octets:
+            same &= octets[:, at] == n
+        return layout, len(same) if same.all() else int(same.argmin())
 
     def _record(self, spec: Spec, body: memoryview, off: int) -> tuple[dict, int]:
         row = {}
@@ -323,9 +377,9 @@ class Decoder:
             spec = session.templates.get(set_id)
             if spec is not None:
                 try:
-                    rs = self._decode(key, spec, memoryview(raw), export_time)
-                    out.append(rs)
-                    self.stats["records"] += len(rs)
+                    got = self._decode(key, spec, memoryview(raw), export_time)
+                    out += got
+                    self.stats["records"] += sum(map(len, got))
                 except Malformed as e:
                     self._fault(str(e))
             elif now - t > self.hold_seconds:
@@ -352,6 +406,32 @@ class Decoder:
                 self.stats["names_refused"] += 1
             else:
                 names[key] = (name, _TYPE_CODES.get(code, "octetArray"))
+
+
+def _layout(spec: Spec, lengths: list[int]) -> Spec:
+    """A variable-length template with its strings' lengths fixed: fields of those
+    lengths, a numpy dtype that skips the length octets, and where they are."""
+    fields, names, formats, offsets, octets = [], [], [], [], []
+    used: set[str] = set()
+    at, strings = 0, iter(lengths)
+    for f in spec.fields:
+        n = f.length
+        if n == VARLEN:
+            n = next(strings)
+            octets.append((at, n))
+            at += 1
+        fields.append(Field(f.pen, f.id, n, f.name, f.type))
+        name, k = f.name, 1
+        while name in used:  # numbered as _dtype() and _record() number them
+            k += 1
+            name = f"{f.name}#{k}"
+        used.add(name)
+        names.append(name)
+        formats.append(f">u{n}" if n in (1, 2, 4, 8) else (np.uint8, (n,)))
+        offsets.append(at)
+        at += n
+    dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": at})
+    return Spec(spec.id, fields, spec.scope_count, dtype, at, octets)
 
 
 def split_stream(buf: bytes) -> tuple[list[bytes], bytes]:
