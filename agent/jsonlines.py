@@ -4,10 +4,12 @@ A line carries the record's elements by name (unknown ones as "PEN:ID" with the 
 value in hex) after four keys of its own: "@exporter" (address:port), "@domain"
 (observation domain id), "@template" and "@exportTime" (seconds).
 
-Fixed-length sets, what routers and cniflow's exporter send most, are turned into
-columns with numpy and written by polars' NDJSON writer: a batch costs a few calls
-per column, not per record, which is what lets one core write a million lines a
-second. Sets with variable-length fields go record by record.
+Fixed-length sets, what routers and cniflow's exporter send most, are written by
+format_lines() in agent/_jsonlines.c straight from the wire's octets: one call a
+table, some 4 ns a field where polars' NDJSON writer took 40 (bench/collector.py).
+Tables with a field it does not print (strings, floats, octet arrays) are turned into
+columns with numpy and written by polars; sets with variable-length fields go record
+by record.
 
 Each record also gets a flow key for Kafka: protocol and the two endpoints in a
 fixed order, so both directions of a flow land in one partition.
@@ -15,11 +17,14 @@ fixed order, so both directions of a flow land in one partition.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.machinery
 import json
 import socket
 import struct
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -65,7 +70,8 @@ def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
         arr = _joined(group)
         if not len(arr):
             continue
-        _table(group, arr).write_ndjson(parts)
+        if not _formatted(group, arr, parts):
+            _table(group, arr).write_ndjson(parts)
         if out_keys is not None:
             out_keys += _keys(arr, {f.name: name for f, name in
                                     zip(reversed(rs.spec.fields), reversed(arr.dtype.names),
@@ -172,6 +178,151 @@ def _table(group: list[RecordSet], arr: np.ndarray) -> pl.DataFrame:
     return pl.DataFrame(cols)
 
 
+class _Column(ctypes.Structure):
+    """struct column of agent/_jsonlines.c."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("stride", ctypes.c_uint64),
+                ("kind", ctypes.c_uint32), ("length", ctypes.c_uint32),
+                ("prefix", ctypes.c_void_p), ("prefix_len", ctypes.c_uint64),
+                ("strings", ctypes.POINTER(ctypes.c_void_p)),
+                ("string_lens", ctypes.POINTER(ctypes.c_uint64)), ("nstrings", ctypes.c_uint64)]
+
+
+# enum kind of agent/_jsonlines.c, and the widest value each prints
+UNSIGNED, SIGNED, NTP, IPV4, IPV6, MAC, BOOLEAN, STRING, _, TEXT = range(10)
+_WIDTH = {UNSIGNED: 20, SIGNED: 20, NTP: 20, IPV4: 17, IPV6: 48, MAC: 19, BOOLEAN: 5}
+
+
+def _kind(f) -> int | None:
+    """How format_lines() prints this field, None where it does not."""
+    t, n = f.type, f.length
+    if t.startswith("unsigned") or t in ("dateTimeSeconds", "dateTimeMilliseconds"):
+        return UNSIGNED if 1 <= n <= 8 else None
+    if t.startswith("signed"):
+        return SIGNED if 1 <= n <= 8 else None
+    if t == "string":
+        return TEXT
+    return {("dateTimeMicroseconds", 8): NTP, ("dateTimeNanoseconds", 8): NTP,
+            ("ipv4Address", 4): IPV4, ("ipv6Address", 16): IPV6, ("macAddress", 6): MAC,
+            ("boolean", 1): BOOLEAN}.get((t, n))
+
+
+def _plain(text: np.ndarray) -> bool:
+    """Whether a string column is printable ASCII without a quote or a backslash, what
+    JSON takes as it is (names of pods, namespaces, interfaces): format_lines() copies
+    it; anything else is left to polars' escaping."""
+    if text.ndim == 1:
+        text = np.ascontiguousarray(text).view(np.uint8).reshape(len(text), -1)
+    return bool(((text >= 0x20) & (text <= 0x7E) & (text != 0x22) & (text != 0x5C)).all())
+
+
+@cache
+def _library() -> ctypes.CDLL:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_jsonlines{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            lib.format_lines.restype = ctypes.c_int64
+            lib.format_lines.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32,
+                                         ctypes.POINTER(_Column), ctypes.c_void_p,
+                                         ctypes.c_uint64, ctypes.c_void_p]
+            return lib
+    raise ImportError(f"agent/_jsonlines.c is not built in {here}: run scripts/setup.sh")
+
+
+def _formatted(group: list[RecordSet], arr: np.ndarray, parts: _Parts) -> bool:
+    """The table's lines by format_lines(), the same text polars writes; False if a
+    field is one it does not print."""
+    rs, n = group[0], len(arr)
+    kinds = [_kind(f) for f in rs.spec.fields]
+    if None in kinds or not all(_plain(arr[name]) for name, kind in
+                                zip(arr.dtype.names, kinds, strict=True) if kind == TEXT):
+        return False
+    keep = []  # what the columns point into, alive until the call returns
+    cols: list[tuple] = []  # (address, stride, kind, length, prefix, strings)
+
+    def column(name: str, values: np.ndarray, kind: int, length: int,
+               strings: list[bytes] | None = None) -> None:
+        values = np.ascontiguousarray(values)
+        keep.append(values)
+        cols.append((values.ctypes.data, values.strides[0] if len(values) > 1 else 0,
+                     kind, length, name, strings))
+
+    exporters = list(dict.fromkeys(g.exporter for g in group))
+    sizes = [len(g.array) for g in group]
+    if len(exporters) == 1:
+        column("@exporter", np.zeros(1, np.uint32), STRING, 4,
+               [json.dumps(exporters[0]).encode()])
+    else:
+        which = np.array([exporters.index(g.exporter) for g in group], np.uint32)
+        column("@exporter", np.repeat(which, sizes), STRING, 4,
+               [json.dumps(e).encode() for e in exporters])
+    column("@domain", np.repeat(np.array([g.domain for g in group], ">u4"), sizes)
+           if len(group) > 1 else np.array([rs.domain], ">u4"), UNSIGNED, 4)
+    column("@template", np.array([rs.spec.id], ">u2"), UNSIGNED, 2)
+    column("@exportTime", np.repeat(np.array([g.export_time for g in group], ">u4"), sizes)
+           if len(group) > 1 else np.array([rs.export_time], ">u4"), UNSIGNED, 4)
+    base = arr.ctypes.data
+    keep.append(arr)
+    for f, name, kind in zip(rs.spec.fields, arr.dtype.names, kinds, strict=True):
+        cols.append((base + arr.dtype.fields[name][1], arr.strides[0], kind, f.length,
+                     f"{name}#2" if name in META else name, None))
+    table = (_Column * len(cols))()
+    widest = 2
+    for i, (address, stride, kind, length, name, strings) in enumerate(cols):
+        prefix = ("{" if i == 0 else ",") + json.dumps(name, ensure_ascii=False) + ":"
+        prefix = _padded(prefix.encode())
+        keep.append(prefix)
+        c = table[i]
+        c.data, c.stride, c.kind, c.length = address, stride, kind, length
+        c.prefix, c.prefix_len = ctypes.addressof(prefix), len(prefix.value)
+        widest += len(prefix.value)
+        if strings is None:
+            widest += length + 2 if kind == TEXT else _WIDTH[kind]
+            continue
+        padded = [_padded(t) for t in strings]
+        texts = (ctypes.c_void_p * len(strings))(*(ctypes.addressof(t) for t in padded))
+        lens = (ctypes.c_uint64 * len(strings))(*map(len, strings))
+        keep += [texts, lens, padded]
+        c.strings, c.string_lens, c.nstrings = texts, lens, len(strings)
+        widest += max(map(len, strings))
+    chunk = max(1, _SCRATCH // widest)
+    out = _scratch(chunk * widest + _SLACK)
+    ends = np.empty(chunk, np.uint64)
+    for first in range(0, n, chunk):
+        size = _library().format_lines(first, min(chunk, n - first), len(cols), table,
+                                       out.ctypes.data, len(out), ends.ctypes.data)
+        if size < 0:
+            raise RuntimeError("format_lines: output bound passed")  # a bug, not input
+        parts.write(out[:size].tobytes())
+    return True
+
+
+_SCRATCH = 8 << 20  # octets of lines a call: a batch's lines go through one buffer
+_SLACK = 32  # SLACK of agent/_jsonlines.c: its copies write up to 31 octets past
+
+
+def _padded(text: bytes) -> ctypes.Array:
+    """text in a buffer padded to a multiple of 32 octets, as put_text() reads it;
+    .value is the text (it holds no NUL: it is JSON), .raw the padded octets."""
+    return ctypes.create_string_buffer(text, -(-len(text) // 32) * 32 or 32)
+
+
+@cache
+def _scratch_buffer() -> list[np.ndarray]:
+    return [np.empty(0, np.uint8)]
+
+
+def _scratch(size: int) -> np.ndarray:
+    """The buffer format_lines() writes into, kept between batches (a fresh one costs
+    its page faults every batch)."""
+    held = _scratch_buffer()
+    if len(held[0]) < size:
+        held[0] = np.empty(size, np.uint8)
+    return held[0]
+
+
 def _ipv4(columns: list[tuple[str, np.ndarray]]) -> pl.DataFrame:
     """IPv4 addresses as text, all of a table's in one polars call (each call costs
     more than its work at these sizes): an address is two lookups of its halves."""
@@ -202,7 +353,7 @@ def _column(name: str, f, col: np.ndarray) -> pl.Series:
         return pl.Series(name, _as_int(col))
     if t.startswith("signed"):
         v = _as_int(col).astype(np.int64)
-        if n < 8:  # sign-extend the reduced size
+        if 0 < n < 8:  # sign-extend the reduced size
             v = np.where(v >= 1 << (8 * n - 1), v - (1 << (8 * n)), v)
         return pl.Series(name, v)
     if t in ("dateTimeMicroseconds", "dateTimeNanoseconds") and n == 8:
@@ -213,7 +364,7 @@ def _column(name: str, f, col: np.ndarray) -> pl.Series:
     if col.ndim == 1:  # a 1, 2, 4 or 8 octet field read as an integer: back to wire order
         col = col.astype(f">u{n}")
     blob = np.ascontiguousarray(col).tobytes()  # one copy; slicing bytes is cheap
-    rows = [blob[i : i + n] for i in range(0, len(blob), n)]
+    rows = [blob[i : i + n] for i in range(0, len(blob), n)] if n else [b""] * len(col)
     if t == "ipv6Address" and n == 16:
         return pl.Series(name, [socket.inet_ntop(socket.AF_INET6, b) for b in rows], pl.String)
     vals = [value(f, b) for b in rows]
@@ -250,25 +401,53 @@ def _port(value) -> bytes:
 
 
 def _keys(arr: np.ndarray, names: dict[str, str]) -> list[bytes | None]:
-    """flow_key() for a whole fixed-length table, with numpy: the same octets."""
+    """flow_key() for a whole fixed-length table, with numpy: the same octets. Each
+    endpoint is compared as numbers (address and port read big-endian are ordered
+    as their octets are), and the keys leave as one array's items."""
     n = len(arr)
     for src_name, dst_name, size in ((_SRC[0], _DST[0], 4), (_SRC[1], _DST[1], 16)):
         if src_name in names and dst_name in names:
             src, dst = _octets(arr, names[src_name], size), _octets(arr, names[dst_name], size)
             if src is None or dst is None:
                 return [None] * n
-            a = np.hstack([src, _octets(arr, names.get("sourceTransportPort"), 2)])
-            b = np.hstack([dst, _octets(arr, names.get("destinationTransportPort"), 2)])
-            proto = _octets(arr, names.get("protocolIdentifier"), 1)
-            differ = a != b  # the first octet where they differ decides the order
-            first = differ.argmax(axis=1)
-            a_first = a[np.arange(n), first] <= b[np.arange(n), first]
-            lo = np.where(a_first[:, None], a, b)
-            hi = np.where(a_first[:, None], b, a)
-            blob = np.hstack([proto, lo, hi]).tobytes()
+            a = _endpoint(src, _octets(arr, names.get("sourceTransportPort"), 2))
+            b = _endpoint(dst, _octets(arr, names.get("destinationTransportPort"), 2))
+            a_first = np.zeros(n, bool)  # a <= b, decided by the first word that differs
+            same = np.ones(n, bool)
+            for wa, wb in zip(a, b, strict=True):
+                a_first |= same & (wa < wb)
+                same &= wa == wb
+            a_first |= same
             k = 1 + 2 * (size + 2)
-            return [blob[i : i + k] for i in range(0, len(blob), k)]
+            out = np.empty((n, k), np.uint8)
+            out[:, :1] = _octets(arr, names.get("protocolIdentifier"), 1)
+            half = size + 2
+            for col, first_if_a in ((1, True), (1 + half, False)):
+                words = [np.where(a_first == first_if_a, wa, wb) for wa, wb in zip(a, b,
+                                                                                  strict=True)]
+                out[:, col : col + half] = _octets_of(words, size)
+            return out.view(f"V{k}").ravel().tolist()
     return [None] * n
+
+
+def _endpoint(address: np.ndarray, port: np.ndarray) -> list[np.ndarray]:
+    """An address and port as big-endian words that order as their octets do: IPv4
+    one 48-bit number, IPv6 two 64-bit halves and the port."""
+    port = port.astype(np.uint64)
+    port = (port[:, 0] << np.uint64(8)) | port[:, 1]
+    if address.shape[1] == 4:
+        v4 = np.ascontiguousarray(address).view(">u4").ravel().astype(np.uint64)
+        return [(v4 << np.uint64(16)) | port]
+    halves = np.ascontiguousarray(address).view(">u8").astype(np.uint64)
+    return [halves[:, 0], halves[:, 1], port]
+
+
+def _octets_of(words: list[np.ndarray], size: int) -> np.ndarray:
+    """_endpoint()'s words back to the address's and port's octets."""
+    big = np.stack(words, axis=1).astype(">u8").view(np.uint8)
+    if size == 4:
+        return big[:, 2:8]  # the 48-bit number's six octets
+    return np.hstack([big[:, :16], big[:, 22:24]])
 
 
 def _octets(arr: np.ndarray, name: str | None, size: int) -> np.ndarray | None:

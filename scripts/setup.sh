@@ -8,7 +8,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${CNIFLOW_VENV:-$ROOT/.venv}
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 iproute2 iputils-ping iperf3 ethtool
       tshark nfdump pmacct softflowd python3-venv python3-pip python3-numpy prometheus
-      curl openssl buildah mmdebstrap uidmap python3-seccomp)
+      curl openssl buildah mmdebstrap uidmap python3-seccomp gcc libc6-dev)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -47,10 +47,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 stamp="$VENV/.cniflow-installed"
-if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+# again when pyproject.toml or a C source built into the package changed
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] \
+   || [ -n "$(find "$ROOT/agent" -name '*.c' -newer "$stamp" -print -quit)" ]; then
   log "installing cniflow into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
   touch "$stamp"
 fi
-"$VENV/bin/python" -c "import bcc, pyroute2, numpy" || { log "venv imports failed"; exit 1; }
+"$VENV/bin/python" -c "import bcc, pyroute2, numpy; from agent.jsonlines import _library; _library()" \
+  || { log "venv imports failed"; exit 1; }
 log "ready: $VENV/bin/cniflow"
