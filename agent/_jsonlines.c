@@ -6,8 +6,8 @@
  * (big-endian), so nothing is converted first. polars' NDJSON writer did this at
  * some 40 ns a field; bench/collector.py measures both.
  *
- * Safe for any input: every kind has a bounded width (max_width), the caller sizes
- * `out` from them, and format_lines() checks the bound again as it writes.
+ * Safe for any input: every kind has a bounded width (max_width), line_width() sums
+ * them, the caller sizes `out` with it, and format_lines() checks it again as it writes.
  */
 #include <arpa/inet.h>
 #include <stdint.h>
@@ -242,31 +242,43 @@ static char *put(char *p, const struct column *c, const uint8_t *d)
 	}
 }
 
-/* Writes the lines of records first to first + n - 1 (each closed by `}` and a
- * newline) into out; ends[i] is the offset just past line i's newline. Returns the
- * octets written, or -1 if `cap` would be passed (the caller sized it wrong: nothing
- * is trusted to be right) or a column's kind cannot have its length. */
-int64_t format_lines(uint64_t first, uint64_t n, uint32_t ncols, const struct column *cols,
-		     uint8_t *out, uint64_t cap, uint64_t *ends)
+/* The most octets one line of these columns takes, SLACK included; 0 if a column's
+ * kind cannot have its length. The caller sizes `out` with it, format_lines()
+ * checks it again. */
+uint64_t line_width(uint32_t ncols, const struct column *cols)
 {
-	uint64_t widest = 2;
-	char *p = (char *)out, *end = (char *)out + cap;
+	uint64_t widest = 2 + SLACK;  /* `}` and the newline */
 
 	for (uint32_t j = 0; j < ncols; j++) {
-		uint64_t w = cols[j].prefix_len + max_width(cols[j].kind);
+		const struct column *c = &cols[j];
+		uint64_t w = max_width(c->kind);
 
-		if (cols[j].kind == K_TEXT)
-			w += 2 + cols[j].length;
-		if (cols[j].kind == K_STRING)
-			for (uint64_t s = 0; s < cols[j].nstrings; s++)
-				if (cols[j].string_lens[s] > w - cols[j].prefix_len)
-					w = cols[j].prefix_len + cols[j].string_lens[s];
-		if (!fits(cols[j].kind, cols[j].length))
-			return -1;
-		widest += w;
+		if (!fits(c->kind, c->length))
+			return 0;
+		if (c->kind == K_TEXT)
+			w = 2 + c->length;
+		for (uint64_t s = 0; c->kind == K_STRING && s < c->nstrings; s++)
+			if (c->string_lens[s] > w)
+				w = c->string_lens[s];
+		widest += c->prefix_len + w;
 	}
+	return widest;
+}
+
+/* Writes the lines of records first to first + n - 1 (each closed by `}` and a
+ * newline) into out. Returns the octets written, or -1 if `cap` would be passed or
+ * a column's kind cannot have its length (the caller sized it wrong: nothing is
+ * trusted to be right). */
+int64_t format_lines(uint64_t first, uint64_t n, uint32_t ncols, const struct column *cols,
+		     uint8_t *out, uint64_t cap)
+{
+	uint64_t widest = line_width(ncols, cols);
+	char *p = (char *)out, *end = (char *)out + cap;
+
+	if (!widest)
+		return -1;
 	for (uint64_t i = 0; i < n; i++) {
-		if ((uint64_t)(end - p) < widest + SLACK)
+		if ((uint64_t)(end - p) < widest)
 			return -1;
 		for (uint32_t j = 0; j < ncols; j++) {
 			const struct column *c = &cols[j];
@@ -276,7 +288,6 @@ int64_t format_lines(uint64_t first, uint64_t n, uint32_t ncols, const struct co
 		}
 		*p++ = '}';
 		*p++ = '\n';
-		ends[i] = (uint64_t)(p - (char *)out);
 	}
 	return p - (char *)out;
 }

@@ -150,20 +150,24 @@ def _joined(group: list[RecordSet]) -> np.ndarray:
     return np.frombuffer(b"".join(g.array.tobytes() for g in group), group[0].spec.dtype)
 
 
+def _table_meta(group: list[RecordSet]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """A table's own keys, record by record: its exporters, each record's exporter (an
+    index into them), observation domain and export time."""
+    sizes = [len(g.array) for g in group]
+    exporters = list(dict.fromkeys(g.exporter for g in group))
+    which = np.repeat(np.array([exporters.index(g.exporter) for g in group], np.uint32), sizes)
+    domain = np.repeat(np.array([g.domain for g in group], np.uint32), sizes)
+    export_time = np.repeat(np.array([g.export_time for g in group], np.uint32), sizes)
+    return exporters, which, domain, export_time
+
+
 def _table(group: list[RecordSet], arr: np.ndarray) -> pl.DataFrame:
     rs, n = group[0], len(arr)
-    sizes = [len(g.array) for g in group]
-    if len({(g.exporter, g.domain) for g in group}) == 1:
-        exporter = pl.Series("@exporter", [rs.exporter], pl.String).new_from_index(0, n)
-        domain = pl.Series("@domain", [rs.domain], pl.UInt32).new_from_index(0, n)
-    else:
-        which = np.repeat(np.arange(len(group), dtype=np.uint32), sizes)
-        exporter = pl.Series("@exporter", [g.exporter for g in group], pl.String).gather(which)
-        domain = pl.Series("@domain", np.repeat([g.domain for g in group], sizes), pl.UInt32)
-    cols = [exporter, domain,
+    exporters, which, domain, export_time = _table_meta(group)
+    cols = [pl.Series("@exporter", exporters, pl.String).gather(which),
+            pl.Series("@domain", domain, pl.UInt32),
             pl.Series("@template", [rs.spec.id], pl.UInt16).new_from_index(0, n),
-            pl.Series("@exportTime", np.repeat(np.array([g.export_time for g in group],
-                                                        np.int64), sizes))]
+            pl.Series("@exportTime", export_time.astype(np.int64))]
     addresses: dict[int, tuple[str, np.ndarray]] = {}  # IPv4 columns: done together
     for f, name in zip(rs.spec.fields, arr.dtype.names, strict=True):
         out = f"{name}#2" if name in META else name
@@ -188,9 +192,8 @@ class _Column(ctypes.Structure):
                 ("string_lens", ctypes.POINTER(ctypes.c_uint64)), ("nstrings", ctypes.c_uint64)]
 
 
-# enum kind of agent/_jsonlines.c, and the widest value each prints
+# enum kind of agent/_jsonlines.c
 UNSIGNED, SIGNED, NTP, IPV4, IPV6, MAC, BOOLEAN, STRING, _, TEXT = range(10)
-_WIDTH = {UNSIGNED: 20, SIGNED: 20, NTP: 20, IPV4: 17, IPV6: 48, MAC: 19, BOOLEAN: 5}
 
 
 def _kind(f) -> int | None:
@@ -226,7 +229,9 @@ def _library() -> ctypes.CDLL:
             lib.format_lines.restype = ctypes.c_int64
             lib.format_lines.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32,
                                          ctypes.POINTER(_Column), ctypes.c_void_p,
-                                         ctypes.c_uint64, ctypes.c_void_p]
+                                         ctypes.c_uint64]
+            lib.line_width.restype = ctypes.c_uint64
+            lib.line_width.argtypes = [ctypes.c_uint32, ctypes.POINTER(_Column)]
             return lib
     raise ImportError(f"agent/_jsonlines.c is not built in {here}: run scripts/setup.sh")
 
@@ -239,60 +244,40 @@ def _formatted(group: list[RecordSet], arr: np.ndarray, parts: _Parts) -> bool:
     if None in kinds or not all(_plain(arr[name]) for name, kind in
                                 zip(arr.dtype.names, kinds, strict=True) if kind == TEXT):
         return False
-    keep = []  # what the columns point into, alive until the call returns
-    cols: list[tuple] = []  # (address, stride, kind, length, prefix, strings)
-
-    def column(name: str, values: np.ndarray, kind: int, length: int,
-               strings: list[bytes] | None = None) -> None:
-        values = np.ascontiguousarray(values)
+    exporters, which, domain, export_time = _table_meta(group)
+    keep = [arr]  # what the columns point into, alive until the call returns
+    cols = [(which, STRING, 4, "@exporter"), (domain.astype(">u4"), UNSIGNED, 4, "@domain"),
+            (np.full(n, rs.spec.id, ">u2"), UNSIGNED, 2, "@template"),
+            (export_time.astype(">u4"), UNSIGNED, 4, "@exportTime")]
+    table = (_Column * (len(cols) + len(kinds)))()
+    for c, (values, kind, length, _) in zip(table, cols, strict=False):
         keep.append(values)
-        cols.append((values.ctypes.data, values.strides[0] if len(values) > 1 else 0,
-                     kind, length, name, strings))
-
-    exporters = list(dict.fromkeys(g.exporter for g in group))
-    sizes = [len(g.array) for g in group]
-    if len(exporters) == 1:
-        column("@exporter", np.zeros(1, np.uint32), STRING, 4,
-               [json.dumps(exporters[0]).encode()])
-    else:
-        which = np.array([exporters.index(g.exporter) for g in group], np.uint32)
-        column("@exporter", np.repeat(which, sizes), STRING, 4,
-               [json.dumps(e).encode() for e in exporters])
-    column("@domain", np.repeat(np.array([g.domain for g in group], ">u4"), sizes)
-           if len(group) > 1 else np.array([rs.domain], ">u4"), UNSIGNED, 4)
-    column("@template", np.array([rs.spec.id], ">u2"), UNSIGNED, 2)
-    column("@exportTime", np.repeat(np.array([g.export_time for g in group], ">u4"), sizes)
-           if len(group) > 1 else np.array([rs.export_time], ">u4"), UNSIGNED, 4)
-    base = arr.ctypes.data
-    keep.append(arr)
-    for f, name, kind in zip(rs.spec.fields, arr.dtype.names, kinds, strict=True):
-        cols.append((base + arr.dtype.fields[name][1], arr.strides[0], kind, f.length,
-                     f"{name}#2" if name in META else name, None))
-    table = (_Column * len(cols))()
-    widest = 2
-    for i, (address, stride, kind, length, name, strings) in enumerate(cols):
-        prefix = ("{" if i == 0 else ",") + json.dumps(name, ensure_ascii=False) + ":"
-        prefix = _padded(prefix.encode())
+        c.data, c.stride, c.kind, c.length = values.ctypes.data, values.strides[0], kind, length
+    for c, f, name, kind in zip(table[len(cols):], rs.spec.fields, arr.dtype.names, kinds,
+                                strict=True):
+        c.data = arr.ctypes.data + arr.dtype.fields[name][1]
+        c.stride, c.kind, c.length = arr.strides[0], kind, f.length
+    names = [name for *_, name in cols] + [f"{n}#2" if n in META else n
+                                           for n in arr.dtype.names]
+    for i, (c, name) in enumerate(zip(table, names, strict=True)):
+        prefix = _padded((("{" if i == 0 else ",") + json.dumps(name, ensure_ascii=False)
+                          + ":").encode())
         keep.append(prefix)
-        c = table[i]
-        c.data, c.stride, c.kind, c.length = address, stride, kind, length
         c.prefix, c.prefix_len = ctypes.addressof(prefix), len(prefix.value)
-        widest += len(prefix.value)
-        if strings is None:
-            widest += length + 2 if kind == TEXT else _WIDTH[kind]
-            continue
-        padded = [_padded(t) for t in strings]
-        texts = (ctypes.c_void_p * len(strings))(*(ctypes.addressof(t) for t in padded))
-        lens = (ctypes.c_uint64 * len(strings))(*map(len, strings))
-        keep += [texts, lens, padded]
-        c.strings, c.string_lens, c.nstrings = texts, lens, len(strings)
-        widest += max(map(len, strings))
+    padded = [_padded(json.dumps(e).encode()) for e in exporters]
+    texts = (ctypes.c_void_p * len(padded))(*map(ctypes.addressof, padded))
+    lens = (ctypes.c_uint64 * len(padded))(*(len(t.value) for t in padded))
+    keep += [texts, lens, padded]
+    table[0].strings, table[0].string_lens, table[0].nstrings = texts, lens, len(padded)
+    lib = _library()
+    widest = lib.line_width(len(table), table)
+    if not widest:
+        raise RuntimeError("format_lines: a kind given a length it cannot have")  # a bug
     chunk = max(1, _SCRATCH // widest)
-    out = _scratch(chunk * widest + _SLACK)
-    ends = np.empty(chunk, np.uint64)
+    out = _scratch(chunk * widest)
     for first in range(0, n, chunk):
-        size = _library().format_lines(first, min(chunk, n - first), len(cols), table,
-                                       out.ctypes.data, len(out), ends.ctypes.data)
+        size = lib.format_lines(first, min(chunk, n - first), len(table), table,
+                                out.ctypes.data, len(out))
         if size < 0:
             raise RuntimeError("format_lines: output bound passed")  # a bug, not input
         parts.write(out[:size].tobytes())
@@ -300,27 +285,21 @@ def _formatted(group: list[RecordSet], arr: np.ndarray, parts: _Parts) -> bool:
 
 
 _SCRATCH = 8 << 20  # octets of lines a call: a batch's lines go through one buffer
-_SLACK = 32  # SLACK of agent/_jsonlines.c: its copies write up to 31 octets past
-
-
-def _padded(text: bytes) -> ctypes.Array:
-    """text in a buffer padded to a multiple of 32 octets, as put_text() reads it;
-    .value is the text (it holds no NUL: it is JSON), .raw the padded octets."""
-    return ctypes.create_string_buffer(text, -(-len(text) // 32) * 32 or 32)
-
-
-@cache
-def _scratch_buffer() -> list[np.ndarray]:
-    return [np.empty(0, np.uint8)]
+_held = [np.empty(0, np.uint8)]
 
 
 def _scratch(size: int) -> np.ndarray:
     """The buffer format_lines() writes into, kept between batches (a fresh one costs
     its page faults every batch)."""
-    held = _scratch_buffer()
-    if len(held[0]) < size:
-        held[0] = np.empty(size, np.uint8)
-    return held[0]
+    if len(_held[0]) < size:
+        _held[0] = np.empty(size, np.uint8)
+    return _held[0]
+
+
+def _padded(text: bytes) -> ctypes.Array:
+    """text in a buffer padded to a multiple of 32 octets, as put_text() reads it;
+    .value is the text (it holds no NUL: it is JSON)."""
+    return ctypes.create_string_buffer(text, -(-len(text) // 32) * 32 or 32)
 
 
 def _ipv4(columns: list[tuple[str, np.ndarray]]) -> pl.DataFrame:

@@ -96,19 +96,27 @@ _TYPE_CODES = {code: name for name, (_, code) in TYPES.items()}
 def _dtype(fields: list[Field]) -> np.dtype | None:
     if any(f.length == VARLEN for f in fields):
         return None
-    # duplicate names are legal (the same element twice): number them, and never reuse a
-    # name already taken (an exporter's RFC 5610 records may teach "x#2" beside two "x")
-    used: set[str] = set()
-    out = []
+    return np.dtype([(name, _format(f.length)) for name, f in zip(_names(fields), fields,
+                                                                  strict=True)])
+
+
+def _names(fields: list[Field]) -> list[str]:
+    """Column names: duplicate names are legal (the same element twice), numbered, never
+    reusing a name already taken (an exporter's RFC 5610 records may teach "x#2"
+    beside two "x")."""
+    out: list[str] = []
     for f in fields:
         name, k = f.name, 1
-        while name in used:
+        while name in out:
             k += 1
             name = f"{f.name}#{k}"
-        used.add(name)
-        out.append((name, np.uint8, (f.length,)) if f.length not in (1, 2, 4, 8)
-                   else (name, f">u{f.length}"))
-    return np.dtype(out)
+        out.append(name)
+    return out
+
+
+def _format(length: int):
+    """A field's numpy format: big-endian integers where numpy has them, else octets."""
+    return f">u{length}" if length in (1, 2, 4, 8) else (np.uint8, (length,))
 
 
 def reason(text: str) -> str:
@@ -411,8 +419,7 @@ class Decoder:
 def _layout(spec: Spec, lengths: list[int]) -> Spec:
     """A variable-length template with its strings' lengths fixed: fields of those
     lengths, a numpy dtype that skips the length octets, and where they are."""
-    fields, names, formats, offsets, octets = [], [], [], [], []
-    used: set[str] = set()
+    fields, offsets, octets = [], [], []
     at, strings = 0, iter(lengths)
     for f in spec.fields:
         n = f.length
@@ -421,15 +428,10 @@ def _layout(spec: Spec, lengths: list[int]) -> Spec:
             octets.append((at, n))
             at += 1
         fields.append(Field(f.pen, f.id, n, f.name, f.type))
-        name, k = f.name, 1
-        while name in used:  # numbered as _dtype() and _record() number them
-            k += 1
-            name = f"{f.name}#{k}"
-        used.add(name)
-        names.append(name)
-        formats.append(f">u{n}" if n in (1, 2, 4, 8) else (np.uint8, (n,)))
         offsets.append(at)
         at += n
+    names = _names(fields)  # numbered as _dtype() numbers them
+    formats = [_format(f.length) for f in fields]
     dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": at})
     return Spec(spec.id, fields, spec.scope_count, dtype, at, octets)
 
