@@ -8,8 +8,8 @@ setns() needs and the DaemonSet does not grant: so it resolves the pods of any C
 that gives them a veth, whatever carries their traffic on the node (routes, a
 bridge, Open vSwitch as Antrea, Kube-OVN and OVN-Kubernetes use, eBPF redirects).
 
-Raw netlink, parsed with struct: pyroute2 0.9 leaks native memory decoding link
-messages (agent/interfaces.py).
+Raw netlink (agent/netlink.py's dump), parsed with struct: pyroute2 0.9 leaks native
+memory decoding link messages (agent/interfaces.py).
 """
 
 from __future__ import annotations
@@ -18,61 +18,33 @@ import ipaddress
 import socket
 import struct
 
+from agent.netlink import HDR, attrs, dump
+
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFLA_LINK, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_INFO_KIND = 5, 18, 37, 1
 IFA_ADDRESS, IFA_LOCAL, IFA_TARGET_NETNSID = 1, 2, 10
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 RT_SCOPE_UNIVERSE = 0
-_HDR = struct.Struct("=IHHII")  # nlmsghdr
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg
 
 
-def _attrs(data: bytes, off: int) -> dict[int, bytes]:
-    out = {}
-    while off + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, off)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = data[off + 4:off + length]
-        off += (length + 3) & ~3
-    return out
-
-
-def _dump(sock: socket.socket, kind: int, body: bytes) -> list[tuple[int, bytes]]:
-    """One dump request; (message type, message) of every reply until NLMSG_DONE."""
-    sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
-    out = []
-    while True:
-        data = sock.recv(1 << 20)
-        off = 0
-        while off + _HDR.size <= len(data):
-            length, mtype, _, _, _ = _HDR.unpack_from(data, off)
-            if length < _HDR.size:
-                return out
-            if mtype == NLMSG_DONE:
-                return out
-            if mtype == NLMSG_ERROR:
-                err = struct.unpack_from("=i", data, off + _HDR.size)[0]
-                if err:
-                    raise OSError(-err, f"netlink dump {kind}: error {-err}")
-                return out
-            out.append((mtype, data[off:off + length]))
-            off += (length + 3) & ~3
+def _values(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+    return {k: buf[s:e] for k, (s, e) in attrs(buf, start, end).items()}
 
 
 def veth_peers(sock: socket.socket) -> dict[int, tuple[int, int]]:
     """host-side ifindex -> (peer's netnsid, peer's ifindex there), for every veth
     whose peer is in another namespace."""
     out = {}
-    for mtype, msg in _dump(sock, RTM_GETLINK, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+    for mtype, buf, start, end in dump(sock, RTM_GETLINK,
+                                       _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0), "link dump"):
         if mtype != RTM_NEWLINK:
             continue
-        _, _, index, _, _ = _IFINFO.unpack_from(msg, _HDR.size)
-        a = _attrs(msg, _HDR.size + _IFINFO.size)
-        kind = _attrs(a.get(IFLA_LINKINFO, b""), 0).get(IFLA_INFO_KIND, b"")
+        _, _, index, _, _ = _IFINFO.unpack_from(buf, start + HDR.size)
+        a = _values(buf, start + HDR.size + _IFINFO.size, end)
+        info = a.get(IFLA_LINKINFO, b"")
+        kind = _values(info, 0, len(info)).get(IFLA_INFO_KIND, b"")
         if kind.rstrip(b"\0") != b"veth" or IFLA_LINK_NETNSID not in a or IFLA_LINK not in a:
             continue
         nsid = struct.unpack("=i", a[IFLA_LINK_NETNSID][:4])[0]
@@ -86,11 +58,12 @@ def addresses(sock: socket.socket, nsid: int) -> list[tuple[int, str]]:
     out = []
     target = struct.pack("=HHi", 8, IFA_TARGET_NETNSID, nsid)
     for family in (socket.AF_INET, socket.AF_INET6):
-        for mtype, msg in _dump(sock, RTM_GETADDR, _IFADDR.pack(family, 0, 0, 0, 0) + target):
+        for mtype, buf, start, end in dump(sock, RTM_GETADDR, _IFADDR.pack(
+                family, 0, 0, 0, 0) + target, "address dump"):
             if mtype != RTM_NEWADDR:
                 continue
-            fam, _, _, scope, index = _IFADDR.unpack_from(msg, _HDR.size)
-            a = _attrs(msg, _HDR.size + _IFADDR.size)
+            fam, _, _, scope, index = _IFADDR.unpack_from(buf, start + HDR.size)
+            a = _values(buf, start + HDR.size + _IFADDR.size, end)
             raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
             if scope == RT_SCOPE_UNIVERSE and raw:
                 out.append((index, str(ipaddress.ip_address(raw))))

@@ -180,7 +180,7 @@ class Agent:
         commit = getattr(self.dataplane, "commit", None)
         if commit is not None:  # pinned: logged before it leaves (bpf/journal.py)
             self.exporter.export(out, self.names, pods,
-                                 lambda held: commit(self.table, batch, held),
+                                 lambda held: commit(self.table, held),
                                  self.dataplane.progress)
             self.dataplane.exported()
         else:

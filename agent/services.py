@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import struct
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 from agent.flowtable import key_hash
 from agent.kube import Endpoint, Service
+from agent.netlink import HDR, NLA, attrs, dump
 
 log = logging.getLogger(__name__)
 
@@ -160,27 +160,13 @@ class ServiceIndex:
         return self.backends.find(endpoint_words(raw16, zero, zero, version))
 
 
-NETLINK_NETFILTER, CT_GET, DONE, ERROR = 12, (1 << 8) | 1, 3, 2  # ctnetlink dump
+NETLINK_NETFILTER, CT_GET = 12, (1 << 8) | 1  # ctnetlink dump
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_STATUS_MASK = 1, 2, 3, 26
-_NLA = struct.Struct("=HH")
-_HDR = struct.Struct("=IHHII")
-
-
-def _attrs(buf: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    """Netlink attributes between start and end: type -> (payload start, end)."""
-    out = {}
-    while start + 4 <= end:
-        length, kind = _NLA.unpack_from(buf, start)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = (start + 4, start + length)
-        start += (length + 3) & ~3
-    return out
 
 
 def _tuple(buf: bytes, span: tuple[int, int], version: int) -> tuple:
-    a = _attrs(buf, *span)
-    ip, l4 = _attrs(buf, *a[1]), _attrs(buf, *a[2])
+    a = attrs(buf, *span)
+    ip, l4 = attrs(buf, *a[1]), attrs(buf, *a[2])
     n = 4 if version == 4 else 16
     src = buf[ip[1 if n == 4 else 3][0]:][:n].ljust(16, b"\0")
     dst = buf[ip[2 if n == 4 else 4][0]:][:n].ljust(16, b"\0")
@@ -197,29 +183,13 @@ def read_dnat() -> np.ndarray:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sk:
             sk.bind((0, 0))
             body = struct.pack("=BBH", family, 0, 0) + b"".join(
-                _NLA.pack(8, kind) + struct.pack(">I", IPS_DST_NAT)
+                NLA.pack(8, kind) + struct.pack(">I", IPS_DST_NAT)
                 for kind in (CTA_STATUS, CTA_STATUS_MASK))
-            sk.send(_HDR.pack(_HDR.size + len(body), CT_GET, 0x301, 1, 0) + body)
-            done = False
-            while not done:
-                buf = sk.recv(1 << 20)
-                off = 0
-                while off + _HDR.size <= len(buf):
-                    length, kind = _HDR.unpack_from(buf, off)[:2]
-                    if kind == DONE:
-                        done = True
-                        break
-                    if kind == ERROR:
-                        errno = -struct.unpack_from("=i", buf, off + _HDR.size)[0]
-                        if errno:
-                            raise OSError(errno, f"conntrack dump: {os.strerror(errno)}")
-                        done = True
-                        break
-                    a = _attrs(buf, off + _HDR.size + 4, off + length)
-                    if CTA_TUPLE_ORIG in a and CTA_TUPLE_REPLY in a:
-                        rows.append((_tuple(buf, a[CTA_TUPLE_ORIG], version),
-                                     _tuple(buf, a[CTA_TUPLE_REPLY], version)))
-                    off += (length + 3) & ~3
+            for _, buf, start, end in dump(sk, CT_GET, body, "conntrack dump"):
+                a = attrs(buf, start + HDR.size + 4, end)
+                if CTA_TUPLE_ORIG in a and CTA_TUPLE_REPLY in a:
+                    rows.append((_tuple(buf, a[CTA_TUPLE_ORIG], version),
+                                 _tuple(buf, a[CTA_TUPLE_REPLY], version)))
     out = np.zeros(len(rows), ENTRY)
     if rows:
         for side, name in enumerate(("orig", "reply")):

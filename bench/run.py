@@ -255,7 +255,7 @@ class Poller:
         if self.journal is not None:  # as agent/pipeline.py: commit, send, progress
             j = self.journal
             self.exporter.export(out, self.names, None,
-                                 lambda held: j.commit(self.table, batch, held, self.drain.idle),
+                                 lambda held: j.commit(self.table, held, self.drain.idle),
                                  j.progress)
             j.exported()
         else:

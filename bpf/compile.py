@@ -22,7 +22,8 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("flow.bpf.c")
 PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_jiffies")
-SPARES = ("cniflow_ingress", "cniflow_egress")
+SPARES = PROGRAMS[:2]  # the classifiers, loaded twice (SPARE names the second copy)
+SPARE = "/2"
 MAPS = ("flows_a", "flows_b", "overflow_a", "overflow_b", "slot", "stats", "fill", "metered")
 # Overflow entries: one per interface, direction and IP version; metered interfaces.
 OVERFLOW_SIZE = 16384
@@ -79,7 +80,7 @@ def main() -> int:
             b.funcs.pop(name.encode())  # BCC loads a function once, then hands out that fd
             spares.append(b.load_func(name, BPF.SCHED_CLS))
         fds = [p.fd for p in progs + spares] + [b[name].map_fd for name in MAPS]
-        names = list(PROGRAMS) + [f"{n}/2" for n in SPARES] + list(MAPS)
+        names = list(PROGRAMS) + [n + SPARE for n in SPARES] + list(MAPS)
         socket.send_fds(sock, [json.dumps({"names": names}).encode()], fds)
         return 0
     except Exception as e:  # reported to the parent, which turns it into LoadError

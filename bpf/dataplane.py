@@ -137,10 +137,10 @@ class EbpfDataplane:
         self.attacher.detach_all()
 
     # The journal around an export (bpf/journal.py); no-ops unpinned.
-    def commit(self, table, batch: np.ndarray, held: np.ndarray) -> None:
+    def commit(self, table, held: np.ndarray) -> None:
         """Before anything is sent: the table, and every record held in sending order."""
         if self.restart is not None:
-            self.restart.commit(table, batch, held)
+            self.restart.commit(table, held)
 
     def keep(self, held: np.ndarray) -> None:
         """The records held (the table as committed): at start, for what was left."""

@@ -228,11 +228,10 @@ class Journal:
         now until the commit they count."""
         self._mark(DRAINING, slot)
 
-    def commit(self, table: FlowTable, batch: np.ndarray, held: np.ndarray, slot: int) -> None:
-        """Log the table's changes since the last commit (or the whole table) and every
-        record the exporter holds, in the order they go out; then the commit point.
-        batch: the drain folded in (only its being empty matters: the table reports the
-        changes)."""
+    def commit(self, table: FlowTable, held: np.ndarray, slot: int) -> None:
+        """Log the table's changes since the last commit (or the whole table: the table
+        reports them) and every record the exporter holds, in the order they go out;
+        then the commit point."""
         full = not table.tracking
         if full:
             table.track()

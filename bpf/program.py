@@ -16,7 +16,7 @@ import sys
 from typing import NamedTuple
 
 from bpf import syscall
-from bpf.compile import METERED_SIZE, OVERFLOW_SIZE
+from bpf.compile import METERED_SIZE, OVERFLOW_SIZE, SPARE, SPARES
 from bpf.pins import PinDir
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ class FlowProgram:
         self.ingress = Prog(fds["cniflow_ingress"], "cniflow_ingress")
         self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
         # the same programs loaded once more: the other copy for a hook's chain
-        self.spares = (Prog(fds["cniflow_ingress/2"], "cniflow_ingress"),
-                       Prog(fds["cniflow_egress/2"], "cniflow_egress"))
+        self.spares = tuple(Prog(fds[name + SPARE], name) for name in SPARES)
         self._jiffies = fds["cniflow_jiffies"]
         self.flow_map_fds = (fds["flows_a"], fds["flows_b"])
         self.overflow_map_fds = (fds["overflow_a"], fds["overflow_b"])

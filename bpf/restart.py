@@ -75,8 +75,8 @@ class Restart:
             self.settled = True
             self.attacher.prune()
 
-    def commit(self, table, batch: np.ndarray, held: np.ndarray) -> None:
-        self.journal.commit(table, batch, held, self.drainer.idle)
+    def commit(self, table, held: np.ndarray) -> None:
+        self.journal.commit(table, held, self.drainer.idle)
 
     def close(self) -> None:
         self.journal.close()

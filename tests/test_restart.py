@@ -278,15 +278,15 @@ def test_the_journal_recovers_a_committed_poll_exactly(lab):
     table = FlowTable(active_timeout_s=3600, idle_timeout_s=3600)
     batch = flows([1, 2, 3])
     table.update(batch, unique=True)
-    j.commit(table, batch, batch[:0], 0)
+    j.commit(table, batch[:0], 0)
     j.exported()
     batch = flows([1, 4])  # 4 is new: it comes and goes within the poll
     table.update(batch, unique=True)
     out = table.flush()
-    j.commit(table, batch, out, 1)  # the export fails: no exported()
+    j.commit(table, out, 1)  # the export fails: no exported()
     batch = flows([5, 6, 7])
     table.update(batch, unique=True)
-    j.commit(table, batch, batch[:0], 0)  # committed, then the agent is killed
+    j.commit(table, batch[:0], 0)  # committed, then the agent is killed
     emptied = []
     again = Journal(PinDir(pins), 2)
     rows, due = again.recover(emptied.append, nothing)
@@ -294,7 +294,7 @@ def test_the_journal_recovers_a_committed_poll_exactly(lab):
     assert len(due) == 0 and emptied == [0]
     table.update(batch := flows([5]), unique=True)
     out = table.flush()
-    again.commit(table, batch, out, 1)
+    again.commit(table, out, 1)
     third = Journal(PinDir(pins), 2)
     rows, due = third.recover(emptied.append, nothing)
     assert len(rows) == 0 and emptied == [0, 1]
@@ -396,7 +396,7 @@ def test_the_journal_log_and_snapshots_replay_to_the_table_at_every_kill_point(p
         held = np.concatenate([backlog, out])
         held = held[rng.permutation(len(held))]
         before = (j.base, j.end, len(j.rows))
-        j.commit(table, batch, held, poll % 2)
+        j.commit(table, held, poll % 2)
         if (j.base, j.end, len(j.rows)) != before:
             modes.add("resize" if len(j.rows) != before[2] else
                       "compact" if j.base != before[0] else "append")
@@ -442,7 +442,7 @@ def test_the_previous_commit_record_is_migrated(pinfs):
     j = Journal(pins, 8)
     table = FlowTable(active_timeout_s=3600, idle_timeout_s=3600)
     table.update(rows := _rows(np.arange(20), np.zeros(20, int), 5000, rng), unique=True)
-    j.commit(table, rows, rows[:0], 1)
+    j.commit(table, rows[:0], 1)
     due = _rows(np.arange(100, 105), np.ones(5, int), 5000, rng)
     j._write(j.end, due)  # where the previous layout kept them
     old = syscall.map_create(syscall.MAP_ARRAY, 4, 56, 1, 0, "cniflow_commit")
@@ -557,7 +557,7 @@ def test_a_poll_killed_after_its_drain_is_restored_from_the_pinned_buffers(pinfs
     table = FlowTable(active_timeout_s=3600, idle_timeout_s=3600)
     fill(drain.fds[drain.active], 40, 3)
     table.update(batch := drain.drain(), unique=True)
-    j.commit(table, batch, batch[:0], drain.idle)
+    j.commit(table, batch[:0], drain.idle)
     j.exported()
     fill(drain.fds[drain.active], 60, 5)  # 40 known keys, 20 new
     assert len(drain.drain()) == 60  # ... and the agent is killed before the commit

@@ -215,10 +215,6 @@ class Messages:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def rows_after(self, sent: int) -> np.ndarray:
-        """Rows of the messages from index `sent` on (the ones not delivered)."""
-        return self.rows[int(self.counts[:sent].sum()) :]
-
 
 def pack(
     set_id: int,
