@@ -106,12 +106,14 @@ class Exporter:
             self.backlog = np.concatenate([self.backlog, records]) if len(self.backlog) \
                 else records
         limit = PROBE if self._stalled else len(self.backlog)
-        committed, held = False, 0
+        committed, held, announced = False, 0, False
         while True:
             plan, head = [], self.backlog[:limit]
             if len(head) and self.transport.ready():
-                self._start_session_if_new()
-                self._send_templates_if_due(ifnames)
+                if not announced:  # once an export, the probe's pass or not
+                    self._start_session_if_new()
+                    self._send_templates_if_due(ifnames)
+                    announced = True
                 plan = self._encode(head, ifnames, pods)
                 if plan:
                     self.backlog = np.concatenate([take(sub, m.rows) for sub, m in plan]
@@ -126,6 +128,13 @@ class Exporter:
             if sent < len(head) or not len(self.backlog):
                 break
             limit = len(self.backlog)  # the collector took them: the rest at once
+        if self.unconfirmed and not self.transport.connected:
+            # a reset discarded what the collector had not acknowledged: held again now,
+            # and committed, not at the next poll (a SIGKILL before it would lose them)
+            self._confirm()
+            if commit is not None:
+                commit(self.backlog)
+                committed, held = True, len(self.backlog)
         self._stalled = bool(len(self.backlog))
         self._bound_backlog()  # what the collector could not take now: kept, up to the bound
         if progress is not None and committed:

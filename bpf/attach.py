@@ -19,6 +19,7 @@ filters outlive the agent anyway, and `replace` on the same handle swaps them to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -91,6 +92,8 @@ class Attacher:
         """Take over the links an earlier agent pinned: those still on an interface run
         this agent's program from now on (atomically); defunct ones are unpinned. With
         --attach tc they are left for the sweep, which removes them at attach."""
+        if self.pins.drop_unfinished():
+            log.warning("a link an earlier agent was moving to the head is removed")
         for ifindex, hook, path in self.pins.link_pins():
             fd = syscall.obj_get(path)
             _, dev, _ = syscall.link_info(fd)
@@ -212,11 +215,15 @@ class Attacher:
         copies = ((self.program.ingress, self.program.egress), self.program.spares)
         prog = copies[not att.spare[i]][i]
         new = syscall.link_create(prog.fd, att.ifindex, hook, syscall.F_BEFORE)
+        try:
+            if self.pins is not None:  # the pin names the new link at once
+                self.pins.pin_link(new, att.ifindex, hook)
+        except OSError:  # never two cniflow links on one hook: the new one goes
+            with contextlib.suppress(OSError):
+                syscall.link_detach(new)
+            os.close(new)
+            raise
         att.spare[i] = not att.spare[i]
-        if self.pins is not None:  # the pin names the new link at once (an atomic rename)
-            path = self.pins.link_path(att.ifindex, hook)
-            syscall.obj_pin(new, path + "_next")
-            os.replace(path + "_next", path)
         old, att.links[i] = att.links[i], new
         try:
             syscall.link_detach(old)
@@ -279,7 +286,7 @@ class Attacher:
     def detach(self, ifindex: int) -> None:
         att = self.attached.pop(ifindex, None)
         if att is not None:
-            self._unmeter(ifindex)
+            self._gone(ifindex)
             self._remove(att)
             log.info("detached", extra={"interface": att.name, "ifindex": ifindex})
 
@@ -287,7 +294,7 @@ class Attacher:
         """The interface vanished: the kernel took our filters and links with it."""
         att = self.attached.pop(ifindex, None)
         if att is not None:
-            self._unmeter(ifindex)  # the index may come back as another interface
+            self._gone(ifindex)
             for fd in att.links:
                 os.close(fd)
             for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
@@ -307,6 +314,14 @@ class Attacher:
     def detach_all(self) -> None:
         for ifindex in list(self.attached):
             self.detach(ifindex)
+
+    def _gone(self, ifindex: int) -> None:
+        """What is kept for an attached interface, dropped (the index may come back as
+        another interface): its place in the metered set, its moves to the head."""
+        self._unmeter(ifindex)
+        for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
+            self.moves.pop((ifindex, hook), None)
+            self.yielded.discard((ifindex, hook))
 
     def _unmeter(self, ifindex: int) -> None:
         if self.dedup:

@@ -41,6 +41,9 @@ def on_bpffs(path: str) -> bool:
     return int.from_bytes(buf.raw[:8], "little") == BPF_FS_MAGIC
 
 
+UNFINISHED = "_next"  # a link pin on its way to its name (PinDir.pin_link)
+
+
 class PinDir:
     def __init__(self, root: str) -> None:
         if not on_bpffs(root):
@@ -60,6 +63,22 @@ class PinDir:
 
     def link_path(self, ifindex: int, hook: int) -> str:
         return f"{self.links}/{ifindex}-{HOOKS[hook]}"
+
+    def pin_link(self, fd: int, ifindex: int, hook: int) -> None:
+        """Pin a link in place of the one pinned for this hook, in one step: pinned under
+        a name of its own, then renamed over (a rename replaces atomically)."""
+        path = self.link_path(ifindex, hook)
+        syscall.obj_pin(fd, path + UNFINISHED)
+        os.replace(path + UNFINISHED, path)
+
+    def drop_unfinished(self) -> int:
+        """Links an agent killed inside pin_link() left under the temporary name: the
+        unpinning detaches each (its agent, which held the other reference, is gone),
+        so the hook is not left with two cniflow links. How many."""
+        names = [n for n in os.listdir(self.links) if n.endswith(UNFINISHED)]
+        for name in names:
+            os.unlink(f"{self.links}/{name}")
+        return len(names)
 
     def link_pins(self) -> list[tuple[int, int, str]]:
         """(ifindex, hook, path) of every pinned link."""

@@ -218,6 +218,72 @@ def test_a_collector_that_stalls_past_the_send_timeout_gets_every_record_once(la
     check_exact(node, r)
 
 
+def test_records_a_reset_discarded_are_journaled_again_before_the_next_poll(lab):
+    """The collector stops reading; the agent's writes time out and it resets the
+    connection, which discards what the collector had not acknowledged. Those records
+    are held again (in the journal) in that same export: the agent SIGKILLed right
+    after the reset, seconds before its next poll, loses none of them."""
+    node, pins = lab
+    small_tcp_buffers(node)
+
+    def reset_then_kill(first, collector):
+        stop_reading(node, first, collector)
+
+        def reset() -> bool:
+            return not subprocess.run(node.exec("ss -tnH state established dport = :4739")
+                                      .split(), capture_output=True, text=True).stdout.strip()
+        assert wait_for(reset, 15), first.log.read_text()
+        first.proc.kill()
+        first.proc.wait(10)
+        collector.proc.send_signal(18)  # SIGCONT
+
+    r = run_through(node, pins, reset_then_kill, ("--active-timeout", "1", "--idle-timeout",
+                                                  "1", "--poll-interval", "5"),
+                    ports=200, oracle=False)
+    assert "records sent again: the connection broke" in r["logs"][0]
+    check_exact(node, r)
+    no_leftovers(node, pins)
+
+
+NEXT_PROGRAM = "int next(struct __sk_buff *skb) { return -1; }"  # TCX_NEXT
+
+
+def test_a_link_left_half_pinned_by_a_killed_agent_is_removed(lab):
+    """An agent killed while moving its link to the head of the chain (bpf/attach.py
+    keep_first) leaves the new link pinned under its temporary name, attached beside
+    the old one: two cniflow links would count every packet twice. The successor
+    unpins it, which detaches it; one link per hook, every packet once. (The link
+    planted here runs a program that only says "next", so the totals stay exact
+    whichever agent is right; its removal is what is checked.)"""
+    from bcc import BPF
+    from fakeapi import in_netns
+
+    from bpf import syscall
+    node, pins = lab
+    a = node.pods[0]
+    planted = {}
+
+    def kill_mid_move(first, _):
+        first.proc.kill()
+        first.proc.wait(10)
+        b = BPF(text=NEXT_PROGRAM.encode())
+        prog = b.load_func(b"next", BPF.SCHED_CLS)
+        ifindex = ifindex_of(node, a.host_if)
+        link = in_netns(node.netns, lambda: syscall.link_create(
+            prog.fd, ifindex, syscall.TCX_INGRESS, syscall.F_BEFORE))
+        syscall.obj_pin(link, f"{pins}/links/{ifindex}-ingress_next")
+        os.close(link)  # the pin holds it now, as after the agent's death
+        planted.update(bpf=b, id=syscall.prog_id(prog.fd), ifindex=ifindex)
+        assert tcx_programs(node.netns, a.host_if, "ingress")[0] == "next"
+
+    r = run_through(node, pins, kill_mid_move, ())
+    assert "a link an earlier agent was moving to the head is removed" in r["logs"][1]
+    assert "next" not in tcx_programs(node.netns, a.host_if, "ingress")
+    planted["bpf"].cleanup()
+    check_exact(node, r)
+    no_leftovers(node, pins)
+
+
 def test_a_handover_on_sigterm_leaves_everything_to_the_next_agent(lab):
     """--handover: a SIGTERM exports nothing early and leaves maps, links and the pending
     flow pinned; the next agent continues them; its own plain SIGTERM then exports all,
