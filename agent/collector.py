@@ -128,22 +128,7 @@ class Collector:
         """Datagrams or framed messages as they came, (data, exporter) each. Metrics
         are counted per batch; errors are synced at the message that had them, so
         the log names its exporter."""
-        sets: list[RecordSet] = []
-        counts: dict[str, list[int]] = {}  # exporter -> [datagrams, messages, records]
-        decoder, stats = self.decoder, self.decoder.stats
-        for data, exporter in batch:
-            messages, faults = stats["messages"], decoder.faults
-            got = decoder.message(data, exporter)
-            c = counts.get(exporter)
-            if c is None:
-                c = counts[exporter] = [0, 0, 0]
-            c[0] += 1
-            c[1] += stats["messages"] - messages
-            if got:
-                sets += got
-                c[2] += sum(map(len, got))
-            if decoder.faults != faults:
-                self._sync(exporter)
+        sets, counts = self.decoder.messages(batch, self._sync)
         self.metrics.received(counts)
         self._sync_stats()
         if sets:

@@ -157,7 +157,11 @@ def _table_meta(group: list[RecordSet]) -> tuple[list[str], np.ndarray, np.ndarr
     exporters = list(dict.fromkeys(g.exporter for g in group))
     which = np.repeat(np.array([exporters.index(g.exporter) for g in group], np.uint32), sizes)
     domain = np.repeat(np.array([g.domain for g in group], np.uint32), sizes)
-    export_time = np.repeat(np.array([g.export_time for g in group], np.uint32), sizes)
+    if all(np.ndim(g.export_time) == 0 for g in group):
+        export_time = np.repeat(np.array([g.export_time for g in group], np.uint32), sizes)
+    else:  # gathered sets carry a record's each
+        export_time = np.concatenate([np.broadcast_to(np.uint32(g.export_time), len(g.array))
+                                      for g in group])
     return exporters, which, domain, export_time
 
 

@@ -16,6 +16,7 @@ as a ratio, because the machine is shared and noisy.
 3. Resident memory of the agent's stages holding 100,000 active flows.
 
     sudo .venv/bin/python bench/run.py --only drain   # part 2 alone
+    sudo .venv/bin/python bench/run.py --only packet  # part 1 alone
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import netlab  # noqa: E402
 
 from agent.records import KEY_DTYPE  # noqa: E402
+from bench.accuracy import build  # noqa: E402
 from bpf.drain import VAL_DTYPE  # noqa: E402
 
 EMPTY = """
@@ -45,12 +46,6 @@ EMPTY = """
 int cniflow_ingress(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
 int cniflow_egress(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
 """
-
-
-def build_flood() -> Path:
-    out = Path(tempfile.mkdtemp()) / "udpflood"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / "udpflood.c")], check=True)
-    return out
 
 
 class Loaded:
@@ -65,67 +60,83 @@ class Loaded:
         self.spares = ()  # never moved in the benchmark
 
 
+# Where the flood goes. "host": dropped by the node's route (a blackhole): the
+# shortest path, where the hook's share of a packet is largest. "remote": forwarded
+# to a host behind the node and read by a socket there, the path of pod traffic.
+PATHS = ("host", "remote")
+# (program, attach mode) per variant, each attached the same way on both hooks; the
+# per-CPU layout on the host path only
+VARIANTS = ("none", "empty_tcx", "cniflow_tcx", "empty_tc", "cniflow_tc", "cniflow_percpu_tc")
+
+
 def per_packet(rounds: int, seconds: float) -> dict:
     from pyroute2 import IPRoute
 
     from bpf.attach import Attacher
     from bpf.program import FlowProgram
 
-    flood = build_flood()
-    node = netlab.up("cfbench", 1)
+    flood, sink = build("udpflood"), build("udpsink")
+    node = netlab.up("cfbench", 1, remote=True)
+    receiver = None
     try:
-        netlab.sh(f"ip -n {node.netns} route add blackhole 10.77.0.0/16")
+        netlab.sh(f"ip -n {node.netns} route add blackhole 10.77.0.1/32")
+        # the sink reads on the other core; the path up to its socket runs on the sender's
+        receiver = subprocess.Popen(node.in_remote(f"taskset -c 0 {sink} 10000 1024").split(),
+                                    stdout=subprocess.PIPE, text=True)
+        assert receiver.stdout.readline().strip() == "ready"
         pod = node.pods[0]
         ipr = IPRoute(netns=node.netns)
         ifindex = ipr.link_lookup(ifname=pod.host_if)[0]
         empty, cniflow = Loaded(), FlowProgram(65536)
-        # (program, attach mode): each attached the same way on both hooks
-        variants = {"none": (None, ""), "empty_tcx": (empty, "tcx"),
+        programs = {"none": (None, ""), "empty_tcx": (empty, "tcx"),
                     "cniflow_tcx": (cniflow, "tcx"), "empty_tc": (empty, "tc"),
                     "cniflow_tc": (cniflow, "tc"),
                     "cniflow_percpu_tc": (FlowProgram(65536, shared=False), "tc")}
-        rates: dict[str, list[float]] = {k: [] for k in variants}
-        cmd = node.in_pod(0, f"taskset -c 1 {flood} 10.77.0.1 1024 {seconds} 22").split()
-        subprocess.run(
-            node.in_pod(0, f"{flood} 10.77.0.1 1024 0.5 22").split(),
-            check=True,
-            capture_output=True,
-        )  # warm ARP and caches
+        dst = {"host": "10.77.0.1", "remote": node.remote_ip}
+        runs = [(path, name) for path in PATHS for name in VARIANTS
+                if path == "host" or name != "cniflow_percpu_tc"]
+        rates: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
+        for ip in dst.values():  # warm ARP and caches
+            netlab.sh(node.in_pod(0, f"{flood} {ip} 1024 0.5 22"))
         for _ in range(rounds):
-            for name, (prog, mode) in variants.items():
+            for path, name in runs:
+                prog, mode = programs[name]
                 att = None
                 if prog:  # TCX links take the ifindex of the calling thread's namespace
                     att = netlab.in_netns(node.netns, lambda p=prog, m=mode: Attacher(
                         p, m, ipr=ipr, dedup=p is not empty))
                     netlab.in_netns(node.netns, lambda a=att: a.attach(ifindex, pod.host_if))
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                sent, elapsed = out.split()
-                rates[name].append(int(sent) / float(elapsed))
+                cmd = node.in_pod(0, f"taskset -c 1 {flood} {dst[path]} 1024 {seconds} 22")
+                sent, elapsed = netlab.sh(cmd).stdout.split()
+                rates[path, name].append(int(sent) / float(elapsed))
                 if att:
                     netlab.in_netns(node.netns, att.detach_all)
-        med = {k: statistics.median(v) for k, v in rates.items()}
 
-        def paired(a: str, b: str) -> float:
+        def paired(path: str, a: str, b: str) -> float:
             """Median of the rounds' own ratios: each pair ran seconds apart, so a
             slow drift of the shared machine cancels out within a pair."""
-            return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+            return statistics.median(x / y for x, y in zip(rates[path, a], rates[path, b]))
 
-        return {
-            "pps_median": {k: round(v) for k, v in med.items()},
-            "paired": {"tcx_cniflow_vs_none": paired("cniflow_tcx", "none"),
-                       "tcx_cniflow_vs_empty": paired("cniflow_tcx", "empty_tcx"),
-                       "tcx_empty_vs_none": paired("empty_tcx", "none"),
-                       "tc_cniflow_vs_none": paired("cniflow_tc", "none"),
-                       "tc_cniflow_vs_empty": paired("cniflow_tc", "empty_tc"),
-                       "tc_empty_vs_none": paired("empty_tc", "none"),
-                       "tc_percpu_vs_empty": paired("cniflow_percpu_tc", "empty_tc")},
-            "medians": {"tcx_cniflow_vs_none": med["cniflow_tcx"] / med["none"],
-                        "tcx_cniflow_vs_empty": med["cniflow_tcx"] / med["empty_tcx"],
-                        "tc_cniflow_vs_none": med["cniflow_tc"] / med["none"],
-                        "tc_cniflow_vs_empty": med["cniflow_tc"] / med["empty_tc"]},
-            "rounds": rounds,
-        }
+        pairs = {"tcx_cniflow_vs_none": ("cniflow_tcx", "none"),
+                 "tcx_cniflow_vs_empty": ("cniflow_tcx", "empty_tcx"),
+                 "tcx_empty_vs_none": ("empty_tcx", "none"),
+                 "tc_cniflow_vs_none": ("cniflow_tc", "none"),
+                 "tc_cniflow_vs_empty": ("cniflow_tc", "empty_tc"),
+                 "tc_empty_vs_none": ("empty_tc", "none")}
+        out: dict = {"rounds": rounds}
+        for path in PATHS:
+            out[path] = {
+                "pps_median": {name: round(statistics.median(rates[path, name]))
+                               for name in VARIANTS if (path, name) in rates},
+                "paired": {k: round(paired(path, a, b), 4) for k, (a, b) in pairs.items()}}
+        out["host"]["paired"]["tc_percpu_vs_empty"] = round(
+            paired("host", "cniflow_percpu_tc", "empty_tc"), 4)
+        receiver.terminate()
+        out["remote"]["sink_read"] = int(receiver.communicate(timeout=10)[0])
+        return out
     finally:
+        if receiver and receiver.poll() is None:
+            receiver.kill()
         netlab.down("cfbench")
 
 
@@ -420,9 +431,14 @@ def memory(n: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds, smaller map")
-    p.add_argument("--only", choices=("drain",), help="drain to wire (and the journal's "
-                   "cost beside it) only")
+    p.add_argument("--only", choices=("drain", "packet"), help="drain: drain to wire (and "
+                   "the journal's cost beside it) only; packet: the per-packet cost only")
     args = p.parse_args()
+    if args.only == "packet":
+        print(json.dumps({"per_packet": per_packet(rounds=3 if args.quick else 7,
+                                                   seconds=1 if args.quick else 2),
+                          "program_ns": program_ns(rounds=3 if args.quick else 7)}, indent=2))
+        return 0
     if args.only == "drain":
         n = 200_000 if args.quick else 1_000_000
         print(json.dumps({"drain_to_wire": drain_to_wire(n, rounds=2 if args.quick else 3),

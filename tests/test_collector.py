@@ -299,6 +299,7 @@ def mutated(messages: list[bytes]):
 
 
 SAMPLES = [m for p in PCAPS[:6] for m, _ in exporter_payloads(p)]
+REAL = [([m for m, _ in exporter_payloads(p)], f"{p.stem[:20]}:1") for p in PCAPS]
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -454,6 +455,72 @@ def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_export
     assert sum(d.errors.values()) > 1000 and len(d.errors) < 60, d.errors
     assert all(len(n) <= 1024 for n in d.names.values())
     assert d.templates_total <= 4096
+
+
+def _by_layout(sets) -> dict:
+    """Records by exporter, domain and layout (template, field names and lengths; a set
+    of rows, records in no run, apart), in order, each with its export time."""
+    out: dict = {}
+    for rs in sets:
+        layout = ("rows", rs.spec.id) if rs.array is None else (rs.spec.id, tuple(
+            (f.name, f.length) for f in rs.spec.fields))
+        times = np.broadcast_to(np.asarray(rs.export_time), (len(rs),)).tolist()
+        rows = out.setdefault((rs.exporter, rs.domain, layout), [])
+        rows += [(t, repr(r)) for t, r in zip(times, records(rs), strict=True)]
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 2**32), st.integers(1, 64))
+def test_a_batch_decodes_as_its_messages_one_by_one(seed, size):
+    """Decoder.messages(), which gathers single-data-set messages of known templates
+    into one array per layout, against message() on each message in turn, over
+    batches of hostile (statefuzz), well-behaved and real exporters' messages (16
+    captures, cniflow's own string runs among them): the same records of each exporter
+    and layout in the same order, export times included, the same counts by exporter,
+    statistics and errors, and the same exporters told of their errors."""
+    import random
+
+    import statefuzz
+
+    rng = random.Random(seed)
+    hostile = [statefuzz.Hostile(random.Random(rng.random())) for _ in range(2)]
+    real = rng.sample(REAL, 3)
+    stream, good = [], 0
+    for i in range(400):
+        pick = rng.random()
+        if pick < 0.2:
+            k = rng.randrange(2)
+            stream.append((hostile[k].next(), f"10.0.0.{k}:4739"))
+        elif pick < 0.4:
+            good += 1
+            stream.append((statefuzz.good(good, good), "10.9.9.9:4739"))
+        else:
+            msgs, exporter = real[rng.randrange(3)]
+            stream.append((msgs[i % len(msgs)], exporter))
+    one, batched = Decoder(hold_bytes=1 << 14), Decoder(hold_bytes=1 << 14)
+    want_sets, want_counts, want_told = [], {}, []
+    for data, exporter in stream:
+        messages, faults = one.stats["messages"], one.faults
+        got = one.message(data, exporter)
+        c = want_counts.setdefault(exporter, [0, 0, 0])
+        c[0] += 1
+        c[1] += one.stats["messages"] - messages
+        c[2] += sum(map(len, got))
+        want_sets += got
+        if one.faults != faults:
+            want_told.append(exporter)
+    got_sets, got_counts, told = [], {}, []
+    for at in range(0, len(stream), size):
+        sets, counts = batched.messages(stream[at : at + size], told.append)
+        got_sets += sets
+        for exporter, c in counts.items():
+            total = got_counts.setdefault(exporter, [0, 0, 0])
+            total[:] = [a + b for a, b in zip(total, c, strict=True)]
+    assert _by_layout(got_sets) == _by_layout(want_sets)
+    assert got_counts == want_counts and told == want_told
+    assert batched.stats == one.stats and batched.errors == one.errors
+    assert sum(one.stats.values()) and one.stats["records"] > 0
 
 
 def test_a_batchs_metrics_are_what_counting_message_by_message_made_them(caplog):

@@ -23,6 +23,7 @@ import numpy as np
 from agent.ipfix.registry import TYPES, VARLEN, lookup
 
 HEADER = struct.Struct("!HHIII")
+HEADER_AND_SET = struct.Struct("!HHIIIHH")  # a message header and its first set's header
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 MAX_FIELDS = 512  # more fields than this in one template is refused as malformed
 
@@ -47,6 +48,10 @@ class Spec:
     min_length: int = 0
     # a variable-length template's layout (_layout): where its string length octets are
     length_octets: list[tuple[int, int]] = field(default_factory=list)
+    teaches: bool = field(init=False)  # RFC 5610 type records: names for _learn
+
+    def __post_init__(self) -> None:
+        self.teaches = _TEACHING <= {f.name for f in self.fields}
 
 
 @dataclass
@@ -59,11 +64,13 @@ class Session:
 
 @dataclass
 class RecordSet:
-    """Records of one data set: `array` for fixed-length templates, else `rows`."""
+    """Records of one data set (or of several messages' sets, gathered: then
+    `export_time` may be an array, a record's each): `array` for fixed-length
+    templates and string runs, else `rows`."""
 
     exporter: str
     domain: int
-    export_time: int
+    export_time: int | np.ndarray
     spec: Spec
     array: np.ndarray | None = None
     rows: list[dict] | None = None
@@ -73,6 +80,7 @@ class RecordSet:
 
 
 MAX_NAMES = 1024  # RFC 5610 names one session may teach
+_TEACHING = {"informationElementId", "informationElementName"}  # an RFC 5610 type record
 MAX_LAYOUTS = 512  # string-length combinations (of all templates) kept as layouts
 
 
@@ -160,6 +168,86 @@ class Decoder:
         except Exception as e:  # noqa: BLE001  (a case the checks above missed)
             self._fault(f"unexpected {type(e).__name__}")
         return []
+
+    def messages(self, batch: list[tuple[bytes, str]], faulted=None
+                 ) -> tuple[list[RecordSet], dict[str, list[int]]]:
+        """message() on each (data, exporter) of a batch in turn: the same records,
+        each exporter's, template's and string lengths' in the order they came, and
+        [datagrams, messages, records] by exporter. A message that is one data set of
+        a template already known (the common case) skips the general path: its records
+        join the batch's other such records of that layout in one array. After a
+        message that had errors, faulted(exporter)."""
+        out: list[RecordSet] = []
+        counts: dict[str, list[int]] = {}
+        gathered: dict[tuple, _Gathered] = {}
+        stats = self.stats
+        for data, exporter in batch:
+            c = counts.get(exporter)
+            if c is None:
+                c = counts[exporter] = [0, 0, 0]
+            c[0] += 1
+            n = self._gather(data, exporter, gathered) if len(data) > HEADER_AND_SET.size \
+                else 0
+            if n:
+                c[1] += 1
+                c[2] += n
+                continue
+            if gathered:  # what came before this message goes first
+                out += [g.records() for g in gathered.values()]
+                gathered.clear()
+            messages, faults = stats["messages"], self.faults
+            got = self.message(data, exporter)
+            c[1] += stats["messages"] - messages
+            if got:
+                out += got
+                c[2] += sum(map(len, got))
+            if faulted is not None and self.faults != faults:
+                faulted(exporter)
+        out += [g.records() for g in gathered.values()]
+        return out, counts
+
+    def _gather(self, data: bytes, exporter: str, gathered: dict) -> int:
+        """A message that is exactly one data set of a known template (fixed-length, or
+        one run of string lengths), no sets held for its session: its records added to
+        `gathered`, the count returned, as message() would account it. 0: anything
+        else, for message() to decode."""
+        version, length, export_time, sequence, domain, set_id, set_len = \
+            HEADER_AND_SET.unpack_from(data)
+        if version != 10 or length != len(data) or set_len != length - HEADER.size \
+                or set_id < 256:
+            return 0
+        key = (exporter, domain)
+        session = self.sessions.get(key)
+        if session is None or session.held:
+            return 0
+        spec = session.templates.get(set_id)
+        if spec is None or spec.teaches:
+            return 0
+        body = memoryview(data)[HEADER_AND_SET.size:]
+        if spec.dtype is not None:
+            layout, n = spec, len(body) // spec.dtype.itemsize
+        else:
+            run = self._run(spec, body, 0)
+            if run is None:
+                return 0
+            layout, n = run
+            if len(body) - n * layout.dtype.itemsize >= spec.min_length:
+                return 0  # records in no run, or more runs: message() takes them
+        if not n:
+            return 0
+        self.sessions.move_to_end(key)
+        if session.next_sequence is not None and sequence != session.next_sequence:
+            self.stats["sequence_gaps"] += 1
+        session.next_sequence = (sequence + n) & 0xFFFFFFFF
+        self.stats["messages"] += 1
+        self.stats["records"] += n
+        g = gathered.get((key, id(layout)))
+        if g is None:
+            g = gathered[key, id(layout)] = _Gathered(exporter, domain, layout)
+        g.parts.append(body[: n * layout.dtype.itemsize])
+        g.times.append(export_time)
+        g.sizes.append(n)
+        return n
 
     def _message(self, data: memoryview, exporter: str) -> list[RecordSet]:
         if len(data) < HEADER.size:
@@ -401,8 +489,7 @@ class Decoder:
     def _learn(self, rs: RecordSet, names: dict) -> None:
         """RFC 5610 type records teach names and types of enterprise elements: at most
         MAX_NAMES per session, each a short printable name (the rest counted)."""
-        cols = {f.name for f in rs.spec.fields}
-        if not {"informationElementId", "informationElementName"} <= cols:
+        if not rs.spec.teaches:
             return
         for row in records(rs):
             pen = row.get("privateEnterpriseNumber", 0)
@@ -414,6 +501,25 @@ class Decoder:
                 self.stats["names_refused"] += 1
             else:
                 names[key] = (name, _TYPE_CODES.get(code, "octetArray"))
+
+
+@dataclass
+class _Gathered:
+    """Records of one exporter, domain and layout from consecutive messages."""
+
+    exporter: str
+    domain: int
+    spec: Spec
+    parts: list[memoryview] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)  # export time, a message's each
+    sizes: list[int] = field(default_factory=list)  # records, a message's each
+
+    def records(self) -> RecordSet:
+        times = self.times
+        export_time = times[0] if times.count(times[0]) == len(times) else \
+            np.repeat(np.array(times, np.uint32), self.sizes)
+        return RecordSet(self.exporter, self.domain, export_time, self.spec,
+                         np.frombuffer(b"".join(self.parts), self.spec.dtype))
 
 
 def _layout(spec: Spec, lengths: list[int]) -> Spec:
