@@ -69,7 +69,7 @@ PATHS = ("host", "remote")
 VARIANTS = ("none", "empty_tcx", "cniflow_tcx", "empty_tc", "cniflow_tc", "cniflow_percpu_tc")
 
 
-def per_packet(rounds: int, seconds: float) -> dict:
+def per_packet(rounds: int, seconds: float, flows: int = 1024) -> dict:
     from pyroute2 import IPRoute
 
     from bpf.attach import Attacher
@@ -81,7 +81,7 @@ def per_packet(rounds: int, seconds: float) -> dict:
     try:
         netlab.sh(f"ip -n {node.netns} route add blackhole 10.77.0.1/32")
         # the sink reads on the other core; the path up to its socket runs on the sender's
-        receiver = subprocess.Popen(node.in_remote(f"taskset -c 0 {sink} 10000 1024").split(),
+        receiver = subprocess.Popen(node.in_remote(f"taskset -c 0 {sink} 10000 {flows}").split(),
                                     stdout=subprocess.PIPE, text=True)
         assert receiver.stdout.readline().strip() == "ready"
         pod = node.pods[0]
@@ -97,7 +97,7 @@ def per_packet(rounds: int, seconds: float) -> dict:
                 if path == "host" or name != "cniflow_percpu_tc"]
         rates: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
         for ip in dst.values():  # warm ARP and caches
-            netlab.sh(node.in_pod(0, f"{flood} {ip} 1024 0.5 22"))
+            netlab.sh(node.in_pod(0, f"{flood} {ip} {flows} 0.5 22"))
         for _ in range(rounds):
             for path, name in runs:
                 prog, mode = programs[name]
@@ -106,7 +106,7 @@ def per_packet(rounds: int, seconds: float) -> dict:
                     att = netlab.in_netns(node.netns, lambda p=prog, m=mode: Attacher(
                         p, m, ipr=ipr, dedup=p is not empty))
                     netlab.in_netns(node.netns, lambda a=att: a.attach(ifindex, pod.host_if))
-                cmd = node.in_pod(0, f"taskset -c 1 {flood} {dst[path]} 1024 {seconds} 22")
+                cmd = node.in_pod(0, f"taskset -c 1 {flood} {dst[path]} {flows} {seconds} 22")
                 sent, elapsed = netlab.sh(cmd).stdout.split()
                 rates[path, name].append(int(sent) / float(elapsed))
                 if att:
@@ -123,7 +123,7 @@ def per_packet(rounds: int, seconds: float) -> dict:
                  "tc_cniflow_vs_none": ("cniflow_tc", "none"),
                  "tc_cniflow_vs_empty": ("cniflow_tc", "empty_tc"),
                  "tc_empty_vs_none": ("empty_tc", "none")}
-        out: dict = {"rounds": rounds}
+        out: dict = {"rounds": rounds, "flows": flows}
         for path in PATHS:
             out[path] = {
                 "pps_median": {name: round(statistics.median(rates[path, name]))
@@ -431,12 +431,15 @@ def memory(n: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds, smaller map")
+    p.add_argument("--flows", type=int, default=1024, help="per-packet cost: flows the "
+                   "sender goes round (each a destination port)")
     p.add_argument("--only", choices=("drain", "packet"), help="drain: drain to wire (and "
                    "the journal's cost beside it) only; packet: the per-packet cost only")
     args = p.parse_args()
     if args.only == "packet":
         print(json.dumps({"per_packet": per_packet(rounds=3 if args.quick else 7,
-                                                   seconds=1 if args.quick else 2),
+                                                   seconds=1 if args.quick else 2,
+                                                   flows=args.flows),
                           "program_ns": program_ns(rounds=3 if args.quick else 7)}, indent=2))
         return 0
     if args.only == "drain":
@@ -445,7 +448,8 @@ def main() -> int:
                           "journal": journal_costs(args.quick)}, indent=2))
         return 0
     results = {
-        "per_packet": per_packet(rounds=3 if args.quick else 7, seconds=1 if args.quick else 2),
+        "per_packet": per_packet(rounds=3 if args.quick else 7, seconds=1 if args.quick else 2,
+                                 flows=args.flows),
         "program_ns": program_ns(rounds=3 if args.quick else 7),
         "drain_to_wire": drain_to_wire(
             200_000 if args.quick else 1_000_000, rounds=2 if args.quick else 3
