@@ -425,12 +425,12 @@ class Decoder:
             self.layouts.move_to_end(key)
         layout = held[1]
         size = layout.dtype.itemsize
-        octets = np.frombuffer(body, np.uint8, (len(body) - off) // size * size, off)
-        octets = octets.reshape(-1, size)
-        same = np.ones(len(octets), bool)
-        for at, n in layout.length_octets:
-            same &= octets[:, at] == n
-        return layout, len(same) if same.all() else int(same.argmin())
+        count = (len(body) - off) // size
+        raw = bytes(body[off : off + count * size])
+        for at, n in layout.length_octets:  # the records up to the first whose differs
+            column = raw[at::size]  # this length octet of every record
+            count = min(count, len(column) - len(column.lstrip(bytes((n,)))))
+        return layout, count
 
     def _record(self, spec: Spec, body: memoryview, off: int) -> tuple[dict, int]:
         row = {}
