@@ -186,8 +186,11 @@ class Decoder:
             if c is None:
                 c = counts[exporter] = [0, 0, 0]
             c[0] += 1
-            n = self._gather(data, exporter, gathered) if len(data) > HEADER_AND_SET.size \
-                else 0
+            try:
+                n = self._gather(data, exporter, gathered) \
+                    if len(data) > HEADER_AND_SET.size else 0
+            except Exception:  # noqa: BLE001  (before any change: message() counts it)
+                n = 0
             if n:
                 c[1] += 1
                 c[2] += n
