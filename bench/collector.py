@@ -313,7 +313,7 @@ PARTS = ("in_process", "kafka", "replay", "workers")
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=1_000_000)
-    p.add_argument("--replay-records", type=int, default=200_000)
+    p.add_argument("--replay-records", type=int, default=500_000)
     p.add_argument("--rate", type=float, default=2000, help="messages per second in the replay")
     p.add_argument("--baseline", type=Path,
                    help="replay also to the collector of this checkout (a git worktree)")
