@@ -99,6 +99,9 @@ class Metrics:
         self.tcx_moved_to_head = Counter(
             "cniflow_tcx_moved_to_head", "cniflow's TCX links moved back to the head of a "
             "chain another program had been put in front of", registry=r)
+        self.tc_moved_to_head = Counter(
+            "cniflow_tc_moved_to_head", "cniflow's cls_bpf filters moved back to the head of "
+            "a hook another filter had been put in front of", registry=r)
         self.attach_failures = Counter(
             "cniflow_attach_failures", "Interfaces the kernel refused a filter on", registry=r
         )

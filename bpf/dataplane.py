@@ -99,7 +99,9 @@ class EbpfDataplane:
                 self.metrics.attach_failures.inc()
                 log.warning("attach failed", extra={"interface": name, "err": str(e),
                                                     "retry_in_s": delay})
-        self.metrics.tcx_moved_to_head.inc(self.attacher.keep_first())
+        moves = self.metrics.tcx_moved_to_head if self.attacher.mode == "tcx" else \
+            self.metrics.tc_moved_to_head
+        moves.inc(self.attacher.keep_first())
         for ifindex in [i for i in self.failed if i not in want]:
             del self.failed[ifindex]
         if self.restart is not None:

@@ -15,6 +15,7 @@ interface so tests can check the CNI still saw every packet.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterable
@@ -154,10 +155,69 @@ class _Tcx:
             return False
         return any(p == pid for p, _ in progs)
 
+    def to_head(self, ifname: str, hook: str, prog_fd: int) -> None:
+        """Its link made again, at the head of the chain (as a CNI re-creating it)."""
+        os.close(self.links.pop((ifname, hook)))
+        self.attach(ifname, hook, prog_fd, head=True)
+
     def close(self) -> None:
         for fd in self.links.values():  # the links are not pinned: closing detaches
             os.close(fd)
         self.links.clear()
+        self.bpf.cleanup()
+
+
+class _ClsBpf:
+    """Programs of one BPF object as cls_bpf filters in one namespace, as Cilium attached
+    them before TCX: clsact, direct-action, priority 1, handle 1. The kernel puts a
+    filter added to a priority at the head of its list, so "head" is where it goes."""
+
+    PARENTS = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
+
+    def __init__(self, netns: str, b: BPF) -> None:
+        from pyroute2 import IPRoute
+
+        self.netns, self.bpf = netns, b
+        self.ipr = IPRoute(netns=netns)
+        self.links: dict[tuple[str, str], int] = {}  # (ifname, hook) -> program fd
+        self.ifindex: dict[str, int] = {}
+
+    def attach(self, ifname: str, hook: str, prog_fd: int, head: bool = True) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        idx = self.ifindex[ifname] = self.ipr.link_lookup(ifname=ifname)[0]
+        with contextlib.suppress(NetlinkError):  # there already (cniflow's)
+            self.ipr.tc("add", "clsact", idx)
+        self.ipr.tc("add-filter", "bpf", idx, 1, fd=prog_fd, name=f"standin_{hook}",
+                    parent=self.PARENTS[hook], prio=1, classid=1, direct_action=True)
+        self.links[(ifname, hook)] = prog_fd
+
+    def attached(self, ifname: str, hook: str, prog_fd: int) -> bool:
+        """Its filter (handle 1, its name) still on the hook?"""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            filters = self.ipr.get_filters(self.ifindex[ifname], parent=self.PARENTS[hook])
+        except NetlinkError:  # the interface is gone
+            return False
+        return any(f["handle"] == 1 and f.get_attr("TCA_OPTIONS").get_attr("TCA_BPF_NAME")
+                   == f"standin_{hook}" for f in filters)
+
+    def to_head(self, ifname: str, hook: str, prog_fd: int) -> None:
+        """Its filter deleted and added again (as a CNI re-creating it): at the head."""
+        self.ipr.tc("del-filter", "bpf", self.ifindex[ifname], 1, parent=self.PARENTS[hook],
+                    prio=1)
+        self.attach(ifname, hook, prog_fd)
+
+    def close(self) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for ifname, hook in self.links:
+            with contextlib.suppress(NetlinkError):
+                self.ipr.tc("del-filter", "bpf", self.ifindex[ifname], 1,
+                            parent=self.PARENTS[hook], prio=1)
+        self.links.clear()
+        self.ipr.close()
         self.bpf.cleanup()
 
 
@@ -210,7 +270,8 @@ netlab.DATAPATHS["cilium"] = CiliumDatapath
 
 class StandIn:
     """A generic CNI program at the tail of TCX (the head with head=True) on each of
-    ifnames, in netns, on the given hooks. mode "pass": count, TC_ACT_OK (ends the
+    ifnames, in netns, on the given hooks; with attach="tc" a cls_bpf filter instead (at
+    the head of priority 1: see _ClsBpf). mode "pass": count, TC_ACT_OK (ends the
     hook). mode "redirect": count, then for an IPv4 destination in targets ({ip: veth})
     bpf_redirect_peer to that veth's pod (bpf_redirect from egress), everything else
     bpf_redirect to target's egress when target is given, else TC_ACT_OK. Frames are
@@ -218,13 +279,14 @@ class StandIn:
 
     def __init__(self, netns: str, ifnames: Iterable[str], mode: str = "pass",
                  targets: dict[str, str] | None = None, target: str = "",
-                 hooks: Iterable[str] = ("ingress",), head: bool = False) -> None:
-        if mode not in ("pass", "redirect"):
-            raise ValueError(f"mode {mode!r}")
+                 hooks: Iterable[str] = ("ingress",), head: bool = False,
+                 attach: str = "tcx") -> None:
+        if mode not in ("pass", "redirect") or attach not in ("tcx", "tc"):
+            raise ValueError(f"mode {mode!r}, attach {attach!r}")
         b = BPF(text=STANDIN.encode(), cflags=["-w"] + (["-DREDIRECT"] if mode == "redirect"
                                                         else []))
         self.progs = {h: b.load_func(f"standin_{h}".encode(), BPF.SCHED_CLS) for h in HOOKS}
-        self.tcx = _Tcx(netns, b)
+        self.tcx = _Tcx(netns, b) if attach == "tcx" else _ClsBpf(netns, b)
         names = list(ifnames) + list((targets or {}).values()) + ([target] if target else [])
         index = in_netns(netns, lambda: {n: socket.if_nametoindex(n) for n in names})
         table = b[b"targets"]
@@ -239,9 +301,8 @@ class StandIn:
                 self.tcx.attach(ifname, hook, self.progs[hook].fd, head)
 
     def to_head(self, ifname: str, hook: str = "ingress") -> None:
-        """Its link made again, at the head of the chain (as a CNI re-creating it)."""
-        os.close(self.tcx.links.pop((ifname, hook)))
-        self.tcx.attach(ifname, hook, self.progs[hook].fd, head=True)
+        """Its link or filter made again, at the head (as a CNI re-creating it)."""
+        self.tcx.to_head(ifname, hook, self.progs[hook].fd)
 
     def seen(self, ifname: str, hook: str | None = None) -> int:
         """Packets seen on ifname's hook (both hooks when None)."""

@@ -202,6 +202,65 @@ def test_a_cni_attached_with_tcx_that_ends_the_hook_hides_nothing(node, cni):
     assert counted == {"tcx": (150, 150 * 78), "tc": (0, 0)}
 
 
+def tc_filters(netns: str, ifname: str) -> list[str]:
+    """Names of the cls_bpf filters on an interface's ingress, in the order they run
+    (tc lists a hook's filters so)."""
+    out = subprocess.run(["tc", "-n", netns, "filter", "show", "dev", ifname, "ingress"],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split(" name ")[1].split()[0] for line in out.splitlines()
+            if " name " in line]
+
+
+@pytest.mark.parametrize("cni", ["pass", "redirect"])
+def test_a_cni_filter_on_cls_bpf_hides_nothing(node, cni):
+    """Before TCX (kernels before 6.6: Debian 12's, Ubuntu 22.04's) Cilium attached its
+    programs as cls_bpf filters, priority 1, handle 1, that pass or redirect. cniflow's
+    filter, added at priority 1 after the CNI's, runs before it (the kernel puts a
+    newer filter at the head of its priority's list); with TCX cniflow's link runs
+    before every filter. A CNI that deletes and adds its filter again, now in front, is
+    put behind cniflow's again at the next reconcile. Throughout: every packet counted
+    once, the CNI's filter sees every one and is still there after cniflow exits."""
+    import cnilab
+
+    a, b = node.pods
+    pin_neighbours(node, 0)
+    targets = {b.ipv4: b.host_if} if cni == "redirect" else {}
+    standin = cnilab.StandIn(node.netns, [a.host_if], mode=cni, targets=targets,
+                             attach="tc")
+    try:
+        counted = {}
+        for mode, port in (("tc", 9902), ("tcx", 9903)):
+            quiet(node, a.host_if, still=1)
+            collector = RunningCollector(node.netns, 4739, "tcp")
+            seen0, rx0 = standin.seen(a.host_if), node.link_stats(a.host_if)["rx_packets"]
+            with agent(node, "--transport", "tcp", "--idle-timeout", "1",
+                       "--attach", mode) as running:
+                if mode == "tc":
+                    assert tc_filters(node.netns, a.host_if) == ["cniflow_ingress",
+                                                                 "standin_ingress"]
+                send_udp(node, 0, b.ipv4, port, count=150, size=50)
+                time.sleep(1)
+                if mode == "tc":  # the CNI's filter again, in front of cniflow's
+                    standin.to_head(a.host_if)
+                    assert tc_filters(node.netns, a.host_if)[0] == "standin_ingress"
+                    assert wait_for(lambda: running.metrics().get(
+                        "cniflow_tc_moved_to_head_total") == 1, 10), running.log.read_text()
+                    assert tc_filters(node.netns, a.host_if) == ["cniflow_ingress",
+                                                                 "standin_ingress"]
+                    send_udp(node, 0, b.ipv4, port, count=150, size=50)
+                time.sleep(2)
+            sent = 300 if mode == "tc" else 150
+            rx = node.link_stats(a.host_if)["rx_packets"] - rx0
+            rows = settled(collector)
+            counted[mode] = ingress_totals(rows, ifindex_of(node, a.host_if))
+            assert rx == sent and standin.seen(a.host_if) - seen0 == sent
+            assert standin.attached(a.host_if)
+            assert tc_filters(node.netns, a.host_if) == ["standin_ingress"]
+    finally:
+        standin.close()
+    assert counted == {"tc": (300, 300 * 78), "tcx": (150, 150 * 78)}
+
+
 def test_a_program_put_before_cniflows_link_is_moved_behind_it(node):
     """A program attached at the head of the TCX chain after cniflow (BPF_F_BEFORE) that
     ends the hook would hide every packet: at the next reconcile cniflow's link is in
