@@ -56,6 +56,11 @@ class Metrics:
             "cniflow_packets_lost",
             "Packets neither the flow map nor the overflow map had room for (counted only here)",
             registry=r)
+        self.packets_past_hook = Counter(
+            "cniflow_packets_past_hook",
+            "Packets a CNI delivered into metered pods past their veth's egress hook "
+            "(bpf_redirect_peer: Cilium's BPF host routing, from other nodes), not counted",
+            registry=r)
         self.packets_deduplicated = Counter(
             "cniflow_packets_deduplicated",
             "Packets not counted again at a metered interface's egress: counted at the "

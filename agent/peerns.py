@@ -22,6 +22,7 @@ from agent.netlink import HDR, attrs, dump
 
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
 IFLA_LINK, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_INFO_KIND = 5, 18, 37, 1
+IFLA_STATS64, IFLA_TARGET_NETNSID = 23, 46
 IFA_ADDRESS, IFA_LOCAL, IFA_TARGET_NETNSID = 1, 2, 10
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 RT_SCOPE_UNIVERSE = 0
@@ -89,3 +90,42 @@ def host_sides() -> dict[str, int]:
                 if index in hosts:
                     out[addr] = hosts[index]
         return out
+
+
+def _packets(sock: socket.socket, nsid: int | None = None) -> dict[int, tuple[int, int]]:
+    """ifindex -> (rx_packets, tx_packets) of every link of this namespace, or of
+    namespace `nsid`."""
+    target = b"" if nsid is None else struct.pack("=HHi", 8, IFLA_TARGET_NETNSID, nsid)
+    out = {}
+    for mtype, buf, start, end in dump(sock, RTM_GETLINK, _IFINFO.pack(
+            socket.AF_UNSPEC, 0, 0, 0, 0) + target, "link dump"):
+        if mtype != RTM_NEWLINK:
+            continue
+        index = _IFINFO.unpack_from(buf, start + HDR.size)[2]
+        a = attrs(buf, start + HDR.size + _IFINFO.size, end)
+        if IFLA_STATS64 in a:
+            out[index] = struct.unpack_from("=QQ", buf, a[IFLA_STATS64][0])
+    return out
+
+
+def past_host_side(ifindexes: set[int]) -> dict[int, int]:
+    """host-side veth -> packets its pod's end received that the host side did not
+    send (its peer's rx_packets less its own tx_packets): what a CNI delivered into the
+    pod with bpf_redirect_peer, past every hook of the host side's egress. A running
+    total since the veth was made. The peers are read first, so a packet sent between
+    the two readings can only make it smaller, never larger."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)  # IFLA_TARGET_NETNSID needs it
+        s.bind((0, 0))
+        peers = {host: peer for host, peer in veth_peers(s).items() if host in ifindexes}
+        received: dict[int, int] = {}
+        for nsid in {nsid for nsid, _ in peers.values()}:
+            try:
+                there = _packets(s, nsid)
+            except OSError:  # the namespace went meanwhile
+                continue
+            for host, (ns, peer) in peers.items():
+                if ns == nsid and peer in there:
+                    received[host] = there[peer][0]
+        sent = _packets(s)
+    return {host: rx - sent[host][1] for host, rx in received.items() if host in sent}

@@ -143,6 +143,9 @@ class Agent:
                 self.source.resolved.clear()
         want = self.source.desired(present)
         self.dataplane.apply(want, present)
+        check = getattr(self.dataplane, "check_past_hook", None)
+        if check is not None and self.cluster is not None:  # the drain tells what pods got
+            check()
         self.names.update(want)
         netlink.drop_strays(self.ipr)
 
@@ -166,6 +169,9 @@ class Agent:
         if self.cluster is not None:
             pods = self.source.table(reported)
             receivers, again = pods.receivers(batch)
+            drained = getattr(self.dataplane, "drained", None)
+            if drained is not None:
+                drained(receivers, batch["packets"])
             self.metrics.pod_traffic(batch, {**self.source.remembered, **self.source.by_ifindex},
                                      receivers, again)
             self.metrics.workload_traffic(batch, pods, receivers, again,

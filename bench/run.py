@@ -133,6 +133,8 @@ def per_packet(rounds: int, seconds: float, flows: int = 1024) -> dict:
             paired("host", "cniflow_percpu_tc", "empty_tc"), 4)
         receiver.terminate()
         out["remote"]["sink_read"] = int(receiver.communicate(timeout=10)[0])
+        if not out["remote"]["sink_read"]:
+            raise RuntimeError("the remote path delivered nothing to the sink")
         return out
     finally:
         if receiver and receiver.poll() is None:

@@ -16,7 +16,8 @@ cniflow's handle, a link to a program named cniflow_*) is replaced, never double
 With a pin directory every TCX link is pinned, and an agent that finds pinned links
 adopts them: BPF_LINK_UPDATE swaps its program into each at once (the old program
 counts into the same maps until that instant), so a restart leaves no gap. cls_bpf
-filters outlive the agent anyway, and `replace` on the same handle swaps them too.
+filters outlive the agent anyway, and `replace` on the same handle swaps them too (a
+filter left under the other handle by a move goes after the new one is in).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ MODES = ("auto", "tcx", "tc")
 # A program that takes the head of a hook's chain again and again is left there after
 # this many moves of cniflow's link back in front within the window (said once).
 HEAD_MOVES, HEAD_WINDOW_S = 3, 600.0
+
+
+def _describe(f: tuple[int, int, str, str]) -> str:
+    handle, prio, kind, name = f
+    return f"{kind} {name} handle {handle:#x} pref {prio}"
 
 
 class AttachError(RuntimeError):
@@ -98,6 +104,7 @@ class Attacher:
         self.moves: dict[tuple[int, int], list[float]] = {}  # (ifindex, hook) -> when
         self.yielded: set[tuple[int, int]] = set()
         self.sock: socket.socket | None = None  # raw netlink, for the filter dumps (tc)
+        self.lower: set[tuple[int, int]] = set()  # hooks a lower-priority filter was said of
         log.info("attach mode", extra={"mode": self.mode, "tcx": self.tcx})
         if pins is not None:
             self._adopt()
@@ -236,48 +243,57 @@ class Attacher:
             return f"id {entries[0][0]}"
 
     def _ahead_tc(self, att: Attachment, i: int) -> str | None:
-        """The filter that runs before cniflow's on the clsact hook, or None."""
+        """The filter that runs before cniflow's at its priority on the clsact hook, or
+        None. One at a lower priority (a lower --tc-priority's) runs first whatever
+        cniflow does: said once. Of cniflow's own two handles, one that is not the
+        attachment's (a move half made) is taken as the attachment's, the other
+        deleted: never two left on a hook."""
+        parent = (PARENT_INGRESS, PARENT_EGRESS)[i]
         try:
-            first = self._first_filter(att.ifindex, (PARENT_INGRESS, PARENT_EGRESS)[i])
+            filters = self._filters(att.ifindex, parent)
         except OSError:  # the interface is going: the next reconcile forgets it
             return None
+        key = (att.ifindex, (syscall.TCX_INGRESS, syscall.TCX_EGRESS)[i])
+        lower = [f for f in filters if f[1] < self.priority]
+        if lower and key not in self.lower:
+            self.lower.add(key)
+            log.error("a filter at a lower --tc-priority runs before cniflow's: packets it "
+                      "ends are not counted", extra={"interface": att.name,
+                                                     "program": _describe(lower[0])})
+        first = next((f for f in filters if f[1] >= self.priority), None)
         if first is None or first[0] == att.handle(i):
             return None
-        handle, prio, kind, name = first
-        ahead = f"{kind} {name} handle {handle:#x} pref {prio}"
-        key = (att.ifindex, (syscall.TCX_INGRESS, syscall.TCX_EGRESS)[i])
-        if prio < self.priority:  # before any place cniflow's could take
-            if key not in self.yielded:
-                self.yielded.add(key)
-                log.error("a filter at a lower --tc-priority runs before cniflow's: packets "
-                          "it ends are not counted", extra={"interface": att.name,
-                                                             "program": ahead})
+        if first[0] in (HANDLE, SPARE_HANDLE):
+            with contextlib.suppress(NetlinkError):
+                self.ipr.tc("del-filter", "bpf", att.ifindex, att.handle(i), parent=parent,
+                            prio=self.priority)
+            att.spare[i] = first[0] == SPARE_HANDLE
             return None
-        return ahead
+        return _describe(first)
 
-    def _first_filter(self, ifindex: int, parent: int) -> tuple[int, int, str, str] | None:
-        """(handle, priority, kind, bpf name) of the first filter on a clsact hook, which
-        the kernel lists in the order it runs them. A raw dump: pyroute2 took 0.3 ms
-        a hook, every reconcile (each second), for every interface."""
+    def _filters(self, ifindex: int, parent: int) -> list[tuple[int, int, str, str]]:
+        """(handle, priority, kind, bpf name) of the filters on a clsact hook, in the
+        order the kernel runs them (its dump's). A raw dump: pyroute2 took 0.3 ms a
+        hook, every reconcile (each second), for every interface."""
         if self.sock is None:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        first = None
+        out = []
         for _, buf, start, end in netlink.dump(self.sock, RTM_GETTFILTER, TCMSG.pack(
                 socket.AF_UNSPEC, ifindex, 0, parent, 0), "filters"):
             _, _, handle, _, info = TCMSG.unpack_from(buf, start + netlink.HDR.size)
-            if first is not None or not handle:  # the rest of the dump is read, not used
+            if not handle:  # a priority's own entry, not a filter
                 continue
             a = netlink.attrs(buf, start + netlink.HDR.size + TCMSG.size, end)
             kind = bytes(buf[slice(*a[TCA_KIND])]).rstrip(b"\0").decode() if TCA_KIND in a \
                 else "?"
             name = ""
-            if TCA_OPTIONS in a:
+            if kind == "bpf" and TCA_OPTIONS in a:
                 o = netlink.attrs(buf, *a[TCA_OPTIONS])
                 if TCA_BPF_NAME in o:
                     name = bytes(buf[slice(*o[TCA_BPF_NAME])]).rstrip(b"\0").decode(
                         errors="replace")
-            first = (handle, info >> 16, kind, name)
-        return first
+            out.append((handle, info >> 16, kind, name))
+        return out
 
     def _move_filter_to_head(self, att: Attachment, i: int) -> None:
         """cniflow's filter again under the other handle (at the head of its priority's
@@ -290,11 +306,12 @@ class Attacher:
         try:
             self.ipr.tc("del-filter", "bpf", att.ifindex, old, parent=parent,
                         prio=self.priority)
-        except NetlinkError:
-            with contextlib.suppress(NetlinkError):
-                self.ipr.tc("del-filter", "bpf", att.ifindex, new, parent=parent,
-                            prio=self.priority)
-            raise
+        except NetlinkError as e:
+            if e.code not in GONE:  # the old one stays: the new one goes
+                with contextlib.suppress(NetlinkError):
+                    self.ipr.tc("del-filter", "bpf", att.ifindex, new, parent=parent,
+                                prio=self.priority)
+                raise
         att.spare[i] = new == SPARE_HANDLE
 
     def _filter(self, ifindex: int, parent: int, fn, handle: int, command: str) -> None:
@@ -417,6 +434,7 @@ class Attacher:
         for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
             self.moves.pop((ifindex, hook), None)
             self.yielded.discard((ifindex, hook))
+            self.lower.discard((ifindex, hook))
 
     def _unmeter(self, ifindex: int) -> None:
         if self.dedup:

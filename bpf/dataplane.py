@@ -14,6 +14,7 @@ from agent.metrics import Metrics
 from bpf import caps
 from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
+from bpf.pasthook import CHECK_SECONDS, PastHook
 from bpf.pins import PinDir, PinError
 from bpf.program import FlowProgram, LoadError
 from bpf.restart import Restart
@@ -56,6 +57,7 @@ class EbpfDataplane:
         # pinned: the journal of flows not yet exported, and what an earlier agent left
         self.restart = Restart(cfg, self.program, self.drainer, self.attacher) if pins else None
         self.failed: dict[int, tuple[float, float]] = {}  # ifindex -> (next try, delay)
+        self.past_hook, self.next_past_check = PastHook(metrics), 0.0
         self.netkit: set[int] = set()  # wanted, but netkit devices: not metered (logged once)
         self.wake_at = cfg.map_size // 2  # drain early once the active map is half full
         metrics.map_size.set(cfg.map_size)
@@ -109,6 +111,16 @@ class EbpfDataplane:
         self.netkit &= set(want)
         self.metrics.interfaces_not_metered.labels("netkit").set(len(self.netkit))
         self.metrics.interfaces_attached.set(len(self.attacher.attached))
+
+    def check_past_hook(self) -> None:
+        """At a reconcile, now and then (pods known: bpf/pasthook.py)."""
+        if time.monotonic() >= self.next_past_check:
+            self.next_past_check = time.monotonic() + CHECK_SECONDS
+            self.past_hook.read({i: a.name for i, a in self.attacher.attached.items()})
+
+    def drained(self, receivers: np.ndarray, packets: np.ndarray) -> None:
+        """After a drain: what senders' records say each metered pod received."""
+        self.past_hook.drained(receivers, packets)
 
     def wait(self, stop, seconds: float) -> bool:
         """Sleep until the next poll, or less: True as soon as the map the program writes

@@ -7,7 +7,12 @@ interface so tests can check the CNI still saw every packet.
   ENDPOINT_F_HOST) gets the packet through bpf_redirect_peer (the destination lxc's
   egress hook never sees it), anything else is TC_ACT_OK (TCX_PASS: the chain ends,
   as Cilium's programs never return TCX_NEXT). On cilium_host's TCX egress: a local
-  endpoint gets it through bpf_redirect to its lxc (whose egress hook sees it).
+  endpoint gets it through bpf_redirect to its lxc (whose egress hook sees it). On
+  the node's uplink's TCX ingress (the remote host's way in), as Cilium's
+  cil_from_netdev with BPF host routing (its default where the kernel allows): a
+  local endpoint gets it through bpf_redirect_peer, past its lxc's egress hook
+  (bpf/lib/local_delivery.h: "phys dev -> Pod ... ingress -> ingress so we can use
+  redirect_peer()").
   Importing this module registers it as netlab.DATAPATHS["cilium"].
 - StandIn(netns, ifnames, mode): a generic CNI program that ends the hook ("pass")
   or redirects ("redirect").
@@ -92,6 +97,13 @@ int cil_from_container(struct __sk_buff *skb) {
 int cil_from_host(struct __sk_buff *skb) {
     __u32 ifindex = local_endpoint(skb);
     return ifindex ? bpf_redirect(ifindex, 0) : TC_ACT_OK;
+}
+
+/* BPF host routing, from a physical device: ingress to ingress, so redirect_peer
+ * (Cilium's should_redirect_peer(): not from the host) */
+int cil_from_netdev(struct __sk_buff *skb) {
+    __u32 ifindex = local_endpoint(skb);
+    return ifindex ? bpf_redirect_peer(ifindex, 0) : TC_ACT_OK;
 }
 """
 
@@ -229,8 +241,11 @@ class CiliumDatapath:
         b = BPF(text=CILIUM.replace("LXC_MAP", node.lxc_map).encode(), cflags=["-w"])
         self.from_container = b.load_func(b"cil_from_container", BPF.SCHED_CLS)
         self.from_host = b.load_func(b"cil_from_host", BPF.SCHED_CLS)
+        self.from_netdev = b.load_func(b"cil_from_netdev", BPF.SCHED_CLS)
         self.tcx = _Tcx(node.netns, b)
         self.tcx.attach("cilium_host", "egress", self.from_host.fd)
+        if node.remote_ip:  # the uplink to the remote host
+            self.tcx.attach(f"{node.prefix}up"[:15], "ingress", self.from_netdev.fd)
         for pod in node.pods:
             self.add(pod)
         if node.datapath is None:

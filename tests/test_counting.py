@@ -242,7 +242,6 @@ def test_a_cni_filter_on_cls_bpf_hides_nothing(node, cni):
                 time.sleep(1)
                 if mode == "tc":  # the CNI's filter again, in front of cniflow's
                     standin.to_head(a.host_if)
-                    assert tc_filters(node.netns, a.host_if)[0] == "standin_ingress"
                     assert wait_for(lambda: running.metrics().get(
                         "cniflow_tc_moved_to_head_total") == 1, 10), running.log.read_text()
                     assert tc_filters(node.netns, a.host_if) == ["cniflow_ingress",

@@ -508,7 +508,8 @@ class Decoder:
 
 @dataclass
 class _Gathered:
-    """Records of one exporter, domain and layout from consecutive messages."""
+    """Records of one exporter, domain and layout from a batch's messages (others may
+    come between them), in their order."""
 
     exporter: str
     domain: int
