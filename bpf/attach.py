@@ -56,6 +56,10 @@ MODES = ("auto", "tcx", "tc")
 HEAD_MOVES, HEAD_WINDOW_S = 3, 600.0
 
 
+def _text(buf: bytes, span: tuple[int, int] | None) -> str:
+    return bytes(buf[slice(*span)]).rstrip(b"\0").decode(errors="replace") if span else ""
+
+
 def _describe(f: tuple[int, int, str, str]) -> str:
     handle, prio, kind, name = f
     return f"{kind} {name} handle {handle:#x} pref {prio}"
@@ -278,21 +282,23 @@ class Attacher:
         if self.sock is None:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         out = []
-        for _, buf, start, end in netlink.dump(self.sock, RTM_GETTFILTER, TCMSG.pack(
-                socket.AF_UNSPEC, ifindex, 0, parent, 0), "filters"):
-            _, _, handle, _, info = TCMSG.unpack_from(buf, start + netlink.HDR.size)
-            if not handle:  # a priority's own entry, not a filter
-                continue
-            a = netlink.attrs(buf, start + netlink.HDR.size + TCMSG.size, end)
-            kind = bytes(buf[slice(*a[TCA_KIND])]).rstrip(b"\0").decode() if TCA_KIND in a \
-                else "?"
-            name = ""
-            if kind == "bpf" and TCA_OPTIONS in a:
-                o = netlink.attrs(buf, *a[TCA_OPTIONS])
-                if TCA_BPF_NAME in o:
-                    name = bytes(buf[slice(*o[TCA_BPF_NAME])]).rstrip(b"\0").decode(
-                        errors="replace")
-            out.append((handle, info >> 16, kind, name))
+        try:  # read to the dump's end: what is left unread would answer the next dump
+            for _, buf, start, end in netlink.dump(self.sock, RTM_GETTFILTER, TCMSG.pack(
+                    socket.AF_UNSPEC, ifindex, 0, parent, 0), "filters"):
+                _, _, handle, _, info = TCMSG.unpack_from(buf, start + netlink.HDR.size)
+                if not handle:  # a priority's own entry, not a filter
+                    continue
+                a = netlink.attrs(buf, start + netlink.HDR.size + TCMSG.size, end)
+                kind = _text(buf, a.get(TCA_KIND)) or "?"
+                o = netlink.attrs(buf, *a[TCA_OPTIONS]) if TCA_OPTIONS in a else {}
+                name = _text(buf, o.get(TCA_BPF_NAME)) if kind == "bpf" else ""
+                out.append((handle, info >> 16, kind, name))
+        except Exception as e:  # a dump cut short: a new socket for the next one
+            self.sock.close()
+            self.sock = None
+            if isinstance(e, OSError):
+                raise
+            raise OSError(f"filter dump: {e}") from e
         return out
 
     def _move_filter_to_head(self, att: Attachment, i: int) -> None:
