@@ -575,6 +575,28 @@ def test_a_batchs_metrics_are_what_counting_message_by_message_made_them(caplog)
     assert [r.exporter for r in caplog.records] == ["10.0.0.2:1"]
 
 
+def test_gathered_records_keep_their_own_message_s_export_time_and_exporter():
+    """Messages of one layout from two exporters, interleaved, with export times that
+    differ: gathered into arrays, each JSON line still carries its own message's
+    exporter, export time and values (the C formatter and polars alike)."""
+    import statefuzz
+
+    from agent.jsonlines import encode
+
+    def msg(seq: int, t: int, value: int) -> bytes:
+        data = statefuzz.set_(400, bytes([10, 0, 0, 1]) + struct.pack("!QQ", value, value))
+        body = (statefuzz.GOOD_TEMPLATE if seq == 0 else b"") + data
+        return statefuzz.HEADER.pack(10, 16 + len(body), t, seq, 1) + body
+
+    batch = [(msg(i // 2, 1_700_000_000 + 7 * i, i), f"10.0.0.{i % 2}:1") for i in range(8)]
+    d = Decoder()
+    sets, _ = d.messages(batch)
+    assert any(np.ndim(rs.export_time) == 1 for rs in sets)  # gathered, times per record
+    got = sorted((o["@exporter"], o["@exportTime"], o["octetDeltaCount"])
+                 for o in map(json.loads, encode(sets).split()))
+    assert got == sorted((f"10.0.0.{i % 2}:1", 1_700_000_000 + 7 * i, i) for i in range(8))
+
+
 @pytest.mark.parametrize("pcap", PCAPS, ids=[p.name[:40] for p in PCAPS])
 def test_json_lines_say_exactly_what_the_decoder_says(pcap):
     from agent.jsonlines import encode, flow_key
