@@ -40,12 +40,23 @@ def test_a_filter_added_before_cniflow_keeps_seeing_every_packet_and_survives_it
         ipr.tc("add-filter", "bpf", idx, 7, fd=fn.fd, name="cni", parent=0xFFFFFFF2, prio=100,
                classid=1, direct_action=True)
     seen = lambda: cni["count"][0].value  # noqa: E731
+
+    def both() -> tuple[int, int]:
+        """The CNI's count and the veth's rx counter at one instant: a stray frame (the
+        pod's IPv6 neighbour discovery) between two readings would tell them apart."""
+        while True:
+            rx = node.link_stats(a.host_if)["rx_packets"]
+            time.sleep(0.05)  # a frame the veth counted has left its backlog
+            count = seen()
+            if node.link_stats(a.host_if)["rx_packets"] == rx:
+                return count, rx
+
     with agent(node, "--attach", mode):
-        before, rx0 = seen(), node.link_stats(a.host_if)["rx_packets"]
+        before, rx0 = both()
         ping(node, 0, b.ipv4, 5)
         send_udp(node, 0, b.ipv4, 9500, count=20, size=30)
         time.sleep(0.3)  # the last frames may still wait in the veth's backlog
-        after, rx1 = seen(), node.link_stats(a.host_if)["rx_packets"]
+        after, rx1 = both()
         assert after - before == rx1 - rx0 >= 25
         assert "cniflow_ingress" in filters(node, a.host_if)
     remaining = filters(node, a.host_if)
