@@ -26,6 +26,17 @@ HDR = struct.Struct("=IHHII")  # nlmsghdr
 NLA = struct.Struct("=HH")  # nlattr
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
+
+
+def route_socket(strict: bool = False) -> socket.socket:
+    """A raw NETLINK_ROUTE socket for dump(); strict: with the kernel's strict checking,
+    which a dump's target-namespace attribute (IFA_/IFLA_TARGET_NETNSID) needs."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    if strict:
+        sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+    sock.bind((0, 0))
+    return sock
 
 
 def dump(sock: socket.socket, kind: int, body: bytes, what: str

@@ -18,13 +18,12 @@ import ipaddress
 import socket
 import struct
 
-from agent.netlink import HDR, attrs, dump
+from agent.netlink import HDR, attrs, dump, route_socket
 
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
 IFLA_LINK, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_INFO_KIND = 5, 18, 37, 1
 IFLA_STATS64, IFLA_TARGET_NETNSID = 23, 46
 IFA_ADDRESS, IFA_LOCAL, IFA_TARGET_NETNSID = 1, 2, 10
-SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 RT_SCOPE_UNIVERSE = 0
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg
@@ -73,9 +72,7 @@ def addresses(sock: socket.socket, nsid: int) -> list[tuple[int, str]]:
 
 def host_sides() -> dict[str, int]:
     """Address -> host-side veth, for the addresses on every pod veth's peer."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
-        s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)  # IFA_TARGET_NETNSID needs it
-        s.bind((0, 0))
+    with route_socket(strict=True) as s:
         peers = veth_peers(s)
         out: dict[str, int] = {}
         by_ns: dict[int, dict[int, int]] = {}
@@ -114,9 +111,7 @@ def past_host_side(ifindexes: set[int]) -> dict[int, int]:
     pod with bpf_redirect_peer, past every hook of the host side's egress. A running
     total since the veth was made. The peers are read first, so a packet sent between
     the two readings can only make it smaller, never larger."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
-        s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)  # IFLA_TARGET_NETNSID needs it
-        s.bind((0, 0))
+    with route_socket(strict=True) as s:
         peers = {host: peer for host, peer in veth_peers(s).items() if host in ifindexes}
         received: dict[int, int] = {}
         for nsid in {nsid for nsid, _ in peers.values()}:

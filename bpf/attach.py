@@ -45,6 +45,7 @@ HANDLE = 0xCF10
 SPARE_HANDLE = 0xCF11  # cniflow's filter after a move to the head (they take turns)
 PARENT_INGRESS = 0xFFFFFFF2  # clsact ffff:fff2
 PARENT_EGRESS = 0xFFFFFFF3  # clsact ffff:fff3
+PARENTS = (PARENT_INGRESS, PARENT_EGRESS)  # a hook's: ingress, egress as TCX's hooks
 GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)
 RTM_GETTFILTER = 46
 TCMSG = struct.Struct("=BxxxiIII")  # struct tcmsg: family, ifindex, handle, parent, info
@@ -203,7 +204,7 @@ class Attacher:
         for att in self.attached.values():
             for i, hook in enumerate((syscall.TCX_INGRESS, syscall.TCX_EGRESS)):
                 ahead = self._ahead_tcx(att, i, hook) if self.mode == "tcx" else \
-                    self._ahead_tc(att, i)
+                    self._ahead_tc(att, i, hook)
                 if ahead is None:
                     continue
                 key = (att.ifindex, hook)
@@ -246,18 +247,17 @@ class Attacher:
         except OSError:
             return f"id {entries[0][0]}"
 
-    def _ahead_tc(self, att: Attachment, i: int) -> str | None:
+    def _ahead_tc(self, att: Attachment, i: int, hook: int) -> str | None:
         """The filter that runs before cniflow's at its priority on the clsact hook, or
         None. One at a lower priority (a lower --tc-priority's) runs first whatever
         cniflow does: said once. Of cniflow's own two handles, one that is not the
         attachment's (a move half made) is taken as the attachment's, the other
         deleted: never two left on a hook."""
-        parent = (PARENT_INGRESS, PARENT_EGRESS)[i]
         try:
-            filters = self._filters(att.ifindex, parent)
+            filters = self._filters(att.ifindex, PARENTS[i])
         except OSError:  # the interface is going: the next reconcile forgets it
             return None
-        key = (att.ifindex, (syscall.TCX_INGRESS, syscall.TCX_EGRESS)[i])
+        key = (att.ifindex, hook)
         lower = [f for f in filters if f[1] < self.priority]
         if lower and key not in self.lower:
             self.lower.add(key)
@@ -269,8 +269,7 @@ class Attacher:
             return None
         if first[0] in (HANDLE, SPARE_HANDLE):
             with contextlib.suppress(NetlinkError):
-                self.ipr.tc("del-filter", "bpf", att.ifindex, att.handle(i), parent=parent,
-                            prio=self.priority)
+                self._del_filter(att.ifindex, PARENTS[i], att.handle(i))
             att.spare[i] = first[0] == SPARE_HANDLE
             return None
         return _describe(first)
@@ -280,7 +279,7 @@ class Attacher:
         order the kernel runs them (its dump's). A raw dump: pyroute2 took 0.3 ms a
         hook, every reconcile (each second), for every interface."""
         if self.sock is None:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            self.sock = netlink.route_socket()
         out = []
         try:  # read to the dump's end: what is left unread would answer the next dump
             for _, buf, start, end in netlink.dump(self.sock, RTM_GETTFILTER, TCMSG.pack(
@@ -304,19 +303,16 @@ class Attacher:
     def _move_filter_to_head(self, att: Attachment, i: int) -> None:
         """cniflow's filter again under the other handle (at the head of its priority's
         list), then the old one deleted; never two left on the hook."""
-        parent, fn = (PARENT_INGRESS, PARENT_EGRESS)[i], \
-            (self.program.ingress, self.program.egress)[i]
+        parent, fn = PARENTS[i], (self.program.ingress, self.program.egress)[i]
         old = att.handle(i)
         new = HANDLE if old == SPARE_HANDLE else SPARE_HANDLE
         self._filter(att.ifindex, parent, fn, new, "add-filter")
         try:
-            self.ipr.tc("del-filter", "bpf", att.ifindex, old, parent=parent,
-                        prio=self.priority)
+            self._del_filter(att.ifindex, parent, old)
         except NetlinkError as e:
             if e.code not in GONE:  # the old one stays: the new one goes
                 with contextlib.suppress(NetlinkError):
-                    self.ipr.tc("del-filter", "bpf", att.ifindex, new, parent=parent,
-                                prio=self.priority)
+                    self._del_filter(att.ifindex, parent, new)
                 raise
         att.spare[i] = new == SPARE_HANDLE
 
@@ -324,6 +320,9 @@ class Attacher:
         name = fn.name.decode() if isinstance(fn.name, bytes) else fn.name
         self.ipr.tc(command, "bpf", ifindex, handle, fd=fn.fd, name=name, parent=parent,
                     prio=self.priority, classid=1, direct_action=True)
+
+    def _del_filter(self, ifindex: int, parent: int, handle: int) -> None:
+        self.ipr.tc("del-filter", "bpf", ifindex, handle, parent=parent, prio=self.priority)
 
     def _move_to_head(self, att: Attachment, i: int, hook: int) -> None:
         """The other copy of the program in front, then the old link detached: where the
@@ -356,13 +355,12 @@ class Attacher:
                 raise AttachError(f"{name}: adding clsact failed: {e}") from e
         att = Attachment(ifindex, name, created)
         try:
-            for parent, fn in ((PARENT_INGRESS, self.program.ingress),
-                               (PARENT_EGRESS, self.program.egress)):
+            for parent, fn in zip(PARENTS, (self.program.ingress, self.program.egress),
+                                  strict=True):
                 self._filter(ifindex, parent, fn, HANDLE, "replace-filter")
                 # an earlier agent's filter after a move to the head: gone, not doubled
                 with contextlib.suppress(NetlinkError):
-                    self.ipr.tc("del-filter", "bpf", ifindex, SPARE_HANDLE, parent=parent,
-                                prio=self.priority)
+                    self._del_filter(ifindex, parent, SPARE_HANDLE)
         except NetlinkError as e:
             self._remove(att)
             raise AttachError(f"{name}: adding the bpf filter failed: {e}") from e
@@ -473,11 +471,10 @@ class Attacher:
 
     def _delete_filters(self, ifindex: int, name: str, quiet: bool = False) -> None:
         """cniflow's filters, under either handle; one that is not there is no error."""
-        for parent in (PARENT_INGRESS, PARENT_EGRESS):
+        for parent in PARENTS:
             for handle in (HANDLE, SPARE_HANDLE):
                 try:
-                    self.ipr.tc("del-filter", "bpf", ifindex, handle, parent=parent,
-                                prio=self.priority)
+                    self._del_filter(ifindex, parent, handle)
                     if quiet:
                         log.info("removed an earlier cniflow's filter",
                                  extra={"interface": name})
@@ -488,7 +485,7 @@ class Attacher:
 
     def _other_filters(self, ifindex: int) -> bool:
         try:
-            for parent in (PARENT_INGRESS, PARENT_EGRESS):
+            for parent in PARENTS:
                 if list(self.ipr.get_filters(ifindex, parent=parent)):
                     return True
         except NetlinkError:

@@ -239,9 +239,7 @@ class Decoder:
         if not n:
             return 0
         self.sessions.move_to_end(key)
-        if session.next_sequence is not None and sequence != session.next_sequence:
-            self.stats["sequence_gaps"] += 1
-        session.next_sequence = (sequence + n) & 0xFFFFFFFF
+        self._sequence(session, sequence, n)
         self.stats["messages"] += 1
         self.stats["records"] += n
         g = gathered.get((key, id(layout)))
@@ -289,12 +287,16 @@ class Decoder:
                 self._fault(str(e))
             except Exception as e:  # noqa: BLE001  (a case the checks missed: the same)
                 self._fault(f"unexpected {type(e).__name__}")
-        if session.next_sequence is not None and sequence != session.next_sequence:
-            self.stats["sequence_gaps"] += 1
-        session.next_sequence = (sequence + records) & 0xFFFFFFFF
+        self._sequence(session, sequence, records)
         out.extend(self._release(session, key, export_time))
         self.stats["records"] += records
         return out
+
+    def _sequence(self, session: Session, sequence: int, records: int) -> None:
+        """A message's sequence number against what the session's last one announced."""
+        if session.next_sequence is not None and sequence != session.next_sequence:
+            self.stats["sequence_gaps"] += 1
+        session.next_sequence = (sequence + records) & 0xFFFFFFFF
 
     def _session(self, key) -> Session:
         """Template state of (exporter, domain), least recently used evicted past the
