@@ -51,6 +51,18 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _entry_points(text: str) -> str:
+    """auto, off, or interface names and globs, comma-separated."""
+    if text in ("auto", "off"):
+        return text
+    names = [n.strip() for n in text.split(",")]
+    bad = [n for n in names if not n or len(n) > 15 or re.search(r"[\s/:]", n)]
+    if bad:
+        raise ValueError(f"must be auto, off or interface names (at most 15 characters, "
+                         f"no spaces, '/' or ':'), got {text!r}")
+    return ",".join(names)
+
+
 def host_port(text: str) -> tuple[str, int]:
     """HOST:PORT, with [v6]:PORT for IPv6 literals."""
     host, sep, port = text.rpartition(":")
@@ -257,6 +269,14 @@ class Config:
         metadata={"parse": _choice("auto", "tcx", "tc"), "help":
                   "tcx (BPF links at the head of the TCX chain, before a CNI's programs), tc "
                   "(clsact + cls_bpf), or auto: tcx where the kernel has it (6.6+)"},
+    )
+    entry_points: str = field(
+        default="auto",
+        metadata={"parse": _entry_points, "help":
+                  "interfaces whose ingress counts packets for metered pods that a CNI could "
+                  "deliver past their veths (Cilium's BPF host routing): auto (every other "
+                  "interface whose ingress holds a program, e.g. the uplink, cilium_vxlan, "
+                  "unmetered pods' lxc), off, or names and globs, comma-separated"},
     )
     dedup: bool = field(
         default=True,

@@ -59,8 +59,16 @@ class Metrics:
         self.packets_past_hook = Counter(
             "cniflow_packets_past_hook",
             "Packets a CNI delivered into metered pods past their veth's egress hook "
-            "(bpf_redirect_peer: Cilium's BPF host routing, from other nodes), not counted",
+            "(bpf_redirect_peer: Cilium's BPF host routing) and no entry point counted "
+            "(a lower bound)", registry=r)
+        self.entry_packets = Counter(
+            "cniflow_entry_packets",
+            "Packets for metered pods counted where they came into the node (an entry "
+            "point's ingress: uplink, tunnel, unmetered pod), as the pod's veth's egress",
             registry=r)
+        self.entry_points = Gauge(
+            "cniflow_entry_points", "Interfaces whose ingress cniflow meters for packets "
+            "to metered pods (--entry-points)", registry=r)
         self.packets_deduplicated = Counter(
             "cniflow_packets_deduplicated",
             "Packets not counted again at a metered interface's egress: counted at the "
@@ -99,7 +107,8 @@ class Metrics:
             "cniflow_flows_active", "Flows held in the agent's flow table", registry=r
         )
         self.interfaces_attached = Gauge(
-            "cniflow_interfaces_attached", "Interfaces with cniflow's filters", registry=r
+            "cniflow_interfaces_attached", "Pod interfaces with cniflow's programs",
+            registry=r
         )
         self.tcx_moved_to_head = Counter(
             "cniflow_tcx_moved_to_head", "cniflow's TCX links moved back to the head of a "

@@ -143,6 +143,9 @@ class Agent:
                 self.source.resolved.clear()
         want = self.source.desired(present)
         self.dataplane.apply(want, present)
+        addresses = getattr(self.dataplane, "pod_addresses", None)
+        if addresses is not None and self.cluster is not None:  # for the entry points
+            addresses(self.source.addresses())
         check = getattr(self.dataplane, "check_past_hook", None)
         if check is not None and self.cluster is not None:  # the drain tells what pods got
             check()

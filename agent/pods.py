@@ -86,6 +86,10 @@ class PodSource:
         self.metrics.pods_opted_in.set(len(d.metered))
         return want
 
+    def addresses(self) -> dict[str, int]:
+        """Address -> interface of every metered pod (the entry points count by them)."""
+        return {ip: ifindex for ifindex, pod in self.by_ifindex.items() for ip in pod.ips}
+
     def table(self, still_reported: set[int]) -> PodTable:
         """Metadata for this poll's records; forget gone pods whose flows are all out."""
         for ifindex in [i for i in self.remembered if i not in still_reported]:

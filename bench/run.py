@@ -57,7 +57,8 @@ class Loaded:
         self.bpf = BPF(text=EMPTY)
         self.ingress = self.bpf.load_func("cniflow_ingress", BPF.SCHED_CLS)
         self.egress = self.bpf.load_func("cniflow_egress", BPF.SCHED_CLS)
-        self.spares = ()  # never moved in the benchmark
+        self.entry = self.ingress  # no entry points in the benchmark
+        self.spares = (self.ingress, self.egress, self.entry)  # never moved either
 
 
 # Where the flood goes. "host": dropped by the node's route (a blackhole): the
@@ -145,21 +146,30 @@ def per_packet(rounds: int, seconds: float, flows: int = 1024) -> dict:
 def program_ns(rounds: int) -> dict:
     """ns per run of each program on a UDP frame of a flow already in the map."""
     from bpf import syscall
-    from bpf.program import FlowProgram
+    from bpf.program import FlowProgram, addr_key
 
     frame = (b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00"
              + bytes.fromhex("4500003200004000401100000a0000020a4d0001")  # IPv4, 50 octets
              + bytes.fromhex("03e82328001e0000") + b"x" * 22)  # UDP 1000 -> 9000
     programs = {"empty": Loaded(), "cniflow": FlowProgram(65536),
                 "cniflow_percpu": FlowProgram(65536, shared=False)}
-    ns: dict[str, list[int]] = {k: [] for k in programs}
+    # An entry point (bpf/entry.py) on the node's own traffic (no pod has the destination:
+    # what every packet of an uplink pays) and on a packet for a metered pod.
+    entry = programs["cniflow"]
+    runs = {name: (prog.ingress.fd, frame) for name, prog in programs.items()}
+    runs["entry_node"] = (entry.entry.fd, frame)
+    runs["entry_pod"] = (entry.entry.fd, frame[:33] + b"\x02" + frame[34:])  # 10.77.0.2
+    entry.pod_addresses({addr_key("10.77.0.2"): 7})
+    ns: dict[str, list[int]] = {k: [] for k in runs}
     for _ in range(rounds):
-        for name, prog in programs.items():
-            ns[name].append(syscall.test_run(prog.ingress.fd, frame, 2_000_000)[1])
+        for name, (fd, f) in runs.items():
+            ns[name].append(syscall.test_run(fd, f, 2_000_000)[1])
     med = {k: statistics.median(v) for k, v in ns.items()}
     return {"ns_median": med,
             "cniflow_minus_empty": med["cniflow"] - med["empty"],
-            "percpu_minus_empty": med["cniflow_percpu"] - med["empty"]}
+            "percpu_minus_empty": med["cniflow_percpu"] - med["empty"],
+            "entry_node_minus_empty": med["entry_node"] - med["empty"],
+            "entry_pod_minus_empty": med["entry_pod"] - med["empty"]}
 
 
 def fill(prog, fd: int, n: int, ncpu: int) -> None:

@@ -9,6 +9,8 @@ after it, on every packet. On cls_bpf (no TCX) the same holds for a CNI's filter
 cniflow's priority (1, the first there is): the kernel puts a filter added to a
 priority at the head of its list, and cniflow's is added after the CNI's.
 
+An entry point (bpf/entry.py) gets one hook, its ingress, with cniflow_entry.
+
 cniflow removes only what it added: its links, its filters, the clsact qdisc only if it
 created it and nothing else hangs on it. What an earlier cniflow left (a filter under
 cniflow's handle, a link to a program named cniflow_*) is replaced, never doubled.
@@ -30,13 +32,14 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent import netlink
 from bpf import syscall
-from bpf.pins import HOOKS as HOOKS_NAMES
+from bpf.pins import HOOKS as HOOK_NAMES
 from bpf.pins import PinDir
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,18 @@ HANDLE = 0xCF10
 SPARE_HANDLE = 0xCF11  # cniflow's filter after a move to the head (they take turns)
 PARENT_INGRESS = 0xFFFFFFF2  # clsact ffff:fff2
 PARENT_EGRESS = 0xFFFFFFF3  # clsact ffff:fff3
-PARENTS = (PARENT_INGRESS, PARENT_EGRESS)  # a hook's: ingress, egress as TCX's hooks
+PARENTS = (PARENT_INGRESS, PARENT_EGRESS)
+
+
+class Hook(NamedTuple):
+    name: str  # the program's role, and its link pin's name (bpf/pins.py)
+    tcx: int  # TCX attach type
+    parent: int  # clsact parent
+
+
+POD_HOOKS = (Hook("ingress", syscall.TCX_INGRESS, PARENT_INGRESS),
+             Hook("egress", syscall.TCX_EGRESS, PARENT_EGRESS))
+ENTRY_HOOKS = (Hook("entry", syscall.TCX_INGRESS, PARENT_INGRESS),)
 GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)
 RTM_GETTFILTER = 46
 TCMSG = struct.Struct("=BxxxiIII")  # struct tcmsg: family, ifindex, handle, parent, info
@@ -75,9 +89,14 @@ class Attachment:
     ifindex: int
     name: str
     created_clsact: bool = False
-    links: list[int] = field(default_factory=list)  # TCX link fds, ingress then egress
+    links: list[int] = field(default_factory=list)  # TCX link fds, one a hook, in order
     # which copy of the program runs (TCX) or which handle the filter has (cls_bpf)
     spare: list[bool] = field(default_factory=lambda: [False, False])
+    entry: bool = False  # an entry point: its ingress only, with cniflow_entry
+
+    @property
+    def hooks(self) -> tuple[Hook, ...]:
+        return ENTRY_HOOKS if self.entry else POD_HOOKS
 
     def handle(self, i: int) -> int:
         return SPARE_HANDLE if self.spare[i] else HANDLE
@@ -102,14 +121,17 @@ class Attacher:
         self.ipr = ipr or IPRoute()
         self.dedup = dedup
         self.attached: dict[int, Attachment] = {}
-        self.ours = {syscall.prog_id(p.fd) for p in (program.ingress, program.egress,
-                                                      *program.spares)}
+        # each hook's program: the first copy, and the second (moves to the head)
+        self.progs = {hook: (prog, spare) for hook, prog, spare in zip(
+            ("ingress", "egress", "entry"), (program.ingress, program.egress, program.entry),
+            program.spares, strict=True)}
+        self.ours = {syscall.prog_id(p.fd) for pair in self.progs.values() for p in pair}
         self.pins = pins
-        self.adopted: dict[tuple[int, int], int] = {}  # (ifindex, hook) -> link fd
-        self.moves: dict[tuple[int, int], list[float]] = {}  # (ifindex, hook) -> when
-        self.yielded: set[tuple[int, int]] = set()
+        self.adopted: dict[tuple[int, str], int] = {}  # (ifindex, hook name) -> link fd
+        self.moves: dict[tuple[int, str], list[float]] = {}  # (ifindex, hook name) -> when
+        self.yielded: set[tuple[int, str]] = set()
         self.sock: socket.socket | None = None  # raw netlink, for the filter dumps (tc)
-        self.lower: set[tuple[int, int]] = set()  # hooks a lower-priority filter was said of
+        self.lower: set[tuple[int, str]] = set()  # hooks a lower-priority filter was said of
         log.info("attach mode", extra={"mode": self.mode, "tcx": self.tcx})
         if pins is not None:
             self._adopt()
@@ -128,9 +150,7 @@ class Attacher:
                 os.unlink(path)
                 continue
             if self.mode == "tcx":
-                prog = self.program.ingress if hook == syscall.TCX_INGRESS else \
-                    self.program.egress
-                syscall.link_update(fd, prog.fd)
+                syscall.link_update(fd, self.progs[hook][0].fd)
             self.adopted[(ifindex, hook)] = fd
         if self.adopted:
             log.info("adopted pinned links", extra={"links": len(self.adopted),
@@ -148,45 +168,52 @@ class Attacher:
                 pass
             finally:
                 os.close(fd)
-            if ifindex not in self.attached and self.dedup:
-                self.program.meter(ifindex, False)
+            if ifindex not in self.attached:
+                self._unmeter(ifindex)
 
-    def _unpin(self, ifindex: int, hook: int) -> None:
+    def _unpin(self, ifindex: int, hook: str) -> None:
         if self.pins is not None:
             try:
                 os.unlink(self.pins.link_path(ifindex, hook))
             except FileNotFoundError:
                 pass
 
-    def attach(self, ifindex: int, name: str) -> Attachment:
-        """Idempotent: what an earlier cniflow left is replaced, not doubled."""
+    def attach(self, ifindex: int, name: str, entry: bool = False) -> Attachment:
+        """Idempotent: what an earlier cniflow left is replaced, not doubled. entry: as an
+        entry point (an interface that was a pod's, or the reverse, is attached anew)."""
         if ifindex in self.attached:
-            return self.attached[ifindex]
+            if self.attached[ifindex].entry == entry:
+                return self.attached[ifindex]
+            self.detach(ifindex)
         self._sweep(ifindex, name)
-        att = self._attach_tcx(ifindex, name) if self.mode == "tcx" else \
-            self._attach_tc(ifindex, name)
-        if self.dedup:  # only once its ingress counts: no packet skipped and not counted
-            self.program.meter(ifindex, True)
+        att = Attachment(ifindex, name, entry=entry)
+        if self.mode == "tcx":
+            self._attach_tcx(att)
+        else:
+            self._attach_tc(att)
+        # only once it counts: no packet skipped and not counted
+        if entry or self.dedup:
+            self.program.meter(ifindex, True, entry)
         self.attached[ifindex] = att
-        log.info("attached", extra={"interface": name, "ifindex": ifindex, "mode": self.mode})
+        log.info("attached", extra={"interface": name, "ifindex": ifindex, "mode": self.mode,
+                                    "as": "entry point" if entry else "pod"})
         return att
 
-    def _attach_tcx(self, ifindex: int, name: str) -> Attachment:
-        att = Attachment(ifindex, name)
+    def _attach_tcx(self, att: Attachment) -> None:
+        ifindex = att.ifindex
         try:
-            for hook, prog in ((syscall.TCX_INGRESS, self.program.ingress),
-                               (syscall.TCX_EGRESS, self.program.egress)):
-                fd = self.adopted.pop((ifindex, hook), None)  # runs our program already
+            for hook in att.hooks:
+                fd = self.adopted.pop((ifindex, hook.name), None)  # runs our program already
                 if fd is None:
-                    fd = syscall.link_create(prog.fd, ifindex, hook, syscall.F_BEFORE)
+                    fd = syscall.link_create(self.progs[hook.name][0].fd, ifindex, hook.tcx,
+                                             syscall.F_BEFORE)
                     if self.pins is not None:
-                        self._unpin(ifindex, hook)
-                        syscall.obj_pin(fd, self.pins.link_path(ifindex, hook))
+                        self._unpin(ifindex, hook.name)
+                        syscall.obj_pin(fd, self.pins.link_path(ifindex, hook.name))
                 att.links.append(fd)
         except OSError as e:
             self._remove(att)
-            raise AttachError(f"{name}: attaching with TCX failed: {e.strerror}") from e
-        return att
+            raise AttachError(f"{att.name}: attaching with TCX failed: {e.strerror}") from e
 
     def keep_first(self) -> int:
         """A program put in front of cniflow's after it was attached runs first, and a
@@ -202,15 +229,15 @@ class Attacher:
         the moves."""
         moved, now = 0, time.monotonic()
         for att in self.attached.values():
-            for i, hook in enumerate((syscall.TCX_INGRESS, syscall.TCX_EGRESS)):
+            for i, hook in enumerate(att.hooks):
                 ahead = self._ahead_tcx(att, i, hook) if self.mode == "tcx" else \
                     self._ahead_tc(att, i, hook)
                 if ahead is None:
                     continue
-                key = (att.ifindex, hook)
+                key = (att.ifindex, hook.name)
                 when = self.moves[key] = [t for t in self.moves.get(key, [])
                                           if now - t < HEAD_WINDOW_S]
-                where = {"interface": att.name, "hook": HOOKS_NAMES[hook], "program": ahead,
+                where = {"interface": att.name, "hook": hook.name, "program": ahead,
                          "mode": self.mode}
                 if len(when) >= HEAD_MOVES:
                     if key not in self.yielded:
@@ -234,10 +261,10 @@ class Attacher:
                             "the hook", extra=where)
         return moved
 
-    def _ahead_tcx(self, att: Attachment, i: int, hook: int) -> str | None:
+    def _ahead_tcx(self, att: Attachment, i: int, hook: Hook) -> str | None:
         """The name of the program that runs before cniflow's link, or None."""
         try:
-            entries = syscall.query(att.ifindex, hook)
+            entries = syscall.query(att.ifindex, hook.tcx)
         except OSError:  # the interface is going: the next reconcile forgets it
             return None
         if not entries or entries[0][0] in self.ours or i >= len(att.links):
@@ -247,17 +274,17 @@ class Attacher:
         except OSError:
             return f"id {entries[0][0]}"
 
-    def _ahead_tc(self, att: Attachment, i: int, hook: int) -> str | None:
+    def _ahead_tc(self, att: Attachment, i: int, hook: Hook) -> str | None:
         """The filter that runs before cniflow's at its priority on the clsact hook, or
         None. One at a lower priority (a lower --tc-priority's) runs first whatever
         cniflow does: said once. Of cniflow's own two handles, one that is not the
         attachment's (a move half made) is taken as the attachment's, the other
         deleted: never two left on a hook."""
         try:
-            filters = self._filters(att.ifindex, PARENTS[i])
+            filters = self.filters(att.ifindex, hook.parent)
         except OSError:  # the interface is going: the next reconcile forgets it
             return None
-        key = (att.ifindex, hook)
+        key = (att.ifindex, hook.name)
         lower = [f for f in filters if f[1] < self.priority]
         if lower and key not in self.lower:
             self.lower.add(key)
@@ -269,12 +296,12 @@ class Attacher:
             return None
         if first[0] in (HANDLE, SPARE_HANDLE):
             with contextlib.suppress(NetlinkError):
-                self._del_filter(att.ifindex, PARENTS[i], att.handle(i))
+                self._del_filter(att.ifindex, hook.parent, att.handle(i))
             att.spare[i] = first[0] == SPARE_HANDLE
             return None
         return _describe(first)
 
-    def _filters(self, ifindex: int, parent: int) -> list[tuple[int, int, str, str]]:
+    def filters(self, ifindex: int, parent: int) -> list[tuple[int, int, str, str]]:
         """(handle, priority, kind, bpf name) of the filters on a clsact hook, in the
         order the kernel runs them (its dump's). A raw dump: pyroute2 took 0.3 ms a
         hook, every reconcile (each second), for every interface."""
@@ -303,7 +330,8 @@ class Attacher:
     def _move_filter_to_head(self, att: Attachment, i: int) -> None:
         """cniflow's filter again under the other handle (at the head of its priority's
         list), then the old one deleted; never two left on the hook."""
-        parent, fn = PARENTS[i], (self.program.ingress, self.program.egress)[i]
+        hook = att.hooks[i]
+        parent, fn = hook.parent, self.progs[hook.name][0]
         old = att.handle(i)
         new = HANDLE if old == SPARE_HANDLE else SPARE_HANDLE
         self._filter(att.ifindex, parent, fn, new, "add-filter")
@@ -324,15 +352,14 @@ class Attacher:
     def _del_filter(self, ifindex: int, parent: int, handle: int) -> None:
         self.ipr.tc("del-filter", "bpf", ifindex, handle, parent=parent, prio=self.priority)
 
-    def _move_to_head(self, att: Attachment, i: int, hook: int) -> None:
+    def _move_to_head(self, att: Attachment, i: int, hook: Hook) -> None:
         """The other copy of the program in front, then the old link detached: where the
         program in between ends the hook, every packet is counted once throughout."""
-        copies = ((self.program.ingress, self.program.egress), self.program.spares)
-        prog = copies[not att.spare[i]][i]
-        new = syscall.link_create(prog.fd, att.ifindex, hook, syscall.F_BEFORE)
+        prog = self.progs[hook.name][not att.spare[i]]
+        new = syscall.link_create(prog.fd, att.ifindex, hook.tcx, syscall.F_BEFORE)
         try:
             if self.pins is not None:  # the pin names the new link at once
-                self.pins.pin_link(new, att.ifindex, hook)
+                self.pins.pin_link(new, att.ifindex, hook.name)
         except OSError:  # never two cniflow links on one hook: the new one goes
             with contextlib.suppress(OSError):
                 syscall.link_detach(new)
@@ -345,26 +372,26 @@ class Attacher:
         finally:
             os.close(old)
 
-    def _attach_tc(self, ifindex: int, name: str) -> Attachment:
-        created = False
+    def _attach_tc(self, att: Attachment) -> None:
+        ifindex, name = att.ifindex, att.name
         try:
             self.ipr.tc("add", "clsact", ifindex)
-            created = True
+            att.created_clsact = True
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise AttachError(f"{name}: adding clsact failed: {e}") from e
-        att = Attachment(ifindex, name, created)
         try:
-            for parent, fn in zip(PARENTS, (self.program.ingress, self.program.egress),
-                                  strict=True):
-                self._filter(ifindex, parent, fn, HANDLE, "replace-filter")
+            for hook in att.hooks:
+                self._filter(ifindex, hook.parent, self.progs[hook.name][0], HANDLE,
+                             "replace-filter")
                 # an earlier agent's filter after a move to the head: gone, not doubled
                 with contextlib.suppress(NetlinkError):
-                    self._del_filter(ifindex, parent, SPARE_HANDLE)
+                    self._del_filter(ifindex, hook.parent, SPARE_HANDLE)
+            if att.entry:  # a pod's egress filter an earlier agent left: gone
+                self._delete_filters(ifindex, name, quiet=True, parents=(PARENT_EGRESS,))
         except NetlinkError as e:
             self._remove(att)
             raise AttachError(f"{name}: adding the bpf filter failed: {e}") from e
-        return att
 
     def _sweep(self, ifindex: int, name: str) -> None:
         """Remove what an earlier cniflow left on the interface: TCX links to programs
@@ -388,10 +415,10 @@ class Attacher:
                             syscall.link_detach(fd)
                         finally:
                             os.close(fd)
-                        old = self.adopted.pop((ifindex, hook), None)
-                        if old is not None:
-                            os.close(old)
-                            self._unpin(ifindex, hook)
+                        for role in [r for (i, r) in self.adopted if i == ifindex and
+                                     self._tcx_of(r) == hook]:
+                            os.close(self.adopted.pop((ifindex, role)))
+                            self._unpin(ifindex, role)
                         log.info("replaced an earlier cniflow's link",
                                  extra={"interface": name, "link_id": link_id})
                     except OSError as e:  # gone meanwhile
@@ -413,8 +440,8 @@ class Attacher:
             self._gone(ifindex)
             for fd in att.links:
                 os.close(fd)
-            for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
-                self._unpin(ifindex, hook)
+            for hook in att.hooks:
+                self._unpin(ifindex, hook.name)
 
     def release(self) -> None:
         """Hand over: close the links' fds, leave them attached and pinned."""
@@ -435,19 +462,24 @@ class Attacher:
         """What is kept for an attached interface, dropped (the index may come back as
         another interface): its place in the metered set, its moves to the head."""
         self._unmeter(ifindex)
-        for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
+        for hook in HOOK_NAMES:
             self.moves.pop((ifindex, hook), None)
             self.yielded.discard((ifindex, hook))
             self.lower.discard((ifindex, hook))
 
     def _unmeter(self, ifindex: int) -> None:
-        if self.dedup:
+        """Out of the metered set (an entry point is there with dedup off too)."""
+        with contextlib.suppress(OSError):  # never put there, or already gone
             self.program.meter(ifindex, False)
+
+    @staticmethod
+    def _tcx_of(role: str) -> int:
+        return syscall.TCX_EGRESS if role == "egress" else syscall.TCX_INGRESS
 
     def _remove(self, att: Attachment) -> None:
         if att.links:
-            for hook in (syscall.TCX_INGRESS, syscall.TCX_EGRESS):
-                self._unpin(att.ifindex, hook)
+            for hook in att.hooks:
+                self._unpin(att.ifindex, hook.name)
             for fd in att.links:
                 try:
                     syscall.link_detach(fd)
@@ -469,9 +501,10 @@ class Attacher:
                         "removing clsact failed", extra={"interface": att.name, "err": str(e)}
                     )
 
-    def _delete_filters(self, ifindex: int, name: str, quiet: bool = False) -> None:
+    def _delete_filters(self, ifindex: int, name: str, quiet: bool = False,
+                        parents: tuple[int, ...] = PARENTS) -> None:
         """cniflow's filters, under either handle; one that is not there is no error."""
-        for parent in PARENTS:
+        for parent in parents:
             for handle in (HANDLE, SPARE_HANDLE):
                 try:
                     self._del_filter(ifindex, parent, handle)

@@ -21,11 +21,13 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("flow.bpf.c")
-PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_jiffies")
-SPARES = PROGRAMS[:2]  # the classifiers, loaded twice (SPARE names the second copy)
+PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_entry", "cniflow_jiffies")
+SPARES = PROGRAMS[:3]  # the classifiers, loaded twice (SPARE names the second copy)
 SPARE = "/2"
-MAPS = ("flows_a", "flows_b", "overflow_a", "overflow_b", "slot", "stats", "fill", "metered")
-# Overflow entries: one per interface, direction and IP version; metered interfaces.
+MAPS = ("flows_a", "flows_b", "overflow_a", "overflow_b", "slot", "stats", "fill", "metered",
+        "pod_addrs")
+# Overflow entries: one per interface, direction and IP version; metered interfaces (and
+# entry points), metered pods' addresses.
 OVERFLOW_SIZE = 16384
 METERED_SIZE = 8192
 

@@ -9,14 +9,17 @@ import time
 import numpy as np
 
 from agent.config import Config, ConfigError
+from agent.flowtable import aggregate
 from agent.interfaces import driver, links
 from agent.metrics import Metrics
+from agent.records import EGRESS
 from bpf import caps
 from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
+from bpf.entry import EntryPoints
 from bpf.pasthook import CHECK_SECONDS, PastHook
 from bpf.pins import PinDir, PinError
-from bpf.program import FlowProgram, LoadError
+from bpf.program import DIR_ENTRY, FlowProgram, LoadError, addr_key
 from bpf.restart import Restart
 
 log = logging.getLogger(__name__)
@@ -58,33 +61,39 @@ class EbpfDataplane:
         self.restart = Restart(cfg, self.program, self.drainer, self.attacher) if pins else None
         self.failed: dict[int, tuple[float, float]] = {}  # ifindex -> (next try, delay)
         self.past_hook, self.next_past_check = PastHook(metrics), 0.0
+        # pods' addresses are known with --kubernetes only: no entry points without them
+        self.entries = EntryPoints(cfg.entry_points if cfg.kubernetes else "off",
+                                   self.attacher)
         self.netkit: set[int] = set()  # wanted, but netkit devices: not metered (logged once)
         self.wake_at = cfg.map_size // 2  # drain early once the active map is half full
         metrics.map_size.set(cfg.map_size)
 
     @property
     def attached(self) -> set[int]:
-        return set(self.attacher.attached)
+        """The metered pod interfaces (entry points are not: no record names them)."""
+        return {i for i, a in self.attacher.attached.items() if not a.entry}
 
     def present(self) -> dict[int, str]:
         return links()
 
     def apply(self, want: dict[int, str], present: dict[int, str]) -> None:
-        """Attach what is wanted, detach what is no longer wanted (opt-out), forget
-        what vanished (its filters went with it)."""
-        for ifindex in list(self.attacher.attached):
+        """Attach what is wanted, and the entry points (bpf/entry.py), detach what is no
+        longer wanted (opt-out), forget what vanished (its filters went with it)."""
+        entries = self.entries.choose(present, set(want))
+        for ifindex, att in list(self.attacher.attached.items()):
             if ifindex not in present:
-                name = self.attacher.attached[ifindex].name
                 self.attacher.forget(ifindex)  # its last records still leave, with its name
-                log.info("interface vanished", extra={"interface": name, "ifindex": ifindex})
-            elif ifindex not in want:
+                log.info("interface vanished", extra={"interface": att.name,
+                                                      "ifindex": ifindex})
+            elif ifindex not in (entries if att.entry else want):
                 self.attacher.detach(ifindex)
         now = time.monotonic()
-        for ifindex, name in want.items():
+        for ifindex, name, entry in [*((i, n, False) for i, n in want.items()),
+                                     *((i, n, True) for i, n in entries.items())]:
             if ifindex in self.attacher.attached or ifindex in self.netkit or \
                     self.failed.get(ifindex, (0.0, 0.0))[0] > now:
                 continue
-            if driver(ifindex) == "netkit":
+            if not entry and driver(ifindex) == "netkit":
                 # netkit runs its own program chain in place of TC on the pod's traffic, and
                 # a CNI's netkit program that redirects hides it from TC: not metered.
                 self.netkit.add(ifindex)
@@ -92,7 +101,7 @@ class EbpfDataplane:
                             "a netkit CNI's programs bypass)", extra={"interface": name})
                 continue
             try:
-                self.attacher.attach(ifindex, name)
+                self.attacher.attach(ifindex, name, entry)
                 self.failed.pop(ifindex, None)
             except Exception as e:  # the interface may vanish between scan and attach
                 # tried again after 1, 2, 4 ... 60 s
@@ -104,19 +113,31 @@ class EbpfDataplane:
         moves = self.metrics.tcx_moved_to_head if self.attacher.mode == "tcx" else \
             self.metrics.tc_moved_to_head
         moves.inc(self.attacher.keep_first())
-        for ifindex in [i for i in self.failed if i not in want]:
+        for ifindex in [i for i in self.failed if i not in want and i not in entries]:
             del self.failed[ifindex]
         if self.restart is not None:
             self.restart.settle()
         self.netkit &= set(want)
         self.metrics.interfaces_not_metered.labels("netkit").set(len(self.netkit))
-        self.metrics.interfaces_attached.set(len(self.attacher.attached))
+        pods = self.attached
+        self.metrics.interfaces_attached.set(len(pods))
+        self.metrics.entry_points.set(len(self.attacher.attached) - len(pods))
+
+    def pod_addresses(self, addresses: dict[str, int]) -> None:
+        """The metered pods' addresses (address -> host interface), for the entry points:
+        those of pods whose interface is attached now."""
+        if self.entries.setting == "off":
+            return
+        pods = self.attached
+        self.program.pod_addresses({addr_key(ip): i for ip, i in addresses.items()
+                                    if i in pods})
 
     def check_past_hook(self) -> None:
         """At a reconcile, now and then (pods known: bpf/pasthook.py)."""
         if time.monotonic() >= self.next_past_check:
             self.next_past_check = time.monotonic() + CHECK_SECONDS
-            self.past_hook.read({i: a.name for i, a in self.attacher.attached.items()})
+            self.past_hook.read({i: a.name for i, a in self.attacher.attached.items()
+                                 if not a.entry})
 
     def drained(self, receivers: np.ndarray, packets: np.ndarray) -> None:
         """After a drain: what senders' records say each metered pod received."""
@@ -140,10 +161,25 @@ class EbpfDataplane:
         batch = self.drainer.drain()
         if self.restart is not None:
             batch = self.restart.first(batch)
+        batch = self._entered(batch)
         self.metrics.map_entries.set(len(batch))
         self.metrics.kernel_stats(self.program.stats())
         self.metrics.overflow(batch, {i: a.name for i, a in self.attacher.attached.items()})
         return batch
+
+    def _entered(self, batch: np.ndarray) -> np.ndarray:
+        """Flows counted at an entry point become their veth's egress flows (one record
+        with what the veth's egress counted of the same flow, if anything); their
+        packets are the pods' deliveries past the veth that cniflow did count."""
+        k = batch["key"]
+        entered = k["direction"] == DIR_ENTRY
+        if not entered.any():
+            return batch
+        packets = batch["packets"][entered]
+        self.past_hook.counted_elsewhere(k["ifindex"][entered], packets)
+        self.metrics.entry_packets.inc(int(packets.sum()))
+        k["direction"][entered] = EGRESS
+        return aggregate(batch)
 
     def detach_all(self) -> None:
         if self.restart is not None and self.restart.handover:
@@ -172,7 +208,11 @@ class EbpfDataplane:
 
     def restore(self):
         """(the table's rows, records to export) an earlier agent left; None unpinned."""
-        return self.restart.restore() if self.restart is not None else None
+        if self.restart is None:
+            return None
+        rows, due = self.restart.restore()  # an earlier agent's drain: raw keys, maybe
+        due["key"]["direction"][due["key"]["direction"] == DIR_ENTRY] = EGRESS
+        return self._entered(rows), due
 
     @property
     def handover(self) -> bool:

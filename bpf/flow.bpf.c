@@ -9,8 +9,15 @@
 // program writes into a map while it is drained, so no count is ever lost to
 // the race between the kernel's copy and delete.
 //
+// Entry points (--entry-points): the ingress of the node's other interfaces (uplinks,
+// tunnels, unmetered pods' veths), where a CNI may deliver a packet into a metered pod
+// with bpf_redirect_peer, past the pod's veth (Cilium's BPF host routing does, from
+// physical devices and tunnels). cniflow_entry counts a packet for a metered pod's
+// address there, as that veth's egress, keyed DIR_ENTRY; a packet that still passes the
+// veth's egress finds its flow under DIR_ENTRY and is not counted again.
+//
 // Compile-time parameters (cflags): MAP_SIZE, OVERFLOW_SIZE, METERED_SIZE (entries of
-// the flow, overflow and metered-interface maps); SHARED_MAP for one hash shared by all
+// the flow, overflow, metered-interface and pod-address maps); SHARED_MAP for one hash shared by all
 // CPUs (the default the loader asks for): packets and octets are added atomically,
 // TCP flags, TTL range and TOS are last-writer-wins when two CPUs update one flow at
 // the same instant. Without it, a per-CPU hash: no atomics, user space folds values.
@@ -44,9 +51,13 @@ enum stat_index {
     STAT_MAX = 5,
 };
 
+#define DIR_ENTRY 2  // the interface's egress, counted at an entry point (user space: 1)
+#define METERED_POD 1    // the metered map's values
+#define METERED_ENTRY 2
+
 struct flow_key {
     u32 ifindex;
-    u8 direction;   // 0: TC ingress of the interface, 1: TC egress
+    u8 direction;   // 0: TC ingress of the interface, 1: TC egress, DIR_ENTRY
     u8 ip_version;  // 4 or 6
     u8 proto;
     u8 overflow;    // 1: the per-interface total of packets the flow map had no room for
@@ -107,10 +118,18 @@ TABLE("percpu_array", int, u64, stats, STAT_MAX);
 // New flows inserted into flows_a (0) and flows_b (1) since user space last drained
 // them: user space reads the active one often and drains early when it fills.
 TABLE("percpu_array", int, u64, fill, 2);
-// ifindex -> 1 for every interface cniflow meters, kept by user space. A packet that
-// entered through one of them was counted at that interface's ingress (the sender's
-// side): its egress on another metered interface is not counted again.
+// ifindex -> METERED_POD for every pod interface cniflow meters (with dedup), kept by
+// user space. A packet that entered through one of them was counted at that interface's
+// ingress (the sender's side): its egress on another metered interface is not counted
+// again. ifindex -> METERED_ENTRY for every entry point.
 TABLE("hash", u32, u32, metered, METERED_SIZE);
+
+struct addr_key {
+    u32 ip_version;
+    u8 addr[16];  // IPv4 in the first 4 octets
+};
+// A metered pod's address -> its host-side interface: what entry points count.
+TABLE("hash", struct addr_key, u32, pod_addrs, METERED_SIZE);
 
 struct pkt {
     u64 now;
@@ -428,51 +447,98 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow_key *key, st
     return PARSED;
 }
 
-static __always_inline int classify(struct __sk_buff *skb, u8 direction) {
-    struct flow_key key = {};
-    struct pkt p = {};
-    int v = parse(skb, &key, &p);
+// Parses the frame into key and p; PARSED, or NOT_IP or MALFORMED (not counted).
+static __always_inline int parse_frame(struct __sk_buff *skb, struct flow_key *key,
+                                       struct pkt *p) {
+    int v = parse(skb, key, p);
     if (v == SHORT) {
         // The slow path: headers in paged fragments (AF_PACKET TX rings, some GSO/GRO
         // layouts). Pull them into the linear part and parse again from the start.
         u32 len = skb->len < PULL_LEN ? skb->len : PULL_LEN;
-        __builtin_memset(&key, 0, sizeof(key));
-        __builtin_memset(&p, 0, sizeof(p));
-        v = bpf_skb_pull_data(skb, len) ? MALFORMED : parse(skb, &key, &p);
+        __builtin_memset(key, 0, sizeof(*key));
+        __builtin_memset(p, 0, sizeof(*p));
+        v = bpf_skb_pull_data(skb, len) ? MALFORMED : parse(skb, key, p);
         if (v == SHORT)  // still short after the pull: the frame itself is cut short
             v = MALFORMED;
     }
+    return v;
+}
+
+// Counts a parsed packet under key (ifindex and direction set).
+static __always_inline void count(struct __sk_buff *skb, struct flow_key *key,
+                                  struct pkt *p) {
+    p->segs = 1;
+    // A GRO super-packet (made by NAPI, which marks its id on the skb; a TSO packet from a
+    // local socket carries none): the veth counted its segments, each with its headers.
+    if (skb->napi_id) {  // one load on the common path: most veth skbs carry none
+        u32 segs = skb->gso_segs;
+        if (segs > 1) {
+            p->segs = segs;
+            // The segments carried no jumbo option: GRO added it to the super-packet.
+            p->len += (segs - 1) * (p->hdrlen - p->jumbo) - p->jumbo;
+        }
+    }
+    p->now = bpf_jiffies64();  // 2 ns; bpf_ktime_get_coarse_ns() costs 15
+    account(key, p);
+}
+
+// Whether an entry point counted this packet's flow (key as the egress would count it)
+// in either map, or had no room and counted the veth's packets in its overflow entry.
+static __always_inline int counted_at_entry(struct flow_key *key) {
+    struct flow_key o = {};
+    key->direction = DIR_ENTRY;
+    overflow_key(&o, key);
+    int seen = flows_a.lookup(key) || flows_b.lookup(key) || overflow_a.lookup(&o) ||
+               overflow_b.lookup(&o);
+    key->direction = 1;
+    return seen;
+}
+
+static __always_inline int classify(struct __sk_buff *skb, u8 direction, int from_entry) {
+    struct flow_key key = {};
+    struct pkt p = {};
+    int v = parse_frame(skb, &key, &p);
     if (v != PARSED) {
         stat_inc(v == NOT_IP ? STAT_NOT_IP : STAT_MALFORMED);
         return TC_ACT_UNSPEC;
     }
     key.ifindex = skb->ifindex;
     key.direction = direction;
-    p.segs = 1;
-    // A GRO super-packet (made by NAPI, which marks its id on the skb; a TSO packet from a
-    // local socket carries none): the veth counted its segments, each with its headers.
-    if (skb->napi_id) {  // one load on the common path: most veth skbs carry none
-        u32 segs = skb->gso_segs;
-        if (segs > 1) {
-            p.segs = segs;
-            // The segments carried no jumbo option: GRO added it to the super-packet.
-            p.len += (segs - 1) * (p.hdrlen - p.jumbo) - p.jumbo;
-        }
-    }
-    p.now = bpf_jiffies64();  // 2 ns; bpf_ktime_get_coarse_ns() costs 15
-    account(&key, &p);
-    return TC_ACT_UNSPEC;
-}
-
-int cniflow_ingress(struct __sk_buff *skb) { return classify(skb, 0); }
-int cniflow_egress(struct __sk_buff *skb) {
-    // Entered through a metered interface: counted there, on the sender's side.
-    u32 from = skb->ingress_ifindex;
-    if (from && metered.lookup(&from)) {
+    if (from_entry && counted_at_entry(&key)) {
         stat_inc(STAT_DEDUP);
         return TC_ACT_UNSPEC;
     }
-    return classify(skb, 1);
+    count(skb, &key, &p);
+    return TC_ACT_UNSPEC;
+}
+
+int cniflow_ingress(struct __sk_buff *skb) { return classify(skb, 0, 0); }
+int cniflow_egress(struct __sk_buff *skb) {
+    u32 from = skb->ingress_ifindex;
+    u32 *m = from ? metered.lookup(&from) : 0;
+    if (m && *m == METERED_POD) {  // entered through a metered pod: counted there
+        stat_inc(STAT_DEDUP);
+        return TC_ACT_UNSPEC;
+    }
+    return classify(skb, 1, m != 0);
+}
+
+// At an entry point's ingress: a packet for a metered pod, as its veth's egress. The
+// node's own traffic, and what is not IP, is none of cniflow's business here.
+int cniflow_entry(struct __sk_buff *skb) {
+    struct flow_key key = {};
+    struct pkt p = {};
+    if (parse_frame(skb, &key, &p) != PARSED)
+        return TC_ACT_UNSPEC;
+    struct addr_key a = {.ip_version = key.ip_version};
+    __builtin_memcpy(a.addr, key.dst, 16);
+    u32 *veth = pod_addrs.lookup(&a);
+    if (!veth)
+        return TC_ACT_UNSPEC;
+    key.ifindex = *veth;
+    key.direction = DIR_ENTRY;
+    count(skb, &key, &p);
+    return TC_ACT_UNSPEC;
 }
 
 // Run by user space (BPF_PROG_TEST_RUN) to read the jiffies the flow times are in.

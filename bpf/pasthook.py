@@ -7,11 +7,15 @@ kernel allows) for traffic from a physical device, i.e. from other nodes and fro
 outside the cluster (bpf/lib/local_delivery.h, should_redirect_peer()), and for pod
 to pod traffic on one node, which cniflow counts at the sender's veth instead.
 
-The veth's counters tell: its pod's end received (rx) what the host side sent (tx)
-plus what was redirected into it. Less what cniflow counted at the ingress of
-another metered pod of the node for this pod (pod to pod), the rest was delivered
-unseen: counted in cniflow_packets_past_hook_total and said once an interface, so
-an undercount is never silent.
+cniflow's entry points (bpf/entry.py) count most of those where they come in. The
+veth's counters tell what is left: its pod's end received (rx) what the host side
+sent (tx) plus what was redirected into it. Less what cniflow counted for this pod
+at the ingress of another metered pod of the node (pod to pod) or at an entry point,
+the rest was delivered unseen (a Service's traffic DNAT'ed to the pod by the CNI's
+program after the entry point, or --entry-points off): counted in
+cniflow_packets_past_hook_total and said once an interface, so an undercount is
+never silent. Where packets counted at an entry point also cross the veth (a CNI
+that does not redirect past it), the figure is low by them: a lower bound still.
 """
 
 from __future__ import annotations
@@ -55,16 +59,21 @@ class PastHook:
                 self.state[ifindex] = [total, self.counted[ifindex], 0]
         self.pending, self.names = past, attached
 
+    def counted_elsewhere(self, ifindexes: np.ndarray, packets: np.ndarray) -> None:
+        """Packets cniflow counted for metered veths (0: none) elsewhere than at their
+        egress: at a sender's veth on this node, or at an entry point (bpf/entry.py)."""
+        mine = ifindexes != 0
+        if mine.any():
+            index, inverse = np.unique(ifindexes[mine], return_inverse=True)
+            sums = np.bincount(inverse, weights=packets[mine])
+            for ifindex, n in zip(index.tolist(), sums.tolist(), strict=True):
+                self.counted[ifindex] += int(n)
+
     def drained(self, receivers: np.ndarray, packets: np.ndarray) -> None:
         """After a drain: what cniflow counted at senders for each metered receiver; then
         the pending reading compared, now that everything counted before it is drained
         (what was counted after it only makes the difference smaller)."""
-        mine = receivers != 0
-        if mine.any():
-            index, inverse = np.unique(receivers[mine], return_inverse=True)
-            sums = np.bincount(inverse, weights=packets[mine])
-            for ifindex, n in zip(index.tolist(), sums.tolist(), strict=True):
-                self.counted[ifindex] += int(n)
+        self.counted_elsewhere(receivers, packets)
         pending, self.pending = self.pending, None
         for ifindex, total in (pending or {}).items():
             state = self.state.get(ifindex)

@@ -3,7 +3,8 @@
     PIN/v<LAYOUT>/<map>        the program's maps (BCC reuses them by path), and the
                                journal's (bpf/journal.py): commit, ring0 or ring1 (the
                                previous journal's pending, log, journal are migrated)
-    PIN/links/<ifindex>-<hook> one TCX link per interface and direction
+    PIN/links/<ifindex>-<hook> one TCX link per interface and hook: ingress, egress, or
+                               entry (an entry point's ingress)
 
 A map whose type, sizes or capacity differ from what this agent would create (another
 --map-size, another build) is not reused: its pin is removed, the agent keeps its fd,
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 LAYOUT = 1  # bump when struct flow_key / flow_val, a map or the journal change
 BPF_FS_MAGIC = 0xCAFE4A11
-HOOKS = {syscall.TCX_INGRESS: "ingress", syscall.TCX_EGRESS: "egress"}
+HOOKS = ("ingress", "egress", "entry")  # the names of cniflow's hooks (bpf/attach.py)
 
 _libc = ct.CDLL(None, use_errno=True)
 
@@ -61,10 +62,10 @@ class PinDir:
     def map_path(self, name: str) -> str:
         return f"{self.maps}/{name}"
 
-    def link_path(self, ifindex: int, hook: int) -> str:
-        return f"{self.links}/{ifindex}-{HOOKS[hook]}"
+    def link_path(self, ifindex: int, hook: str) -> str:
+        return f"{self.links}/{ifindex}-{hook}"
 
-    def pin_link(self, fd: int, ifindex: int, hook: int) -> None:
+    def pin_link(self, fd: int, ifindex: int, hook: str) -> None:
         """Pin a link in place of the one pinned for this hook, in one step: pinned under
         a name of its own, then renamed over (a rename replaces atomically)."""
         path = self.link_path(ifindex, hook)
@@ -80,14 +81,13 @@ class PinDir:
             os.unlink(f"{self.links}/{name}")
         return len(names)
 
-    def link_pins(self) -> list[tuple[int, int, str]]:
-        """(ifindex, hook, path) of every pinned link."""
-        by_name = {v: k for k, v in HOOKS.items()}
+    def link_pins(self) -> list[tuple[int, str, str]]:
+        """(ifindex, hook name, path) of every pinned link."""
         out = []
         for name in sorted(os.listdir(self.links)):
             ifindex, _, hook = name.partition("-")
-            if ifindex.isdigit() and hook in by_name:
-                out.append((int(ifindex), by_name[hook], f"{self.links}/{name}"))
+            if ifindex.isdigit() and hook in HOOKS:
+                out.append((int(ifindex), hook, f"{self.links}/{name}"))
         return out
 
     def reuse_maps(self, expected: dict[str, tuple[int, int, int, int]]) -> dict[str, int]:

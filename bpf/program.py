@@ -6,6 +6,7 @@ only holds the file descriptors and talks to the maps with bpf(2) directly.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -23,6 +24,14 @@ log = logging.getLogger(__name__)
 
 # enum stat_index in flow.bpf.c
 STAT_NAMES = ("map_full", "not_ip", "malformed", "lost", "dedup")
+METERED_POD, METERED_ENTRY = 1, 2  # the metered map's values
+DIR_ENTRY = 2  # a key's direction: the interface's egress, counted at an entry point
+
+
+def addr_key(ip: str) -> bytes:
+    """struct addr_key of flow.bpf.c for an address: IP version (u32), 16 octets."""
+    raw = ipaddress.ip_address(ip).packed
+    return struct.pack("<I", 4 if len(raw) == 4 else 6) + raw.ljust(16, b"\0")
 
 
 class LoadError(RuntimeError):
@@ -43,7 +52,8 @@ def expected_maps(map_size: int, shared: bool) -> dict[str, tuple[int, int, int,
             "slot": (syscall.MAP_ARRAY, 4, 4, 1),
             "stats": (syscall.MAP_PERCPU_ARRAY, 4, 8, len(STAT_NAMES)),
             "fill": (syscall.MAP_PERCPU_ARRAY, 4, 8, 2),
-            "metered": (syscall.MAP_HASH, 4, 4, METERED_SIZE)}
+            "metered": (syscall.MAP_HASH, 4, 4, METERED_SIZE),
+            "pod_addrs": (syscall.MAP_HASH, 20, 4, METERED_SIZE)}
 
 
 class FlowProgram:
@@ -71,6 +81,7 @@ class FlowProgram:
             raise
         self.ingress = Prog(fds["cniflow_ingress"], "cniflow_ingress")
         self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
+        self.entry = Prog(fds["cniflow_entry"], "cniflow_entry")
         # the same programs loaded once more: the other copy for a hook's chain
         self.spares = tuple(Prog(fds[name + SPARE], name) for name in SPARES)
         self._jiffies = fds["cniflow_jiffies"]
@@ -79,6 +90,8 @@ class FlowProgram:
         self.overflow_size = OVERFLOW_SIZE
         self._slot, self._stats, self._fill = fds["slot"], fds["stats"], fds["fill"]
         self._metered = fds["metered"]
+        self._pod_addrs = fds["pod_addrs"]
+        self.addresses: dict[bytes, int] = {}  # pod_addrs as written: key -> ifindex
         self._fds = list(fds.values())
         log.info("program loaded", extra={"map_size": map_size})
 
@@ -119,14 +132,31 @@ class FlowProgram:
     def reset_fill(self, slot: int) -> None:
         syscall.update(self._fill, struct.pack("<I", slot), bytes(8 * self.ncpu))
 
-    def meter(self, ifindex: int, on: bool) -> None:
+    def meter(self, ifindex: int, on: bool, entry: bool = False) -> None:
         """Tell the program an interface is metered (its senders' packets are counted at
-        its ingress, so not again at another metered interface's egress), or no longer."""
+        its ingress, so not again at another metered interface's egress), or an entry
+        point (what it counted is not counted again at a veth's egress), or neither."""
         key = struct.pack("<I", ifindex)
         if on:
-            syscall.update(self._metered, key, struct.pack("<I", 1))
+            syscall.update(self._metered, key, struct.pack(
+                "<I", METERED_ENTRY if entry else METERED_POD))
         else:
             syscall.delete(self._metered, key)
+
+    def pod_addresses(self, want: dict[bytes, int]) -> None:
+        """Make pod_addrs hold exactly `want` (addr_key -> the pod's host interface, see
+        addr_key()): what changed since the last call, written one entry at a time (pods
+        come and go a few a second)."""
+        for key in [k for k in self.addresses if k not in want]:
+            try:
+                syscall.delete(self._pod_addrs, key)
+            except OSError:
+                pass
+            del self.addresses[key]
+        for key, ifindex in want.items():
+            if self.addresses.get(key) != ifindex:
+                syscall.update(self._pod_addrs, key, struct.pack("<I", ifindex))
+                self.addresses[key] = ifindex
 
     def jiffies(self) -> int:
         """The kernel's jiffies now (low 32 bits), the clock of the flow times."""

@@ -267,6 +267,7 @@ class CiliumDatapath:
 
     def attached(self, ifname: str) -> bool:
         hook, fd = (("egress", self.from_host.fd) if ifname == "cilium_host"
+                    else ("ingress", self.from_netdev.fd) if ifname.endswith("up")
                     else ("ingress", self.from_container.fd))
         return self.tcx.attached(ifname, hook, fd)
 

@@ -103,9 +103,9 @@ class RunningAgent:
 @contextlib.contextmanager
 def agent(node, *args: str, interfaces: tuple[str, ...] | None = None, wait_attached=True,
           collector: str = "127.0.0.1:4739", metrics_port: int = 9477,
-          wrap: tuple[str, ...] = ()):
+          wrap: tuple[str, ...] = (), metered: int | None = None):
     """Run `cniflow agent` in the node namespace (under wrap, e.g. setpriv); on exit
-    SIGTERM it and expect exit 0."""
+    SIGTERM it and expect exit 0. metered: the first pods it attaches to (all)."""
     log = Path(f"/tmp/{node.prefix}-agent.log")
     ifs = interfaces if interfaces is not None else (f"{node.prefix}v*",)
     cmd = ["ip", "netns", "exec", node.netns, *wrap, str(CNIFLOW), "agent", "--collector",
@@ -123,7 +123,7 @@ def agent(node, *args: str, interfaces: tuple[str, ...] | None = None, wait_atta
         if wait_attached:
             deadline = time.time() + 30
             while not all("cniflow_egress" in filters(node, p.host_if, "egress")
-                          for p in node.pods):
+                          for p in node.pods[:metered]):
                 assert proc.poll() is None, log.read_text()
                 assert time.time() < deadline, "agent did not attach: " + log.read_text()
                 time.sleep(0.1)

@@ -1,9 +1,10 @@
 """The CNIs people run, each a lab layout: Calico (cali-like veths, /32 routes), flannel
 and the bridge plugin (one bridge), Cilium (lxc veths, the pod CIDR routed through
-cilium_host, no per-pod routes, Cilium's datapath on the veths with TCX, same-node
-traffic redirected to the peer). In each, with a pod in a namespace only a process
-holds and a pod with a second interface: every packet at the collector once, with the
-right pods, interfaces and flowType; and the CNI's programs still see every packet."""
+cilium_host, no per-pod routes, Cilium's datapath on the veths and the uplink with TCX,
+traffic from the uplink and from pods redirected to the peer, past the veths). In each,
+with a pod in a namespace only a process holds, a pod with a second interface and a pod
+not opted in: every packet at the collector once, with the right pods, interfaces and
+flowType; and the CNI's programs still see every packet."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import cnilab  # noqa: F401  (registers the Cilium datapath stand-in for netlab.up)
+import cnilab  # also registers the Cilium datapath stand-in for netlab.up
 import netlab
 import oracles
 import pytest
@@ -58,19 +59,24 @@ def total(rows: list[dict]) -> tuple[int, int]:
     return sum(r["packetDeltaCount"] for r in rows), sum(r["octetDeltaCount"] for r in rows)
 
 
-def run_layout(layout: str, dedup: bool) -> tuple[netlab.Node, list[dict], dict]:
-    prefix = f"cn{layout[0]}{int(dedup)}"
-    node = netlab.up(prefix, 3, layout=layout, unnamed=(2,), net1=(0,), remote=True)
+def run_layout(layout: str, dedup: bool, entry: str = "auto",
+               ) -> tuple[netlab.Node, list[dict], dict]:
+    prefix = f"cn{layout[0]}{int(dedup)}{entry[1]}"
+    node = netlab.up(prefix, 4, layout=layout, unnamed=(2,), net1=(0,), remote=True)
     server = FakeApiServer(node.netns)
+    uplink = f"{prefix}up"
     try:
         server.namespace("shop", {"cniflow.io/export": "true"})
-        for name, pod in zip(("web", "db", "job"), node.pods, strict=True):
+        server.namespace("free", {})
+        for name, pod in zip(("web", "db", "job"), node.pods, strict=False):
             server.pod("shop", name, NODE, [pod.ipv4, pod.ipv6])  # podIPs: the primary only
+        loner = node.pods[3]
+        server.pod("free", "loner", NODE, [loner.ipv4, loner.ipv6])  # not opted in
         collector = RunningCollector(node.netns, 4739)
         tshark = oracles.Tshark(node.netns, 4739)
         kubeconfig = server.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
         args = ["--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-                "--idle-timeout", "1", "--dedup", str(dedup).lower(),
+                "--idle-timeout", "1", "--dedup", str(dedup).lower(), "--entry-points", entry,
                 "--cluster-cidr", f"10.{node.subnet}.0.0/20"]
         if layout == "cilium":
             args += ["--cilium-endpoints", node.lxc_map]
@@ -78,33 +84,35 @@ def run_layout(layout: str, dedup: bool) -> tuple[netlab.Node, list[dict], dict]
             for i in range(len(node.pods)):
                 pin_neighbours(node, i)
         quiet_all(node)  # nothing in flight when the counters are read
-        before = {p.host_if: node.link_stats(p.host_if) for p in node.pods}
-        seen0 = {p.host_if: node.datapath.seen(p.host_if) for p in node.pods} \
+        before = {i: node.link_stats(i) for i in [p.host_if for p in node.pods] + [uplink]}
+        seen0 = {i: node.datapath.seen(i) for i in [p.host_if for p in node.pods] + [uplink]} \
             if node.datapath else {}
-        with agent(node, *args, interfaces=()) as running:
-            web, db, job = node.pods
+        with agent(node, *args, interfaces=(), metered=3) as running:
+            web, db, job, _ = node.pods
             send(node.in_pod(0, ""), db.ipv4, 9000, 10, 200)       # pod to pod, one node
             send(node.in_pod(0, ""), db.ipv6, 9001, 5, 1000)       # the same, IPv6
             send(node.in_pod(2, ""), web.ipv4, 9002, 3, 50)        # from the unnamed pod
             send(node.in_pod(0, ""), node.remote_ip, 9003, 4, 100)  # to another host
             send(node.in_remote(""), db.ipv4, 9004, 6, 60)         # from another host
+            send(node.in_pod(3, ""), db.ipv4, 9005, 8, 70)         # from a pod not opted in
             ping(node, 1, web.ipv4, 3)                              # both ways
             time.sleep(2.5)
-            if layout == "cilium":  # what came from the remote, redirected past the veths:
-                # said within a check (5 s) and the drain after it, and stays said once
-                assert wait_for(lambda: running.metrics().get(PAST_HOOK, 0) >= 10, 20)
-                time.sleep(6)
+            if layout == "cilium" and entry == "off":  # what came from the remote and the
+                # unmetered pod, redirected past the veths: said within a check (5 s) and
+                # the drain after it, and stays said once
+                assert wait_for(lambda: running.metrics().get(PAST_HOOK, 0) >= 18, 20)
+            if layout == "cilium":  # two checks (5 s each): anything unseen is said
+                time.sleep(11)
             metrics = running.metrics()
-        after = {p.host_if: node.link_stats(p.host_if) for p in node.pods}
+        after = {i: node.link_stats(i) for i in [p.host_if for p in node.pods] + [uplink]}
         tshark.stop()
         assert tshark.expert() == []
         rows = collector.stop()
         extra = {"metrics": metrics, "before": before,
                  "after": after,
-                 "seen": {p.host_if: node.datapath.seen(p.host_if) - seen0[p.host_if]
-                          for p in node.pods} if node.datapath else {},
-                 "cni_attached": node.datapath.attached(node.pods[0].host_if)
-                 if node.datapath else True,
+                 "seen": {i: node.datapath.seen(i) - seen0[i] for i in seen0},
+                 "cni_attached": all(node.datapath.attached(i) for i in seen0)
+                 if node.datapath else True, "uplink": uplink,
                  "ifindex": {p.host_if: ifindex_of(node, p.host_if) for p in node.pods}}
         return node, rows, extra
     finally:
@@ -115,20 +123,18 @@ def run_layout(layout: str, dedup: bool) -> tuple[netlab.Node, list[dict], dict]
 @pytest.mark.parametrize("layout", ["routed", "bridged", "cilium"])
 def test_every_packet_once_with_the_right_pods_on_each_cni(layout):
     node, rows, x = run_layout(layout, dedup=True)
-    web, db, job = node.pods
+    web, db, job, loner = node.pods
     idx = x["ifindex"]
-    ip_len = {9000: 228, 9001: 1048, 9002: 78, 9003: 128, 9004: 88}
-    count = {9000: 10, 9001: 5, 9002: 3, 9003: 4, 9004: 6}
-    if layout == "cilium":
-        # Cilium's BPF host routing delivers what comes from a physical device (another
-        # node, outside) with bpf_redirect_peer, past the pod's veth: cniflow does not see
-        # the remote's 6 datagrams to db, nor its 4 ICMP port unreachables answering web's
-        # 4 datagrams, and says so, exactly (the pod-to-pod packets Cilium also redirected
-        # past the receivers' veths were counted at the senders': not in it)
-        count[9004] = 0
-        assert x["metrics"][PAST_HOOK] == 6 + 4
-    else:
-        assert x["metrics"].get(PAST_HOOK, 0) == 0
+    ip_len = {9000: 228, 9001: 1048, 9002: 78, 9003: 128, 9004: 88, 9005: 98}
+    count = {9000: 10, 9001: 5, 9002: 3, 9003: 4, 9004: 6, 9005: 8}
+    # Cilium's BPF host routing delivers what comes from a physical device (another node,
+    # outside) and from a pod with bpf_redirect_peer, past the receiving pod's veth: the
+    # entry points (the uplink, the unmetered pod's lxc) count it where it comes in, so
+    # nothing is left past the hook
+    assert x["metrics"].get(PAST_HOOK, 0) == 0
+    entry = 6 + 4 + 8 if layout == "cilium" else 0  # the remote's datagrams and ICMP
+    assert x["metrics"].get("cniflow_entry_packets_total", 0) == entry  # errors, loner's
+    assert x["metrics"]["cniflow_entry_points"] == (2 if layout == "cilium" else 0)
     for port, n in count.items():  # once, whatever layout
         assert total(flows(rows, destinationTransportPort=port)) == (n, n * ip_len[port]), port
     # pod to pod on this node: one record, from the sender's veth, naming both pods and
@@ -142,9 +148,16 @@ def test_every_packet_once_with_the_right_pods_on_each_cni(layout):
         "job", "web", idx[job.host_if])  # the pod whose namespace has no name
     (r,) = flows(rows, destinationTransportPort=9003)
     assert (r["sourcePodName"], r["destinationPodName"], r["flowType"]) == ("web", "", 3)
-    for r in flows(rows, destinationTransportPort=9004):  # seen where it enters the pod
+    for r in flows(rows, destinationTransportPort=9004):  # as where it enters the pod
         assert (r["flowDirection"], r["egressInterface"], r["destinationPodName"],
                 r["flowType"]) == (1, idx[db.host_if], "db", 4)
+    for r in flows(rows, destinationTransportPort=9005):  # from the pod not opted in
+        assert (r["flowDirection"], r["egressInterface"], r["sourcePodName"],
+                r["destinationPodName"], r["flowType"]) == (1, idx[db.host_if], "loner", "db", 1)
+    unreachable = flows(rows, protocolIdentifier=1, icmpTypeCodeIPv4=3 << 8 | 3,
+                        sourceIPv4Address=node.remote_ip)
+    assert [(r["destinationPodName"], r["packetDeltaCount"]) for r in unreachable] == [
+        ("web", 4)]  # answering web's datagrams to the remote
     echo = Counter((r["sourcePodName"], r["icmpTypeCodeIPv4"], r["packetDeltaCount"])
                    for r in flows(rows, protocolIdentifier=1) if r["icmpTypeCodeIPv4"] in
                    (0, 8 << 8))
@@ -152,20 +165,34 @@ def test_every_packet_once_with_the_right_pods_on_each_cni(layout):
     # what each pod's veth received from its pod, every packet, in the records (with
     # dedup every packet a pod sent is counted at its own veth's ingress). Bridged pods
     # ARP for each other meanwhile (not IP, not in records): the flows above are exact.
-    for p in node.pods if layout != "bridged" else ():
+    for p in node.pods[:3] if layout != "bridged" else ():
         sent = x["after"][p.host_if]["rx_packets"] - x["before"][p.host_if]["rx_packets"]
         mine = flows(rows, ingressInterface=idx[p.host_if], flowDirection=0)
         assert sum(r["packetDeltaCount"] for r in mine) == sent, p.host_if
     # Prometheus: db received web's datagrams (counted at web's veth), the remote's, and
     # the replies to its pings: once each
     m = x["metrics"]
-    assert m[DB_RECEIVED] == 10 + 5 + count[9004] + 3
+    assert m[DB_RECEIVED] == 10 + 5 + 6 + 8 + 3
     assert m["cniflow_pods_attached"] == 3
-    if layout == "cilium":  # Cilium's programs still saw every packet, and are still there
-        for p in node.pods:
-            sent = x["after"][p.host_if]["rx_packets"] - x["before"][p.host_if]["rx_packets"]
-            assert x["seen"][p.host_if] == sent, p.host_if
+    if layout == "cilium":  # Cilium's programs still saw every packet that came in through
+        for i in x["seen"]:  # the lxcs and the uplink, and are still there
+            assert x["seen"][i] == x["after"][i]["rx_packets"] - x["before"][i]["rx_packets"], i
         assert x["cni_attached"]
+
+
+def test_cilium_without_entry_points_says_what_it_misses():
+    """--entry-points off: what Cilium delivered past the veths is not counted, and
+    cniflow says how much, exactly: the remote's 6 datagrams to db, its 4 ICMP port
+    unreachables answering web's 4 datagrams and the unmetered pod's 8 datagrams to db
+    (the pod-to-pod packets between metered pods, also redirected past the receivers'
+    veths, were counted at the senders': not in it)."""
+    node, rows, x = run_layout("cilium", dedup=True, entry="off")
+    assert x["metrics"][PAST_HOOK] == 6 + 4 + 8
+    assert total(flows(rows, destinationTransportPort=9004)) == (0, 0)
+    assert total(flows(rows, destinationTransportPort=9005)) == (0, 0)
+    assert total(flows(rows, destinationTransportPort=9000)) == (10, 2280)
+    assert x["metrics"][DB_RECEIVED] == 10 + 5 + 3
+    assert x["metrics"]["cniflow_entry_points"] == 0
 
 
 @pytest.mark.parametrize("layout", ["routed", "cilium"])
@@ -178,6 +205,61 @@ def test_without_dedup_every_observation_point_is_kept(layout):
     assert total(flows(both, flowDirection=0)) == (10, 2280)
     assert total(flows(both, flowDirection=1)) == ((10, 2280) if layout == "routed" else (0, 0))
     assert x["metrics"]["cniflow_packets_deduplicated_total"] == 0
-    # the per-pod counters count each packet once all the same (Cilium: the remote's
-    # 6, delivered past db's veth, not at all)
-    assert x["metrics"][DB_RECEIVED] == 10 + 5 + (0 if layout == "cilium" else 6) + 3
+    # the per-pod counters count each packet once all the same
+    assert x["metrics"][DB_RECEIVED] == 10 + 5 + 6 + 8 + 3
+
+
+@pytest.mark.parametrize("mode", ["tcx", "tc"])
+def test_an_entry_point_before_a_cni_that_passes_to_the_stack_counts_once(mode):
+    """A CNI program on the uplink that passes packets on to the stack (Calico's eBPF
+    dataplane, Cilium with legacy host routing) makes the uplink an entry point all the
+    same (--entry-points auto). What the remote host sends a pod is counted there and
+    not again at the pod's veth, which it still crosses; what iptables DNATs to a pod
+    after the entry point (a NodePort) is for the node's address there, and is counted
+    at the veth. Once each, with TCX and with cls_bpf; the CNI's program still sees every
+    packet and is still there after cniflow exits."""
+    prefix = f"cne{mode[1]}"
+    node = netlab.up(prefix, 2, layout="routed", remote=True)
+    server, standin, uplink = FakeApiServer(node.netns), None, f"{prefix}up"
+    web, db = node.pods
+    node_ip = node.remote_ip.replace(".2", ".1")
+    try:
+        server.namespace("shop", {"cniflow.io/export": "true"})
+        for name, pod in zip(("web", "db"), node.pods, strict=True):
+            server.pod("shop", name, NODE, [pod.ipv4, pod.ipv6])
+        for i in range(2):
+            pin_neighbours(node, i)
+        subprocess.run(node.exec(f"iptables -t nat -A PREROUTING -d {node_ip} -p udp --dport "
+                                 f"30080 -j DNAT --to-destination {db.ipv4}:9007").split(),
+                       check=True)
+        standin = cnilab.StandIn(node.netns, [uplink], mode="pass", attach=mode)
+        collector = RunningCollector(node.netns, 4739)
+        kubeconfig = server.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
+        quiet_all(node)
+        db_if = ifindex_of(node, db.host_if)
+        seen0, rx0 = standin.seen(uplink), node.link_stats(uplink)["rx_packets"]
+        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig",
+                   str(kubeconfig), "--idle-timeout", "1", "--attach", mode,
+                   interfaces=()) as running:
+            assert wait_for(lambda: running.metrics().get("cniflow_entry_points") == 1, 10)
+            send(node.in_remote(""), db.ipv4, 9006, 7, 60)
+            send(node.in_remote(""), node_ip, 30080, 5, 40)
+            time.sleep(2.5)
+            metrics = running.metrics()
+        rows = collector.stop()
+        seen, rx = standin.seen(uplink) - seen0, node.link_stats(uplink)["rx_packets"] - rx0
+        still = standin.attached(uplink)
+    finally:
+        if standin is not None:
+            standin.close()
+        server.stop()
+        netlab.down(prefix)
+    into_db = flows(rows, egressInterface=db_if, flowDirection=1)
+    assert total(flows(into_db, destinationTransportPort=9006)) == (7, 7 * 88)
+    assert total(flows(into_db, destinationTransportPort=9007)) == (5, 5 * 68)
+    assert total(flows(rows, protocolIdentifier=17)) == (12, 7 * 88 + 5 * 68)
+    assert metrics["cniflow_entry_packets_total"] == 7
+    # crossed db's veth all the same: skipped at its egress, as counted where they came in
+    assert metrics["cniflow_packets_deduplicated_total"] == 7
+    assert metrics.get(PAST_HOOK, 0) == 0
+    assert seen == rx >= 12 and still

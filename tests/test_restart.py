@@ -642,3 +642,77 @@ def test_a_poll_killed_after_its_drain_is_restored_from_the_pinned_buffers(pinfs
     assert drain.active == slot and packets(drain.drain()) == {p: 7 for p in range(1, 11)}
     j.close()
     prog.close()
+
+
+def test_an_entry_points_link_is_adopted_across_a_kill():
+    """The remote host sends to a pod through an uplink whose CNI program puts packets
+    into the pod's peer, past its veth (Cilium's BPF host routing), and the agent is
+    SIGKILLed meanwhile: the pinned entry link keeps counting, the successor adopts it
+    (its program swapped in), every datagram is counted once, and nothing of cniflow's
+    is left on the uplink after a SIGTERM."""
+    import cnilab
+    from fakeapi import FakeApiServer
+
+    prefix = f"rse{os.getpid() % 1000}"
+    node = netlab.up(prefix, 2, remote=True)
+    fs = Path(f"/run/cniflow-lab/{prefix}-pins")
+    fs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
+    server, standin, uplink, pins = FakeApiServer(node.netns), None, f"{prefix}up", str(
+        fs / "cniflow")
+    db = node.pods[1]
+    try:
+        server.namespace("shop", {"cniflow.io/export": "true"})
+        for name, pod in zip(("web", "db"), node.pods, strict=True):
+            server.pod("shop", name, "node-a", [pod.ipv4, pod.ipv6])
+        standin = cnilab.StandIn(node.netns, [uplink], mode="redirect",
+                                 targets={db.ipv4: db.host_if})
+        collector = RunningCollector(node.netns, 4739, "tcp")
+        common = ("--kubernetes", "--node-name", "node-a", "--kubeconfig",
+                  str(server.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))),
+                  "--transport", "tcp", "--pin-path", pins, "--idle-timeout", "30",
+                  "--active-timeout", "120")
+        with agent(node, *common, interfaces=()) as first:
+            assert wait_for(lambda: first.metrics().get("cniflow_entry_points") == 1, 10)
+            sender = subprocess.Popen(
+                node.in_remote(f"{PY} -c '{SENDER}' {db.ipv4} {RATE} 6 1"), shell=True,
+                stdout=subprocess.PIPE, text=True)
+            time.sleep(2.5)
+            first.proc.kill()
+            first.proc.wait(10)
+            assert tcx_programs(node.netns, uplink, "ingress")[0] == "cniflow_entry"
+            link = head_link(node.netns, uplink)
+        time.sleep(1)  # no agent at all: the pinned entry link goes on counting
+        with agent(node, *common, interfaces=()) as second:
+            sent = int(sender.communicate(timeout=30)[0])
+            time.sleep(1)
+            assert head_link(node.netns, uplink) == link  # the same link, adopted
+        log = second.log.read_text()
+        rows = settled(collector)
+        left = [n for n in tcx_programs(node.netns, uplink, "ingress")
+                if n.startswith("cniflow_")]
+        assert standin.attached(uplink)
+    finally:
+        if standin is not None:
+            standin.close()
+        server.stop()
+        subprocess.run(["umount", str(fs)], check=False)
+        fs.rmdir()
+        netlab.down(prefix)
+    assert "adopted pinned links" in log
+    got = [x for x in rows if x.get("destinationTransportPort") == PORT]
+    assert sum(x["packetDeltaCount"] for x in got) == sent >= 5 * RATE
+    assert {(x["flowDirection"], x["destinationPodName"]) for x in got} == {(1, "db")}
+    assert left == [] and not os.path.exists(pins)
+
+
+def head_link(netns: str, ifname: str) -> int:
+    """The id of the first link on an interface's TCX ingress."""
+    import socket
+
+    from fakeapi import in_netns
+
+    from bpf import syscall
+
+    return in_netns(netns, lambda: syscall.query(socket.if_nametoindex(ifname),
+                                                 syscall.TCX_INGRESS)[0][1])
