@@ -56,7 +56,8 @@ def _entry_points(text: str) -> str:
     if text in ("auto", "off"):
         return text
     names = [n.strip() for n in text.split(",")]
-    bad = [n for n in names if not n or len(n) > 15 or re.search(r"[\s/:]", n)]
+    bad = [n for n in names if not n or len(n) > 15 or re.search(r"[\s/:]", n)
+           or n in ("auto", "off")]
     if bad:
         raise ValueError(f"must be auto, off or interface names (at most 15 characters, "
                          f"no spaces, '/' or ':'), got {text!r}")

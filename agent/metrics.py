@@ -72,7 +72,7 @@ class Metrics:
         self.packets_deduplicated = Counter(
             "cniflow_packets_deduplicated",
             "Packets not counted again at a metered interface's egress: counted at the "
-            "metered sender's ingress", registry=r)
+            "metered sender's ingress, or at an entry point", registry=r)
         self.overflow_packets = Counter(
             "cniflow_overflow_packets", "Packets in overflow records (addresses unknown)",
             ["interface", "direction"], registry=r)

@@ -60,6 +60,9 @@ class Loaded:
         self.entry = self.ingress  # no entry points in the benchmark
         self.spares = (self.ingress, self.egress, self.entry)  # never moved either
 
+    def meter(self, ifindex: int, on: bool, entry: bool = False) -> None:
+        """No metered set: nothing to deduplicate."""
+
 
 # Where the flood goes. "host": dropped by the node's route (a blackhole): the
 # shortest path, where the hook's share of a packet is largest. "remote": forwarded

@@ -159,17 +159,21 @@ class Attacher:
     def prune(self) -> None:
         """Adopted links no interface claimed (opted out, or gone, while no agent ran):
         detached and unpinned."""
-        for (ifindex, hook), fd in list(self.adopted.items()):
-            self.adopted.pop((ifindex, hook))
-            self._unpin(ifindex, hook)
-            try:
-                syscall.link_detach(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+        for ifindex, hook in list(self.adopted):
+            self._drop_adopted(ifindex, hook)
             if ifindex not in self.attached:
                 self._unmeter(ifindex)
+
+    def _drop_adopted(self, ifindex: int, hook: str) -> None:
+        """An adopted link detached and unpinned."""
+        fd = self.adopted.pop((ifindex, hook))
+        self._unpin(ifindex, hook)
+        try:
+            syscall.link_detach(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _unpin(self, ifindex: int, hook: str) -> None:
         if self.pins is not None:
@@ -187,6 +191,9 @@ class Attacher:
             self.detach(ifindex)
         self._sweep(ifindex, name)
         att = Attachment(ifindex, name, entry=entry)
+        roles = {hook.name for hook in att.hooks}
+        for role in [r for (i, r) in self.adopted if i == ifindex and r not in roles]:
+            self._drop_adopted(ifindex, role)  # an earlier agent's, as a pod or entry point
         if self.mode == "tcx":
             self._attach_tcx(att)
         else:

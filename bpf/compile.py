@@ -25,7 +25,7 @@ PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_entry", "cniflow_jiffi
 SPARES = PROGRAMS[:3]  # the classifiers, loaded twice (SPARE names the second copy)
 SPARE = "/2"
 MAPS = ("flows_a", "flows_b", "overflow_a", "overflow_b", "slot", "stats", "fill", "metered",
-        "pod_addrs")
+        "pod_addrs", "entry_overflowed")
 # Overflow entries: one per interface, direction and IP version; metered interfaces (and
 # entry points), metered pods' addresses.
 OVERFLOW_SIZE = 16384

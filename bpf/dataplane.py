@@ -64,6 +64,7 @@ class EbpfDataplane:
         # pods' addresses are known with --kubernetes only: no entry points without them
         self.entries = EntryPoints(cfg.entry_points if cfg.kubernetes else "off",
                                    self.attacher)
+        self.any_entry: bool | None = None  # what the program was told: any entry points
         self.netkit: set[int] = set()  # wanted, but netkit devices: not metered (logged once)
         self.wake_at = cfg.map_size // 2  # drain early once the active map is half full
         metrics.map_size.set(cfg.map_size)
@@ -120,8 +121,12 @@ class EbpfDataplane:
         self.netkit &= set(want)
         self.metrics.interfaces_not_metered.labels("netkit").set(len(self.netkit))
         pods = self.attached
+        entry_points = len(self.attacher.attached) - len(pods)
+        if bool(entry_points) != self.any_entry:
+            self.program.entry_points(bool(entry_points))
+            self.any_entry = bool(entry_points)
         self.metrics.interfaces_attached.set(len(pods))
-        self.metrics.entry_points.set(len(self.attacher.attached) - len(pods))
+        self.metrics.entry_points.set(entry_points)
 
     def pod_addresses(self, addresses: dict[str, int]) -> None:
         """The metered pods' addresses (address -> host interface), for the entry points:

@@ -11,24 +11,28 @@ A packet that still reaches the veth's egress (another CNI, legacy host routing)
 its flow counted at the entry point and is not counted again (flow.bpf.c).
 
 --entry-points auto (the default): every interface that is not a metered pod's nor the
-loopback and whose ingress hook holds another program, a TCX link or a cls_bpf filter:
-only there can a program deliver past the veth, and only there is the cost paid (a parse
-and one hash lookup a packet). A list of names and globs: those interfaces, whatever
-holds their hooks. off: none.
+loopback and whose ingress hook holds another program, a TCX link or a tc filter: only
+there can a program deliver past the veth, and only there is the cost paid (a parse and
+one hash lookup a packet, 15 ns). A list of names and globs: those interfaces, whatever
+holds their hooks. off: none. Of a device and one stacked on it (a VLAN, a bond on its
+slaves) both chosen, only the lower one is metered: a packet crosses both ingresses.
 
-What is not counted this way: a packet whose destination is rewritten after the entry
-point (a NodePort or LoadBalancer Service DNAT'ed by the CNI's own program to a pod of
-this node) is for the node's address there; bpf/pasthook.py still reports those.
+What is not counted this way: a packet whose destination the CNI's own program rewrites
+after the entry point (replies to a pod's masqueraded connections, a NodePort or
+LoadBalancer Service DNAT'ed to a pod of this node, a hostPort) is for the node's
+address there; bpf/pasthook.py reports those.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
+import os
 import time
 
 from bpf import syscall
-from bpf.attach import HANDLE, PARENT_INGRESS, SPARE_HANDLE
+from bpf.attach import HANDLE, PARENT_INGRESS, PREFIX, SPARE_HANDLE
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,13 @@ class EntryPoints:
         if self.setting == "off":
             return {}
         others = {i: n for i, n in present.items() if i not in pods and n != "lo"}
-        if self.patterns:
-            return {i: n for i, n in others.items()
-                    if any(fnmatch.fnmatchcase(n, p) for p in self.patterns)}
+        out = {i: n for i, n in others.items()
+               if any(fnmatch.fnmatchcase(n, p) for p in self.patterns)} if self.patterns \
+            else self._held_ones(others)
+        return {i: n for i, n in out.items() if not lower_devices(n) & set(out.values())}
+
+    def _held_ones(self, others: dict[int, str]) -> dict[int, str]:
+        """Those whose ingress holds another program (read again every RECHECK_SECONDS)."""
         now = time.monotonic()
         for ifindex in [i for i in self.checked if i not in others]:
             del self.checked[ifindex]
@@ -57,20 +65,35 @@ class EntryPoints:
         for ifindex, name in others.items():
             when, held = self.checked.get(ifindex, (-RECHECK_SECONDS, False))
             if now - when >= RECHECK_SECONDS:
-                held = self._held(ifindex)
+                held = self._held(ifindex, held)
                 self.checked[ifindex] = (now, held)
             if held:
                 out[ifindex] = name
         return out
 
-    def _held(self, ifindex: int) -> bool:
-        """Whether the interface's ingress hook holds a program that is not cniflow's."""
+    def _held(self, ifindex: int, before: bool) -> bool:
+        """Whether the interface's ingress hook holds a program that is not cniflow's (an
+        earlier agent's, not yet replaced, is cniflow's too); `before` when it cannot be
+        read now."""
         a = self.attacher
         try:
-            if a.tcx and any(prog not in a.ours
-                             for prog, _ in syscall.query(ifindex, syscall.TCX_INGRESS)):
-                return True
-            return any(handle not in (HANDLE, SPARE_HANDLE)
-                       for handle, *_ in a.filters(ifindex, PARENT_INGRESS))
-        except OSError:  # gone, or no clsact: nothing there
-            return False
+            if a.tcx:
+                for prog, _ in syscall.query(ifindex, syscall.TCX_INGRESS):
+                    if prog not in a.ours and not syscall.prog_name(prog).startswith(PREFIX):
+                        return True
+            return any(handle not in (HANDLE, SPARE_HANDLE) and not name.startswith(PREFIX)
+                       for handle, _, _, name in a.filters(ifindex, PARENT_INGRESS))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # no clsact, or gone
+                return False
+            return before
+
+
+def lower_devices(name: str) -> set[str]:
+    """The devices an interface is stacked on (a VLAN's parent, a bond's slaves), from
+    sysfs (the kernel's adjacency lists: lower_<name> links)."""
+    try:
+        return {n[len("lower_"):] for n in os.listdir(f"/sys/class/net/{name}")
+                if n.startswith("lower_")}
+    except OSError:
+        return set()

@@ -54,6 +54,7 @@ enum stat_index {
 #define DIR_ENTRY 2  // the interface's egress, counted at an entry point (user space: 1)
 #define METERED_POD 1    // the metered map's values
 #define METERED_ENTRY 2
+#define ENTRY_POINTS 0   // the metered map's key present (METERED_ENTRY) while there are any
 
 struct flow_key {
     u32 ifindex;
@@ -130,6 +131,10 @@ struct addr_key {
 };
 // A metered pod's address -> its host-side interface: what entry points count.
 TABLE("hash", struct addr_key, u32, pod_addrs, METERED_SIZE);
+// Flows (key as counted, DIR_ENTRY) an entry point counted in an overflow entry lately:
+// their packets are not counted again at the veth's egress. LRU: a flood evicts the
+// oldest, long after their packets crossed the veth (microseconds after the entry).
+TABLE("lru_hash", struct flow_key, u8, entry_overflowed, OVERFLOW_SIZE);
 
 struct pkt {
     u64 now;
@@ -222,7 +227,7 @@ static __always_inline void overflow_key(struct flow_key *o, const struct flow_k
 // that into one call site reached with either map, and for such a site the verifier
 // cannot inline the hash lookup (an indirect call per packet: 16 of the 72 ns the
 // program cost). tests/test_metering.py checks that every map call site has one map.
-static __always_inline void account_a(struct flow_key *key, const struct pkt *p) {
+static __always_inline int account_a(struct flow_key *key, const struct pkt *p) {
     int full = 0;
     struct flow_val *v = flows_a.lookup(key);
     if (!v) {
@@ -231,11 +236,11 @@ static __always_inline void account_a(struct flow_key *key, const struct pkt *p)
         if (!inserted(flows_a.insert(key, &init), &full, 0))
             v = flows_a.lookup(key);
         else if (!full)
-            return;
+            return 0;
     }
     if (v) {
         fold(v, p);
-        return;
+        return 0;
     }
     // The flow map is full (or the flow vanished between insert and lookup).
     stat_inc(STAT_MAP_FULL);
@@ -248,16 +253,17 @@ static __always_inline void account_a(struct flow_key *key, const struct pkt *p)
         init.min_ttl = init.max_ttl = init.tos = init.tcp_flags = 0;
         int err = overflow_a.insert(&o, &init);
         if (err == 0)
-            return;
+            return 1;
         v = overflow_a.lookup(&o);
     }
     if (v)
         fold_shared(v, p);
     else
         stat_inc(STAT_LOST);
+    return 1;
 }
 
-static __always_inline void account_b(struct flow_key *key, const struct pkt *p) {
+static __always_inline int account_b(struct flow_key *key, const struct pkt *p) {
     int full = 0;
     struct flow_val *v = flows_b.lookup(key);
     if (!v) {
@@ -266,11 +272,11 @@ static __always_inline void account_b(struct flow_key *key, const struct pkt *p)
         if (!inserted(flows_b.insert(key, &init), &full, 1))
             v = flows_b.lookup(key);
         else if (!full)
-            return;
+            return 0;
     }
     if (v) {
         fold(v, p);
-        return;
+        return 0;
     }
     stat_inc(STAT_MAP_FULL);
     struct flow_key o = {};
@@ -282,22 +288,23 @@ static __always_inline void account_b(struct flow_key *key, const struct pkt *p)
         init.min_ttl = init.max_ttl = init.tos = init.tcp_flags = 0;
         int err = overflow_b.insert(&o, &init);
         if (err == 0)
-            return;
+            return 1;
         v = overflow_b.lookup(&o);
     }
     if (v)
         fold_shared(v, p);
     else
         stat_inc(STAT_LOST);
+    return 1;
 }
 
-static __always_inline void account(struct flow_key *key, const struct pkt *p) {
+// 1 when the flow map had no room (the packet is in an overflow entry, or lost).
+static __always_inline int account(struct flow_key *key, const struct pkt *p) {
     int zero = 0;
     u32 *s = slot.lookup(&zero);
     if (s && *s)
-        account_b(key, p);
-    else
-        account_a(key, p);
+        return account_b(key, p);
+    return account_a(key, p);
 }
 
 // What parse() made of a frame.
@@ -464,9 +471,10 @@ static __always_inline int parse_frame(struct __sk_buff *skb, struct flow_key *k
     return v;
 }
 
-// Counts a parsed packet under key (ifindex and direction set).
-static __always_inline void count(struct __sk_buff *skb, struct flow_key *key,
-                                  struct pkt *p) {
+// Counts a parsed packet under key (ifindex and direction set); 1 when the flow map had
+// no room for it.
+static __always_inline int count(struct __sk_buff *skb, struct flow_key *key,
+                                 struct pkt *p) {
     p->segs = 1;
     // A GRO super-packet (made by NAPI, which marks its id on the skb; a TSO packet from a
     // local socket carries none): the veth counted its segments, each with its headers.
@@ -479,17 +487,14 @@ static __always_inline void count(struct __sk_buff *skb, struct flow_key *key,
         }
     }
     p->now = bpf_jiffies64();  // 2 ns; bpf_ktime_get_coarse_ns() costs 15
-    account(key, p);
+    return account(key, p);
 }
 
-// Whether an entry point counted this packet's flow (key as the egress would count it)
-// in either map, or had no room and counted the veth's packets in its overflow entry.
+// Whether an entry point counted this packet's flow (key as the egress would count it):
+// in either flow map, or in an overflow entry when they had no room (entry_overflowed).
 static __always_inline int counted_at_entry(struct flow_key *key) {
-    struct flow_key o = {};
     key->direction = DIR_ENTRY;
-    overflow_key(&o, key);
-    int seen = flows_a.lookup(key) || flows_b.lookup(key) || overflow_a.lookup(&o) ||
-               overflow_b.lookup(&o);
+    int seen = flows_a.lookup(key) || flows_b.lookup(key) || entry_overflowed.lookup(key);
     key->direction = 1;
     return seen;
 }
@@ -515,10 +520,16 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction, int fro
 int cniflow_ingress(struct __sk_buff *skb) { return classify(skb, 0, 0); }
 int cniflow_egress(struct __sk_buff *skb) {
     u32 from = skb->ingress_ifindex;
-    u32 *m = from ? metered.lookup(&from) : 0;
+    if (!from)  // from this host: no entry point nor metered pod saw it
+        return classify(skb, 1, 0);
+    u32 *m = metered.lookup(&from);
     if (m && *m == METERED_POD) {  // entered through a metered pod: counted there
         stat_inc(STAT_DEDUP);
         return TC_ACT_UNSPEC;
+    }
+    if (!m) {  // entered elsewhere: maybe an entry point's upper device (a VLAN, a bond)
+        u32 any = ENTRY_POINTS;
+        m = metered.lookup(&any);
     }
     return classify(skb, 1, m != 0);
 }
@@ -537,7 +548,10 @@ int cniflow_entry(struct __sk_buff *skb) {
         return TC_ACT_UNSPEC;
     key.ifindex = *veth;
     key.direction = DIR_ENTRY;
-    count(skb, &key, &p);
+    if (count(skb, &key, &p)) {  // in an overflow entry: the veth's egress must know
+        u8 one = 1;
+        entry_overflowed.update(&key, &one);
+    }
     return TC_ACT_UNSPEC;
 }
 

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 # enum stat_index in flow.bpf.c
 STAT_NAMES = ("map_full", "not_ip", "malformed", "lost", "dedup")
 METERED_POD, METERED_ENTRY = 1, 2  # the metered map's values
+ENTRY_POINTS = 0  # the metered map's key present while there are entry points
 DIR_ENTRY = 2  # a key's direction: the interface's egress, counted at an entry point
+ADDR_KEY_SIZE = 20
 
 
 def addr_key(ip: str) -> bytes:
@@ -53,7 +55,8 @@ def expected_maps(map_size: int, shared: bool) -> dict[str, tuple[int, int, int,
             "stats": (syscall.MAP_PERCPU_ARRAY, 4, 8, len(STAT_NAMES)),
             "fill": (syscall.MAP_PERCPU_ARRAY, 4, 8, 2),
             "metered": (syscall.MAP_HASH, 4, 4, METERED_SIZE),
-            "pod_addrs": (syscall.MAP_HASH, 20, 4, METERED_SIZE)}
+            "pod_addrs": (syscall.MAP_HASH, 20, 4, METERED_SIZE),
+            "entry_overflowed": (syscall.MAP_LRU_HASH, 48, 1, OVERFLOW_SIZE)}
 
 
 class FlowProgram:
@@ -91,7 +94,8 @@ class FlowProgram:
         self._slot, self._stats, self._fill = fds["slot"], fds["stats"], fds["fill"]
         self._metered = fds["metered"]
         self._pod_addrs = fds["pod_addrs"]
-        self.addresses: dict[bytes, int] = {}  # pod_addrs as written: key -> ifindex
+        self.addresses: dict[bytes, int] | None = None  # pod_addrs: key -> ifindex
+        self.addresses_full = False
         self._fds = list(fds.values())
         log.info("program loaded", extra={"map_size": map_size})
 
@@ -108,7 +112,7 @@ class FlowProgram:
                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             )
             child.close()
-            msg, fds, _, _ = socket.recv_fds(parent, 65536, 16)
+            msg, fds, _, _ = socket.recv_fds(parent, 65536, 64)
             _, err = proc.communicate(timeout=120)
         reply = json.loads(msg or b"{}") if msg else {"error": err.strip() or "compiler died"}
         if "error" in reply:
@@ -143,19 +147,34 @@ class FlowProgram:
         else:
             syscall.delete(self._metered, key)
 
+    def entry_points(self, on: bool) -> None:
+        """Whether there are entry points: a packet from any other interface may then have
+        been counted at one (it came in through an entry point's VLAN, bond...)."""
+        self.meter(ENTRY_POINTS, on, entry=True)
+
     def pod_addresses(self, want: dict[bytes, int]) -> None:
         """Make pod_addrs hold exactly `want` (addr_key -> the pod's host interface, see
         addr_key()): what changed since the last call, written one entry at a time (pods
-        come and go a few a second)."""
+        come and go a few a second). The first call also removes what a pinned map held
+        from an earlier agent (pods gone meanwhile: their interface index may be another
+        pod's by now)."""
+        if self.addresses is None:
+            self.addresses = {k: struct.unpack("<I", v)[0] for k, v in syscall.lookup_batch(
+                self._pod_addrs, ADDR_KEY_SIZE, 4, METERED_SIZE)}
         for key in [k for k in self.addresses if k not in want]:
-            try:
-                syscall.delete(self._pod_addrs, key)
-            except OSError:
-                pass
+            syscall.delete(self._pod_addrs, key)
             del self.addresses[key]
         for key, ifindex in want.items():
             if self.addresses.get(key) != ifindex:
-                syscall.update(self._pod_addrs, key, struct.pack("<I", ifindex))
+                try:
+                    syscall.update(self._pod_addrs, key, struct.pack("<I", ifindex))
+                except OSError as e:  # full: that pod's deliveries past its veth are missed
+                    if not self.addresses_full:
+                        log.warning("pod address map full: packets for the rest of the "
+                                    "pods are not counted at entry points",
+                                    extra={"err": str(e), "entries": METERED_SIZE})
+                    self.addresses_full = True
+                    continue
                 self.addresses[key] = ifindex
 
     def jiffies(self) -> int:

@@ -285,7 +285,7 @@ MAP_DELETE_BATCH = 27
 LINK_UPDATE = 29
 F_NO_PREALLOC = 1
 F_MMAPABLE = 1 << 10  # an array map whose values user space maps and stores into
-MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH = 1, 2, 5, 6, 9
 
 
 class _MapCreate(ct.Structure):

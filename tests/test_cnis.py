@@ -8,6 +8,7 @@ flowType; and the CNI's programs still see every packet."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections import Counter
@@ -89,6 +90,8 @@ def run_layout(layout: str, dedup: bool, entry: str = "auto",
             if node.datapath else {}
         with agent(node, *args, interfaces=(), metered=3) as running:
             web, db, job, _ = node.pods
+            if layout == "cilium" and entry == "auto":  # the uplink, loner's lxc
+                assert wait_for(lambda: running.metrics().get("cniflow_entry_points") == 2, 10)
             send(node.in_pod(0, ""), db.ipv4, 9000, 10, 200)       # pod to pod, one node
             send(node.in_pod(0, ""), db.ipv6, 9001, 5, 1000)       # the same, IPv6
             send(node.in_pod(2, ""), web.ipv4, 9002, 3, 50)        # from the unnamed pod
@@ -209,6 +212,34 @@ def test_without_dedup_every_observation_point_is_kept(layout):
     assert x["metrics"][DB_RECEIVED] == 10 + 5 + 6 + 8 + 3
 
 
+@contextlib.contextmanager
+def passing_uplink(prefix: str, on: str = "up", attach: str = "tcx", setup=None):
+    """A routed node with pods web and db opted in (neighbours pinned), a remote host
+    behind its uplink, and a stand-in CNI program that passes packets on to the stack on
+    the interfaces `on` names (space-separated suffixes of the prefix), made by setup(node)
+    first if given: (node, standin, the agent's Kubernetes arguments)."""
+    node = netlab.up(prefix, 2, layout="routed", remote=True)
+    server, standin = FakeApiServer(node.netns), None
+    try:
+        server.namespace("shop", {"cniflow.io/export": "true"})
+        for name, pod in zip(("web", "db"), node.pods, strict=True):
+            server.pod("shop", name, NODE, [pod.ipv4, pod.ipv6])
+        for i in range(2):
+            pin_neighbours(node, i)
+        if setup is not None:
+            setup(node)
+        standin = cnilab.StandIn(node.netns, [prefix + s for s in on.split()], mode="pass",
+                                 attach=attach)
+        kubeconfig = server.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
+        yield node, standin, ["--kubernetes", "--node-name", NODE, "--kubeconfig",
+                              str(kubeconfig), "--idle-timeout", "1"]
+    finally:
+        if standin is not None:
+            standin.close()
+        server.stop()
+        netlab.down(prefix)
+
+
 @pytest.mark.parametrize("mode", ["tcx", "tc"])
 def test_an_entry_point_before_a_cni_that_passes_to_the_stack_counts_once(mode):
     """A CNI program on the uplink that passes packets on to the stack (Calico's eBPF
@@ -219,41 +250,28 @@ def test_an_entry_point_before_a_cni_that_passes_to_the_stack_counts_once(mode):
     at the veth. Once each, with TCX and with cls_bpf; the CNI's program still sees every
     packet and is still there after cniflow exits."""
     prefix = f"cne{mode[1]}"
-    node = netlab.up(prefix, 2, layout="routed", remote=True)
-    server, standin, uplink = FakeApiServer(node.netns), None, f"{prefix}up"
-    web, db = node.pods
-    node_ip = node.remote_ip.replace(".2", ".1")
-    try:
-        server.namespace("shop", {"cniflow.io/export": "true"})
-        for name, pod in zip(("web", "db"), node.pods, strict=True):
-            server.pod("shop", name, NODE, [pod.ipv4, pod.ipv6])
-        for i in range(2):
-            pin_neighbours(node, i)
-        subprocess.run(node.exec(f"iptables -t nat -A PREROUTING -d {node_ip} -p udp --dport "
-                                 f"30080 -j DNAT --to-destination {db.ipv4}:9007").split(),
-                       check=True)
-        standin = cnilab.StandIn(node.netns, [uplink], mode="pass", attach=mode)
+    uplink = f"{prefix}up"
+
+    def nodeport(node):
+        subprocess.run(node.exec(
+            f"iptables -t nat -A PREROUTING -d 10.{node.subnet}.200.1 -p udp --dport 30080 "
+            f"-j DNAT --to-destination {node.pods[1].ipv4}:9007").split(), check=True)
+
+    with passing_uplink(prefix, attach=mode, setup=nodeport) as (node, standin, k8s):
+        db = node.pods[1]
         collector = RunningCollector(node.netns, 4739)
-        kubeconfig = server.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
         quiet_all(node)
         db_if = ifindex_of(node, db.host_if)
         seen0, rx0 = standin.seen(uplink), node.link_stats(uplink)["rx_packets"]
-        with agent(node, "--kubernetes", "--node-name", NODE, "--kubeconfig",
-                   str(kubeconfig), "--idle-timeout", "1", "--attach", mode,
-                   interfaces=()) as running:
+        with agent(node, *k8s, "--attach", mode, interfaces=()) as running:
             assert wait_for(lambda: running.metrics().get("cniflow_entry_points") == 1, 10)
             send(node.in_remote(""), db.ipv4, 9006, 7, 60)
-            send(node.in_remote(""), node_ip, 30080, 5, 40)
+            send(node.in_remote(""), f"10.{node.subnet}.200.1", 30080, 5, 40)  # a NodePort
             time.sleep(2.5)
             metrics = running.metrics()
         rows = collector.stop()
         seen, rx = standin.seen(uplink) - seen0, node.link_stats(uplink)["rx_packets"] - rx0
         still = standin.attached(uplink)
-    finally:
-        if standin is not None:
-            standin.close()
-        server.stop()
-        netlab.down(prefix)
     into_db = flows(rows, egressInterface=db_if, flowDirection=1)
     assert total(flows(into_db, destinationTransportPort=9006)) == (7, 7 * 88)
     assert total(flows(into_db, destinationTransportPort=9007)) == (5, 5 * 68)
@@ -263,3 +281,75 @@ def test_an_entry_point_before_a_cni_that_passes_to_the_stack_counts_once(mode):
     assert metrics["cniflow_packets_deduplicated_total"] == 7
     assert metrics.get(PAST_HOOK, 0) == 0
     assert seen == rx >= 12 and still
+
+
+def test_a_flood_through_an_entry_point_keeps_the_totals_exact():
+    """The remote host floods a pod with new flows through an entry point whose CNI
+    program passes them on to the stack, with a map far too small: what the entry point
+    counted in its overflow entry is not counted again at the veth it still crosses.
+    Summed over every record into the pod (flows and overflow), packets equal what the
+    veth transmitted, once."""
+    from bench.accuracy import build
+
+    flood = build("udpflood")
+    with passing_uplink("cnfl") as (node, _, k8s):
+        db = node.pods[1]
+        collector = RunningCollector(node.netns, 4739, "tcp", 9478, "--rotate-bytes", "0")
+        quiet_all(node)
+        db_if = ifindex_of(node, db.host_if)
+        before = node.link_stats(db.host_if)
+        with agent(node, *k8s, "--transport", "tcp", "--map-size", "512",
+                   interfaces=()) as running:
+            assert wait_for(lambda: running.metrics().get("cniflow_entry_points") == 1, 10)
+            sent = int(subprocess.run(node.in_remote(f"{flood} {db.ipv4} 40000 1.5 18"),
+                                      shell=True, check=True, capture_output=True,
+                                      text=True).stdout.split()[0])
+            time.sleep(3)
+            metrics = running.metrics()
+        after = node.link_stats(db.host_if)
+        rows = collector.stop()
+    crossed = after["tx_packets"] - before["tx_packets"]
+    into_db = flows(rows, egressInterface=db_if, flowDirection=1)
+    assert sum(r["packetDeltaCount"] for r in into_db) == crossed == sent
+    assert metrics["cniflow_entry_packets_total"] == sent
+    over = f'cniflow_overflow_packets_total{{direction="out",interface="{db.host_if}"}}'
+    assert metrics[over] > 0  # the map was full: overflow records carried the rest
+
+
+def test_a_device_stacked_on_an_entry_point_is_one_entry_point():
+    """A device stacked on the uplink (a macvlan here; a VLAN or a bond is the same to the
+    kernel's adjacency lists, and this kernel has neither), and the CNI's program on
+    both (Cilium's devices may list either): only the lower device is an entry point, as
+    a packet crosses both ingresses; what the remote host sends a pod through the upper
+    device is counted there once, and not again at the pod's veth, though it reaches it
+    from the upper device."""
+    prefix = "cnvl"
+
+    def macvlan(node):
+        sub, db = node.subnet, node.pods[1]
+        netlab.batch(node.netns, [f"link add link {prefix}up name {prefix}mv type macvlan "
+                                  "mode bridge", f"addr add 10.{sub}.201.1/24 dev {prefix}mv",
+                                  f"link set {prefix}mv up"])
+        netlab.batch(node.remote_netns, [f"addr add 10.{sub}.201.2/24 dev eth0",
+                                         f"route add {db.ipv4}/32 via 10.{sub}.201.1"])
+        subprocess.run(node.in_remote(f"ping -c 1 -W 5 {db.ipv4}").split(), check=True,
+                       stdout=subprocess.DEVNULL)  # the neighbours on the way, resolved
+
+    with passing_uplink(prefix, on="up mv", setup=macvlan) as (node, standin, k8s):
+        db = node.pods[1]
+        collector = RunningCollector(node.netns, 4739)
+        quiet_all(node)
+        db_if = ifindex_of(node, db.host_if)
+        with agent(node, *k8s, interfaces=()) as running:
+            time.sleep(1.5)  # a reconcile or two: both devices looked at
+            assert running.metrics()["cniflow_entry_points"] == 1
+            send(node.in_remote(""), db.ipv4, 9008, 9, 60)
+            time.sleep(2.5)
+            metrics = running.metrics()
+        rows = collector.stop()
+        seen = standin.seen(f"{prefix}mv")
+    assert seen >= 9  # the datagrams came in through the upper device
+    into_db = flows(rows, egressInterface=db_if, flowDirection=1, destinationTransportPort=9008)
+    assert total(into_db) == (9, 9 * 88)
+    assert metrics["cniflow_entry_packets_total"] == 9
+    assert metrics["cniflow_packets_deduplicated_total"] == 9  # at db's veth

@@ -686,7 +686,9 @@ def test_an_entry_points_link_is_adopted_across_a_kill():
         with agent(node, *common, interfaces=()) as second:
             sent = int(sender.communicate(timeout=30)[0])
             time.sleep(1)
-            assert head_link(node.netns, uplink) == link  # the same link, adopted
+            now = head_link(node.netns, uplink)
+        # the same link, adopted, running the successor's program
+        assert now[1] == link[1] and now[0] != link[0], (link, now)
         log = second.log.read_text()
         rows = settled(collector)
         left = [n for n in tcx_programs(node.netns, uplink, "ingress")
@@ -706,8 +708,8 @@ def test_an_entry_points_link_is_adopted_across_a_kill():
     assert left == [] and not os.path.exists(pins)
 
 
-def head_link(netns: str, ifname: str) -> int:
-    """The id of the first link on an interface's TCX ingress."""
+def head_link(netns: str, ifname: str) -> tuple[int, int]:
+    """(program id, link id) of the first link on an interface's TCX ingress."""
     import socket
 
     from fakeapi import in_netns
@@ -715,4 +717,29 @@ def head_link(netns: str, ifname: str) -> int:
     from bpf import syscall
 
     return in_netns(netns, lambda: syscall.query(socket.if_nametoindex(ifname),
-                                                 syscall.TCX_INGRESS)[0][1])
+                                                 syscall.TCX_INGRESS)[0])
+
+
+def test_an_earlier_agents_pod_addresses_go_with_their_pods(pinfs):
+    """The pod address map is pinned and adopted like every other: addresses of pods
+    deleted while no agent ran are removed at the successor's first reconcile, before
+    their interface indexes can name another pod's traffic; the rest is rewritten only
+    where it changed."""
+    from bpf import syscall
+    from bpf.pins import PinDir
+    from bpf.program import ADDR_KEY_SIZE, FlowProgram, addr_key
+
+    first = FlowProgram(4096, pins=PinDir(pinfs))
+    first.pod_addresses({addr_key("10.1.0.5"): 7, addr_key("fd00::6"): 8,
+                         addr_key("10.1.0.7"): 9})
+    first.close()
+    second = FlowProgram(4096, pins=PinDir(pinfs))
+    try:
+        assert second.adopted
+        second.pod_addresses({addr_key("fd00::6"): 8, addr_key("10.1.0.8"): 7})
+        held = {k: int.from_bytes(v, "little") for k, v in syscall.lookup_batch(
+            second._pod_addrs, ADDR_KEY_SIZE, 4, 64)}
+        assert held == {addr_key("fd00::6"): 8, addr_key("10.1.0.8"): 7}
+    finally:
+        second.close()
+        PinDir(pinfs).remove()

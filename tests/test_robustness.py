@@ -86,6 +86,9 @@ def test_bad_input_is_one_clear_line_exit_2_and_attaches_nothing(node):
         ("--interface", a.host_if, "--collector", "127.0.0.1"): "--collector",
         ("--interface", a.host_if, "--idle-timeout", "0"): "--idle-timeout",
         ("--interface", a.host_if, "--transport", "sctp"): "must be one of udp, tcp",
+        ("--interface", a.host_if, "--entry-points", "eth0,auto"): "--entry-points",
+        ("--interface", a.host_if, "--entry-points", "eth0,,eth1"): "--entry-points",
+        ("--interface", a.host_if, "--entry-points", "a/b"): "--entry-points",
         (): "nothing to meter",
     }
     for args, message in cases.items():
