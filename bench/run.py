@@ -25,6 +25,7 @@ import argparse
 import json
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -157,10 +158,16 @@ def program_ns(rounds: int) -> dict:
     programs = {"empty": Loaded(), "cniflow": FlowProgram(65536),
                 "cniflow_percpu": FlowProgram(65536, shared=False)}
     # An entry point (bpf/entry.py) on the node's own traffic (no pod has the destination:
-    # what every packet of an uplink pays) and on a packet for a metered pod.
+    # what every packet of an uplink pays), with Cilium's SNAT map to look replies up in
+    # as well (bpf/masquerade.py: an empty map of its layout), and on a packet for a
+    # metered pod.
     entry = programs["cniflow"]
+    nat = FlowProgram(65536, nat="lru_hash,0")
+    snat = syscall.map_create(syscall.MAP_LRU_HASH, 14, 40, 65536, name="snat")
+    syscall.update(nat.nat_fd, struct.pack("<I", 0), struct.pack("<I", snat))
     runs = {name: (prog.ingress.fd, frame) for name, prog in programs.items()}
     runs["entry_node"] = (entry.entry.fd, frame)
+    runs["entry_node_nat"] = (nat.entry.fd, frame)
     runs["entry_pod"] = (entry.entry.fd, frame[:33] + b"\x02" + frame[34:])  # 10.77.0.2
     entry.pod_addresses({addr_key("10.77.0.2"): 7})
     ns: dict[str, list[int]] = {k: [] for k in runs}
@@ -172,6 +179,7 @@ def program_ns(rounds: int) -> dict:
             "cniflow_minus_empty": med["cniflow"] - med["empty"],
             "percpu_minus_empty": med["cniflow_percpu"] - med["empty"],
             "entry_node_minus_empty": med["entry_node"] - med["empty"],
+            "entry_node_nat_minus_empty": med["entry_node_nat"] - med["empty"],
             "entry_pod_minus_empty": med["entry_pod"] - med["empty"]}
 
 

@@ -1,7 +1,10 @@
 """Child process: compile flow.bpf.c with BCC, load it, and hand the program and
 map file descriptors to the parent over a unix socket (SCM_RIGHTS), then exit.
 
-    python -m bpf.compile SOCKET_FD MAP_SIZE shared|percpu [PIN_DIR]
+    python -m bpf.compile SOCKET_FD MAP_SIZE shared|percpu [pin=PIN_DIR] [nat=TYPE,FLAGS]
+
+nat: Cilium's SNAT map's type (lru_hash, hash) and flags, for the map-in-map that holds
+it (bpf/masquerade.py); the program then has the map cilium_nat.
 
 Keeping BCC and LLVM out of the agent process saves it about 130 MB of
 resident memory; the kernel objects live on through the fds the parent holds.
@@ -32,10 +35,12 @@ OVERFLOW_SIZE = 16384
 METERED_SIZE = 8192
 
 
-def cflags(map_size: int, shared: bool, pin_dir: str = "") -> list[str]:
+def cflags(map_size: int, shared: bool, pin_dir: str = "", nat: str = "") -> list[str]:
+    kind, _, flags = nat.partition(",")
     return [f"-DMAP_SIZE={map_size}", f"-DOVERFLOW_SIZE={OVERFLOW_SIZE}",
             f"-DMETERED_SIZE={METERED_SIZE}", "-w"] + (["-DSHARED_MAP"] if shared else []) + (
-            [f'-DPIN_DIR="{pin_dir}"'] if pin_dir else [])
+            [f'-DPIN_DIR="{pin_dir}"'] if pin_dir else []) + (
+            [f'-DNAT_TYPE="{kind}"', f"-DNAT_FLAGS={int(flags)}"] if nat else [])
 
 
 def kernel_tree() -> str:
@@ -64,7 +69,9 @@ def main() -> int:
     sock = socket.socket(fileno=int(sys.argv[1]))
     map_size = int(sys.argv[2])
     shared = len(sys.argv) > 3 and sys.argv[3] == "shared"
-    pin_dir = sys.argv[4] if len(sys.argv) > 4 else ""
+    opts = dict(a.partition("=")[::2] for a in sys.argv[4:])
+    pin_dir, nat = opts.get("pin", ""), opts.get("nat", "")
+    maps = MAPS + (("cilium_nat",) if nat else ())
     try:
         from bpf import caps
 
@@ -72,7 +79,7 @@ def main() -> int:
         kernel_tree()
         from bcc import BPF
 
-        b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared, pin_dir))
+        b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared, pin_dir, nat))
         progs = [b.load_func(name, BPF.SCHED_CLS) for name in PROGRAMS]
         # A second copy of each classifier (the same maps): a hook's chain holds a
         # program once, and moving cniflow's link back to its head puts the other copy
@@ -81,8 +88,8 @@ def main() -> int:
         for name in SPARES:
             b.funcs.pop(name.encode())  # BCC loads a function once, then hands out that fd
             spares.append(b.load_func(name, BPF.SCHED_CLS))
-        fds = [p.fd for p in progs + spares] + [b[name].map_fd for name in MAPS]
-        names = list(PROGRAMS) + [n + SPARE for n in SPARES] + list(MAPS)
+        fds = [p.fd for p in progs + spares] + [b[name].map_fd for name in maps]
+        names = list(PROGRAMS) + [n + SPARE for n in SPARES] + list(maps)
         socket.send_fds(sock, [json.dumps({"names": names}).encode()], fds)
         return 0
     except Exception as e:  # reported to the parent, which turns it into LoadError

@@ -17,6 +17,7 @@ from bpf import caps
 from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
 from bpf.entry import EntryPoints
+from bpf.masquerade import Masquerade
 from bpf.pasthook import CHECK_SECONDS, PastHook
 from bpf.pins import PinDir, PinError
 from bpf.program import DIR_ENTRY, FlowProgram, LoadError, addr_key
@@ -46,8 +47,10 @@ class EbpfDataplane:
         except caps.MissingCapability as e:
             raise ConfigError(str(e)) from None
         pins = _pins(cfg)
+        entries = cfg.kubernetes and cfg.entry_points != "off"
+        self.masquerade = Masquerade(cfg.cilium_endpoints if entries else "")
         try:
-            self.program = FlowProgram(cfg.map_size, pins=pins)
+            self.program = FlowProgram(cfg.map_size, pins=pins, nat=self.masquerade.template)
         except LoadError as e:  # no headers, a kernel that refuses: one line, exit 2
             raise ConfigError(str(e)) from None
         self.drainer = BatchDrain(self.program, keep=pins is not None)
@@ -133,6 +136,7 @@ class EbpfDataplane:
         those of pods whose interface is attached now."""
         if self.entries.setting == "off":
             return
+        self.masquerade.refresh(self.program)
         pods = self.attached
         self.program.pod_addresses({addr_key(ip): i for ip, i in addresses.items()
                                     if i in pods})

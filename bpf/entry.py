@@ -18,9 +18,10 @@ holds their hooks. off: none. Of a device and one stacked on it (a VLAN, a bond 
 slaves) both chosen, only the lower one is metered: a packet crosses both ingresses.
 
 What is not counted this way: a packet whose destination the CNI's own program rewrites
-after the entry point (replies to a pod's masqueraded connections, a NodePort or
-LoadBalancer Service DNAT'ed to a pod of this node, a hostPort) is for the node's
-address there; bpf/pasthook.py reports those.
+after the entry point is for the node's address there. Replies to a pod's connections
+that Cilium masqueraded are found in Cilium's SNAT map (bpf/masquerade.py); the rest (a
+NodePort or LoadBalancer Service DNAT'ed to a pod of this node, a hostPort) is reported
+by bpf/pasthook.py.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@
 // address there, as that veth's egress, keyed DIR_ENTRY; a packet that still passes the
 // veth's egress finds its flow under DIR_ENTRY and is not counted again.
 //
+// Replies to a pod's connections that Cilium masqueraded come in for the node's address:
+// with NAT_TYPE and NAT_FLAGS (those of Cilium's SNAT map), the entry point finds the pod
+// in Cilium's reverse NAT entry (user space puts the map into cilium_nat).
+//
 // Compile-time parameters (cflags): MAP_SIZE, OVERFLOW_SIZE, METERED_SIZE (entries of
 // the flow, overflow, metered-interface and pod-address maps); SHARED_MAP for one hash shared by all
 // CPUs (the default the loader asks for): packets and octets are added atomically,
@@ -131,6 +135,32 @@ struct addr_key {
 };
 // A metered pod's address -> its host-side interface: what entry points count.
 TABLE("hash", struct addr_key, u32, pod_addrs, METERED_SIZE);
+#ifdef NAT_TYPE
+// Cilium's BPF masquerade map (cilium_snat_v4_external, bpf/lib/nat.h: struct
+// ipv4_ct_tuple, struct ipv4_nat_entry): a reply's reverse entry (flags TUPLE_F_IN) holds
+// the pod's address and port it is rewritten to.
+struct nat_tuple {
+    __be32 daddr;
+    __be32 saddr;
+    __be16 dport;
+    __be16 sport;
+    u8 nexthdr;
+    u8 flags;
+} __attribute__((packed));
+struct nat_entry {
+    u64 created;
+    u64 needs_ct;
+    u64 pad1;
+    u64 pad2;
+    __be32 to_daddr;
+    __be16 to_dport;
+    u16 pad3;
+};
+#define NAT_DIR_INGRESS 1
+BPF_F_TABLE(NAT_TYPE, struct nat_tuple, struct nat_entry, nat_template, 128, NAT_FLAGS);
+BPF_ARRAY_OF_MAPS(cilium_nat, "nat_template", 1);
+#endif
+
 // Flows (key as counted, DIR_ENTRY) an entry point counted in an overflow entry lately:
 // their packets are not counted again at the veth's egress. LRU: a flood evicts the
 // oldest, long after their packets crossed the veth (microseconds after the entry).
@@ -534,6 +564,36 @@ int cniflow_egress(struct __sk_buff *skb) {
     return classify(skb, 1, m != 0);
 }
 
+#ifdef NAT_TYPE
+// A reply to a masqueraded connection (TCP, UDP, IPv4): the pod's interface, with the
+// key's destination made the pod's address and port (as the pod receives it); 0 if none.
+static __always_inline u32 *masqueraded(struct flow_key *key, struct addr_key *a) {
+    int zero = 0;
+    if (key->ip_version != 4 || (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP))
+        return 0;
+    void *nat = cilium_nat.lookup(&zero);
+    if (!nat)
+        return 0;
+    struct nat_tuple t = {};
+    __builtin_memcpy(&t.daddr, key->dst, 4);
+    __builtin_memcpy(&t.saddr, key->src, 4);
+    t.dport = bpf_htons(key->dport);
+    t.sport = bpf_htons(key->sport);
+    t.nexthdr = key->proto;
+    t.flags = NAT_DIR_INGRESS;
+    struct nat_entry *e = bpf_map_lookup_elem(nat, &t);
+    if (!e)
+        return 0;
+    __builtin_memcpy(a->addr, &e->to_daddr, 4);
+    u32 *veth = pod_addrs.lookup(a);
+    if (veth) {
+        __builtin_memcpy(key->dst, &e->to_daddr, 4);
+        key->dport = bpf_ntohs(e->to_dport);
+    }
+    return veth;
+}
+#endif
+
 // At an entry point's ingress: a packet for a metered pod, as its veth's egress. The
 // node's own traffic, and what is not IP, is none of cniflow's business here.
 int cniflow_entry(struct __sk_buff *skb) {
@@ -544,6 +604,10 @@ int cniflow_entry(struct __sk_buff *skb) {
     struct addr_key a = {.ip_version = key.ip_version};
     __builtin_memcpy(a.addr, key.dst, 16);
     u32 *veth = pod_addrs.lookup(&a);
+#ifdef NAT_TYPE
+    if (!veth)
+        veth = masqueraded(&key, &a);
+#endif
     if (!veth)
         return TC_ACT_UNSPEC;
     key.ifindex = *veth;

@@ -61,11 +61,13 @@ def expected_maps(map_size: int, shared: bool) -> dict[str, tuple[int, int, int,
 
 class FlowProgram:
     def __init__(self, map_size: int = 65536, shared: bool = True,
-                 pins: PinDir | None = None) -> None:
+                 pins: PinDir | None = None, nat: str = "") -> None:
         """shared: one hash for all CPUs, counters added atomically (the default: the
         drain copies half as much and merges nothing, bench/run.py); False: a per-CPU
         hash, no atomics, values folded in user space. pins: the maps live there, and
-        those an earlier agent pinned are reused when their layout matches."""
+        those an earlier agent pinned are reused when their layout matches. nat: the
+        type and flags of Cilium's SNAT map ("lru_hash,0"), for entry points to look up
+        replies to masqueraded connections in (bpf/masquerade.py)."""
         self.map_size = map_size
         self.shared = shared
         self.ncpu = syscall.possible_cpus()
@@ -77,7 +79,7 @@ class FlowProgram:
             self.stale = pins.reuse_maps(expected_maps(map_size, shared))
             self.adopted = not self.stale and os.path.exists(pins.map_path("flows_a"))
         try:
-            fds = self._load(map_size, shared, pins.maps if pins else "")
+            fds = self._load(map_size, shared, pins.maps if pins else "", nat)
         except LoadError:
             for fd in self.stale.values():
                 os.close(fd)
@@ -94,18 +96,21 @@ class FlowProgram:
         self._slot, self._stats, self._fill = fds["slot"], fds["stats"], fds["fill"]
         self._metered = fds["metered"]
         self._pod_addrs = fds["pod_addrs"]
+        self.nat_fd = fds.get("cilium_nat")  # the map-in-map Cilium's SNAT map goes into
         self.addresses: dict[bytes, int] | None = None  # pod_addrs: key -> ifindex
         self.addresses_full = False
         self._fds = list(fds.values())
         log.info("program loaded", extra={"map_size": map_size})
 
     @staticmethod
-    def _load(map_size: int, shared: bool = False, pin_dir: str = "") -> dict[str, int]:
+    def _load(map_size: int, shared: bool = False, pin_dir: str = "",
+              nat: str = "") -> dict[str, int]:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with parent, child:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bpf.compile", str(child.fileno()), str(map_size),
-                 "shared" if shared else "percpu"] + ([pin_dir] if pin_dir else []),
+                 "shared" if shared else "percpu"] + ([f"pin={pin_dir}"] if pin_dir else [])
+                + ([f"nat={nat}"] if nat else []),
                 pass_fds=[child.fileno()],
                 stderr=subprocess.PIPE,
                 text=True,

@@ -364,3 +364,10 @@ def delete_batch_until_absent(fd: int, keys: int, key_size: int, count: int) -> 
         return attr.count
     _check(ret, "BPF_MAP_DELETE_BATCH")
     return count
+
+
+def map_id(fd: int) -> int:
+    """The kernel's id of a map (a pin replaced by a new map has another)."""
+    info = ct.create_string_buffer(88)
+    _check(_bpf(OBJ_GET_INFO_BY_FD, _Info(fd, 88, ct.addressof(info))), "map info")
+    return int.from_bytes(info.raw[4:8], "little")

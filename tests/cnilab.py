@@ -12,7 +12,12 @@ interface so tests can check the CNI still saw every packet.
   cil_from_netdev with BPF host routing (its default where the kernel allows): a
   local endpoint gets it through bpf_redirect_peer, past its lxc's egress hook
   (bpf/lib/local_delivery.h: "phys dev -> Pod ... ingress -> ingress so we can use
-  redirect_peer()").
+  redirect_peer()"). With masquerade(node address) on, as Cilium's BPF masquerade
+  (bpf/lib/nat.h, a pinned cilium_snat_v4_external of its real layout): on the uplink's
+  TCX egress what a local endpoint sends over TCP or UDP leaves with the node's address
+  (its port kept), an egress and a reverse (TUPLE_F_IN) entry made; on the uplink's
+  ingress a reply to the node's address with a reverse entry is rewritten back to the
+  pod and delivered past its veth like the rest.
   Importing this module registers it as netlab.DATAPATHS["cilium"].
 - StandIn(netns, ifnames, mode): a generic CNI program that ends the hook ("pass")
   or redirects ("redirect").
@@ -35,6 +40,7 @@ F_AFTER = 1 << 4  # BPF_F_AFTER with no relative program: the tail of the chain
 
 CILIUM = r"""
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
 #include <uapi/linux/pkt_cls.h>
 
 struct endpoint_key {  /* Cilium's bpf/lib/eps.h */
@@ -60,6 +66,59 @@ struct endpoint_info {
 BPF_TABLE_PINNED("hash", struct endpoint_key, struct endpoint_info, cilium_lxc, 65535,
                  "LXC_MAP");
 BPF_HASH(seen, __u32, __u64, 1024);
+
+struct ipv4_ct_tuple {  /* Cilium's bpf/lib/common.h */
+    __be32 daddr;
+    __be32 saddr;
+    __be16 dport;
+    __be16 sport;
+    __u8 nexthdr;
+    __u8 flags;  /* TUPLE_F_OUT 0, TUPLE_F_IN 1 */
+} __attribute__((packed));
+
+struct ipv4_nat_entry {  /* bpf/lib/nat.h */
+    __u64 created;
+    __u64 needs_ct;
+    __u64 pad1;
+    __u64 pad2;
+    __be32 to_addr;  /* to_saddr (egress entry) or to_daddr (reverse entry) */
+    __be16 to_port;
+};
+
+BPF_TABLE_PINNED("lru_hash", struct ipv4_ct_tuple, struct ipv4_nat_entry,
+                 cilium_snat_v4_external, 65536, "SNAT_MAP");
+BPF_ARRAY(masq, __be32, 1);  /* the node address to masquerade to; 0: off */
+
+#define IP_CSUM (ETH_HLEN + 10)
+#define IP_SRC (ETH_HLEN + 12)
+#define IP_DST (ETH_HLEN + 16)
+#define L4 (ETH_HLEN + 20)  /* no IP options in the lab */
+
+/* One address of an IPv4 TCP or UDP packet rewritten (at off), checksums fixed. */
+static __always_inline void rewrite_addr(struct __sk_buff *skb, __u8 proto, int off,
+                                         __be32 from, __be32 to) {
+    int l4csum = L4 + (proto == IPPROTO_TCP ? 16 : 6);
+    bpf_l4_csum_replace(skb, l4csum, from, to, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4);
+    bpf_l3_csum_replace(skb, IP_CSUM, from, to, 4);
+    bpf_skb_store_bytes(skb, off, &to, 4, 0);
+}
+
+/* The packet's tuple (TCP or UDP over IPv4), 0 when it has none. */
+static __always_inline int tuple_of(struct __sk_buff *skb, struct ipv4_ct_tuple *t) {
+    __u16 proto = 0;
+    __u8 l4proto = 0;
+    bpf_skb_load_bytes(skb, 12, &proto, 2);
+    if (proto != htons(ETH_P_IP) || bpf_skb_load_bytes(skb, ETH_HLEN + 9, &l4proto, 1) ||
+        (l4proto != IPPROTO_TCP && l4proto != IPPROTO_UDP))
+        return 0;
+    t->nexthdr = l4proto;
+    if (bpf_skb_load_bytes(skb, IP_DST, &t->daddr, 4) ||
+        bpf_skb_load_bytes(skb, IP_SRC, &t->saddr, 4) ||
+        bpf_skb_load_bytes(skb, L4, &t->sport, 2) ||
+        bpf_skb_load_bytes(skb, L4 + 2, &t->dport, 2))
+        return 0;
+    return 1;
+}
 
 /* The local endpoint the packet is for, with the MACs rewritten as Cilium's
  * ipv4_local_delivery does; 0 when it is not for one. */
@@ -100,10 +159,44 @@ int cil_from_host(struct __sk_buff *skb) {
 }
 
 /* BPF host routing, from a physical device: ingress to ingress, so redirect_peer
- * (Cilium's should_redirect_peer(): not from the host) */
+ * (Cilium's should_redirect_peer(): not from the host). A reply to a masqueraded
+ * connection is rewritten back first (snat_v4_rev_nat). */
 int cil_from_netdev(struct __sk_buff *skb) {
+    int zero = 0;
+    __be32 *node = masq.lookup(&zero);
+    struct ipv4_ct_tuple t = {};
+    if (node && *node && tuple_of(skb, &t) && t.daddr == *node) {
+        t.flags = 1;
+        struct ipv4_nat_entry *rev = cilium_snat_v4_external.lookup(&t);
+        if (rev)  /* the port was kept: only the address goes back */
+            rewrite_addr(skb, t.nexthdr, IP_DST, t.daddr, rev->to_addr);
+    }
     __u32 ifindex = local_endpoint(skb);
     return ifindex ? bpf_redirect_peer(ifindex, 0) : TC_ACT_OK;
+}
+
+/* BPF masquerade on the way out (snat_v4_new_mapping: the port kept), for what a local
+ * endpoint sends when masquerading is on. */
+int cil_to_netdev(struct __sk_buff *skb) {
+    int zero = 0;
+    __be32 *node = masq.lookup(&zero);
+    struct ipv4_ct_tuple t = {};
+    if (!node || !*node || !tuple_of(skb, &t))
+        return TC_ACT_OK;
+    struct endpoint_key ek = {.family = 1};
+    __builtin_memcpy(ek.ip, &t.saddr, 4);
+    struct endpoint_info *ep = cilium_lxc.lookup(&ek);
+    if (!ep || (ep->flags & 1))
+        return TC_ACT_OK;
+    struct ipv4_nat_entry out = {.to_addr = *node, .to_port = t.sport};
+    struct ipv4_nat_entry rev = {.to_addr = t.saddr, .to_port = t.sport};
+    struct ipv4_ct_tuple r = {.daddr = *node, .saddr = t.daddr, .dport = t.sport,
+                              .sport = t.dport, .nexthdr = t.nexthdr, .flags = 1};
+    t.flags = 0;
+    cilium_snat_v4_external.update(&r, &rev);
+    cilium_snat_v4_external.update(&t, &out);
+    rewrite_addr(skb, t.nexthdr, IP_SRC, t.saddr, *node);
+    return TC_ACT_OK;
 }
 """
 
@@ -238,14 +331,18 @@ class CiliumDatapath:
 
     def __init__(self, node: netlab.Node) -> None:
         self.node = node
-        b = BPF(text=CILIUM.replace("LXC_MAP", node.lxc_map).encode(), cflags=["-w"])
+        text = CILIUM.replace("LXC_MAP", node.lxc_map).replace(
+            "SNAT_MAP", node.lxc_map.replace("cilium_lxc", "cilium_snat_v4_external"))
+        b = BPF(text=text.encode(), cflags=["-w"])
         self.from_container = b.load_func(b"cil_from_container", BPF.SCHED_CLS)
         self.from_host = b.load_func(b"cil_from_host", BPF.SCHED_CLS)
         self.from_netdev = b.load_func(b"cil_from_netdev", BPF.SCHED_CLS)
+        self.to_netdev = b.load_func(b"cil_to_netdev", BPF.SCHED_CLS)
         self.tcx = _Tcx(node.netns, b)
         self.tcx.attach("cilium_host", "egress", self.from_host.fd)
         if node.remote_ip:  # the uplink to the remote host
             self.tcx.attach(f"{node.prefix}up"[:15], "ingress", self.from_netdev.fd)
+            self.tcx.attach(f"{node.prefix}up"[:15], "egress", self.to_netdev.fd)
         for pod in node.pods:
             self.add(pod)
         if node.datapath is None:
@@ -258,6 +355,13 @@ class CiliumDatapath:
 
     def ifindex(self, ifname: str) -> int:
         return self.tcx.ifindex[ifname]
+
+    def masquerade(self, node_ip: str) -> None:
+        """What local endpoints send over TCP or UDP leaves the uplink from node_ip ("":
+        off)."""
+        table = self.tcx.bpf[b"masq"]
+        table[table.Key(0)] = table.Leaf(
+            int.from_bytes(socket.inet_aton(node_ip), "little") if node_ip else 0)
 
     def seen(self, iface: int | str) -> int:
         """Packets the datapath saw on an interface (ifindex or name)."""
