@@ -134,6 +134,8 @@ class Attacher:
         self.lower: set[tuple[int, str]] = set()  # hooks a lower-priority filter was said of
         log.info("attach mode", extra={"mode": self.mode, "tcx": self.tcx})
         if pins is not None:
+            if not dedup and program.adopted and program.unmeter_pods():
+                log.info("an earlier agent's deduplication is off: --dedup false")
             self._adopt()
 
     def _adopt(self) -> None:

@@ -16,7 +16,7 @@ from agent.records import EGRESS
 from bpf import caps
 from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
-from bpf.entry import EntryPoints
+from bpf.entry import EntryPoints, upper_devices
 from bpf.masquerade import Masquerade
 from bpf.pasthook import CHECK_SECONDS, PastHook
 from bpf.pins import PinDir, PinError
@@ -50,7 +50,7 @@ class EbpfDataplane:
         entries = cfg.kubernetes and cfg.entry_points != "off"
         self.masquerade = Masquerade(cfg.cilium_endpoints if entries else "")
         try:
-            self.program = FlowProgram(cfg.map_size, pins=pins, nat=self.masquerade.template)
+            self.program = self._load(cfg, pins)
         except LoadError as e:  # no headers, a kernel that refuses: one line, exit 2
             raise ConfigError(str(e)) from None
         self.drainer = BatchDrain(self.program, keep=pins is not None)
@@ -67,10 +67,24 @@ class EbpfDataplane:
         # pods' addresses are known with --kubernetes only: no entry points without them
         self.entries = EntryPoints(cfg.entry_points if cfg.kubernetes else "off",
                                    self.attacher)
-        self.any_entry: bool | None = None  # what the program was told: any entry points
+        self.stacked: set[int] = set()  # devices stacked on entry points, marked as such
         self.netkit: set[int] = set()  # wanted, but netkit devices: not metered (logged once)
         self.wake_at = cfg.map_size // 2  # drain early once the active map is half full
         metrics.map_size.set(cfg.map_size)
+
+    def _load(self, cfg: Config, pins) -> FlowProgram:
+        """The program, with the map-in-map for Cilium's SNAT map where wanted; without,
+        if that part does not build here (a BCC or kernel without map-in-map)."""
+        if not self.masquerade.template:
+            return FlowProgram(cfg.map_size, pins=pins)
+        try:
+            return FlowProgram(cfg.map_size, pins=pins, nat=self.masquerade.template)
+        except LoadError as e:
+            log.warning("replies to masqueraded connections not counted at entry points: "
+                        "the program does not build with Cilium's SNAT map",
+                        extra={"err": str(e)})
+            self.masquerade.template = ""
+            return FlowProgram(cfg.map_size, pins=pins)
 
     @property
     def attached(self) -> set[int]:
@@ -124,12 +138,23 @@ class EbpfDataplane:
         self.netkit &= set(want)
         self.metrics.interfaces_not_metered.labels("netkit").set(len(self.netkit))
         pods = self.attached
-        entry_points = len(self.attacher.attached) - len(pods)
-        if bool(entry_points) != self.any_entry:
-            self.program.entry_points(bool(entry_points))
-            self.any_entry = bool(entry_points)
+        self._mark_stacked(present)
         self.metrics.interfaces_attached.set(len(pods))
-        self.metrics.entry_points.set(entry_points)
+        self.metrics.entry_points.set(len(self.attacher.attached) - len(pods))
+
+    def _mark_stacked(self, present: dict[int, str]) -> None:
+        """The devices stacked on entry points (a VLAN, a bond) in the metered set as
+        entry points, unattached: a packet that came in through one may have been
+        counted at the entry point below it, and the veth's egress checks."""
+        by_name = {n: i for i, n in present.items()}
+        want = {by_name[n] for a in self.attacher.attached.values() if a.entry
+                for n in upper_devices(a.name) if n in by_name} - set(self.attacher.attached)
+        for ifindex in self.stacked - want:
+            if ifindex not in self.attacher.attached:
+                self.program.meter(ifindex, False)
+        for ifindex in want - self.stacked:
+            self.program.meter(ifindex, True, entry=True)
+        self.stacked = want
 
     def pod_addresses(self, addresses: dict[str, int]) -> None:
         """The metered pods' addresses (address -> host interface), for the entry points:

@@ -15,7 +15,9 @@ loopback and whose ingress hook holds another program, a TCX link or a tc filter
 there can a program deliver past the veth, and only there is the cost paid (a parse and
 one hash lookup a packet, 15 ns). A list of names and globs: those interfaces, whatever
 holds their hooks. off: none. Of a device and one stacked on it (a VLAN, a bond on its
-slaves) both chosen, only the lower one is metered: a packet crosses both ingresses.
+slaves, however deep) both chosen, only the lower one is metered: a packet crosses both
+ingresses. The devices stacked on an entry point are marked as such, unattached: a packet
+that reaches a veth from one is checked against what the entry points counted.
 
 What is not counted this way: a packet whose destination the CNI's own program rewrites
 after the entry point is for the node's address there. Replies to a pod's connections
@@ -80,7 +82,7 @@ class EntryPoints:
         try:
             if a.tcx:
                 for prog, _ in syscall.query(ifindex, syscall.TCX_INGRESS):
-                    if prog not in a.ours and not syscall.prog_name(prog).startswith(PREFIX):
+                    if prog not in a.ours and not _name(prog).startswith(PREFIX):
                         return True
             return any(handle not in (HANDLE, SPARE_HANDLE) and not name.startswith(PREFIX)
                        for handle, _, _, name in a.filters(ifindex, PARENT_INGRESS))
@@ -90,11 +92,37 @@ class EntryPoints:
             return before
 
 
-def lower_devices(name: str) -> set[str]:
-    """The devices an interface is stacked on (a VLAN's parent, a bond's slaves), from
-    sysfs (the kernel's adjacency lists: lower_<name> links)."""
+def _name(prog: int) -> str:
+    """A program's name; "" when it went meanwhile (a CNI replacing it: not cniflow's)."""
     try:
-        return {n[len("lower_"):] for n in os.listdir(f"/sys/class/net/{name}")
-                if n.startswith("lower_")}
+        return syscall.prog_name(prog)
     except OSError:
-        return set()
+        return ""
+
+
+def lower_devices(name: str) -> set[str]:
+    """The devices an interface is stacked on, however deep (a VLAN's parent, a bond's
+    slaves), from the kernel's adjacency lists in sysfs (lower_<name> links)."""
+    return _adjacent(name, "lower_")
+
+
+def upper_devices(name: str) -> set[str]:
+    """The devices stacked on an interface, however deep (its VLANs, its bond)."""
+    return _adjacent(name, "upper_")
+
+
+def _adjacent(name: str, kind: str, depth: int = 8) -> set[str]:
+    out: set[str] = set()
+    todo = [name]
+    while todo and depth:
+        depth -= 1
+        found = set()
+        for n in todo:
+            try:
+                found |= {e[len(kind):] for e in os.listdir(f"/sys/class/net/{n}")
+                          if e.startswith(kind)}
+            except OSError:
+                continue
+        todo = list(found - out)
+        out |= found
+    return out

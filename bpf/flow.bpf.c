@@ -58,7 +58,6 @@ enum stat_index {
 #define DIR_ENTRY 2  // the interface's egress, counted at an entry point (user space: 1)
 #define METERED_POD 1    // the metered map's values
 #define METERED_ENTRY 2
-#define ENTRY_POINTS 0   // the metered map's key present (METERED_ENTRY) while there are any
 
 struct flow_key {
     u32 ifindex;
@@ -126,7 +125,8 @@ TABLE("percpu_array", int, u64, fill, 2);
 // ifindex -> METERED_POD for every pod interface cniflow meters (with dedup), kept by
 // user space. A packet that entered through one of them was counted at that interface's
 // ingress (the sender's side): its egress on another metered interface is not counted
-// again. ifindex -> METERED_ENTRY for every entry point.
+// again. ifindex -> METERED_ENTRY for every entry point, and every device stacked on one
+// (a VLAN, a bond: a packet from there may have been counted at the entry point).
 TABLE("hash", u32, u32, metered, METERED_SIZE);
 
 struct addr_key {
@@ -557,11 +557,7 @@ int cniflow_egress(struct __sk_buff *skb) {
         stat_inc(STAT_DEDUP);
         return TC_ACT_UNSPEC;
     }
-    if (!m) {  // entered elsewhere: maybe an entry point's upper device (a VLAN, a bond)
-        u32 any = ENTRY_POINTS;
-        m = metered.lookup(&any);
-    }
-    return classify(skb, 1, m != 0);
+    return classify(skb, 1, m != 0);  // an entry point, or a device stacked on one
 }
 
 #ifdef NAT_TYPE
@@ -612,8 +608,8 @@ int cniflow_entry(struct __sk_buff *skb) {
         return TC_ACT_UNSPEC;
     key.ifindex = *veth;
     key.direction = DIR_ENTRY;
-    if (count(skb, &key, &p)) {  // in an overflow entry: the veth's egress must know
-        u8 one = 1;
+    if (count(skb, &key, &p) && !entry_overflowed.lookup(&key)) {  // in an overflow
+        u8 one = 1;                                    // entry: the veth's egress must know
         entry_overflowed.update(&key, &one);
     }
     return TC_ACT_UNSPEC;

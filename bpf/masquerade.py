@@ -10,9 +10,11 @@ reverse entry flagged TUPLE_F_IN): the entry point looks the reply up there and 
 it for the pod, as the pod receives it (TCP and UDP over IPv4).
 
 The program reaches the map through a map-in-map (cilium_nat), compiled with the type
-and flags of the map found at start (a map-in-map holds maps of one kind). Cilium makes
-a new map when it restarts or resizes it: the pin is read again every CHECK_SECONDS and
-a new map put in.
+and flags of the map found at start (a map-in-map holds maps of one kind), or Cilium's
+default (an LRU hash, no flags) where there is none yet: cniflow may start before Cilium
+on a booting node. Cilium makes a new map when it restarts or resizes it: the pin is
+read again every CHECK_SECONDS and a new map put in; one gone, or of other flags, is
+taken out (a restart of cniflow takes the new flags).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 NAT_MAP = "cilium_snat_v4_external"
 KEY_SIZE, VALUE_SIZE = 14, 40  # struct ipv4_ct_tuple (packed), struct ipv4_nat_entry
 KINDS = {syscall.MAP_LRU_HASH: "lru_hash", syscall.MAP_HASH: "hash"}
+DEFAULT = "lru_hash,0"  # Cilium's map where the kernel has LRU maps
 CHECK_SECONDS = 5.0
 
 
@@ -37,10 +40,10 @@ class Masquerade:
         """endpoints_path: Cilium's endpoint map (--cilium-endpoints), "" for none."""
         self.path = os.path.join(os.path.dirname(endpoints_path), NAT_MAP) \
             if endpoints_path else ""
-        self.template = ""  # what the program is compiled for: "lru_hash,FLAGS", or none
+        self.template = DEFAULT if self.path else ""  # what the program is compiled for
         self.used = 0  # the id of the map in the program
         self.next_check = 0.0
-        self.said = False
+        self.said = ""  # the last problem logged
         fd = self._open()
         if fd is None:
             return
@@ -62,13 +65,15 @@ class Masquerade:
         kind, key, value, _, flags = info
         if kind in KINDS and (key, value) == (KEY_SIZE, VALUE_SIZE):
             return f"{KINDS[kind]},{flags}"
-        if not self.said:
-            self.said = True
-            log.warning("Cilium's SNAT map has a layout cniflow does not know: replies to "
-                        "masqueraded connections are not counted at entry points",
-                        extra={"path": self.path, "type": kind, "key_size": key,
-                               "value_size": value})
+        self._say("Cilium's SNAT map has a layout cniflow does not know: replies to "
+                  "masqueraded connections are not counted at entry points",
+                  type=kind, key_size=key, value_size=value)
         return ""
+
+    def _say(self, problem: str, **extra) -> None:
+        if self.said != problem:
+            self.said = problem
+            log.warning(problem, extra={"path": self.path, **extra})
 
     def refresh(self, program) -> None:
         """Put the pinned map into the program: at the first reconcile, and when Cilium
@@ -78,17 +83,32 @@ class Masquerade:
         self.next_check = time.monotonic() + CHECK_SECONDS
         fd = self._open()
         if fd is None:
+            self._take_out(program)
             return
         try:
             ident = syscall.map_id(fd)
-            if ident == self.used or self._kind(syscall.map_info(fd)) != self.template:
+            if ident == self.used:
+                return
+            kind = self._kind(syscall.map_info(fd))
+            if kind != self.template:
+                self._take_out(program)
+                if kind:
+                    self._say("Cilium's SNAT map was made anew with other flags: replies to "
+                              "masqueraded connections are counted again once cniflow "
+                              "restarts", flags=kind)
                 return
             syscall.update(program.nat_fd, struct.pack("<I", 0), struct.pack("<I", fd))
-            self.used = ident
+            self.used, self.said = ident, ""
             log.info("counting replies to masqueraded connections at entry points",
                      extra={"map": self.path, "id": ident})
         except OSError as e:
-            log.warning("Cilium's SNAT map could not be used", extra={"path": self.path,
-                                                                        "err": str(e)})
+            self._say("Cilium's SNAT map could not be used", err=str(e))
         finally:
             os.close(fd)
+
+    def _take_out(self, program) -> None:
+        """The map in use is gone, or not the one Cilium uses now: out of the program."""
+        if self.used:
+            syscall.delete(program.nat_fd, struct.pack("<I", 0))
+            self.used = 0
+            log.info("Cilium's SNAT map no longer in use", extra={"path": self.path})

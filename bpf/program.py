@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 # enum stat_index in flow.bpf.c
 STAT_NAMES = ("map_full", "not_ip", "malformed", "lost", "dedup")
 METERED_POD, METERED_ENTRY = 1, 2  # the metered map's values
-ENTRY_POINTS = 0  # the metered map's key present while there are entry points
 DIR_ENTRY = 2  # a key's direction: the interface's egress, counted at an entry point
 ADDR_KEY_SIZE = 20
 
@@ -152,11 +151,6 @@ class FlowProgram:
         else:
             syscall.delete(self._metered, key)
 
-    def entry_points(self, on: bool) -> None:
-        """Whether there are entry points: a packet from any other interface may then have
-        been counted at one (it came in through an entry point's VLAN, bond...)."""
-        self.meter(ENTRY_POINTS, on, entry=True)
-
     def pod_addresses(self, want: dict[bytes, int]) -> None:
         """Make pod_addrs hold exactly `want` (addr_key -> the pod's host interface, see
         addr_key()): what changed since the last call, written one entry at a time (pods
@@ -181,6 +175,15 @@ class FlowProgram:
                     self.addresses_full = True
                     continue
                 self.addresses[key] = ifindex
+
+    def unmeter_pods(self) -> int:
+        """Take every pod interface out of the metered set (an earlier agent's, with
+        dedup, when this one runs without): how many."""
+        pods = [k for k, v in syscall.lookup_batch(self._metered, 4, 4, METERED_SIZE)
+                if struct.unpack("<I", v)[0] == METERED_POD]
+        for key in pods:
+            syscall.delete(self._metered, key)
+        return len(pods)
 
     def jiffies(self) -> int:
         """The kernel's jiffies now (low 32 bits), the clock of the flow times."""

@@ -14,10 +14,12 @@ interface so tests can check the CNI still saw every packet.
   (bpf/lib/local_delivery.h: "phys dev -> Pod ... ingress -> ingress so we can use
   redirect_peer()"). With masquerade(node address) on, as Cilium's BPF masquerade
   (bpf/lib/nat.h, a pinned cilium_snat_v4_external of its real layout): on the uplink's
-  TCX egress what a local endpoint sends over TCP or UDP leaves with the node's address
-  (its port kept), an egress and a reverse (TUPLE_F_IN) entry made; on the uplink's
-  ingress a reply to the node's address with a reverse entry is rewritten back to the
-  pod and delivered past its veth like the rest.
+  TCX egress what a local endpoint sends over TCP or UDP leaves with the node's address,
+  its port kept if within 32768-65535 and clamped into that range otherwise (Cilium's
+  __snat_try_keep_port, with the port itself for the random value), an egress and a
+  reverse (TUPLE_F_IN) entry made; on the uplink's ingress a reply to the node's address
+  with a reverse entry is rewritten back to the pod's address and port and delivered past
+  its veth like the rest.
   Importing this module registers it as netlab.DATAPATHS["cilium"].
 - StandIn(netns, ifnames, mode): a generic CNI program that ends the hook ("pass")
   or redirects ("redirect").
@@ -103,6 +105,14 @@ static __always_inline void rewrite_addr(struct __sk_buff *skb, __u8 proto, int 
     bpf_skb_store_bytes(skb, off, &to, 4, 0);
 }
 
+/* One port (at L4 + off: 0 source, 2 destination) rewritten, the checksum fixed. */
+static __always_inline void rewrite_port(struct __sk_buff *skb, __u8 proto, int off,
+                                         __be16 from, __be16 to) {
+    int l4csum = L4 + (proto == IPPROTO_TCP ? 16 : 6);
+    bpf_l4_csum_replace(skb, l4csum, from, to, BPF_F_MARK_MANGLED_0 | 2);
+    bpf_skb_store_bytes(skb, L4 + off, &to, 2, 0);
+}
+
 /* The packet's tuple (TCP or UDP over IPv4), 0 when it has none. */
 static __always_inline int tuple_of(struct __sk_buff *skb, struct ipv4_ct_tuple *t) {
     __u16 proto = 0;
@@ -168,8 +178,12 @@ int cil_from_netdev(struct __sk_buff *skb) {
     if (node && *node && tuple_of(skb, &t) && t.daddr == *node) {
         t.flags = 1;
         struct ipv4_nat_entry *rev = cilium_snat_v4_external.lookup(&t);
-        if (rev)  /* the port was kept: only the address goes back */
+        if (rev) {
+            __be16 port = rev->to_port;
             rewrite_addr(skb, t.nexthdr, IP_DST, t.daddr, rev->to_addr);
+            if (port != t.dport)
+                rewrite_port(skb, t.nexthdr, 2, t.dport, port);
+        }
     }
     __u32 ifindex = local_endpoint(skb);
     return ifindex ? bpf_redirect_peer(ifindex, 0) : TC_ACT_OK;
@@ -188,14 +202,18 @@ int cil_to_netdev(struct __sk_buff *skb) {
     struct endpoint_info *ep = cilium_lxc.lookup(&ek);
     if (!ep || (ep->flags & 1))
         return TC_ACT_OK;
-    struct ipv4_nat_entry out = {.to_addr = *node, .to_port = t.sport};
+    __u16 sport = ntohs(t.sport);
+    __be16 port = sport >= 32768 ? t.sport : htons(sport % 32767 + 32768);
+    struct ipv4_nat_entry out = {.to_addr = *node, .to_port = port};
     struct ipv4_nat_entry rev = {.to_addr = t.saddr, .to_port = t.sport};
-    struct ipv4_ct_tuple r = {.daddr = *node, .saddr = t.daddr, .dport = t.sport,
+    struct ipv4_ct_tuple r = {.daddr = *node, .saddr = t.daddr, .dport = port,
                               .sport = t.dport, .nexthdr = t.nexthdr, .flags = 1};
     t.flags = 0;
     cilium_snat_v4_external.update(&r, &rev);
     cilium_snat_v4_external.update(&t, &out);
     rewrite_addr(skb, t.nexthdr, IP_SRC, t.saddr, *node);
+    if (port != t.sport)
+        rewrite_port(skb, t.nexthdr, 0, t.sport, port);
     return TC_ACT_OK;
 }
 """

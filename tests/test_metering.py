@@ -243,9 +243,9 @@ def test_each_map_call_site_in_the_program_has_one_map():
 
     from bpf.compile import SOURCE, cflags
 
-    for shared in (True, False):
-        b = BPF(src_file=str(SOURCE).encode(), cflags=cflags(1024, shared))
-        for fn in (b"cniflow_ingress", b"cniflow_egress"):
+    for shared, nat in ((True, ""), (False, ""), (True, "lru_hash,0")):
+        b = BPF(src_file=str(SOURCE).encode(), cflags=cflags(1024, shared, nat=nat))
+        for fn in (b"cniflow_ingress", b"cniflow_egress", b"cniflow_entry"):
             raw = b.dump_func(fn)
             loaded, calls = set(), 0
             for i in range(0, len(raw), 8):
