@@ -248,6 +248,19 @@ def nodeport(node) -> None:
         f"-j DNAT --to-destination {node.pods[1].ipv4}:9007").split(), check=True)
 
 
+def macvlan(node) -> None:
+    """A macvlan over the uplink (PREFIXmv, 10.S.201.1; a VLAN or a bond is the same to
+    the kernel's adjacency lists, and this kernel has neither), through which the remote
+    host reaches web (the first pod)."""
+    p, sub, web = node.prefix, node.subnet, node.pods[0]
+    netlab.batch(node.netns, [f"link add link {p}up name {p}mv type macvlan mode bridge",
+                              f"addr add 10.{sub}.201.1/24 dev {p}mv", f"link set {p}mv up"])
+    netlab.batch(node.remote_netns, [f"addr add 10.{sub}.201.2/24 dev eth0",
+                                     f"route add {web.ipv4}/32 via 10.{sub}.201.1"])
+    subprocess.run(node.in_remote(f"ping -c 1 -W 5 {web.ipv4}").split(), check=True,
+                   stdout=subprocess.DEVNULL)  # the neighbours on the way, resolved
+
+
 @pytest.mark.parametrize("mode", ["tcx", "tc"])
 def test_an_entry_point_before_a_cni_that_passes_to_the_stack_counts_once(mode):
     """A CNI program on the uplink that passes packets on to the stack (Calico's eBPF
@@ -255,34 +268,47 @@ def test_an_entry_point_before_a_cni_that_passes_to_the_stack_counts_once(mode):
     same (--entry-points auto). What the remote host sends a pod is counted there and
     not again at the pod's veth, which it still crosses; what iptables DNATs to a pod
     after the entry point (a NodePort) is for the node's address there, and is counted
-    at the veth. Once each, with TCX and with cls_bpf; the CNI's program still sees every
-    packet and is still there after cniflow exits."""
+    at the veth. A macvlan stacked on the uplink with the CNI's program too is not an
+    entry point (a packet crosses both ingresses), and what comes through it is counted
+    once, at the uplink, though it reaches the pod's veth from the macvlan. Once each,
+    with TCX and with cls_bpf; the CNI's program still sees every packet and is still
+    there after cniflow exits."""
     prefix = f"cne{mode[1]}"
     uplink = f"{prefix}up"
-    with passing_uplink(prefix, attach=mode, setup=nodeport) as (node, standin, k8s):
-        db = node.pods[1]
+
+    def setup(node):
+        nodeport(node)
+        macvlan(node)
+
+    with passing_uplink(prefix, on="up mv", attach=mode, setup=setup) as (node, standin, k8s):
+        web, db = node.pods
         collector = RunningCollector(node.netns, 4739)
         quiet_all(node)
-        db_if = ifindex_of(node, db.host_if)
+        web_if, db_if = ifindex_of(node, web.host_if), ifindex_of(node, db.host_if)
         seen0, rx0 = standin.seen(uplink), node.link_stats(uplink)["rx_packets"]
         with agent(node, *k8s, "--attach", mode, interfaces=()) as running:
-            assert wait_for(lambda: running.metrics().get("cniflow_entry_points") == 1, 10)
+            time.sleep(1.5)  # a reconcile or two: every interface looked at
+            assert running.metrics()["cniflow_entry_points"] == 1
             send(node.in_remote(""), db.ipv4, 9006, 7, 60)
             send(node.in_remote(""), f"10.{node.subnet}.200.1", 30080, 5, 40)  # a NodePort
+            send(node.in_remote(""), web.ipv4, 9008, 9, 60)  # through the macvlan
             time.sleep(2.5)
             metrics = running.metrics()
         rows = collector.stop()
         seen, rx = standin.seen(uplink) - seen0, node.link_stats(uplink)["rx_packets"] - rx0
-        still = standin.attached(uplink)
+        seen_mv = standin.seen(f"{prefix}mv")
+        still = standin.attached()
     into_db = flows(rows, egressInterface=db_if, flowDirection=1)
     assert total(flows(into_db, destinationTransportPort=9006)) == (7, 7 * 88)
     assert total(flows(into_db, destinationTransportPort=9007)) == (5, 5 * 68)
-    assert total(flows(rows, protocolIdentifier=17)) == (12, 7 * 88 + 5 * 68)
-    assert metrics["cniflow_entry_packets_total"] == 7
-    # crossed db's veth all the same: skipped at its egress, as counted where they came in
-    assert metrics["cniflow_packets_deduplicated_total"] == 7
+    into_web = flows(rows, egressInterface=web_if, flowDirection=1)
+    assert total(flows(into_web, destinationTransportPort=9008)) == (9, 9 * 88)
+    assert total(flows(rows, protocolIdentifier=17)) == (21, 16 * 88 + 5 * 68)
+    assert metrics["cniflow_entry_packets_total"] == 7 + 9
+    # crossed the veths all the same: skipped at their egress, as counted where they came in
+    assert metrics["cniflow_packets_deduplicated_total"] == 7 + 9
     assert metrics.get(PAST_HOOK, 0) == 0
-    assert seen == rx >= 12 and still
+    assert seen == rx >= 21 and seen_mv >= 9 and still
 
 
 def test_a_flood_through_an_entry_point_keeps_the_totals_exact():
@@ -322,45 +348,6 @@ def test_a_flood_through_an_entry_point_keeps_the_totals_exact():
     assert metrics["cniflow_entry_packets_total"] == sent
     over = f'cniflow_overflow_packets_total{{direction="out",interface="{db.host_if}"}}'
     assert metrics[over] > 0  # the map was full: overflow records carried the rest
-
-
-def test_a_device_stacked_on_an_entry_point_is_one_entry_point():
-    """A device stacked on the uplink (a macvlan here; a VLAN or a bond is the same to the
-    kernel's adjacency lists, and this kernel has neither), and the CNI's program on
-    both (Cilium's devices may list either): only the lower device is an entry point, as
-    a packet crosses both ingresses; what the remote host sends a pod through the upper
-    device is counted there once, and not again at the pod's veth, though it reaches it
-    from the upper device."""
-    prefix = "cnvl"
-
-    def macvlan(node):
-        sub, db = node.subnet, node.pods[1]
-        netlab.batch(node.netns, [f"link add link {prefix}up name {prefix}mv type macvlan "
-                                  "mode bridge", f"addr add 10.{sub}.201.1/24 dev {prefix}mv",
-                                  f"link set {prefix}mv up"])
-        netlab.batch(node.remote_netns, [f"addr add 10.{sub}.201.2/24 dev eth0",
-                                         f"route add {db.ipv4}/32 via 10.{sub}.201.1"])
-        subprocess.run(node.in_remote(f"ping -c 1 -W 5 {db.ipv4}").split(), check=True,
-                       stdout=subprocess.DEVNULL)  # the neighbours on the way, resolved
-
-    with passing_uplink(prefix, on="up mv", setup=macvlan) as (node, standin, k8s):
-        db = node.pods[1]
-        collector = RunningCollector(node.netns, 4739)
-        quiet_all(node)
-        db_if = ifindex_of(node, db.host_if)
-        with agent(node, *k8s, interfaces=()) as running:
-            time.sleep(1.5)  # a reconcile or two: both devices looked at
-            assert running.metrics()["cniflow_entry_points"] == 1
-            send(node.in_remote(""), db.ipv4, 9008, 9, 60)
-            time.sleep(2.5)
-            metrics = running.metrics()
-        rows = collector.stop()
-        seen = standin.seen(f"{prefix}mv")
-    assert seen >= 9  # the datagrams came in through the upper device
-    into_db = flows(rows, egressInterface=db_if, flowDirection=1, destinationTransportPort=9008)
-    assert total(into_db) == (9, 9 * 88)
-    assert metrics["cniflow_entry_packets_total"] == 9
-    assert metrics["cniflow_packets_deduplicated_total"] == 9  # at db's veth
 
 
 ECHO = ("import socket;s=socket.socket(2,2);s.bind(('',9010));print('ready',flush=True);"
