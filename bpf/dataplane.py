@@ -67,24 +67,18 @@ class EbpfDataplane:
         # pods' addresses are known with --kubernetes only: no entry points without them
         self.entries = EntryPoints(cfg.entry_points if cfg.kubernetes else "off",
                                    self.attacher)
-        self.stacked: set[int] = set()  # devices stacked on entry points, marked as such
+        self.stacked: set[int] | None = None  # devices stacked on entry points, marked
         self.netkit: set[int] = set()  # wanted, but netkit devices: not metered (logged once)
         self.wake_at = cfg.map_size // 2  # drain early once the active map is half full
         metrics.map_size.set(cfg.map_size)
 
     def _load(self, cfg: Config, pins) -> FlowProgram:
-        """The program, with the map-in-map for Cilium's SNAT map where wanted; without,
-        if that part does not build here (a BCC or kernel without map-in-map)."""
-        if not self.masquerade.template:
-            return FlowProgram(cfg.map_size, pins=pins)
-        try:
-            return FlowProgram(cfg.map_size, pins=pins, nat=self.masquerade.template)
-        except LoadError as e:
-            log.warning("replies to masqueraded connections not counted at entry points: "
-                        "the program does not build with Cilium's SNAT map",
-                        extra={"err": str(e)})
+        """The program, with the map-in-map for Cilium's SNAT map where wanted (without,
+        if that part does not build here: FlowProgram)."""
+        program = FlowProgram(cfg.map_size, pins=pins, nat=self.masquerade.template)
+        if program.nat_fd is None:
             self.masquerade.template = ""
-            return FlowProgram(cfg.map_size, pins=pins)
+        return program
 
     @property
     def attached(self) -> set[int]:
@@ -145,15 +139,25 @@ class EbpfDataplane:
     def _mark_stacked(self, present: dict[int, str]) -> None:
         """The devices stacked on entry points (a VLAN, a bond) in the metered set as
         entry points, unattached: a packet that came in through one may have been
-        counted at the entry point below it, and the veth's egress checks."""
+        counted at the entry point below it, and the veth's egress checks. Written every
+        reconcile (a few devices; a prune of an adopted link may have taken a mark out);
+        the first time, the marks an earlier agent left are taken as this one's, so those
+        no longer wanted go."""
+        if self.stacked is None:
+            self.stacked = self.program.entry_marks() - set(self.attacher.attached)
         by_name = {n: i for i, n in present.items()}
-        want = {by_name[n] for a in self.attacher.attached.values() if a.entry
-                for n in upper_devices(a.name) if n in by_name} - set(self.attacher.attached)
-        for ifindex in self.stacked - want:
-            if ifindex not in self.attacher.attached:
-                self.program.meter(ifindex, False)
-        for ifindex in want - self.stacked:
-            self.program.meter(ifindex, True, entry=True)
+        want = {by_name[n] for i, a in self.attacher.attached.items() if a.entry
+                for n in upper_devices(present.get(i, a.name)) if n in by_name}
+        want -= set(self.attacher.attached)
+        try:
+            for ifindex in self.stacked - want:
+                if ifindex not in self.attacher.attached:
+                    self.program.meter(ifindex, False)
+            for ifindex in want:
+                self.program.meter(ifindex, True, entry=True)
+        except OSError as e:  # the metered set full: said, tried again next reconcile
+            log.warning("marking devices stacked on entry points failed",
+                        extra={"err": str(e)})
         self.stacked = want
 
     def pod_addresses(self, addresses: dict[str, int]) -> None:

@@ -101,7 +101,8 @@ class Masquerade:
             self.used, self.said = ident, ""
             log.info("counting replies to masqueraded connections at entry points",
                      extra={"map": self.path, "id": ident})
-        except OSError as e:
+        except OSError as e:  # the old map, which Cilium left, must not be used either
+            self._take_out(program)
             self._say("Cilium's SNAT map could not be used", err=str(e))
         finally:
             os.close(fd)

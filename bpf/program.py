@@ -78,7 +78,15 @@ class FlowProgram:
             self.stale = pins.reuse_maps(expected_maps(map_size, shared))
             self.adopted = not self.stale and os.path.exists(pins.map_path("flows_a"))
         try:
-            fds = self._load(map_size, shared, pins.maps if pins else "", nat)
+            try:
+                fds = self._load(map_size, shared, pins.maps if pins else "", nat)
+            except LoadError as e:
+                if not nat:
+                    raise
+                log.warning("replies to masqueraded connections not counted at entry "
+                            "points: the program does not build with Cilium's SNAT map",
+                            extra={"err": str(e)})
+                fds = self._load(map_size, shared, pins.maps if pins else "")
         except LoadError:
             for fd in self.stale.values():
                 os.close(fd)
@@ -175,6 +183,12 @@ class FlowProgram:
                     self.addresses_full = True
                     continue
                 self.addresses[key] = ifindex
+
+    def entry_marks(self) -> set[int]:
+        """The interfaces the metered set holds as entry points (and key 0, an earlier
+        release's flag)."""
+        return {struct.unpack("<I", k)[0] for k, v in syscall.lookup_batch(
+            self._metered, 4, 4, METERED_SIZE) if struct.unpack("<I", v)[0] != METERED_POD}
 
     def unmeter_pods(self) -> int:
         """Take every pod interface out of the metered set (an earlier agent's, with

@@ -286,6 +286,7 @@ def test_an_entry_point_before_a_cni_that_passes_to_the_stack_counts_once(mode):
         quiet_all(node)
         web_if, db_if = ifindex_of(node, web.host_if), ifindex_of(node, db.host_if)
         seen0, rx0 = standin.seen(uplink), node.link_stats(uplink)["rx_packets"]
+        mv0 = standin.seen(f"{prefix}mv")
         with agent(node, *k8s, "--attach", mode, interfaces=()) as running:
             time.sleep(1.5)  # a reconcile or two: every interface looked at
             assert running.metrics()["cniflow_entry_points"] == 1
@@ -296,7 +297,7 @@ def test_an_entry_point_before_a_cni_that_passes_to_the_stack_counts_once(mode):
             metrics = running.metrics()
         rows = collector.stop()
         seen, rx = standin.seen(uplink) - seen0, node.link_stats(uplink)["rx_packets"] - rx0
-        seen_mv = standin.seen(f"{prefix}mv")
+        seen_mv = standin.seen(f"{prefix}mv") - mv0
         still = standin.attached()
     into_db = flows(rows, egressInterface=db_if, flowDirection=1)
     assert total(flows(into_db, destinationTransportPort=9006)) == (7, 7 * 88)
@@ -451,11 +452,15 @@ def test_a_snat_map_cilium_makes_anew_or_removes_is_followed():
         nat.next_check = 0
         nat.refresh(program)
         assert in_program() == second != first
-        os.unlink(pin)  # masquerading turned off
+        cilium_makes(flags=2)  # BPF_F_NO_COMMON_LRU: not what the program was built for
         nat.next_check = 0
         nat.refresh(program)
         assert in_program() == 0
-        cilium_makes(flags=2)  # BPF_F_NO_COMMON_LRU: not what the program was built for
+        third = cilium_makes()
+        nat.next_check = 0
+        nat.refresh(program)
+        assert in_program() == third
+        os.unlink(pin)  # masquerading turned off
         nat.next_check = 0
         nat.refresh(program)
         assert in_program() == 0
