@@ -123,8 +123,8 @@ class Attacher:
         self.attached: dict[int, Attachment] = {}
         # each hook's program: the first copy, and the second (moves to the head)
         self.progs = {hook: (prog, spare) for hook, prog, spare in zip(
-            ("ingress", "egress", "entry"), (program.ingress, program.egress, program.entry),
-            program.spares, strict=True)}
+            HOOK_NAMES, (program.ingress, program.egress, program.entry), program.spares,
+            strict=True)}
         self.ours = {syscall.prog_id(p.fd) for pair in self.progs.values() for p in pair}
         self.pins = pins
         self.adopted: dict[tuple[int, str], int] = {}  # (ifindex, hook name) -> link fd

@@ -16,7 +16,7 @@ from agent.records import EGRESS
 from bpf import caps
 from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
-from bpf.entry import EntryPoints, upper_devices
+from bpf.entry import EntryPoints
 from bpf.masquerade import Masquerade
 from bpf.pasthook import CHECK_SECONDS, PastHook
 from bpf.pins import PinDir, PinError
@@ -146,8 +146,7 @@ class EbpfDataplane:
         if self.stacked is None:
             self.stacked = self.program.entry_marks() - set(self.attacher.attached)
         by_name = {n: i for i, n in present.items()}
-        want = {by_name[n] for i, a in self.attacher.attached.items() if a.entry
-                for n in upper_devices(present.get(i, a.name)) if n in by_name}
+        want = {by_name[n] for n in self.entries.stacked if n in by_name}
         want -= set(self.attacher.attached)
         try:
             for ifindex in self.stacked - want:

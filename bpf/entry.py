@@ -48,16 +48,22 @@ class EntryPoints:
         self.patterns = [] if setting in ("auto", "off") else setting.split(",")
         self.attacher = attacher
         self.checked: dict[int, tuple[float, bool]] = {}  # ifindex -> (when, has a program)
+        self.stacked: set[str] = set()  # the devices stacked on the last choice's
 
     def choose(self, present: dict[int, str], pods: set[int]) -> dict[int, str]:
         """ifindex -> name of the interfaces to attach cniflow_entry to."""
+        self.stacked = set()
         if self.setting == "off":
             return {}
         others = {i: n for i, n in present.items() if i not in pods and n != "lo"}
         out = {i: n for i, n in others.items()
                if any(fnmatch.fnmatchcase(n, p) for p in self.patterns)} if self.patterns \
             else self._held_ones(others)
-        return {i: n for i, n in out.items() if not lower_devices(n) & set(out.values())}
+        names = set(out.values())
+        stacks = {n: stacked(n) for n in names}  # (lower, upper) devices
+        chosen = {i: n for i, n in out.items() if not stacks[n][0] & names}
+        self.stacked = {u for n in chosen.values() for u in stacks[n][1]}
+        return chosen
 
     def _held_ones(self, others: dict[int, str]) -> dict[int, str]:
         """Those whose ingress holds another program (read again every RECHECK_SECONDS)."""
@@ -100,15 +106,11 @@ def _name(prog: int) -> str:
         return ""
 
 
-def lower_devices(name: str) -> set[str]:
-    """The devices an interface is stacked on, however deep (a VLAN's parent, a bond's
-    slaves), from the kernel's adjacency lists in sysfs (lower_<name> links)."""
-    return _adjacent(name, "lower_")
-
-
-def upper_devices(name: str) -> set[str]:
-    """The devices stacked on an interface, however deep (its VLANs, its bond)."""
-    return _adjacent(name, "upper_")
+def stacked(name: str) -> tuple[set[str], set[str]]:
+    """The devices an interface is stacked on (a VLAN's parent, a bond's slaves) and
+    those stacked on it (its VLANs, its bond), however deep, from the kernel's adjacency
+    lists in sysfs (lower_<name>, upper_<name> links)."""
+    return _adjacent(name, "lower_"), _adjacent(name, "upper_")
 
 
 def _adjacent(name: str, kind: str, depth: int = 8) -> set[str]:

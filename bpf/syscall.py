@@ -312,11 +312,17 @@ def obj_pin(fd: int, path: str) -> None:
     _check(_bpf(OBJ_PIN, _ObjGet(ct.addressof(p), fd, 0)), f"BPF_OBJ_PIN {path}")
 
 
-def map_info(fd: int) -> tuple[int, int, int, int, int]:
-    """(type, key_size, value_size, max_entries, flags) of a map."""
+def _map_words(fd: int) -> list[int]:
+    """struct bpf_map_info's first words: type, id, key_size, value_size, max_entries,
+    flags."""
     info = ct.create_string_buffer(88)
     _check(_bpf(OBJ_GET_INFO_BY_FD, _Info(fd, 88, ct.addressof(info))), "map info")
-    t, _id, k, v, n, f = (int.from_bytes(info.raw[i:i + 4], "little") for i in range(0, 24, 4))
+    return [int.from_bytes(info.raw[i:i + 4], "little") for i in range(0, 24, 4)]
+
+
+def map_info(fd: int) -> tuple[int, int, int, int, int]:
+    """(type, key_size, value_size, max_entries, flags) of a map."""
+    t, _id, k, v, n, f = _map_words(fd)
     return t, k, v, n, f
 
 
@@ -368,6 +374,4 @@ def delete_batch_until_absent(fd: int, keys: int, key_size: int, count: int) -> 
 
 def map_id(fd: int) -> int:
     """The kernel's id of a map (a pin replaced by a new map has another)."""
-    info = ct.create_string_buffer(88)
-    _check(_bpf(OBJ_GET_INFO_BY_FD, _Info(fd, 88, ct.addressof(info))), "map info")
-    return int.from_bytes(info.raw[4:8], "little")
+    return _map_words(fd)[1]

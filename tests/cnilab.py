@@ -96,6 +96,13 @@ BPF_ARRAY(masq, __be32, 1);  /* the node address to masquerade to; 0: off */
 #define IP_DST (ETH_HLEN + 16)
 #define L4 (ETH_HLEN + 20)  /* no IP options in the lab */
 
+/* The node address to masquerade to, 0 when off. */
+static __always_inline __be32 masq_node(void) {
+    int zero = 0;
+    __be32 *node = masq.lookup(&zero);
+    return node ? *node : 0;
+}
+
 /* One address of an IPv4 TCP or UDP packet rewritten (at off), checksums fixed. */
 static __always_inline void rewrite_addr(struct __sk_buff *skb, __u8 proto, int off,
                                          __be32 from, __be32 to) {
@@ -172,10 +179,9 @@ int cil_from_host(struct __sk_buff *skb) {
  * (Cilium's should_redirect_peer(): not from the host). A reply to a masqueraded
  * connection is rewritten back first (snat_v4_rev_nat). */
 int cil_from_netdev(struct __sk_buff *skb) {
-    int zero = 0;
-    __be32 *node = masq.lookup(&zero);
+    __be32 node = masq_node();
     struct ipv4_ct_tuple t = {};
-    if (node && *node && tuple_of(skb, &t) && t.daddr == *node) {
+    if (node && tuple_of(skb, &t) && t.daddr == node) {
         t.flags = 1;
         struct ipv4_nat_entry *rev = cilium_snat_v4_external.lookup(&t);
         if (rev) {
@@ -192,10 +198,9 @@ int cil_from_netdev(struct __sk_buff *skb) {
 /* BPF masquerade on the way out (snat_v4_new_mapping: the port kept), for what a local
  * endpoint sends when masquerading is on. */
 int cil_to_netdev(struct __sk_buff *skb) {
-    int zero = 0;
-    __be32 *node = masq.lookup(&zero);
+    __be32 node = masq_node();
     struct ipv4_ct_tuple t = {};
-    if (!node || !*node || !tuple_of(skb, &t))
+    if (!node || !tuple_of(skb, &t))
         return TC_ACT_OK;
     struct endpoint_key ek = {.family = 1};
     __builtin_memcpy(ek.ip, &t.saddr, 4);
@@ -204,14 +209,14 @@ int cil_to_netdev(struct __sk_buff *skb) {
         return TC_ACT_OK;
     __u16 sport = ntohs(t.sport);
     __be16 port = sport >= 32768 ? t.sport : htons(sport % 32767 + 32768);
-    struct ipv4_nat_entry out = {.to_addr = *node, .to_port = port};
+    struct ipv4_nat_entry out = {.to_addr = node, .to_port = port};
     struct ipv4_nat_entry rev = {.to_addr = t.saddr, .to_port = t.sport};
-    struct ipv4_ct_tuple r = {.daddr = *node, .saddr = t.daddr, .dport = port,
+    struct ipv4_ct_tuple r = {.daddr = node, .saddr = t.daddr, .dport = port,
                               .sport = t.dport, .nexthdr = t.nexthdr, .flags = 1};
     t.flags = 0;
     cilium_snat_v4_external.update(&r, &rev);
     cilium_snat_v4_external.update(&t, &out);
-    rewrite_addr(skb, t.nexthdr, IP_SRC, t.saddr, *node);
+    rewrite_addr(skb, t.nexthdr, IP_SRC, t.saddr, node);
     if (port != t.sport)
         rewrite_port(skb, t.nexthdr, 0, t.sport, port);
     return TC_ACT_OK;
