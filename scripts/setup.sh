@@ -8,7 +8,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${CNIFLOW_VENV:-$ROOT/.venv}
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 iproute2 iputils-ping iperf3 ethtool
       tshark nfdump pmacct softflowd python3-venv python3-pip python3-numpy prometheus
-      curl openssl buildah mmdebstrap uidmap python3-seccomp gcc libc6-dev)
+      curl openssl buildah mmdebstrap uidmap python3-seccomp gcc libc6-dev iptables)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
