@@ -27,6 +27,16 @@ import oracles  # noqa: E402, F401
 
 CNIFLOW = Path(sys.executable).with_name("cniflow")
 _ids = itertools.count()
+# pytest-xdist's worker number (pyproject runs two): in lab names, so two workers whose
+# process ids agree modulo 1000 never make one lab twice
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
+
+# The labs with timed traffic, real BPF and exact counts run one at a time, on one
+# worker; beside them, on the other, the modules that are mostly decoding, the VPP
+# simulator, Kafka and the image build, each module as one unit (its fixtures once).
+LAB_MODULES = {"test_cnis", "test_counting", "test_daemonset", "test_kubernetes",
+               "test_metering", "test_restart", "test_robustness", "test_services",
+               "test_workloads"}
 
 
 def pytest_sessionstart(session):
@@ -43,10 +53,16 @@ def pytest_sessionstart(session):
             "): run `sudo scripts/test.sh`")
 
 
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("lab" if module in LAB_MODULES else module))
+
+
 @pytest.fixture
 def node():
     """Two pods behind a routed node; torn down whatever the test did."""
-    prefix = f"cft{os.getpid() % 1000}{next(_ids)}"
+    prefix = f"cft{WORKER}{os.getpid() % 1000}{next(_ids)}"
     n = netlab.up(prefix, 2)
     try:
         yield n
