@@ -146,7 +146,8 @@ class Collector:
             good: list[Lines] = []
             for rs in sets:
                 try:
-                    good.append(encode([rs], self.keys))
+                    one = encode([rs], self.keys)  # its text: a view the next one reuses
+                    good.append(Lines(bytes(one.text), one.count, one.keys))
                 except Exception as e:  # noqa: BLE001
                     self.decoder.errors[f"unexpected {type(e).__name__} formatting"] += 1
                     self._sync(rs.exporter)

@@ -39,14 +39,17 @@ _DST = ("destinationIPv4Address", "destinationIPv6Address")
 @dataclass
 class Lines:
     """JSON lines of a batch: `text` ends every line with a newline; `keys`, when
-    asked for, holds each record's flow key (None where the record has no addresses)."""
+    asked for, holds each record's flow key (None where the record has no addresses).
+    `text` may be a view of the buffer the next encode() formats into (the lines are
+    written from where they were formatted, not copied first): use it, or copy it,
+    before then."""
 
-    text: bytes
+    text: bytes | memoryview
     count: int
     keys: list[bytes | None] | None = None
 
     def split(self) -> list[bytes]:
-        return self.text.split(b"\n")[:-1] if self.count else []
+        return bytes(self.text).split(b"\n")[:-1] if self.count else []
 
 
 def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
@@ -77,15 +80,19 @@ def encode(sets: list[RecordSet], keys: bool = False) -> Lines:
                                     zip(reversed(rs.spec.fields), reversed(arr.dtype.names),
                                         strict=True)})
         count += len(arr)
-    return Lines(b"".join(parts.parts), count, out_keys)
+    return Lines(parts.text(), count, out_keys)
 
 
 class _Parts:
-    """Where polars' NDJSON writer puts a table's text: the bytes object it hands
-    over is kept, not copied into a BytesIO (a megabyte a batch less to move)."""
+    """A batch's text as it is made: tables format_lines() wrote one after another into
+    the scratch buffer, and what polars' NDJSON writer and the record-by-record path
+    hand over (kept, not copied into a BytesIO). One table, or tables formatted back
+    to back, leave as a view of the scratch: not copied at all."""
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | memoryview] = []
+        self.used = 0  # octets of the scratch buffer this batch's tables took
+        self.buf = _held[0]
 
     def write(self, data) -> int:
         self.parts.append(data if type(data) is bytes else bytes(data))
@@ -93,6 +100,25 @@ class _Parts:
 
     def flush(self) -> None:
         pass
+
+    def room(self, size: int) -> np.ndarray:
+        """Where the next table's `size` octets (at most) are formatted: the scratch
+        buffer past what this batch's tables took."""
+        self.buf = _scratch(self.used + size)
+        return self.buf[self.used:]
+
+    def wrote(self, size: int) -> None:
+        """`size` octets were formatted into room(): a view of them, one with the
+        table before when that one ends where they begin."""
+        start, self.used = self.used, self.used + size
+        last = self.parts[-1] if self.parts else None
+        if isinstance(last, memoryview) and last.obj is self.buf:
+            self.parts[-1] = memoryview(self.buf)[start - last.nbytes:self.used]
+        else:
+            self.parts.append(memoryview(self.buf)[start:self.used])
+
+    def text(self) -> bytes | memoryview:
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
 
 
 def warm() -> None:
@@ -277,27 +303,28 @@ def _formatted(group: list[RecordSet], arr: np.ndarray, parts: _Parts) -> bool:
     widest = lib.line_width(len(table), table)
     if not widest:
         raise RuntimeError("format_lines: a kind given a length it cannot have")  # a bug
-    chunk = max(1, _SCRATCH // widest)
-    out = _scratch(chunk * widest)
-    for first in range(0, n, chunk):
-        size = lib.format_lines(first, min(chunk, n - first), len(table), table,
-                                out.ctypes.data, len(out))
-        if size < 0:
-            raise RuntimeError("format_lines: output bound passed")  # a bug, not input
-        parts.write(out[:size].tobytes())
+    out = parts.room(n * widest)
+    size = lib.format_lines(0, n, len(table), table, out.ctypes.data, len(out))
+    if size < 0:
+        raise RuntimeError("format_lines: output bound passed")  # a bug, not input
+    parts.wrote(size)
     return True
 
 
-_SCRATCH = 8 << 20  # octets of lines a call: a batch's lines go through one buffer
+_SCRATCH_KEPT = 64 << 20  # the largest scratch buffer kept between batches
 _held = [np.empty(0, np.uint8)]
 
 
 def _scratch(size: int) -> np.ndarray:
     """The buffer format_lines() writes into, kept between batches (a fresh one costs
-    its page faults every batch)."""
-    if len(_held[0]) < size:
-        _held[0] = np.empty(size, np.uint8)
-    return _held[0]
+    its page faults every batch), up to _SCRATCH_KEPT; a larger batch gets one of its
+    own. Growing leaves the old buffer to the views still made of it."""
+    if len(_held[0]) >= size:
+        return _held[0]
+    fresh = np.empty(max(size, 2 * len(_held[0])), np.uint8)
+    if len(fresh) <= _SCRATCH_KEPT:
+        _held[0] = fresh
+    return fresh
 
 
 def _padded(text: bytes) -> ctypes.Array:
