@@ -476,6 +476,38 @@ def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_export
     assert d.templates_total <= 4096
 
 
+def test_a_set_that_fails_to_format_costs_only_its_own_records(tmp_path, monkeypatch):
+    """A batch that fails to format is formatted a set at a time: the other exporters'
+    lines arrive whole and in order (each set's text is copied: formatted alone, it is a
+    view of the buffer the next set is formatted into), the failing set is its
+    exporter's counted error. The failure is made up: the decoder's checks let through
+    nothing that fails."""
+    import agent.collector as collector_module
+    from agent.collector import Collector
+    from agent.config import CollectorConfig
+    from agent.jsonlines import encode
+    from agent.outputs import FileOutput
+
+    def failing(sets, keys=False):
+        if any(rs.exporter.startswith("10.0.0.66:") for rs in sets):
+            raise ValueError("made up")
+        return encode(sets, keys)
+
+    monkeypatch.setattr(collector_module, "encode", failing)
+    exporters = ("10.0.0.1:4739", "10.0.0.66:4739", "10.0.0.2:4739")
+    batch = [(m, e) for e in exporters for m in OWN[:4]]
+    out = tmp_path / "out.jsonl"
+    collector = Collector(CollectorConfig(), [FileOutput(str(out), 0, 1)])
+    collector.handle(batch)
+    collector.outputs[0].close()
+    expected = b""
+    for e in exporters[::2]:
+        expected += bytes(encode(Decoder().messages([(m, e) for m in OWN[:4]])[0]).text)
+    assert out.read_bytes() == expected and expected.count(b"\n") > 100
+    bad = Decoder().messages([(m, exporters[1]) for m in OWN[:4]])[0]
+    assert collector.decoder.errors["unexpected ValueError formatting"] == len(bad) >= 1
+
+
 def _by_layout(sets) -> dict:
     """Records by exporter, domain and layout (template, field names and lengths; a set
     of rows, records in no run, apart), in order, each with its export time."""
