@@ -132,27 +132,19 @@ class Collector:
         self.metrics.received(counts)
         self._sync_stats()
         if sets:
-            lines = self._lines(sets)
+            lines = encode(sets, self.keys, self._write, self._unformatted)
             self.metrics.written.inc(lines.count)
-            for output in self.outputs:
-                output.write(lines)
 
-    def _lines(self, sets: list[RecordSet]) -> Lines:
-        """JSON lines of a batch; a set that cannot be formatted (values the checks let
-        through) is its exporter's counted error, never the batch's or the process's."""
-        try:
-            return encode(sets, self.keys)
-        except Exception:  # noqa: BLE001
-            good: list[Lines] = []
-            for rs in sets:
-                try:
-                    one = encode([rs], self.keys)  # its text: a view the next one reuses
-                    good.append(Lines(bytes(one.text), one.count, one.keys))
-                except Exception as e:  # noqa: BLE001
-                    self.decoder.errors[f"unexpected {type(e).__name__} formatting"] += 1
-                    self._sync(rs.exporter)
-            keys = [k for g in good for k in g.keys] if self.keys else None
-            return Lines(b"".join(g.text for g in good), sum(g.count for g in good), keys)
+    def _write(self, lines: Lines) -> None:
+        """A piece of a batch's lines to every output, as soon as it is formatted."""
+        for output in self.outputs:
+            output.write(lines)
+
+    def _unformatted(self, rs: RecordSet, e: Exception) -> None:
+        """A set that cannot be formatted (values the checks let through) is its
+        exporter's counted error, never the batch's or the process's."""
+        self.decoder.errors[f"unexpected {type(e).__name__} formatting"] += 1
+        self._sync(rs.exporter)
 
     def idle(self) -> None:
         """Between batches: outputs that work in the background report (Kafka)."""

@@ -15,7 +15,9 @@ by cniflow collector and nfcapd side by side, and the collector with 1 and 2 wor
    broker acknowledged.
 4. Replay: the same messages sent at a paced rate to cniflow collector and to
    nfcapd at once (each datagram to both); CPU seconds each spends per million
-   records, from /proc, and the ratio.
+   records, from /proc, and the ratio: "steady", each in a memory cgroup limited as
+   the DaemonSet limits the collector and filled with page cache first, as a node's
+   collector lives; and "cold", fresh processes on this VM (replay's docstring).
 5. Workers: 8 exporters at paced rising rates to `cniflow collector --workers N`
    for N = 1 and 2: the highest rate with at least 99 % of records written (marked
    sender-limited when the Python sender itself could not go faster).
@@ -24,6 +26,7 @@ by cniflow collector and nfcapd side by side, and the collector with 1 and 2 wor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -94,12 +97,16 @@ def in_process(msgs: list[bytes], n: int) -> dict:
         d = Decoder()
         t2 = time.process_time()
         count = 0
-        for b in batches(batch):
-            count += encode(d.messages(b)[0]).count
+        for b in batches(batch):  # as the collector does: each piece to a sink
+            count += encode(d.messages(b)[0], sink=_discard).count
         t3 = time.process_time()
         assert count == n
         out[name] = round(n / (t3 - t2))
     return out
+
+
+def _discard(lines) -> None:
+    pass
 
 
 def kafka(msgs: list[bytes], n: int) -> dict:
@@ -123,7 +130,7 @@ def kafka(msgs: list[bytes], n: int) -> dict:
         for batch in batches(msgs):
             while len(out.producer) > cfg.kafka_queue // 2:  # the steady state: the
                 out.producer.poll(0.002)  # broker keeps up, the queue stays bounded
-            out.write(encode(d.messages(batch)[0], keys=True))
+            encode(d.messages(batch)[0], keys=True, sink=out.write)
         c1 = time.process_time()
         out.close()
         t2 = time.perf_counter()
@@ -140,7 +147,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _collector(node, out: Path, port: int, checkout: Path | None) -> subprocess.Popen:
+def _collector(node, out: Path, port: int, checkout: Path | None,
+               enter=None) -> subprocess.Popen:
     """cniflow collector in the node's namespace: this checkout's, or another's (a git
     worktree of an older commit) imported first from its directory."""
     args = ["collector", "--listen", f"127.0.0.1:{port}", "--output", str(out),
@@ -151,7 +159,7 @@ def _collector(node, out: Path, port: int, checkout: Path | None) -> subprocess.
         cmd = ["env", f"PYTHONPATH={checkout}", sys.executable, "-c",
                "import sys; from agent.cli import main; sys.exit(main())", *args]
     return subprocess.Popen(["ip", "netns", "exec", node.netns, *cmd],
-                            stderr=subprocess.DEVNULL, cwd=checkout or ROOT)
+                            stderr=subprocess.DEVNULL, cwd=checkout or ROOT, preexec_fn=enter)
 
 
 REPLAY_SENDER = """
@@ -174,21 +182,39 @@ for i, m in enumerate(msgs):
 """
 
 
-def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None) -> dict:
+def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None,
+           memcg_mib: int = 256) -> dict:
     """Each datagram to cniflow collector and nfcapd (and, with `baseline`, to the
-    collector of another checkout), all under the same load at once."""
+    collector of another checkout), all under the same load at once, twice over: each
+    receiver "steady" in a memory cgroup of its own, limited as the DaemonSet limits the
+    collector (memcg_mib) and filled with clean page cache first, and each "cold", as
+    a fresh process on this VM (see steady_memcg)."""
     node = netlab.up("cfcb", 0)
     work = Path(tempfile.mkdtemp())
+    groups: list[Path] = []
+    procs: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
         warm_page_cache(work, 1 << 30)
-        procs = {"cniflow": (_collector(node, work / "out.jsonl", 4739, None), 4739)}
-        if baseline is not None:
-            procs["baseline"] = (_collector(node, work / "base.jsonl", 4741, baseline), 4741)
-        (work / "nf").mkdir()
-        procs["nfcapd"] = (subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, "nfcapd", "-w", str(work / "nf"), "-b",
-             "127.0.0.1", "-p", "4740", "-t", "3600", "-B", str(8 << 20)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), 4740)
+        port = 4739
+        names = ("cniflow", "nfcapd") if baseline is None else ("cniflow", "baseline", "nfcapd")
+        for state in ("steady", "cold"):
+            for name in names:
+                enter = None
+                if state == "steady":  # a cgroup each, as each container has
+                    groups.append(steady_memcg(f"cniflow-bench-{name}", memcg_mib, work))
+                    enter = _enter(groups[-1])
+                out = work / f"{name}-{state}"
+                if name == "nfcapd":
+                    out.mkdir()
+                    proc = subprocess.Popen(
+                        ["ip", "netns", "exec", node.netns, "nfcapd", "-w", str(out), "-b",
+                         "127.0.0.1", "-p", str(port), "-t", "3600", "-B", str(8 << 20)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=enter)
+                else:
+                    proc = _collector(node, out, port, baseline if name == "baseline" else None,
+                                      enter)
+                procs[f"{name}_{state}"] = (proc, port)
+                port += 1
         time.sleep(2)
         before = {k: cpu_seconds(p.pid) for k, (p, _) in procs.items()}
         (work / "msgs").write_bytes(b"".join(len(m).to_bytes(2, "big") + m for m in msgs))
@@ -203,36 +229,72 @@ def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None)
             p.send_signal(signal.SIGTERM)
         for p, _ in procs.values():
             p.wait(20)
-        nf = subprocess.run(["nfdump", "-R", str(work / "nf"), "-q", "-o", "csv"],
-                            capture_output=True, text=True).stdout
-        out = {"messages": len(msgs), "records": n, "send_seconds": round(sent_s, 1),
-               "cniflow_records": _written(work / "out.jsonl"),
-               "nfcapd_records": sum(1 for line in nf.splitlines()
-                                     if line and line[0].isdigit()),
-               "cpu_s_per_million": {k: round(v / n * 1e6, 2) for k, v in used.items()},
-               "cpu_ratio_cniflow_to_nfcapd": round(
-                   used["cniflow"] / max(used["nfcapd"], 1e-9), 2)}
-        if baseline is not None:
-            out["baseline_records"] = _written(work / "base.jsonl")
-            out["cpu_ratio_baseline_to_nfcapd"] = round(
-                used["baseline"] / max(used["nfcapd"], 1e-9), 2)
+        out: dict = {"messages": len(msgs), "records": n, "send_seconds": round(sent_s, 1),
+                     "memcg_mib": memcg_mib,
+                     "cpu_s_per_million": {k: round(v / n * 1e6, 2) for k, v in used.items()}}
+        for key in procs:
+            name, state = key.rsplit("_", 1)
+            path = work / f"{name}-{state}"
+            out[f"{key}_records"] = _nfdump_records(path) if name == "nfcapd" else \
+                _written(path)
+            if name != "nfcapd":
+                out[f"cpu_ratio_{name}_to_nfcapd_{state}"] = round(
+                    used[key] / max(used[f"nfcapd_{state}"], 1e-9), 2)
         return out
     finally:
+        for p, _ in procs.values():
+            if p.poll() is None:
+                p.kill()
         netlab.down("cfcb")
         shutil.rmtree(work, ignore_errors=True)  # some 200 MB a run otherwise
+        for group in groups:
+            with contextlib.suppress(OSError):
+                group.rmdir()
+
+
+def steady_memcg(name: str, mib: int, work: Path) -> Path:
+    """A memory cgroup limited to `mib` and filled to its limit with clean page cache
+    (written by a process inside it, then synced), as a collector's container finds it
+    after a day: its own writes then recycle its own pages. A fresh process writing on
+    this VM instead takes free pages, which the guest's free page reporting
+    (virtio-balloon) has handed back to the host: every new page of page cache costs a
+    fault in the host, 3 to 4 times the copy (measured: appending 224 MB with 0.1 s
+    gaps, 0.15 to 0.2 s of system time; rewriting the same pages 0.05 s; appending in a
+    filled 256 MiB cgroup 0.07 to 0.11 s), and the collector, which writes ten times
+    nfcapd's octets, pays ten times more. Warming the page cache once does not last:
+    the pages freed after it are reported back within seconds."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    group = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory", name)
+    group.mkdir(exist_ok=True)
+    (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(mib << 20))
+    fill = work / f"fill-{name}"
+    subprocess.run([sys.executable, "-c", "import os, sys\n"
+                    "with open(sys.argv[1], 'wb') as f:\n"
+                    "    for _ in range(int(sys.argv[2])): f.write(os.urandom(1 << 20))\n"
+                    "    f.flush(); os.fsync(f.fileno())", str(fill), str(mib)],
+                   preexec_fn=_enter(group), check=True)
+    return group
+
+
+def _enter(group: Path):
+    """preexec_fn: the child joins the cgroup before it runs anything."""
+    return lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
 
 
 def warm_page_cache(work: Path, size: int) -> None:
-    """Write and delete `size` octets, so the outputs' page cache lands on memory the
-    VM's host has backed. A fresh VM's first touch of a page costs the writer 7 to 14
-    times the copy (measured: 500 MB written in 0.8-1.5 s of system time on fresh
-    pages, 0.11 s on reused ones), which a node's long-cycling page cache never pays;
-    the collector writes ten times nfcapd's octets, so it would pay ten times more."""
+    """Write and delete `size` octets: some of the pages the cold receivers take were
+    used before (session 8's warm-up, kept so that the cold figures compare)."""
     chunk = bytes(1 << 20)
     with (work / "warm").open("wb") as f:
         for _ in range(size >> 20):
             f.write(chunk)
     (work / "warm").unlink()
+
+
+def _nfdump_records(path: Path) -> int:
+    nf = subprocess.run(["nfdump", "-R", str(path), "-q", "-o", "csv"],
+                        capture_output=True, text=True).stdout
+    return sum(1 for line in nf.splitlines() if line and line[0].isdigit())
 
 
 def _written(path: Path) -> int:
@@ -315,6 +377,8 @@ def main() -> int:
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--replay-records", type=int, default=500_000)
     p.add_argument("--rate", type=float, default=2000, help="messages per second in the replay")
+    p.add_argument("--memcg", type=int, default=256, metavar="MIB",
+                   help="the steady receivers' memory cgroup limit (the DaemonSet's)")
     p.add_argument("--baseline", type=Path,
                    help="replay also to the collector of this checkout (a git worktree)")
     p.add_argument("--only", choices=PARTS, action="append",
@@ -330,7 +394,8 @@ def main() -> int:
             out["kafka"] = kafka(msgs, args.records)
     if "replay" in only:
         small = messages(args.replay_records)
-        out["replay"] = replay(small, args.replay_records, args.rate, args.baseline)
+        out["replay"] = replay(small, args.replay_records, args.rate, args.baseline,
+                               args.memcg)
     if "workers" in only:
         out["workers"] = workers(messages(20_000), 20_000)
     print(json.dumps(out, indent=2))

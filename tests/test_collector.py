@@ -477,35 +477,54 @@ def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_export
 
 
 def test_a_set_that_fails_to_format_costs_only_its_own_records(tmp_path, monkeypatch):
-    """A batch that fails to format is formatted a set at a time: the other exporters'
-    lines arrive whole and in order (each set's text is copied: formatted alone, it is a
-    view of the buffer the next set is formatted into), the failing set is its
-    exporter's counted error. The failure is made up: the decoder's checks let through
-    nothing that fails."""
-    import agent.collector as collector_module
+    """A table that fails to format is formatted a set at a time: the other exporters'
+    lines arrive whole and in order, the failing set is its exporter's counted error.
+    A table that fails after a piece of it was written is not formatted again (no line
+    twice). The failures are made up: the decoder's checks let through nothing that
+    fails."""
+    from agent import jsonlines
     from agent.collector import Collector
     from agent.config import CollectorConfig
-    from agent.jsonlines import encode
     from agent.outputs import FileOutput
 
-    def failing(sets, keys=False):
+    group, emit = jsonlines._group, jsonlines._Out.emit
+
+    def failing(sets, out):
         if any(rs.exporter.startswith("10.0.0.66:") for rs in sets):
             raise ValueError("made up")
-        return encode(sets, keys)
+        return group(sets, out)
 
-    monkeypatch.setattr(collector_module, "encode", failing)
+    monkeypatch.setattr(jsonlines, "_group", failing)
     exporters = ("10.0.0.1:4739", "10.0.0.66:4739", "10.0.0.2:4739")
     batch = [(m, e) for e in exporters for m in OWN[:4]]
     out = tmp_path / "out.jsonl"
     collector = Collector(CollectorConfig(), [FileOutput(str(out), 0, 1)])
     collector.handle(batch)
-    collector.outputs[0].close()
-    expected = b""
-    for e in exporters[::2]:
-        expected += bytes(encode(Decoder().messages([(m, e) for m in OWN[:4]])[0]).text)
+    expected = b"".join(jsonlines.encode(Decoder().messages([(m, e) for m in OWN[:4]])[0]).text
+                        for e in exporters[::2])
     assert out.read_bytes() == expected and expected.count(b"\n") > 100
     bad = Decoder().messages([(m, exporters[1]) for m in OWN[:4]])[0]
     assert collector.decoder.errors["unexpected ValueError formatting"] == len(bad) >= 1
+
+    # a failure after the table's first piece went out: that table's sets are errors
+    monkeypatch.setattr(jsonlines, "_group", group)
+    monkeypatch.setattr(jsonlines, "_PIECE", 4096)  # pieces of a few lines
+    calls = []
+
+    def second_piece_fails(self, text, count, keys):
+        calls.append(count)
+        if len(calls) == 2:
+            raise ValueError("made up")
+        return emit(self, text, count, keys)
+
+    monkeypatch.setattr(jsonlines._Out, "emit", second_piece_fails)
+    two = ("10.0.0.3:4739", "10.0.0.4:4739")
+    collector.handle([(m, e) for e in two for m in OWN[:4]])
+    collector.outputs[0].close()
+    lines = out.read_bytes()[len(expected):].splitlines()
+    assert len(lines) == calls[0] > 0 and len(set(lines)) == len(lines)  # one piece, once
+    assert all(b'"@exporter":"10.0.0.3:4739"' in line for line in lines)
+    assert collector.decoder.errors["unexpected ValueError formatting"] == 3 * len(bad)
 
 
 def _by_layout(sets) -> dict:
