@@ -6,7 +6,8 @@ value in hex) after four keys of its own: "@exporter" (address:port), "@domain"
 
 Fixed-length sets, what routers and cniflow's exporter send most, are written by
 format_lines() in agent/_jsonlines.c straight from the wire's octets: one call a
-table, some 4 ns a field where polars' NDJSON writer took 40 (bench/collector.py).
+piece of a table (encode()), some 4 ns a field where polars' NDJSON writer took 40
+(bench/collector.py).
 Tables with a field it does not print (strings, floats, octet arrays) are turned into
 columns with numpy and written by polars; sets with variable-length fields go record
 by record.
@@ -38,11 +39,11 @@ _DST = ("destinationIPv4Address", "destinationIPv6Address")
 
 @dataclass
 class Lines:
-    """JSON lines of a batch: `text` ends every line with a newline; `keys`, when
-    asked for, holds each record's flow key (None where the record has no addresses).
-    `text` may be a view of the buffer the next encode() formats into (the lines are
-    written from where they were formatted, not copied first): use it, or copy it,
-    before then."""
+    """JSON lines, a batch's or a piece of one (encode()'s sink): `text` ends every
+    line with a newline; `keys`, when asked for, holds each record's flow key (None
+    where the record has no addresses). A piece's `text` may be a view of the buffer
+    the next piece is formatted into (written from where it was formatted, not copied
+    first): use it, or copy it, before the sink returns."""
 
     text: bytes | memoryview
     count: int
@@ -65,28 +66,43 @@ def encode(sets: list[RecordSet], keys: bool = False, sink=None, failed=None) ->
     the system time of writing each 256 KB as it was formatted). Without, one Lines.
 
     With `failed`, a table that cannot be formatted (values the decoder's checks let
-    through) is formatted a set at a time, and each set that still fails goes to
-    failed(set, exception): never the batch's nor the process's error."""
+    through) is formatted again a set at a time, from the first set not yet written
+    whole, and each set that still fails (or was cut short) goes to
+    failed(set, exception): never the batch's nor the process's error, and no line
+    twice. An output's own error (a full disk, a broken pipe) is raised as it is."""
     out = _Out(sink, keys)
     for group in _groups(sets):
+        out.rows = 0
         try:
             _group(group, out)
+        except _OutputError as e:  # an output's own error: not the exporter's
+            raise e.error from None
         except Exception as e:
             if failed is None:
                 raise
-            if out.made or len(group) == 1:  # a bug after a piece went: not again
-                out.made = 0
-                for rs in group:
-                    failed(rs, e)
-                continue
-            for rs in group:
-                try:
-                    _group([rs], out)
-                except Exception as e1:  # noqa: BLE001
-                    out.made = 0
-                    failed(rs, e1)
-        out.made = 0
+            _retry(group, out, e, failed)
     return out.result()
+
+
+def _retry(group: list[RecordSet], out: _Out, error: Exception, failed) -> None:
+    """A table failed: its sets whose lines all went out stay, the one cut short is
+    failed (the rest of its lines lost, none twice), and each one after it is
+    formatted alone."""
+    done, end = out.rows, 0
+    for rs in group:
+        start, end = end, end + len(rs)
+        if end <= done:
+            continue
+        if start < done or len(group) == 1:
+            failed(rs, error)
+            continue
+        out.rows = 0
+        try:
+            _group([rs], out)
+        except _OutputError as e:
+            raise e.error from None
+        except Exception as e:  # noqa: BLE001  (cut short or not, never again)
+            failed(rs, e)
 
 
 def _group(group: list[RecordSet], out: _Out) -> None:
@@ -108,6 +124,13 @@ def _group(group: list[RecordSet], out: _Out) -> None:
         out.emit(b"".join(parts.parts), len(arr), keys)
 
 
+class _OutputError(Exception):
+    """An output's error, raised through encode() as it is: not a formatting error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 class _Out:
     """Where encode() puts the pieces it makes: a sink, or one Lines."""
 
@@ -116,17 +139,20 @@ class _Out:
         self.parts: list[bytes] = []
         self.all_keys: list[bytes | None] = []
         self.count = 0
-        self.made = 0  # pieces of the table being made that have gone
+        self.rows = 0  # rows of the table being made that have gone
 
     def emit(self, text: bytes | memoryview, count: int, keys: list | None) -> None:
-        self.count += count
-        self.made += 1
         if self.sink is not None:
-            self.sink(Lines(text, count, keys))
-            return
-        self.parts.append(bytes(text))  # a view is reused for the next piece: copied
-        if keys is not None:
-            self.all_keys += keys
+            try:
+                self.sink(Lines(text, count, keys))
+            except Exception as e:
+                raise _OutputError(e) from e
+        else:
+            self.parts.append(bytes(text))  # a view is reused for the next piece: copied
+            if keys is not None:
+                self.all_keys += keys
+        self.count += count
+        self.rows += count
 
     def result(self) -> Lines:
         if self.sink is not None:

@@ -1,7 +1,9 @@
 """Where the collector's JSON lines go: a file (or standard output) and Kafka.
 
-Outputs never block reception: a file write is one system call per batch, and
-Kafka's producer queues in librdkafka, bounded, counting what it cannot keep.
+Outputs never block reception: a file write is one system call per piece of a
+batch's lines (agent/jsonlines.py: at most 256 KB, a view of the formatter's buffer,
+used before write() returns), and Kafka's producer queues in librdkafka, bounded,
+counting what it cannot keep.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ log = logging.getLogger(__name__)
 
 class FileOutput:
     """JSON lines to standard output or a file rotated by size. Several workers may
-    share one file: with `lock` (a lock file's path) each batch is written and the
-    rotation decided under flock, and a worker whose file was rotated by another
-    reopens it, so lines never interleave and no batch lands in a rotated file."""
+    share one file: with `lock` (a lock file's path) each piece of lines is written
+    and the rotation decided under flock, and a worker whose file was rotated by
+    another reopens it, so lines never interleave and none land in a rotated file."""
 
     def __init__(self, path: str, rotate_bytes: int, keep: int, lock: str = "") -> None:
         self.path = None if path == "-" else Path(path)

@@ -190,7 +190,7 @@ def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None,
     collector (memcg_mib) and filled with clean page cache first, and each "cold", as
     a fresh process on this VM (see steady_memcg)."""
     node = netlab.up("cfcb", 0)
-    work = Path(tempfile.mkdtemp())
+    work = Path(tempfile.mkdtemp(dir="/var/tmp"))  # on disk: tmpfs pages are not reclaimed
     groups: list[Path] = []
     procs: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
@@ -201,8 +201,8 @@ def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None,
             for name in names:
                 enter = None
                 if state == "steady":  # a cgroup each, as each container has
-                    groups.append(steady_memcg(f"cniflow-bench-{name}", memcg_mib, work))
-                    enter = _enter(groups[-1])
+                    enter = _enter(steady_memcg(f"cniflow-bench-{name}", memcg_mib, work,
+                                                groups))
                 out = work / f"{name}-{state}"
                 if name == "nfcapd":
                     out.mkdir()
@@ -245,6 +245,7 @@ def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None,
         for p, _ in procs.values():
             if p.poll() is None:
                 p.kill()
+                p.wait()  # out of its cgroup before the rmdir below
         netlab.down("cfcb")
         shutil.rmtree(work, ignore_errors=True)  # some 200 MB a run otherwise
         for group in groups:
@@ -252,7 +253,7 @@ def replay(msgs: list[bytes], n: int, rate: float, baseline: Path | None = None,
                 group.rmdir()
 
 
-def steady_memcg(name: str, mib: int, work: Path) -> Path:
+def steady_memcg(name: str, mib: int, work: Path, made: list[Path]) -> Path:
     """A memory cgroup limited to `mib` and filled to its limit with clean page cache
     (written by a process inside it, then synced), as a collector's container finds it
     after a day: its own writes then recycle its own pages. A fresh process writing on
@@ -264,8 +265,12 @@ def steady_memcg(name: str, mib: int, work: Path) -> Path:
     nfcapd's octets, pays ten times more. Warming the page cache once does not last:
     the pages freed after it are reported back within seconds."""
     v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-    group = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory", name)
+    root = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory")
+    if v2 and "memory" not in (root / "cgroup.subtree_control").read_text().split():
+        (root / "cgroup.subtree_control").write_text("+memory")
+    group = root / name
     group.mkdir(exist_ok=True)
+    made.append(group)  # removed by the caller, whatever happens next
     (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(mib << 20))
     fill = work / f"fill-{name}"
     subprocess.run([sys.executable, "-c", "import os, sys\n"

@@ -53,6 +53,7 @@ def pytest_sessionstart(session):
             "): run `sudo scripts/test.sh`")
 
 
+@pytest.hookimpl(optionalhook=True)  # a run without xdist: -p no:xdist
 def pytest_xdist_make_scheduler(config, log):
     """Work units for pytest-xdist: all of LAB_MODULES as one, each other module as one.
     (Not xdist_group marks: xdist 3.8 renames the items to group them, which pytest 9.2

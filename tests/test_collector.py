@@ -477,11 +477,13 @@ def test_a_hostile_exporters_sequences_never_touch_the_process_or_another_export
 
 
 def test_a_set_that_fails_to_format_costs_only_its_own_records(tmp_path, monkeypatch):
-    """A table that fails to format is formatted a set at a time: the other exporters'
-    lines arrive whole and in order, the failing set is its exporter's counted error.
-    A table that fails after a piece of it was written is not formatted again (no line
-    twice). The failures are made up: the decoder's checks let through nothing that
-    fails."""
+    """A table that fails to format is formatted again a set at a time: the other
+    exporters' lines arrive whole and in order, the failing set is its exporter's
+    counted error. A table that fails after a piece of it was written goes on from the
+    set that was cut short: that one is the error (its lines written stay, once), the
+    sets after it are formatted alone. An output's own error is not a formatting error:
+    it leaves the collector. The failures are made up: the decoder's checks let through
+    nothing that fails."""
     from agent import jsonlines
     from agent.collector import Collector
     from agent.config import CollectorConfig
@@ -494,19 +496,22 @@ def test_a_set_that_fails_to_format_costs_only_its_own_records(tmp_path, monkeyp
             raise ValueError("made up")
         return group(sets, out)
 
+    def alone(exporter: str) -> bytes:
+        return jsonlines.encode(Decoder().messages([(m, exporter) for m in OWN[:4]])[0]).text
+
     monkeypatch.setattr(jsonlines, "_group", failing)
     exporters = ("10.0.0.1:4739", "10.0.0.66:4739", "10.0.0.2:4739")
     batch = [(m, e) for e in exporters for m in OWN[:4]]
     out = tmp_path / "out.jsonl"
     collector = Collector(CollectorConfig(), [FileOutput(str(out), 0, 1)])
+    errors = collector.decoder.errors
     collector.handle(batch)
-    expected = b"".join(jsonlines.encode(Decoder().messages([(m, e) for m in OWN[:4]])[0]).text
-                        for e in exporters[::2])
+    expected = alone(exporters[0]) + alone(exporters[2])
     assert out.read_bytes() == expected and expected.count(b"\n") > 100
-    bad = Decoder().messages([(m, exporters[1]) for m in OWN[:4]])[0]
-    assert collector.decoder.errors["unexpected ValueError formatting"] == len(bad) >= 1
+    assert len(Decoder().messages(batch[4:8])[0]) == 1  # one set an exporter
+    assert errors["unexpected ValueError formatting"] == 1
 
-    # a failure after the table's first piece went out: that table's sets are errors
+    # a failure after the table's first piece went out
     monkeypatch.setattr(jsonlines, "_group", group)
     monkeypatch.setattr(jsonlines, "_PIECE", 4096)  # pieces of a few lines
     calls = []
@@ -518,13 +523,26 @@ def test_a_set_that_fails_to_format_costs_only_its_own_records(tmp_path, monkeyp
         return emit(self, text, count, keys)
 
     monkeypatch.setattr(jsonlines._Out, "emit", second_piece_fails)
-    two = ("10.0.0.3:4739", "10.0.0.4:4739")
-    collector.handle([(m, e) for e in two for m in OWN[:4]])
+    collector.handle([(m, e) for e in ("10.0.0.3:4739", "10.0.0.4:4739") for m in OWN[:4]])
+    lines = out.read_bytes()[len(expected):]
+    cut = alone("10.0.0.3:4739").splitlines(keepends=True)
+    assert 0 < calls[0] < len(cut)
+    assert lines == b"".join(cut[:calls[0]]) + alone("10.0.0.4:4739")
+    assert errors["unexpected ValueError formatting"] == 2
+
+    # an output that fails: raised, the lines before it written, no exporter blamed
+    def disk_full(lines):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jsonlines._Out, "emit", emit)
+    collector.outputs.append(type("Full", (), {"write": staticmethod(disk_full)})())
+    with pytest.raises(OSError, match="No space left"):
+        collector.handle([(m, "10.0.0.5:4739") for m in OWN[:4]])
     collector.outputs[0].close()
-    lines = out.read_bytes()[len(expected):].splitlines()
-    assert len(lines) == calls[0] > 0 and len(set(lines)) == len(lines)  # one piece, once
-    assert all(b'"@exporter":"10.0.0.3:4739"' in line for line in lines)
-    assert collector.decoder.errors["unexpected ValueError formatting"] == 3 * len(bad)
+    tail = out.read_bytes()[len(expected) + len(lines):].splitlines(keepends=True)
+    assert 0 < len(tail) < len(cut) and tail == alone("10.0.0.5:4739").splitlines(
+        keepends=True)[:len(tail)]  # the piece the file took before the other failed
+    assert sum(errors.values()) == 2
 
 
 def _by_layout(sets) -> dict:
