@@ -922,11 +922,16 @@ def test_the_c_formatter_writes_what_polars_writes_for_any_octets(data):
         sets.append(RecordSet(f"10.0.0.{i}:4739", 5 + i, 1_795_000_000 + i, spec, arr))
     group = jsonlines._groups(sets)[0]
     arr = jsonlines._joined(group)
-    c, polars = jsonlines._Parts(), jsonlines._Parts()
-    printed = jsonlines._formatted(group, arr, c)
+    c, polars = jsonlines._Out(None, False), jsonlines._Parts()
+    piece = jsonlines._PIECE
+    jsonlines._PIECE = data.draw(st.sampled_from([1, 1000, piece]))  # a line a piece, a few
+    try:
+        printed = jsonlines._formatted(group, arr, c, None)
+    finally:
+        jsonlines._PIECE = piece
     jsonlines._table(group, arr).write_ndjson(polars)
     if printed:
-        assert b"".join(c.parts) == b"".join(polars.parts)
+        assert c.result().text == b"".join(polars.parts) and c.result().count == len(arr)
     else:  # a string with octets JSON escapes
         assert not all(jsonlines._plain(arr[name]) for name in strings)
     lines = [json.loads(x) for x in jsonlines.encode(sets).split()]
