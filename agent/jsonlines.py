@@ -72,22 +72,31 @@ def encode(sets: list[RecordSet], keys: bool = False, sink=None, failed=None) ->
     twice. An output's own error (a full disk, a broken pipe) is raised as it is."""
     out = _Out(sink, keys)
     for group in _groups(sets):
-        out.rows = 0
-        try:
-            _group(group, out)
-        except _OutputError as e:  # an output's own error: not the exporter's
-            raise e.error from None
-        except Exception as e:
+        error = _attempt(group, out)
+        if error is not None:
             if failed is None:
-                raise
-            _retry(group, out, e, failed)
+                raise error
+            _retry(group, out, error, failed)
     return out.result()
+
+
+def _attempt(group: list[RecordSet], out: _Out) -> Exception | None:
+    """The group's lines to `out`; the formatting error if it failed (out.rows: how
+    many of its rows went before). An output's own error is raised as it is."""
+    out.rows = 0
+    try:
+        _group(group, out)
+    except _OutputError as e:  # a full disk, a broken pipe: not the exporter's
+        raise e.error from None
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
 
 
 def _retry(group: list[RecordSet], out: _Out, error: Exception, failed) -> None:
     """A table failed: its sets whose lines all went out stay, the one cut short is
     failed (the rest of its lines lost, none twice), and each one after it is
-    formatted alone."""
+    formatted alone (failed if it fails too, cut short or not: never again)."""
     done, end = out.rows, 0
     for rs in group:
         start, end = end, end + len(rs)
@@ -95,14 +104,8 @@ def _retry(group: list[RecordSet], out: _Out, error: Exception, failed) -> None:
             continue
         if start < done or len(group) == 1:
             failed(rs, error)
-            continue
-        out.rows = 0
-        try:
-            _group([rs], out)
-        except _OutputError as e:
-            raise e.error from None
-        except Exception as e:  # noqa: BLE001  (cut short or not, never again)
-            failed(rs, e)
+        elif (again := _attempt([rs], out)) is not None:
+            failed(rs, again)
 
 
 def _group(group: list[RecordSet], out: _Out) -> None:
