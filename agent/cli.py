@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 
 from agent import config
+from agent.stopping import Stop, on_signals
 
 log = logging.getLogger("cniflow")
 
@@ -62,9 +61,8 @@ def run_agent(args: argparse.Namespace) -> int:
         return fail(str(e))
     except TlsError as e:
         return fail(str(e))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = Stop()
+    on_signals(stop)
     if cfg.metrics_address:
         try:
             addr = cfg.metrics_address
@@ -116,9 +114,8 @@ def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -
     except Exception as e:  # noqa: BLE001  (librdkafka refusing a setting: KafkaException)
         return _close(outputs, fail(f"--output {o}: {e}"))
     collector = Collector(cfg, outputs, counters, tls=tls)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = Stop()
+    on_signals(stop)
     try:
         if metrics and cfg.metrics_address:
             serve_metrics(collector.metrics, cfg.metrics_address)

@@ -25,6 +25,7 @@ from prometheus_client import (
 from agent.config import CollectorConfig
 from agent.ipfix.decoder import Decoder, Malformed, RecordSet, split_stream
 from agent.jsonlines import Lines, encode, warm
+from agent.stopping import Stop
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ class CollectorMetrics:
                                   "(from /proc/net/udp)", registry=r, multiprocess_mode="livesum")
         self.written = Counter("cniflow_collector_lines", "JSON lines handed to the outputs",
                                registry=r)
+        self.output_failed = Counter(
+            "cniflow_collector_output_failed_lines",
+            "Lines an output could not take (a full disk, a closed pipe): counted, the "
+            "other outputs and the next lines go on", ["output"], registry=r)
         self.kafka_delivered = Counter("cniflow_collector_kafka_delivered",
                                        "Records the Kafka brokers acknowledged", registry=r)
         self.kafka_failed = Counter("cniflow_collector_kafka_failed",
@@ -136,9 +141,17 @@ class Collector:
             self.metrics.written.inc(lines.count)
 
     def _write(self, lines: Lines) -> None:
-        """A piece of a batch's lines to every output, as soon as it is formatted."""
+        """A piece of a batch's lines to every output, as soon as it is formatted. An
+        output that fails loses this piece, counted and logged; it is tried again with
+        the next, and the other outputs never miss a line for it."""
         for output in self.outputs:
-            output.write(lines)
+            try:
+                output.write(lines)
+            except Exception as e:  # noqa: BLE001  (OSError, librdkafka's errors)
+                self.metrics.output_failed.labels(output.name).inc(lines.count)
+                if self._due(f"output {output.name}"):
+                    log.error("output failed: lines lost", extra={
+                        "output": output.name, "error": f"{type(e).__name__}: {e}"})
 
     def _unformatted(self, rs: RecordSet, e: Exception) -> None:
         """A set that cannot be formatted (values the checks let through) is its
@@ -173,14 +186,19 @@ class Collector:
                 self._log_bounded(reason, exporter)
 
     def _log_bounded(self, reason: str, exporter: str) -> None:
-        """At most one line per reason every 10 s, so a flood cannot flood the log."""
-        now, kind = time.monotonic(), _reason(reason)
-        if now - self._last_log.get(kind, -1e9) >= 10:
-            self._last_log[kind] = now
+        if self._due(reason):
             log.warning("malformed IPFIX", extra={"exporter": exporter, "reason": reason,
                                                   "total": self.decoder.errors[reason]})
 
-    def serve(self, stop: threading.Event) -> None:
+    def _due(self, reason: str) -> bool:
+        """At most one line per reason every 10 s, so a flood cannot flood the log."""
+        now, kind = time.monotonic(), _reason(reason)
+        if now - self._last_log.get(kind, -1e9) < 10:
+            return False
+        self._last_log[kind] = now
+        return True
+
+    def serve(self, stop: Stop) -> None:
         warm()
         gc.freeze()  # start-up's 50,000 objects: a full collection walked them all (15 ms)
         host, port = self.cfg.listen_host_port
@@ -242,6 +260,7 @@ class Collector:
         srv.settimeout(0.5)
         log.info("collector listening", extra={"listen": self.cfg.listen,
                                                "transport": self.cfg.transport})
+        connections: list[threading.Thread] = []
         while not stop.is_set():
             try:
                 conn, addr = srv.accept()
@@ -249,11 +268,15 @@ class Collector:
                 with self.lock:
                     self.idle()
                 continue
-            threading.Thread(target=self._connection, args=(conn, addr, stop),
-                             daemon=True).start()
+            connections = [t for t in connections if t.is_alive()]
+            connections.append(threading.Thread(target=self._connection,
+                                                args=(conn, addr, stop), daemon=True))
+            connections[-1].start()
         srv.close()
+        for t in connections:  # each ends its batch: the outputs close after the last
+            t.join()
 
-    def _connection(self, conn: socket.socket, addr, stop: threading.Event) -> None:
+    def _connection(self, conn: socket.socket, addr, stop: Stop) -> None:
         exporter = f"{addr[0]}:{addr[1]}"
         conn.settimeout(5)
         try:

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import sys
+import time
 from collections import deque
 from contextlib import contextmanager
 from itertools import repeat
@@ -31,26 +32,47 @@ class FileOutput:
     another reopens it, so lines never interleave and none land in a rotated file."""
 
     def __init__(self, path: str, rotate_bytes: int, keep: int, lock: str = "") -> None:
+        self.name = path
         self.path = None if path == "-" else Path(path)
         self.rotate_bytes, self.keep = rotate_bytes, keep
         self.lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600) if lock else -1
         self.fd = sys.stdout.fileno() if self.path is None else self._open()
+        self._rotate_logged = -1e9
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, lines: Lines) -> None:
+        """Raises the system's error (a full disk, a closed pipe) with the file still
+        whole lines: a piece the disk took only part of is cut back off."""
         if not lines.count:
             return
         with self._locked():
             if self.path is not None and self.lock_fd >= 0:
                 self._follow()
-            view = memoryview(lines.text)
-            while view:
-                view = view[os.write(self.fd, view):]
+            view, written = memoryview(lines.text), 0
+            try:
+                while len(view) > written:
+                    written += os.write(self.fd, view[written:])
+            except OSError:
+                if written and self.path is not None:
+                    os.ftruncate(self.fd, os.fstat(self.fd).st_size - written)
+                raise
             if self.path is not None and self.rotate_bytes and \
                     os.fstat(self.fd).st_size >= self.rotate_bytes:
                 self._rotate()
+
+    def _rotate(self) -> None:
+        """The lines are written: a rotation that fails (a renamed directory, its
+        permissions) is logged, at most once a minute, and tried again next piece."""
+        try:
+            self._shift()
+        except OSError as e:
+            now = time.monotonic()
+            if now - self._rotate_logged >= 60:
+                self._rotate_logged = now
+                log.warning("rotation failed: lines go on to the same file",
+                            extra={"output": str(self.path), "error": str(e)})
 
     @contextmanager
     def _locked(self):
@@ -70,17 +92,20 @@ class FileOutput:
         except FileNotFoundError:
             same = False
         if not same:
-            os.close(self.fd)
-            self.fd = self._open()
+            self._reopen()
 
-    def _rotate(self) -> None:
+    def _reopen(self) -> None:
+        fd = self._open()  # the old one stays ours until the new one is
+        os.close(self.fd)
+        self.fd = fd
+
+    def _shift(self) -> None:
         for i in range(self.keep - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
             if older.exists():
                 older.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
         self.path.rename(self.path.with_name(f"{self.path.name}.1"))
-        os.close(self.fd)
-        self.fd = self._open()
+        self._reopen()
 
     def close(self) -> None:
         if self.path is not None:
@@ -100,6 +125,7 @@ class KafkaOutput:
     def __init__(self, url: str, settings: dict, flush_seconds: float, metrics) -> None:
         from confluent_kafka import Producer
 
+        self.name = url
         self.brokers, self.topic = kafka_url(url)
         self.metrics = metrics
         self.produced = self.failed = self.delivered = 0

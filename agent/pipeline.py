@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ from agent.interfaces import InterfaceSet, links
 from agent.metrics import Metrics
 from agent.podmeta import PodTable
 from agent.records import EGRESS, take
+from agent.stopping import Stop
 from agent.transport import make as make_transport
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class Agent:
         for ifindex in [i for i in self.names if i not in reported]:
             del self.names[ifindex]
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: Stop) -> None:
         log.info(
             "agent running",
             extra={

@@ -17,11 +17,11 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 
 from agent.config import CollectorConfig
+from agent.stopping import Stop, on_signals
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,8 @@ def supervise(cfg: CollectorConfig, collect: Callable[..., int]) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = state  # before prometheus_client is imported
     lock = os.path.join(state, "output.lock")
     ctx = multiprocessing.get_context("fork")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = Stop()
+    on_signals(stop)
 
     def start(i: int):
         p = ctx.Process(target=_worker, args=(collect, cfg, lock), name=f"worker-{i}",

@@ -121,8 +121,22 @@ class RunningAgent:
         return values
 
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+        return terminate(self.proc, self.log)
+
+
+def terminate(proc: subprocess.Popen, log: Path, seconds: float = 30) -> int:
+    """SIGTERM, and the exit code; a process that does not stop in time is made to
+    write its threads' stacks to its log (SIGUSR1), killed, and the test fails with
+    the log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"did not stop in {seconds} s:\n{log.read_text()}") from None
 
 
 @contextlib.contextmanager

@@ -127,7 +127,7 @@ import time  # noqa: E402
 import netlab  # noqa: E402
 import numpy as np  # noqa: E402
 import oracles  # noqa: E402
-from conftest import CNIFLOW, agent, wait_for  # noqa: E402
+from conftest import CNIFLOW, agent, terminate, wait_for  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_metering import send_udp  # noqa: E402
@@ -165,8 +165,7 @@ class RunningCollector:
         return [json.loads(line) for line in self.out.read_text().splitlines() if line]
 
     def stop(self) -> list[dict]:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(15) == 0, (self.dir / "log").read_text()
+        assert terminate(self.proc, self.dir / "log") == 0, (self.dir / "log").read_text()
         return self.records()
 
 
@@ -482,8 +481,8 @@ def test_a_set_that_fails_to_format_costs_only_its_own_records(tmp_path, monkeyp
     counted error. A table that fails after a piece of it was written goes on from the
     set that was cut short: that one is the error (its lines written stay, once), the
     sets after it are formatted alone. An output's own error is not a formatting error:
-    it leaves the collector. The failures are made up: the decoder's checks let through
-    nothing that fails."""
+    its lines are counted lost, the other outputs go on. The failures are made up: the
+    decoder's checks let through nothing that fails."""
     from agent import jsonlines
     from agent.collector import Collector
     from agent.config import CollectorConfig
@@ -530,19 +529,74 @@ def test_a_set_that_fails_to_format_costs_only_its_own_records(tmp_path, monkeyp
     assert lines == b"".join(cut[:calls[0]]) + alone("10.0.0.4:4739")
     assert errors["unexpected ValueError formatting"] == 2
 
-    # an output that fails: raised, the lines before it written, no exporter blamed
+    # an output that fails: its lines counted lost, the other output misses none, no
+    # exporter blamed; encode() itself hands the output's error on as it is
     def disk_full(lines):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(jsonlines._Out, "emit", emit)
-    collector.outputs.append(type("Full", (), {"write": staticmethod(disk_full)})())
-    with pytest.raises(OSError, match="No space left"):
-        collector.handle([(m, "10.0.0.5:4739") for m in OWN[:4]])
+    full = type("Full", (), {"write": staticmethod(disk_full), "name": "full"})()
+    collector.outputs.append(full)
+    collector.handle([(m, "10.0.0.5:4739") for m in OWN[:4]])
     collector.outputs[0].close()
-    tail = out.read_bytes()[len(expected) + len(lines):].splitlines(keepends=True)
-    assert 0 < len(tail) < len(cut) and tail == alone("10.0.0.5:4739").splitlines(
-        keepends=True)[:len(tail)]  # the piece the file took before the other failed
+    assert out.read_bytes()[len(expected) + len(lines):] == alone("10.0.0.5:4739")
+    lost = collector.metrics.registry.get_sample_value(
+        "cniflow_collector_output_failed_lines_total", {"output": "full"})
+    assert lost == alone("10.0.0.5:4739").count(b"\n")
     assert sum(errors.values()) == 2
+    sets = Decoder().messages([(m, "10.0.0.5:4739") for m in OWN[:4]])[0]
+    with pytest.raises(OSError, match="No space left"):
+        jsonlines.encode(sets, sink=disk_full, failed=lambda rs, e: errors.update(x=1))
+    assert "x" not in errors
+
+
+def test_a_full_disk_loses_only_the_lines_it_cannot_hold(tmp_path):
+    """A real full file system (a tmpfs of 256 KB, most of it taken): the file keeps
+    whole lines only (a piece the disk took part of is cut back off), the other output
+    gets every line, what the full one missed is counted, and once there is room again
+    the lines go on to the same file."""
+    from agent.collector import Collector
+    from agent.config import CollectorConfig
+    from agent.outputs import FileOutput
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "cniflow-test", str(small)],
+                   check=True)
+    outputs: list[FileOutput] = []
+    try:
+        filler = small / "filler"
+        filler.write_bytes(b"x" * 160_000)
+        on_full, on_disk = small / "out.jsonl", tmp_path / "all.jsonl"
+        outputs += [FileOutput(str(on_full), 0, 1), FileOutput(str(on_disk), 0, 1)]
+        collector = Collector(CollectorConfig(), outputs)
+
+        def batch(n: int, exporters: int = 8) -> None:
+            collector.handle([(m, f"10.0.{n}.{k}:4739") for k in range(exporters)
+                              for m in OWN[:4]])
+
+        for n in range(3):
+            batch(n)
+        lost = collector.metrics.registry.get_sample_value(
+            "cniflow_collector_output_failed_lines_total", {"output": str(on_full)})
+        kept = on_full.read_bytes()
+        assert lost and kept.endswith(b"\n")
+        every = on_disk.read_bytes().splitlines()
+        assert len(kept.splitlines()) + lost == len(every)
+        assert [json.loads(x) for x in kept.splitlines()]  # whole lines, each
+        left = iter(every)  # in the order they came, a subsequence of every line
+        assert all(any(x == y for y in left) for x in kept.splitlines())
+
+        filler.unlink()  # room again: the next batch goes to the same file, whole
+        batch(3, exporters=1)
+        after = on_full.read_bytes()[len(kept):].splitlines()
+        assert after == on_disk.read_bytes().splitlines()[len(every):] and after
+        assert collector.metrics.registry.get_sample_value(
+            "cniflow_collector_output_failed_lines_total", {"output": str(on_full)}) == lost
+    finally:
+        for output in outputs:
+            output.close()
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def _by_layout(sets) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from broker import Broker, TlsFront, free_port
-from conftest import CNIFLOW, wait_for
+from conftest import CNIFLOW, terminate, wait_for
 
 from agent.ipfix import flows as flowmap
 from agent.ipfix.message import Template, encode_records, message, pack, template_sets
@@ -100,8 +100,7 @@ class Collector:
         return self.out.read_bytes().splitlines() if self.out.exists() else []
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(30) == 0, self.log.read_text()
+        assert terminate(self.proc, self.log) == 0, self.log.read_text()
 
 
 @pytest.fixture
@@ -215,11 +214,10 @@ def test_workers_share_the_port_and_keep_each_exporter_whole(tmp_path, transport
                 s.connect(("127.0.0.1", c.port))
                 s.sendall(b"".join(msgs))
 
-        def lines():
-            return [x for f in tmp_path.glob("records.jsonl*") for x in f.read_bytes()
-                    .splitlines()]
-
-        assert wait_for(lambda: len(lines()) == 32_000, 30), (len(lines()), c.metrics())
+        # the files are read once the workers stopped: read while one rotates, a file
+        # could be renamed between listing and reading
+        assert wait_for(lambda: c.metrics().get("cniflow_collector_lines_total") == 32_000,
+                        30), c.metrics()
         m = c.metrics()
         assert m["cniflow_collector_records_total"] == 32_000
         assert m["cniflow_collector_dropped_sets_total"] == 0
@@ -228,7 +226,8 @@ def test_workers_share_the_port_and_keep_each_exporter_whole(tmp_path, transport
             s.close()
         c.stop()
     assert len(list(tmp_path.glob("records.jsonl.*"))) >= 2  # rotated, by both workers
-    rows = [json.loads(line) for line in lines()]  # every line whole
+    rows = [json.loads(line) for f in tmp_path.glob("records.jsonl*")
+            for line in f.read_bytes().splitlines()]  # every line whole
     assert len(rows) == 32_000
     by_exporter = defaultdict(int)
     for r in rows:
@@ -240,6 +239,41 @@ def test_workers_share_the_port_and_keep_each_exporter_whole(tmp_path, transport
     assert sum(s["records"] for s in stopped) == 32_000
     assert len({s["pid"] for s in stopped}) == 2 and os.getpid() not in {
         s["pid"] for s in stopped}
+
+
+def test_stopped_while_exporters_stream_over_tcp_every_record_decoded_is_written(tmp_path):
+    """SIGTERM while four exporters stream over TCP: the connections end their batches
+    before the file closes, so the collector exits 0 and its file holds, whole, a line
+    for every record it decoded (none decoded and then lost)."""
+    import threading
+
+    c = Collector(tmp_path, str(tmp_path / "records.jsonl"), extra=("--transport", "tcp"))
+    msgs = b"".join(ipfix(2000, seed=3))
+    done = threading.Event()
+
+    def stream() -> None:
+        with socket.create_connection(("127.0.0.1", c.port)) as s:
+            try:
+                while not done.is_set():
+                    s.sendall(msgs)
+            except OSError:  # the collector went away mid-stream
+                pass
+
+    senders = [threading.Thread(target=stream) for _ in range(4)]
+    for t in senders:
+        t.start()
+    try:
+        assert wait_for(lambda: c.metrics().get("cniflow_collector_lines_total", 0) > 50_000,
+                        30)
+        c.stop()
+    finally:
+        done.set()
+        for t in senders:
+            t.join()
+    stopped = [json.loads(x) for x in c.log.read_text().splitlines() if "collector stopped" in x]
+    rows = [json.loads(x) for f in tmp_path.glob("records.jsonl*")
+            for x in f.read_bytes().splitlines()]
+    assert len(rows) == stopped[0]["records"] > 50_000
 
 
 def test_the_kafka_overlays_collector_runs_against_a_broker(tmp_path, broker):
