@@ -25,6 +25,7 @@ from prometheus_client import (
 from agent.config import CollectorConfig
 from agent.ipfix.decoder import Decoder, Malformed, RecordSet, split_stream
 from agent.jsonlines import Lines, encode, warm
+from agent.outputs import OutputGone
 from agent.stopping import Stop
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Collector:
         self._seen_stats: dict[str, int] = {}
         self._seen_errors: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
+        self.gone: OutputGone | None = None  # an output that cannot go on, from a connection
 
     def handle(self, batch: list[tuple[bytes, str]]) -> None:
         """Datagrams or framed messages as they came, (data, exporter) each. Metrics
@@ -147,6 +149,8 @@ class Collector:
         for output in self.outputs:
             try:
                 output.write(lines)
+            except OutputGone:
+                raise
             except Exception as e:  # noqa: BLE001  (OSError, librdkafka's errors)
                 self.metrics.output_failed.labels(output.name).inc(lines.count)
                 if self._due(f"output {output.name}"):
@@ -186,13 +190,13 @@ class Collector:
                 self._log_bounded(reason, exporter)
 
     def _log_bounded(self, reason: str, exporter: str) -> None:
-        if self._due(reason):
+        if self._due(_reason(reason)):
             log.warning("malformed IPFIX", extra={"exporter": exporter, "reason": reason,
                                                   "total": self.decoder.errors[reason]})
 
-    def _due(self, reason: str) -> bool:
-        """At most one line per reason every 10 s, so a flood cannot flood the log."""
-        now, kind = time.monotonic(), _reason(reason)
+    def _due(self, kind: str) -> bool:
+        """At most one line per kind every 10 s, so a flood cannot flood the log."""
+        now = time.monotonic()
         if now - self._last_log.get(kind, -1e9) < 10:
             return False
         self._last_log[kind] = now
@@ -261,20 +265,37 @@ class Collector:
         log.info("collector listening", extra={"listen": self.cfg.listen,
                                                "transport": self.cfg.transport})
         connections: list[threading.Thread] = []
-        while not stop.is_set():
-            try:
-                conn, addr = srv.accept()
-            except TimeoutError:
-                with self.lock:
-                    self.idle()
-                continue
-            connections = [t for t in connections if t.is_alive()]
-            connections.append(threading.Thread(target=self._connection,
-                                                args=(conn, addr, stop), daemon=True))
-            connections[-1].start()
-        srv.close()
-        for t in connections:  # each ends its batch: the outputs close after the last
-            t.join()
+        try:
+            while not stop.is_set():
+                try:
+                    conn, addr = srv.accept()
+                except TimeoutError:
+                    if self.lock.acquire(timeout=0.5):  # a stalled output holds it: stop
+                        try:                            # must still be seen
+                            self.idle()
+                        finally:
+                            self.lock.release()
+                    continue
+                connections = [t for t in connections if t.is_alive()]
+                connections.append(threading.Thread(target=self._connection,
+                                                    args=(conn, addr, stop), daemon=True))
+                connections[-1].start()
+        finally:
+            srv.close()
+            stop.set()  # also when accept() failed: the connections end
+            self._join(connections)
+
+    @staticmethod
+    def _join(connections: list[threading.Thread], seconds: float = 5) -> None:
+        """Each connection ends its batch before the outputs close; one stuck in an
+        output that does not return (a stalled pipe, a hung mount) is left behind."""
+        deadline = time.monotonic() + seconds
+        for t in connections:
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = sum(t.is_alive() for t in connections)
+        if stuck:
+            log.error("connections still writing at exit: their batches are lost",
+                      extra={"connections": stuck})
 
     def _connection(self, conn: socket.socket, addr, stop: Stop) -> None:
         exporter = f"{addr[0]}:{addr[1]}"
@@ -309,6 +330,9 @@ class Collector:
                     self.handle([(m, exporter) for m in msgs])
         except OSError:
             pass
+        except OutputGone as e:  # the process stops: collect() says why
+            self.gone = e
+            stop.set()
         finally:
             conn.close()
             with self.lock:

@@ -25,6 +25,11 @@ from agent.jsonlines import Lines
 log = logging.getLogger(__name__)
 
 
+class OutputGone(Exception):
+    """An output that can never take another line (Kafka's fatal producer errors): the
+    collector exits with it, and is restarted, rather than lose every line after."""
+
+
 class FileOutput:
     """JSON lines to standard output or a file rotated by size. Several workers may
     share one file: with `lock` (a lock file's path) each piece of lines is written
@@ -37,7 +42,7 @@ class FileOutput:
         self.rotate_bytes, self.keep = rotate_bytes, keep
         self.lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600) if lock else -1
         self.fd = sys.stdout.fileno() if self.path is None else self._open()
-        self._rotate_logged = -1e9
+        self._warned = -1e9
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -48,8 +53,7 @@ class FileOutput:
         if not lines.count:
             return
         with self._locked():
-            if self.path is not None and self.lock_fd >= 0:
-                self._follow()
+            at_path = self.path is not None and self._follow()
             view, written = memoryview(lines.text), 0
             try:
                 while len(view) > written:
@@ -58,8 +62,7 @@ class FileOutput:
                 if written and self.path is not None:
                     os.ftruncate(self.fd, os.fstat(self.fd).st_size - written)
                 raise
-            if self.path is not None and self.rotate_bytes and \
-                    os.fstat(self.fd).st_size >= self.rotate_bytes:
+            if at_path and self.rotate_bytes and os.fstat(self.fd).st_size >= self.rotate_bytes:
                 self._rotate()
 
     def _rotate(self) -> None:
@@ -68,11 +71,13 @@ class FileOutput:
         try:
             self._shift()
         except OSError as e:
-            now = time.monotonic()
-            if now - self._rotate_logged >= 60:
-                self._rotate_logged = now
-                log.warning("rotation failed: lines go on to the same file",
-                            extra={"output": str(self.path), "error": str(e)})
+            self._warn("rotation failed: lines go on to the same file", e)
+
+    def _warn(self, what: str, e: OSError) -> None:
+        now = time.monotonic()
+        if now - self._warned >= 60:
+            self._warned = now
+            log.warning(what, extra={"output": str(self.path), "error": str(e)})
 
     @contextmanager
     def _locked(self):
@@ -85,14 +90,23 @@ class FileOutput:
         finally:
             fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
 
-    def _follow(self) -> None:
-        """Another worker rotated the file: write to the new one."""
+    def _follow(self) -> bool:
+        """Another worker rotated the file, a rotation of ours failed half way (renamed,
+        the new file not made: no inode left), or someone moved it: write to a file at
+        the path again. If none can be made, lines go on where they went (the renamed
+        file), and False: no rotation shifts that file further down."""
         try:
-            same = os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+            at, ours = os.stat(self.path), os.fstat(self.fd)
+            if (at.st_dev, at.st_ino) == (ours.st_dev, ours.st_ino):
+                return True
         except FileNotFoundError:
-            same = False
-        if not same:
+            pass
+        try:
             self._reopen()
+            return True
+        except OSError as e:
+            self._warn("no new file at the path: lines go on to the file it was", e)
+            return False
 
     def _reopen(self) -> None:
         fd = self._open()  # the old one stays ours until the new one is
@@ -141,16 +155,30 @@ class KafkaOutput:
     def write(self, lines: Lines) -> None:
         if not lines.count:
             return
+        from confluent_kafka import KafkaError, KafkaException
+
         values = lines.split()
-        keys = lines.keys or repeat(None)
         left = iter(values)
-        try:  # one produce() a record, driven by map(): no Python loop around them
-            deque(map(self.producer.produce, repeat(self.topic), left, keys), maxlen=0)
-            sent = len(values)
-        except BufferError:  # the queue is full: the brokers are away or too slow
-            sent = len(values) - length_hint(left) - 1  # map() took the one refused
-            self.metrics.kafka_dropped.inc(len(values) - sent)
-        self.produced += sent
+        keys = iter(lines.keys) if lines.keys else repeat(None)
+        lost = refused = 0
+        while True:
+            try:  # one produce() a record, driven by map(): no Python loop around them
+                deque(map(self.producer.produce, repeat(self.topic), left, keys), maxlen=0)
+                break
+            except BufferError:  # the queue is full: the brokers are away or too slow
+                lost = length_hint(left) + 1  # map() took the one refused
+                self.metrics.kafka_dropped.inc(lost)
+                break
+            except KafkaException as e:  # this record refused (too large): the next go on
+                refused += 1
+                self.metrics.kafka_failed.inc()
+                error = e.args[0]
+                if error.fatal() or error.code() == KafkaError._FATAL:
+                    self.produced += len(values) - length_hint(left) - refused
+                    self.metrics.kafka_dropped.inc(length_hint(left))
+                    raise OutputGone(f"--output {self.name}: {error.str()}") from e
+                self._log(f"record refused by the producer: {error.str()}")
+        self.produced += len(values) - lost - refused
         self.poll()
 
     def poll(self) -> None:

@@ -41,8 +41,10 @@ class Stop:
         return self._set
 
 
-def on_signals(stop: Stop) -> None:
-    """SIGTERM and SIGINT set `stop`; SIGUSR1 dumps the stacks."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+def on_signals(stop: Stop, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+    """`signals` set `stop`, and are unblocked (a collector's worker starts with them
+    blocked: agent/workers.py); SIGUSR1 dumps the stacks."""
+    for sig in signals:
         signal.signal(sig, lambda *_: stop.set())
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)

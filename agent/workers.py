@@ -26,6 +26,8 @@ from agent.stopping import Stop, on_signals
 log = logging.getLogger(__name__)
 
 STARTUP_SECONDS = 5.0  # a worker failing sooner failed on its settings: stop, do not loop
+STOP_SECONDS = 20.0  # after --kafka-flush-seconds, a worker that has not stopped is killed
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def supervise(cfg: CollectorConfig, collect: Callable[..., int]) -> int:
@@ -39,7 +41,13 @@ def supervise(cfg: CollectorConfig, collect: Callable[..., int]) -> int:
     def start(i: int):
         p = ctx.Process(target=_worker, args=(collect, cfg, lock), name=f"worker-{i}",
                         daemon=False)
-        p.start()
+        # blocked across the fork: a SIGTERM waits, in the worker, until collect()'s own
+        # handler is in (the inherited one would set the supervisor's Stop, a copy)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return p, time.monotonic()
 
     workers = [start(i) for i in range(cfg.workers)]
@@ -68,18 +76,22 @@ def supervise(cfg: CollectorConfig, collect: Callable[..., int]) -> int:
             if p.is_alive():
                 p.terminate()  # SIGTERM: each flushes its outputs
         for p, _ in workers:
-            p.join()
+            p.join(cfg.kafka_flush_seconds + STOP_SECONDS)
+            if p.is_alive():  # stuck in an output that does not return
+                log.error("collector worker did not stop: killed", extra={"pid": p.pid})
+                p.kill()
+                p.join()
             code = code or (p.exitcode or 0)
         shutil.rmtree(state, ignore_errors=True)
     return code
 
 
 def _worker(collect: Callable[..., int], cfg: CollectorConfig, lock: str) -> None:
-    # the supervisor decides; SIGTERM stops. Until collect() installs its own handler, the
-    # default action: the supervisor's handler, inherited by the fork, would swallow a
-    # SIGTERM that comes while the worker starts, and the worker would never stop
+    """Starts with SIGTERM blocked (start()); collect() unblocks it once its handler is
+    in. Should it fail first, the default action: the inherited handler would set the
+    supervisor's Stop, a copy, and the worker would never stop."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
     sys.exit(collect(cfg, lock=lock, metrics=False))
 
 

@@ -181,6 +181,28 @@ def test_sigterm_flushes_what_is_queued(tmp_path, broker):
     assert len(broker.consume("flows", 1000)) == 1000
 
 
+def test_a_record_the_producer_refuses_costs_only_itself(broker):
+    """librdkafka refuses a record larger than message.max.bytes at produce(): that
+    record is counted failed, and the records after it in the same piece still go."""
+    from agent.collector import CollectorMetrics
+    from agent.jsonlines import Lines
+    from agent.outputs import KafkaOutput
+
+    metrics = CollectorMetrics()
+    out = KafkaOutput(f"kafka://{broker.address}/sizes", {"message.max.bytes": 1000}, 10,
+                      metrics)
+    lines = [b'{"n":%d,"pad":"%s"}' % (i, b"x" * (2000 if i % 5 == 2 else 10))
+             for i in range(20)]
+    out.write(Lines(b"\n".join(lines) + b"\n", 20))
+    out.close()
+    got = broker.consume("sizes", 16)
+    assert sorted(v for _, _, v in got) == sorted(x for i, x in enumerate(lines) if i % 5 != 2)
+    value = metrics.registry.get_sample_value
+    assert value("cniflow_collector_kafka_failed_total") == 4
+    assert value("cniflow_collector_kafka_delivered_total") == 16
+    assert value("cniflow_collector_kafka_dropped_total") == 0
+
+
 def test_kafka_settings_librdkafka_refuses_are_a_clear_error(tmp_path):
     r = subprocess.run([str(CNIFLOW), "collector", "--output", "kafka://127.0.0.1:1/flows",
                         "--kafka-option", "no.such.setting=1", "--metrics-address", "off"],
@@ -274,6 +296,30 @@ def test_stopped_while_exporters_stream_over_tcp_every_record_decoded_is_written
     rows = [json.loads(x) for f in tmp_path.glob("records.jsonl*")
             for x in f.read_bytes().splitlines()]
     assert len(rows) == stopped[0]["records"] > 50_000
+
+
+def test_sigterm_stops_the_collector_even_while_its_output_is_stalled(tmp_path):
+    """The lines go to standard output, a pipe nobody reads: the connection that fills
+    it blocks in write() holding the collector's lock. SIGTERM still stops the process
+    within the connections' deadline (5 s), saying what was left behind."""
+    log = tmp_path / "log"
+    port = free_port()
+    proc = subprocess.Popen([str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{port}",
+                             "--transport", "tcp", "--output", "-"],
+                            stdout=subprocess.PIPE, stderr=log.open("w"))
+    try:
+        assert wait_for(lambda: "collector listening" in log.read_text(), 15)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"".join(ipfix(5000, seed=4)))  # 2.5 MB of lines: the pipe holds 64 KB
+            time.sleep(1)
+            started = time.monotonic()
+            assert terminate(proc, log, 15) == 0
+        assert time.monotonic() - started < 8
+        assert "connections still writing at exit" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_the_kafka_overlays_collector_runs_against_a_broker(tmp_path, broker):

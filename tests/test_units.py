@@ -334,6 +334,34 @@ def test_the_collectors_output_rotates_by_size_and_keeps_n_files(tmp_path):
     assert last == sorted(last) and last[-1] == 99
 
 
+def test_a_rotation_that_cannot_make_the_new_file_loses_no_line_and_no_old_file(tmp_path):
+    """A real file system with no inode left (tmpfs, nr_inodes=2): the rotation renames
+    the file and cannot make a new one. Lines go on to the renamed file, which no later
+    rotation shifts down over the older ones; once an inode is free, the next piece
+    makes the file at the path again and rotation goes on."""
+    from agent.jsonlines import Lines
+    from agent.outputs import FileOutput
+
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=2", "cniflow-test",
+                    str(tmp_path)], check=True)
+    try:
+        out = FileOutput(str(tmp_path / "r.jsonl"), rotate_bytes=1000, keep=3)
+        line = [f'{{"n":{i},"pad":"{"x" * 80}"}}\n'.encode() for i in range(60)]
+        for i in range(30):
+            out.write(Lines(line[i], 1))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl.1"]
+        assert (tmp_path / "r.jsonl.1").read_bytes() == b"".join(line[:30])
+        subprocess.run(["mount", "-o", "remount,nr_inodes=10", str(tmp_path)], check=True)
+        for i in range(30, 60):
+            out.write(Lines(line[i], 1))
+        out.close()
+        files = sorted(tmp_path.iterdir())  # two rotations: the first 30 lines in .3
+        assert [p.name for p in files] == ["r.jsonl", "r.jsonl.1", "r.jsonl.2", "r.jsonl.3"]
+        assert b"".join(p.read_bytes() for p in reversed(files)) == b"".join(line)
+    finally:
+        subprocess.run(["umount", str(tmp_path)], check=True)
+
+
 def test_records_lost_while_the_collector_is_away_are_reported_in_export_statistics():
     """RFC 7011 4.3: the backlog overflowed, so the statistics record says how much."""
     import socket
