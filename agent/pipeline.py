@@ -212,8 +212,12 @@ class Agent:
         )
         if self.cluster is not None:
             self.cluster.start()
-            if not self.cluster.wait_synced(10):
-                log.warning("API server not reached yet: metering what is known, retrying")
+            deadline = time.monotonic() + 10  # a SIGTERM meanwhile is seen within 0.2 s
+            while not self.cluster.wait_synced(0.2) and not stop.is_set():
+                if time.monotonic() > deadline:
+                    log.warning("API server not reached yet: metering what is known, "
+                                "retrying")
+                    break
         try:
             next_reconcile = 0.0
             while not stop.is_set():
