@@ -146,16 +146,19 @@ class Collector:
         """A piece of a batch's lines to every output, as soon as it is formatted. An
         output that fails loses this piece, counted and logged; it is tried again with
         the next, and the other outputs never miss a line for it."""
+        gone = None
         for output in self.outputs:
             try:
                 output.write(lines)
-            except OutputGone:
-                raise
+            except OutputGone as e:  # the others still take this piece, then the end
+                gone = e
             except Exception as e:  # noqa: BLE001  (OSError, librdkafka's errors)
                 self.metrics.output_failed.labels(output.name).inc(lines.count)
                 if self._due(f"output {output.name}"):
                     log.error("output failed: lines lost", extra={
                         "output": output.name, "error": f"{type(e).__name__}: {e}"})
+        if gone is not None:
+            raise gone
 
     def _unformatted(self, rs: RecordSet, e: Exception) -> None:
         """A set that cannot be formatted (values the checks let through) is its

@@ -42,7 +42,7 @@ class FileOutput:
         self.rotate_bytes, self.keep = rotate_bytes, keep
         self.lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600) if lock else -1
         self.fd = sys.stdout.fileno() if self.path is None else self._open()
-        self._warned = -1e9
+        self._warned: dict[str, float] = {}
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -71,12 +71,13 @@ class FileOutput:
         try:
             self._shift()
         except OSError as e:
-            self._warn("rotation failed: lines go on to the same file", e)
+            self._warn("rotation failed", e)
 
     def _warn(self, what: str, e: OSError) -> None:
+        """Each kind at most once a minute."""
         now = time.monotonic()
-        if now - self._warned >= 60:
-            self._warned = now
+        if now - self._warned.get(what, -1e9) >= 60:
+            self._warned[what] = now
             log.warning(what, extra={"output": str(self.path), "error": str(e)})
 
     @contextmanager
@@ -99,7 +100,7 @@ class FileOutput:
             at, ours = os.stat(self.path), os.fstat(self.fd)
             if (at.st_dev, at.st_ino) == (ours.st_dev, ours.st_ino):
                 return True
-        except FileNotFoundError:
+        except OSError:  # gone, or not to be looked at (ESTALE, EACCES): try a new one
             pass
         try:
             self._reopen()

@@ -50,11 +50,17 @@ def supervise(cfg: CollectorConfig, collect: Callable[..., int]) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return p, time.monotonic()
 
-    workers = [start(i) for i in range(cfg.workers)]
+    workers: list = []
     code = 0
     try:
         if cfg.metrics_address:
-            _serve_metrics(state, cfg.metrics_address)
+            try:
+                _serve_metrics(state, cfg.metrics_address)
+            except OSError as e:
+                sys.stderr.write(f"cniflow: error: --metrics-address {cfg.metrics_address}: "
+                                 f"{e}\n")
+                return 2
+        workers = [start(i) for i in range(cfg.workers)]
         log.info("collector workers started", extra={"workers": cfg.workers})
         while not stop.wait(0.5):
             for i, (p, started) in enumerate(workers):
@@ -67,29 +73,46 @@ def supervise(cfg: CollectorConfig, collect: Callable[..., int]) -> int:
                     break
                 log.warning("collector worker died; restarting",
                             extra={"worker": i, "exit_code": p.exitcode})
-                workers[i] = start(i)
-    except OSError as e:
-        sys.stderr.write(f"cniflow: error: --metrics-address {cfg.metrics_address}: {e}\n")
-        code = 2
+                try:
+                    workers[i] = start(i)
+                except OSError as e:  # no process to be had (a pids limit): next round
+                    log.error("collector worker not restarted", extra={
+                        "worker": i, "error": str(e)})
+    except OSError as e:  # the first workers could not be started
+        sys.stderr.write(f"cniflow: error: collector workers: {e}\n")
+        code = 1
     finally:
-        for p, _ in workers:
-            if p.is_alive():
-                p.terminate()  # SIGTERM: each flushes its outputs
-        for p, _ in workers:
-            p.join(cfg.kafka_flush_seconds + STOP_SECONDS)
-            if p.is_alive():  # stuck in an output that does not return
-                log.error("collector worker did not stop: killed", extra={"pid": p.pid})
-                p.kill()
-                p.join()
-            code = code or (p.exitcode or 0)
+        stopped = _stop(workers, cfg.kafka_flush_seconds + STOP_SECONDS)
+        code = code or stopped
         shutil.rmtree(state, ignore_errors=True)
+    return code
+
+
+def _stop(workers: list, seconds: float) -> int:
+    """SIGTERM to each (each flushes its outputs), one deadline for all; one that has
+    not stopped by then (stuck in an output that does not return) is killed. The
+    first non-zero exit code, a signal's as 1."""
+    for p, _ in workers:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + seconds
+    for p, _ in workers:
+        p.join(max(0.0, deadline - time.monotonic()))
+    code = 0
+    for p, _ in workers:
+        if p.is_alive():
+            log.error("collector worker did not stop: killed", extra={"pid": p.pid})
+            p.kill()
+            p.join(5)
+        exit_code = p.exitcode or 0
+        code = code or (1 if exit_code < 0 else exit_code)
     return code
 
 
 def _worker(collect: Callable[..., int], cfg: CollectorConfig, lock: str) -> None:
     """Starts with SIGTERM blocked (start()); collect() unblocks it once its handler is
-    in. Should it fail first, the default action: the inherited handler would set the
-    supervisor's Stop, a copy, and the worker would never stop."""
+    in (a SIGTERM meanwhile waits for it). The default action until then: were the
+    inherited handler ever to run, it would set the supervisor's Stop, a copy."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
     sys.exit(collect(cfg, lock=lock, metrics=False))

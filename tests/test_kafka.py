@@ -309,13 +309,40 @@ def test_sigterm_stops_the_collector_even_while_its_output_is_stalled(tmp_path):
                             stdout=subprocess.PIPE, stderr=log.open("w"))
     try:
         assert wait_for(lambda: "collector listening" in log.read_text(), 15)
-        with socket.create_connection(("127.0.0.1", port)) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"".join(ipfix(5000, seed=4)))  # 2.5 MB of lines: the pipe holds 64 KB
             time.sleep(1)
             started = time.monotonic()
             assert terminate(proc, log, 15) == 0
         assert time.monotonic() - started < 8
         assert "connections still writing at exit" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_worker_stuck_in_its_output_is_killed_and_the_supervisor_says_so(tmp_path):
+    """--workers 2 over UDP, lines to a pipe nobody reads: the worker that fills it
+    blocks in write() and cannot act on SIGTERM. The supervisor kills it once the
+    deadline (--kafka-flush-seconds + 20 s) is over and exits 1, saying why."""
+    log = tmp_path / "log"
+    port = free_port()
+    proc = subprocess.Popen([str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{port}",
+                             "--workers", "2", "--output", "-", "--kafka-flush-seconds",
+                             "0.1"], stdout=subprocess.PIPE, stderr=log.open("w"))
+    try:
+        assert wait_for(lambda: log.read_text().count("collector listening") == 2, 15)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for m in ipfix(5000, seed=5):  # one exporter: one worker, 2.5 MB of lines
+                s.sendto(m, ("127.0.0.1", port))
+                time.sleep(0.0005)
+        time.sleep(1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 1
+        assert 19 < time.monotonic() - started < 30
+        assert "collector worker did not stop: killed" in log.read_text()
     finally:
         proc.kill()
         proc.wait()

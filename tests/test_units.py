@@ -344,6 +344,7 @@ def test_a_rotation_that_cannot_make_the_new_file_loses_no_line_and_no_old_file(
 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=2", "cniflow-test",
                     str(tmp_path)], check=True)
+    out = None
     try:
         out = FileOutput(str(tmp_path / "r.jsonl"), rotate_bytes=1000, keep=3)
         line = [f'{{"n":{i},"pad":"{"x" * 80}"}}\n'.encode() for i in range(60)]
@@ -355,10 +356,13 @@ def test_a_rotation_that_cannot_make_the_new_file_loses_no_line_and_no_old_file(
         for i in range(30, 60):
             out.write(Lines(line[i], 1))
         out.close()
+        out = None
         files = sorted(tmp_path.iterdir())  # two rotations: the first 30 lines in .3
         assert [p.name for p in files] == ["r.jsonl", "r.jsonl.1", "r.jsonl.2", "r.jsonl.3"]
         assert b"".join(p.read_bytes() for p in reversed(files)) == b"".join(line)
     finally:
+        if out is not None:
+            out.close()
         subprocess.run(["umount", str(tmp_path)], check=True)
 
 
