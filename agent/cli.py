@@ -96,7 +96,7 @@ def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -
     are flushed (Kafka: what is queued gets --kafka-flush-seconds). With `lock`, a
     worker of agent/workers.py: SIGINT is the supervisor's to act on."""
     from agent.collector import Collector, CollectorMetrics, serve_metrics
-    from agent.outputs import FileOutput, KafkaOutput, OutputGone
+    from agent.outputs import FileOutput, KafkaOutput
     from agent.transport import TlsError, server_tls
 
     counters = CollectorMetrics()
@@ -118,22 +118,18 @@ def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -
     collector = Collector(cfg, outputs, counters, tls=tls)
     stop = Stop()
     on_signals(stop, (signal.SIGTERM,) if lock else (signal.SIGTERM, signal.SIGINT))
-    gone = None
     try:
         if metrics and cfg.metrics_address:
             serve_metrics(collector.metrics, cfg.metrics_address)
         collector.serve(stop)
-        gone = collector.gone  # from a TCP connection's thread
     except OSError as e:  # the port is taken, the address is not ours
         return fail(f"--listen {cfg.listen}: {e.strerror or e}")
-    except OutputGone as e:
-        gone = e
     finally:
         _close(outputs, 0)
         log.info("collector stopped", extra={"pid": os.getpid(), **{
             k: collector.decoder.stats[k] for k in ("messages", "records")}})
-    if gone is not None:
-        sys.stderr.write(f"cniflow: error: {gone}\n")
+    if collector.gone is not None:
+        sys.stderr.write(f"cniflow: error: {collector.gone}\n")
         return 1
     return 0
 

@@ -129,7 +129,7 @@ class Collector:
         self._seen_stats: dict[str, int] = {}
         self._seen_errors: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
-        self.gone: OutputGone | None = None  # an output that cannot go on, from a connection
+        self.gone: OutputGone | None = None  # an output that cannot go on: the process ends
 
     def handle(self, batch: list[tuple[bytes, str]]) -> None:
         """Datagrams or framed messages as they came, (data, exporter) each. Metrics
@@ -210,10 +210,13 @@ class Collector:
         gc.freeze()  # start-up's 50,000 objects: a full collection walked them all (15 ms)
         host, port = self.cfg.listen_host_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if self.cfg.transport == "udp":
-            self._serve_udp(family, host, port, stop)
-        else:
-            self._serve_tcp(family, host, port, stop)
+        try:
+            if self.cfg.transport == "udp":
+                self._serve_udp(family, host, port, stop)
+            else:
+                self._serve_tcp(family, host, port, stop)
+        except OutputGone as e:  # from the receiving thread (UDP)
+            self.gone = e
 
     def _serve_udp(self, family, host, port, stop) -> None:
         sock = socket.socket(family, socket.SOCK_DGRAM)

@@ -138,8 +138,9 @@ class KafkaOutput:
     counted failed, the rest delivered."""
 
     def __init__(self, url: str, settings: dict, flush_seconds: float, metrics) -> None:
-        from confluent_kafka import Producer
+        from confluent_kafka import KafkaError, KafkaException, Producer
 
+        self._refused, self._fatal = KafkaException, KafkaError._FATAL  # for write()
         self.name = url
         self.brokers, self.topic = kafka_url(url)
         self.metrics = metrics
@@ -156,8 +157,6 @@ class KafkaOutput:
     def write(self, lines: Lines) -> None:
         if not lines.count:
             return
-        from confluent_kafka import KafkaError, KafkaException
-
         values = lines.split()
         left = iter(values)
         keys = iter(lines.keys) if lines.keys else repeat(None)
@@ -170,11 +169,11 @@ class KafkaOutput:
                 lost = length_hint(left) + 1  # map() took the one refused
                 self.metrics.kafka_dropped.inc(lost)
                 break
-            except KafkaException as e:  # this record refused (too large): the next go on
+            except self._refused as e:  # this record refused (too large): the next go on
                 refused += 1
                 self.metrics.kafka_failed.inc()
                 error = e.args[0]
-                if error.fatal() or error.code() == KafkaError._FATAL:
+                if error.fatal() or error.code() == self._fatal:
                     self.produced += len(values) - length_hint(left) - refused
                     self.metrics.kafka_dropped.inc(length_hint(left))
                     raise OutputGone(f"--output {self.name}: {error.str()}") from e

@@ -201,4 +201,3 @@ def txring(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bin") / "txring"
     subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / "txring.c")], check=True)
     return out
-

@@ -3,6 +3,7 @@ by the tests), read back with a stock consumer (confluent-kafka)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,6 +102,29 @@ class Collector:
 
     def stop(self) -> None:
         assert terminate(self.proc, self.log) == 0, self.log.read_text()
+
+
+@contextlib.contextmanager
+def stalled_collector(tmp_path: Path, *args: str):
+    """`cniflow collector --output -` whose standard output is a pipe nobody reads:
+    (process, its log, its port); killed whatever the test did."""
+    log = tmp_path / "log"
+    port = free_port()
+    proc = subprocess.Popen([str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{port}",
+                             "--output", "-", *args], stdout=subprocess.PIPE,
+                            stderr=log.open("w"))
+    try:
+        yield proc, log, port
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def rotated_lines(tmp_path: Path) -> list[dict]:
+    """Every line of records.jsonl and its rotated files, parsed (each must be whole)."""
+    return [json.loads(x) for f in tmp_path.glob("records.jsonl*")
+            for x in f.read_bytes().splitlines()]
 
 
 @pytest.fixture
@@ -248,8 +272,7 @@ def test_workers_share_the_port_and_keep_each_exporter_whole(tmp_path, transport
             s.close()
         c.stop()
     assert len(list(tmp_path.glob("records.jsonl.*"))) >= 2  # rotated, by both workers
-    rows = [json.loads(line) for f in tmp_path.glob("records.jsonl*")
-            for line in f.read_bytes().splitlines()]  # every line whole
+    rows = rotated_lines(tmp_path)  # every line whole
     assert len(rows) == 32_000
     by_exporter = defaultdict(int)
     for r in rows:
@@ -293,8 +316,7 @@ def test_stopped_while_exporters_stream_over_tcp_every_record_decoded_is_written
         for t in senders:
             t.join()
     stopped = [json.loads(x) for x in c.log.read_text().splitlines() if "collector stopped" in x]
-    rows = [json.loads(x) for f in tmp_path.glob("records.jsonl*")
-            for x in f.read_bytes().splitlines()]
+    rows = rotated_lines(tmp_path)
     assert len(rows) == stopped[0]["records"] > 50_000
 
 
@@ -302,12 +324,7 @@ def test_sigterm_stops_the_collector_even_while_its_output_is_stalled(tmp_path):
     """The lines go to standard output, a pipe nobody reads: the connection that fills
     it blocks in write() holding the collector's lock. SIGTERM still stops the process
     within the connections' deadline (5 s), saying what was left behind."""
-    log = tmp_path / "log"
-    port = free_port()
-    proc = subprocess.Popen([str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{port}",
-                             "--transport", "tcp", "--output", "-"],
-                            stdout=subprocess.PIPE, stderr=log.open("w"))
-    try:
+    with stalled_collector(tmp_path, "--transport", "tcp") as (proc, log, port):
         assert wait_for(lambda: "collector listening" in log.read_text(), 15)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"".join(ipfix(5000, seed=4)))  # 2.5 MB of lines: the pipe holds 64 KB
@@ -316,22 +333,14 @@ def test_sigterm_stops_the_collector_even_while_its_output_is_stalled(tmp_path):
             assert terminate(proc, log, 15) == 0
         assert time.monotonic() - started < 8
         assert "connections still writing at exit" in log.read_text()
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
 
 def test_a_worker_stuck_in_its_output_is_killed_and_the_supervisor_says_so(tmp_path):
     """--workers 2 over UDP, lines to a pipe nobody reads: the worker that fills it
     blocks in write() and cannot act on SIGTERM. The supervisor kills it once the
     deadline (--kafka-flush-seconds + 20 s) is over and exits 1, saying why."""
-    log = tmp_path / "log"
-    port = free_port()
-    proc = subprocess.Popen([str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{port}",
-                             "--workers", "2", "--output", "-", "--kafka-flush-seconds",
-                             "0.1"], stdout=subprocess.PIPE, stderr=log.open("w"))
-    try:
+    with stalled_collector(tmp_path, "--workers", "2", "--kafka-flush-seconds", "0.1") as (
+            proc, log, port):
         assert wait_for(lambda: log.read_text().count("collector listening") == 2, 15)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for m in ipfix(5000, seed=5):  # one exporter: one worker, 2.5 MB of lines
@@ -343,10 +352,6 @@ def test_a_worker_stuck_in_its_output_is_killed_and_the_supervisor_says_so(tmp_p
         assert proc.wait(40) == 1
         assert 19 < time.monotonic() - started < 30
         assert "collector worker did not stop: killed" in log.read_text()
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
 
 def test_the_kafka_overlays_collector_runs_against_a_broker(tmp_path, broker):
