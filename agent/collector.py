@@ -210,33 +210,54 @@ class Collector:
         gc.freeze()  # start-up's 50,000 objects: a full collection walked them all (15 ms)
         host, port = self.cfg.listen_host_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            if self.cfg.transport == "udp":
-                self._serve_udp(family, host, port, stop)
-            else:
-                self._serve_tcp(family, host, port, stop)
-        except OutputGone as e:  # from the receiving thread (UDP)
-            self.gone = e
+        if self.cfg.transport == "udp":
+            self._serve_udp(family, host, port, stop)
+        else:
+            self._serve_tcp(family, host, port, stop)
 
     def _serve_udp(self, family, host, port, stop) -> None:
+        """One receiving thread; this one waits for the stop, so an output that blocks
+        for good (a pipe nobody reads) cannot keep the process from stopping: the
+        receiver gets the same deadline as TCP connections (_join)."""
         sock = socket.socket(family, socket.SOCK_DGRAM)
         if self.cfg.workers > 1:  # the kernel hashes each exporter to one worker
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         sock.bind((host, port))
         sock.setblocking(False)
-        inode = os.fstat(sock.fileno()).st_ino
         log.info("collector listening", extra={"listen": self.cfg.listen, "transport": "udp"})
+        failed: list[BaseException] = []
+        receiver = threading.Thread(target=self._receiving, args=(sock, stop, failed),
+                                    daemon=True)
+        receiver.start()
+        try:
+            stop.wait()
+        finally:
+            stop.set()
+            self._join([receiver])
+            if not receiver.is_alive():
+                sock.close()
+        if failed:
+            raise failed[0]
+
+    def _receiving(self, sock: socket.socket, stop: Stop, failed: list) -> None:
+        inode = os.fstat(sock.fileno()).st_ino
         next_drops = 0.0
-        while not stop.is_set():
-            batch = self._receive(sock)
-            if batch:
-                self.handle(batch)
-            self.idle()
-            if time.monotonic() >= next_drops:
-                self.metrics.socket_drops.set(udp_drops(inode))
-                next_drops = time.monotonic() + 2
-        sock.close()
+        try:
+            while not stop.is_set():
+                batch = self._receive(sock)
+                if batch:
+                    self.handle(batch)
+                self.idle()
+                if time.monotonic() >= next_drops:
+                    self.metrics.socket_drops.set(udp_drops(inode))
+                    next_drops = time.monotonic() + 2
+        except OutputGone as e:  # the process stops: collect() says why
+            self.gone = e
+        except BaseException as e:  # noqa: BLE001  (raised again by _serve_udp)
+            failed.append(e)
+        finally:
+            stop.set()
 
     @staticmethod
     def _receive(sock: socket.socket, most: int = 512, window: float = 0.1) -> list:
@@ -292,16 +313,17 @@ class Collector:
             self._join(connections)
 
     @staticmethod
-    def _join(connections: list[threading.Thread], seconds: float = 5) -> None:
-        """Each connection ends its batch before the outputs close; one stuck in an
-        output that does not return (a stalled pipe, a hung mount) is left behind."""
+    def _join(receivers: list[threading.Thread], seconds: float = 5) -> None:
+        """Each receiver (the UDP one, a TCP connection) ends its batch before the
+        outputs close; one stuck in an output that does not return (a stalled pipe, a
+        hung mount) is left behind."""
         deadline = time.monotonic() + seconds
-        for t in connections:
+        for t in receivers:
             t.join(max(0.0, deadline - time.monotonic()))
-        stuck = sum(t.is_alive() for t in connections)
+        stuck = sum(t.is_alive() for t in receivers)
         if stuck:
-            log.error("connections still writing at exit: their batches are lost",
-                      extra={"connections": stuck})
+            log.error("receivers still writing at exit: their batches are lost",
+                      extra={"receivers": stuck})
 
     def _connection(self, conn: socket.socket, addr, stop: Stop) -> None:
         exporter = f"{addr[0]}:{addr[1]}"

@@ -320,38 +320,69 @@ def test_stopped_while_exporters_stream_over_tcp_every_record_decoded_is_written
     assert len(rows) == stopped[0]["records"] > 50_000
 
 
-def test_sigterm_stops_the_collector_even_while_its_output_is_stalled(tmp_path):
-    """The lines go to standard output, a pipe nobody reads: the connection that fills
-    it blocks in write() holding the collector's lock. SIGTERM still stops the process
-    within the connections' deadline (5 s), saying what was left behind."""
-    with stalled_collector(tmp_path, "--transport", "tcp") as (proc, log, port):
-        assert wait_for(lambda: "collector listening" in log.read_text(), 15)
+def _stall(transport: str, port: int, seed: int) -> None:
+    """2.5 MB of lines from one exporter: a pipe holds 64 KB."""
+    if transport == "tcp":
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"".join(ipfix(5000, seed=4)))  # 2.5 MB of lines: the pipe holds 64 KB
+            s.sendall(b"".join(ipfix(5000, seed=seed)))
             time.sleep(1)
-            started = time.monotonic()
-            assert terminate(proc, log, 15) == 0
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for m in ipfix(5000, seed=seed):
+            s.sendto(m, ("127.0.0.1", port))
+            time.sleep(0.0005)
+    time.sleep(1)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_sigterm_stops_the_collector_even_while_its_output_is_stalled(tmp_path, transport):
+    """The lines go to standard output, a pipe nobody reads: the receiver that fills it
+    (a TCP connection's thread, the UDP receiving thread) blocks in write(), holding the
+    collector's lock. SIGTERM still stops the process within the receivers' deadline
+    (5 s), saying what was left behind."""
+    with stalled_collector(tmp_path, "--transport", transport) as (proc, log, port):
+        assert wait_for(lambda: "collector listening" in log.read_text(), 15)
+        _stall(transport, port, 4)
+        assert "receivers still writing" not in log.read_text()
+        started = time.monotonic()
+        assert terminate(proc, log, 15) == 0
         assert time.monotonic() - started < 8
-        assert "connections still writing at exit" in log.read_text()
+        assert "receivers still writing at exit" in log.read_text()
 
 
-def test_a_worker_stuck_in_its_output_is_killed_and_the_supervisor_says_so(tmp_path):
+def _workers_of(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_workers_stuck_in_a_stalled_output_still_stop(tmp_path):
     """--workers 2 over UDP, lines to a pipe nobody reads: the worker that fills it
-    blocks in write() and cannot act on SIGTERM. The supervisor kills it once the
-    deadline (--kafka-flush-seconds + 20 s) is over and exits 1, saying why."""
+    blocks in write(); it still stops within its receivers' deadline on SIGTERM, and
+    the supervisor with it."""
     with stalled_collector(tmp_path, "--workers", "2", "--kafka-flush-seconds", "0.1") as (
             proc, log, port):
         assert wait_for(lambda: log.read_text().count("collector listening") == 2, 15)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for m in ipfix(5000, seed=5):  # one exporter: one worker, 2.5 MB of lines
-                s.sendto(m, ("127.0.0.1", port))
-                time.sleep(0.0005)
-        time.sleep(1)
+        _stall("udp", port, 5)  # one exporter: one worker
+        started = time.monotonic()
+        assert terminate(proc, log, 20) == 0
+        assert time.monotonic() - started < 10
+        assert log.read_text().count("receivers still writing at exit") == 1
+
+
+def test_a_worker_that_cannot_stop_is_killed_and_the_supervisor_says_so(tmp_path):
+    """A worker that does not act on SIGTERM (stopped here with SIGSTOP, as one in an
+    uninterruptible write to a hung mount): the supervisor kills it once the deadline
+    (--kafka-flush-seconds + 20 s) is over and exits 1, saying why."""
+    with stalled_collector(tmp_path, "--workers", "2", "--kafka-flush-seconds", "0.1") as (
+            proc, log, port):
+        assert wait_for(lambda: log.read_text().count("collector listening") == 2, 15)
+        stuck, other = _workers_of(proc.pid)
+        os.kill(stuck, signal.SIGSTOP)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(40) == 1
         assert 19 < time.monotonic() - started < 30
-        assert "collector worker did not stop: killed" in log.read_text()
+        assert log.read_text().count("collector worker did not stop: killed") == 1
+        assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in (stuck, other)), 5)
 
 
 def test_the_kafka_overlays_collector_runs_against_a_broker(tmp_path, broker):
