@@ -125,11 +125,16 @@ def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -
     except OSError as e:  # the port is taken, the address is not ours
         return fail(f"--listen {cfg.listen}: {e.strerror or e}")
     finally:
-        _close(outputs, 0)
+        # a receiver still in a file's write keeps that file open: the kernel closes it
+        _close([o for o in outputs if not (collector.stuck and isinstance(o, FileOutput))], 0)
         log.info("collector stopped", extra={"pid": os.getpid(), **{
             k: collector.decoder.stats[k] for k in ("messages", "records")}})
     if collector.gone is not None:
         sys.stderr.write(f"cniflow: error: {collector.gone}\n")
+        return 1
+    if collector.stuck:
+        sys.stderr.write("cniflow: error: an output did not return within 5 s of the stop: "
+                         "the batches being written to it are lost\n")
         return 1
     return 0
 

@@ -130,6 +130,7 @@ class Collector:
         self._seen_errors: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
         self.gone: OutputGone | None = None  # an output that cannot go on: the process ends
+        self.stuck = 0  # receivers left in an output's write at exit: their batches lost
 
     def handle(self, batch: list[tuple[bytes, str]]) -> None:
         """Datagrams or framed messages as they came, (data, exporter) each. Metrics
@@ -231,7 +232,10 @@ class Collector:
                                     daemon=True)
         receiver.start()
         try:
-            stop.wait()
+            # in steps: Python runs handlers in this thread only, and a SIGTERM the
+            # kernel gave another thread only wakes this one when it next runs
+            while not stop.wait(0.5):
+                pass
         finally:
             stop.set()
             self._join([receiver])
@@ -312,8 +316,7 @@ class Collector:
             stop.set()  # also when accept() failed: the connections end
             self._join(connections)
 
-    @staticmethod
-    def _join(receivers: list[threading.Thread], seconds: float = 5) -> None:
+    def _join(self, receivers: list[threading.Thread], seconds: float = 5) -> None:
         """Each receiver (the UDP one, a TCP connection) ends its batch before the
         outputs close; one stuck in an output that does not return (a stalled pipe, a
         hung mount) is left behind."""
@@ -322,6 +325,7 @@ class Collector:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = sum(t.is_alive() for t in receivers)
         if stuck:
+            self.stuck += stuck
             log.error("receivers still writing at exit: their batches are lost",
                       extra={"receivers": stuck})
 
