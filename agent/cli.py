@@ -95,7 +95,7 @@ def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -
     """One receiving process: its outputs, its socket, until SIGTERM; then the outputs
     are flushed (Kafka: what is queued gets --kafka-flush-seconds). With `lock`, a
     worker of agent/workers.py: SIGINT is the supervisor's to act on."""
-    from agent.collector import Collector, CollectorMetrics, serve_metrics
+    from agent.collector import JOIN_SECONDS, Collector, CollectorMetrics, serve_metrics
     from agent.outputs import FileOutput, KafkaOutput
     from agent.transport import TlsError, server_tls
 
@@ -133,8 +133,8 @@ def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -
         sys.stderr.write(f"cniflow: error: {collector.gone}\n")
         return 1
     if collector.stuck:
-        sys.stderr.write("cniflow: error: an output did not return within 5 s of the stop: "
-                         "the batches being written to it are lost\n")
+        sys.stderr.write(f"cniflow: error: an output did not return within {JOIN_SECONDS:g} s "
+                         "of the stop: the batches being written to it are lost\n")
         return 1
     return 0
 

@@ -25,10 +25,13 @@ from prometheus_client import (
 from agent.config import CollectorConfig
 from agent.ipfix.decoder import Decoder, Malformed, RecordSet, split_stream
 from agent.jsonlines import Lines, encode, warm
+from agent.logs import Bounded
 from agent.outputs import OutputGone
 from agent.stopping import Stop
 
 log = logging.getLogger(__name__)
+
+JOIN_SECONDS = 5.0  # at a stop, for receivers to end their batches before the outputs close
 
 
 def _reason(text: str) -> str:
@@ -128,7 +131,7 @@ class Collector:
         self.decoder = Decoder(hold_seconds=cfg.hold_seconds)
         self._seen_stats: dict[str, int] = {}
         self._seen_errors: dict[str, int] = {}
-        self._last_log: dict[str, float] = {}
+        self._log = Bounded(10)
         self.gone: OutputGone | None = None  # an output that cannot go on: the process ends
         self.stuck = 0  # receivers left in an output's write at exit: their batches lost
 
@@ -155,7 +158,7 @@ class Collector:
                 gone = e
             except Exception as e:  # noqa: BLE001  (OSError, librdkafka's errors)
                 self.metrics.output_failed.labels(output.name).inc(lines.count)
-                if self._due(f"output {output.name}"):
+                if self._log.due(f"output {output.name}"):
                     log.error("output failed: lines lost", extra={
                         "output": output.name, "error": f"{type(e).__name__}: {e}"})
         if gone is not None:
@@ -194,17 +197,9 @@ class Collector:
                 self._log_bounded(reason, exporter)
 
     def _log_bounded(self, reason: str, exporter: str) -> None:
-        if self._due(_reason(reason)):
+        if self._log.due(_reason(reason)):
             log.warning("malformed IPFIX", extra={"exporter": exporter, "reason": reason,
                                                   "total": self.decoder.errors[reason]})
-
-    def _due(self, kind: str) -> bool:
-        """At most one line per kind every 10 s, so a flood cannot flood the log."""
-        now = time.monotonic()
-        if now - self._last_log.get(kind, -1e9) < 10:
-            return False
-        self._last_log[kind] = now
-        return True
 
     def serve(self, stop: Stop) -> None:
         warm()
@@ -316,11 +311,11 @@ class Collector:
             stop.set()  # also when accept() failed: the connections end
             self._join(connections)
 
-    def _join(self, receivers: list[threading.Thread], seconds: float = 5) -> None:
+    def _join(self, receivers: list[threading.Thread]) -> None:
         """Each receiver (the UDP one, a TCP connection) ends its batch before the
         outputs close; one stuck in an output that does not return (a stalled pipe, a
         hung mount) is left behind."""
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + JOIN_SECONDS
         for t in receivers:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = sum(t.is_alive() for t in receivers)

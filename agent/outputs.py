@@ -12,7 +12,6 @@ import fcntl
 import logging
 import os
 import sys
-import time
 from collections import deque
 from contextlib import contextmanager
 from itertools import repeat
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from agent.config import kafka_url
 from agent.jsonlines import Lines
+from agent.logs import Bounded
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class FileOutput:
         self.rotate_bytes, self.keep = rotate_bytes, keep
         self.lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600) if lock else -1
         self.fd = sys.stdout.fileno() if self.path is None else self._open()
-        self._warned: dict[str, float] = {}
+        self._warned = Bounded(60)
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -74,10 +74,7 @@ class FileOutput:
             self._warn("rotation failed", e)
 
     def _warn(self, what: str, e: OSError) -> None:
-        """Each kind at most once a minute."""
-        now = time.monotonic()
-        if now - self._warned.get(what, -1e9) >= 60:
-            self._warned[what] = now
+        if self._warned.due(what):
             log.warning(what, extra={"output": str(self.path), "error": str(e)})
 
     @contextmanager

@@ -106,20 +106,25 @@ class Collector:
 
 
 @contextlib.contextmanager
-def stalled_collector(tmp_path: Path, *args: str):
-    """`cniflow collector --output -` whose standard output is a pipe nobody reads:
-    (process, its log, its port); killed whatever the test did."""
+def collector_process(tmp_path: Path, *args: str, stdout=None):
+    """`cniflow collector` with `args` on a free port: (process, its log, its port);
+    killed whatever the test did."""
     log = tmp_path / "log"
     port = free_port()
     proc = subprocess.Popen([str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{port}",
-                             "--output", "-", *args], stdout=subprocess.PIPE,
-                            stderr=log.open("w"))
+                             *args], stdout=stdout, stderr=log.open("w"))
     try:
         yield proc, log, port
     finally:
         proc.kill()
         proc.wait()
-        proc.stdout.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def stalled_collector(tmp_path: Path, *args: str):
+    """The collector writing to standard output, a pipe nobody reads."""
+    return collector_process(tmp_path, "--output", "-", *args, stdout=subprocess.PIPE)
 
 
 def rotated_lines(tmp_path: Path) -> list[dict]:
@@ -355,12 +360,8 @@ def test_a_sigterm_the_kernel_gives_another_thread_still_stops_the_collector(tmp
     """Python runs signal handlers in the main thread only: a SIGTERM delivered to the
     UDP receiving thread (the kernel may pick any thread that does not block it) must
     still wake the main thread, which waits for the stop."""
-    log = tmp_path / "log"
-    port = free_port()
-    proc = subprocess.Popen([str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{port}",
-                             "--output", str(tmp_path / "records.jsonl")],
-                            stderr=log.open("w"))
-    try:
+    with collector_process(tmp_path, "--output", str(tmp_path / "records.jsonl")) as (
+            proc, log, _):
         assert wait_for(lambda: "collector listening" in log.read_text(), 15)
         others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
         assert others
@@ -369,9 +370,6 @@ def test_a_sigterm_the_kernel_gives_another_thread_still_stops_the_collector(tmp
         assert libc.syscall(234, proc.pid, others[-1], signal.SIGTERM) == 0  # tgkill
         assert proc.wait(10) == 0
         assert time.monotonic() - started < 3
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _workers_of(pid: int) -> list[int]:
