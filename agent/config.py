@@ -285,6 +285,14 @@ class Config:
                   "a packet between two metered interfaces of this node is counted once, at "
                   "the sender's; off: at every metered interface it crosses"},
     )
+    pod_side: bool = field(
+        default=False,
+        metadata={"parse": _bool, "help":
+                  "count what metered pods receive at their own end of the veth (TCX, in "
+                  "the pod's namespace): also what a CNI delivers past the host side after "
+                  "rewriting it (Cilium's NodePort, LoadBalancer, hostPort to a local pod); "
+                  "needs --kubernetes, TCX and CAP_SYS_ADMIN (daemonset/overlays/pod-side)"},
+    )
     pin_path: str = field(
         default="/sys/fs/bpf/cniflow",
         metadata={"parse": _pin_path, "help":
@@ -603,4 +611,7 @@ def from_sources(args: argparse.Namespace, env: Mapping[str, str] = os.environ) 
         if not cfg.node_name:
             raise ConfigError("--node-name / CNIFLOW_NODE_NAME (or NODE_NAME) is needed "
                               "with --kubernetes")
+    if cfg.pod_side and (not cfg.kubernetes or cfg.dataplane == "vpp"):
+        raise ConfigError("--pod-side / CNIFLOW_POD_SIDE needs --kubernetes (the pods' "
+                          "addresses) and the ebpf dataplane")
     return cfg

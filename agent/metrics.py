@@ -69,6 +69,9 @@ class Metrics:
         self.entry_points = Gauge(
             "cniflow_entry_points", "Interfaces whose ingress cniflow meters for packets "
             "to metered pods (--entry-points)", registry=r)
+        self.pod_ends = Gauge(
+            "cniflow_pod_ends", "Metered pods counted at their own end of the veth "
+            "(--pod-side)", registry=r)
         self.packets_deduplicated = Counter(
             "cniflow_packets_deduplicated",
             "Packets not counted again at a metered interface's egress: counted at the "

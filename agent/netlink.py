@@ -97,3 +97,15 @@ def check(ipr) -> None:
     if stray_queue(ipr) is None:
         log.warning("pyroute2's message queue not found: stray netlink replies are not "
                     "dropped and memory may grow with pod churn")
+
+
+def request(sock: socket.socket, kind: int, body: bytes, what: str) -> tuple[int, bytes]:
+    """One request that is answered by one message (no dump): (its type, its payload).
+    An error reply raises OSError naming `what`."""
+    sock.send(HDR.pack(HDR.size + len(body), kind, NLM_F_REQUEST, 1, 0) + body)
+    buf = sock.recv(65536)
+    length, mtype = HDR.unpack_from(buf)[:2]
+    if mtype == NLMSG_ERROR:
+        err = -struct.unpack_from("=i", buf, HDR.size)[0]
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return mtype, buf[HDR.size:length]

@@ -18,9 +18,10 @@ import ipaddress
 import socket
 import struct
 
-from agent.netlink import HDR, attrs, dump, route_socket
+from agent.netlink import HDR, attrs, dump, request, route_socket
 
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
+RTM_NEWNSID, RTM_GETNSID, NETNSA_NSID, NETNSA_FD = 88, 90, 1, 3
 IFLA_LINK, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_INFO_KIND = 5, 18, 37, 1
 IFLA_STATS64, IFLA_TARGET_NETNSID = 23, 46
 IFA_ADDRESS, IFA_LOCAL, IFA_TARGET_NETNSID = 1, 2, 10
@@ -68,6 +69,17 @@ def addresses(sock: socket.socket, nsid: int) -> list[tuple[int, str]]:
             if scope == RT_SCOPE_UNIVERSE and raw:
                 out.append((index, str(ipaddress.ip_address(raw))))
     return out
+
+
+def nsid(sock: socket.socket, fd: int) -> int:
+    """This namespace's id for the network namespace `fd` refers to; -1 if it has none
+    (none of its veths has a peer here)."""
+    body = struct.pack("=Bxxx", socket.AF_UNSPEC) + struct.pack("=HHI", 8, NETNSA_FD, fd)
+    mtype, payload = request(sock, RTM_GETNSID, body, "netns id")
+    found = _values(payload, 4, len(payload)).get(NETNSA_NSID)
+    if mtype != RTM_NEWNSID or found is None:
+        return -1
+    return struct.unpack("=i", found[:4])[0]
 
 
 def host_sides() -> dict[str, int]:

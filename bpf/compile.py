@@ -2,9 +2,11 @@
 map file descriptors to the parent over a unix socket (SCM_RIGHTS), then exit.
 
     python -m bpf.compile SOCKET_FD MAP_SIZE shared|percpu [pin=PIN_DIR] [nat=TYPE,FLAGS]
+                          [pod=1]
 
 nat: Cilium's SNAT map's type (lru_hash, hash) and flags, for the map-in-map that holds
-it (bpf/masquerade.py); the program then has the map cilium_nat.
+it (bpf/masquerade.py); the program then has the map cilium_nat. pod: pods are metered
+at their end of the veth (--pod-side, bpf/podside.py): the host side leaves them to it.
 
 Keeping BCC and LLVM out of the agent process saves it about 130 MB of
 resident memory; the kernel objects live on through the fds the parent holds.
@@ -24,23 +26,26 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("flow.bpf.c")
-PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_entry", "cniflow_jiffies")
+PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_entry", "cniflow_jiffies",
+            "cniflow_pod")
 SPARES = PROGRAMS[:3]  # the classifiers, loaded twice (SPARE names the second copy)
 SPARE = "/2"
 MAPS = ("flows_a", "flows_b", "overflow_a", "overflow_b", "slot", "stats", "fill", "metered",
-        "pod_addrs", "entry_overflowed")
+        "pod_addrs", "entry_overflowed", "pod_side")
 # Overflow entries: one per interface, direction and IP version; metered interfaces (and
 # entry points), metered pods' addresses.
 OVERFLOW_SIZE = 16384
 METERED_SIZE = 8192
 
 
-def cflags(map_size: int, shared: bool, pin_dir: str = "", nat: str = "") -> list[str]:
+def cflags(map_size: int, shared: bool, pin_dir: str = "", nat: str = "",
+           pod_side: bool = False) -> list[str]:
     kind, _, flags = nat.partition(",")
     return [f"-DMAP_SIZE={map_size}", f"-DOVERFLOW_SIZE={OVERFLOW_SIZE}",
             f"-DMETERED_SIZE={METERED_SIZE}", "-w"] + (["-DSHARED_MAP"] if shared else []) + (
             [f'-DPIN_DIR="{pin_dir}"'] if pin_dir else []) + (
-            [f'-DNAT_TYPE="{kind}"', f"-DNAT_FLAGS={int(flags)}"] if nat else [])
+            [f'-DNAT_TYPE="{kind}"', f"-DNAT_FLAGS={int(flags)}"] if nat else []) + (
+            ["-DPOD_SIDE"] if pod_side else [])
 
 
 def kernel_tree() -> str:
@@ -70,7 +75,7 @@ def main() -> int:
     map_size = int(sys.argv[2])
     shared = len(sys.argv) > 3 and sys.argv[3] == "shared"
     opts = dict(a.partition("=")[::2] for a in sys.argv[4:])
-    pin_dir, nat = opts.get("pin", ""), opts.get("nat", "")
+    pin_dir, nat, pod_side = opts.get("pin", ""), opts.get("nat", ""), opts.get("pod") == "1"
     maps = MAPS + (("cilium_nat",) if nat else ())
     try:
         from bpf import caps
@@ -79,7 +84,8 @@ def main() -> int:
         kernel_tree()
         from bcc import BPF
 
-        b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared, pin_dir, nat))
+        b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared, pin_dir, nat,
+                                                            pod_side))
         progs = [b.load_func(name, BPF.SCHED_CLS) for name in PROGRAMS]
         # A second copy of each classifier (the same maps): a hook's chain holds a
         # program once, and moving cniflow's link back to its head puts the other copy

@@ -13,13 +13,14 @@ from agent.flowtable import aggregate
 from agent.interfaces import driver, links
 from agent.metrics import Metrics
 from agent.records import EGRESS
-from bpf import caps
+from bpf import caps, syscall
 from bpf.attach import Attacher, AttachError
 from bpf.drain import BatchDrain
 from bpf.entry import EntryPoints
 from bpf.masquerade import Masquerade
 from bpf.pasthook import CHECK_SECONDS, PastHook
 from bpf.pins import PinDir, PinError
+from bpf.podside import PodSide
 from bpf.program import DIR_ENTRY, FlowProgram, LoadError, addr_key
 from bpf.restart import Restart
 
@@ -50,6 +51,8 @@ class EbpfDataplane:
         entries = cfg.kubernetes and cfg.entry_points != "off"
         self.masquerade = Masquerade(cfg.cilium_endpoints if entries else "")
         try:
+            if cfg.pod_side:
+                _pod_side_possible(cfg)
             self.program = self._load(cfg, pins)
         except LoadError as e:  # no headers, a kernel that refuses: one line, exit 2
             raise ConfigError(str(e)) from None
@@ -60,6 +63,9 @@ class EbpfDataplane:
         except AttachError as e:
             self.program.close()
             raise ConfigError(str(e)) from None
+        # the pods' ends of their veths (with pins: also to undo an earlier agent's)
+        self.pod_side = PodSide(self.program, pins, cfg.pod_side) \
+            if cfg.pod_side or pins is not None else None
         # pinned: the journal of flows not yet exported, and what an earlier agent left
         self.restart = Restart(cfg, self.program, self.drainer, self.attacher) if pins else None
         self.failed: dict[int, tuple[float, float]] = {}  # ifindex -> (next try, delay)
@@ -75,7 +81,8 @@ class EbpfDataplane:
     def _load(self, cfg: Config, pins) -> FlowProgram:
         """The program, with the map-in-map for Cilium's SNAT map where wanted (without,
         if that part does not build here: FlowProgram)."""
-        program = FlowProgram(cfg.map_size, pins=pins, nat=self.masquerade.template)
+        program = FlowProgram(cfg.map_size, pins=pins, nat=self.masquerade.template,
+                              pod_side=cfg.pod_side)
         if program.nat_fd is None:
             self.masquerade.template = ""
         return program
@@ -132,6 +139,9 @@ class EbpfDataplane:
         self.netkit &= set(want)
         self.metrics.interfaces_not_metered.labels("netkit").set(len(self.netkit))
         pods = self.attached
+        if self.pod_side is not None:  # only once the host side is attached
+            self.pod_side.apply({i: want[i] for i in pods if i in want})
+            self.metrics.pod_ends.set(len(self.pod_side.ends))
         self._mark_stacked(present)
         self.metrics.interfaces_attached.set(len(pods))
         self.metrics.entry_points.set(len(self.attacher.attached) - len(pods))
@@ -162,10 +172,12 @@ class EbpfDataplane:
     def pod_addresses(self, addresses: dict[str, int]) -> None:
         """The metered pods' addresses (address -> host interface), for the entry points:
         those of pods whose interface is attached now."""
-        if self.entries.setting == "off":
-            return
-        self.masquerade.refresh(self.program)
         pods = self.attached
+        if self.pod_side is not None:
+            self.pod_side.pod_addresses({ip: i for ip, i in addresses.items() if i in pods})
+        if self.entries.setting == "off" and not self.pod_side_on:
+            return  # pod_addrs: for entry points, and for the pod ends' dedup
+        self.masquerade.refresh(self.program)
         self.program.pod_addresses({addr_key(ip): i for ip, i in addresses.items()
                                     if i in pods})
 
@@ -173,8 +185,9 @@ class EbpfDataplane:
         """At a reconcile, now and then (pods known: bpf/pasthook.py)."""
         if time.monotonic() >= self.next_past_check:
             self.next_past_check = time.monotonic() + CHECK_SECONDS
+            ends = self.pod_side.ends if self.pod_side_on else {}
             self.past_hook.read({i: a.name for i, a in self.attacher.attached.items()
-                                 if not a.entry})
+                                 if not a.entry and i not in ends})  # pod ends: all seen
 
     def drained(self, receivers: np.ndarray, packets: np.ndarray) -> None:
         """After a drain: what senders' records say each metered pod received."""
@@ -218,9 +231,17 @@ class EbpfDataplane:
         k["direction"][entered] = EGRESS
         return aggregate(batch)
 
+    @property
+    def pod_side_on(self) -> bool:
+        return self.pod_side is not None and self.pod_side.enabled
+
     def detach_all(self) -> None:
         if self.restart is not None and self.restart.handover:
+            if self.pod_side is not None:
+                self.pod_side.release()
             return  # links, maps and pending flows stay for the next agent
+        if self.pod_side is not None:  # first: the host sides count again
+            self.pod_side.detach_all()
         self.attacher.detach_all()
 
     # The journal around an export (bpf/journal.py); no-ops unpinned.
@@ -258,7 +279,19 @@ class EbpfDataplane:
     def close(self) -> None:
         if self.restart is not None:
             self.restart.close()
+        if self.pod_side is not None:
+            self.pod_side.close()
         self.program.close()
+
+
+def _pod_side_possible(cfg: Config) -> None:
+    """--pod-side needs TCX (a link made in the pod's namespace) and CAP_SYS_ADMIN (to
+    enter it): a clear error, not a pod end that never attaches."""
+    if cfg.attach == "tc" or not syscall.supports(syscall.TCX_INGRESS):
+        raise ConfigError("--pod-side needs TCX (Linux 6.6 or later, --attach auto or tcx)")
+    if not caps.has("SYS_ADMIN"):
+        raise ConfigError("--pod-side needs CAP_SYS_ADMIN, to enter the pods' network "
+                          "namespaces (daemonset/overlays/pod-side grants it)")
 
 
 def _pins(cfg: Config) -> PinDir | None:

@@ -20,6 +20,12 @@
 // with NAT_TYPE and NAT_FLAGS (those of Cilium's SNAT map), the entry point finds the pod
 // in Cilium's reverse NAT entry (user space puts the map into cilium_nat).
 //
+// Pod ends (--pod-side): what a metered pod receives for its own addresses is counted at
+// its end of the veth (cniflow_pod, TCX ingress inside the pod's namespace), as the host
+// side's egress, however it got there: through the veth or past it (bpf_redirect_peer of
+// a Service's traffic a CNI DNAT'ed to the pod after the entry point). With POD_SIDE the
+// host side's egress and the entry points leave those addresses to it: counted once.
+//
 // Compile-time parameters (cflags): MAP_SIZE, OVERFLOW_SIZE, METERED_SIZE (entries of
 // the flow, overflow, metered-interface and pod-address maps); SHARED_MAP for one hash shared by all
 // CPUs (the default the loader asks for): packets and octets are added atomically,
@@ -135,6 +141,15 @@ struct addr_key {
 };
 // A metered pod's address -> its host-side interface: what entry points count.
 TABLE("hash", struct addr_key, u32, pod_addrs, METERED_SIZE);
+// A pod metered at its own end of the veth: its address -> the host side's index (what
+// the records name) and the pod side's (in the pod's namespace, checked against the
+// packet's device). Kept by user space only while the pod end's link is attached.
+struct pod_end {
+    u32 host;
+    u32 peer;
+};
+TABLE("hash", struct addr_key, struct pod_end, pod_side, METERED_SIZE);
+
 #ifdef NAT_TYPE
 // Cilium's BPF masquerade map (cilium_snat_v4_external, bpf/lib/nat.h: struct
 // ipv4_ct_tuple, struct ipv4_nat_entry): a reply's reverse entry (flags TUPLE_F_IN) holds
@@ -529,6 +544,14 @@ static __always_inline int counted_at_entry(struct flow_key *key) {
     return seen;
 }
 
+// The pod end of the veth `host` counts packets for this address (POD_SIDE).
+static __always_inline int at_pod_end(const u8 *dst, u8 ip_version, u32 host) {
+    struct addr_key a = {.ip_version = ip_version};
+    __builtin_memcpy(a.addr, dst, 16);
+    struct pod_end *e = pod_side.lookup(&a);
+    return e && e->host == host;
+}
+
 static __always_inline int classify(struct __sk_buff *skb, u8 direction, int from_entry) {
     struct flow_key key = {};
     struct pkt p = {};
@@ -539,6 +562,10 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction, int fro
     }
     key.ifindex = skb->ifindex;
     key.direction = direction;
+#ifdef POD_SIDE
+    if (direction == 1 && at_pod_end(key.dst, key.ip_version, key.ifindex))
+        return TC_ACT_UNSPEC;  // counted at the pod's end of the veth
+#endif
     if (from_entry && counted_at_entry(&key)) {
         stat_inc(STAT_DEDUP);
         return TC_ACT_UNSPEC;
@@ -606,12 +633,44 @@ int cniflow_entry(struct __sk_buff *skb) {
 #endif
     if (!veth)
         return TC_ACT_UNSPEC;
+#ifdef POD_SIDE
+    if (at_pod_end(a.addr, key.ip_version, *veth))  // the pod's address (masqueraded: too)
+        return TC_ACT_UNSPEC;                        // counted at the pod's end of the veth
+#endif
     key.ifindex = *veth;
     key.direction = DIR_ENTRY;
     if (count(skb, &key, &p) && !entry_overflowed.lookup(&key)) {  // in an overflow
         u8 one = 1;                                    // entry: the veth's egress must know
         entry_overflowed.update(&key, &one);
     }
+    return TC_ACT_UNSPEC;
+}
+
+// At a metered pod's end of its veth (TCX ingress in the pod's namespace, --pod-side): a
+// packet for one of the pod's addresses, as the host side's egress. Not one a metered pod
+// of this node sent (dedup): counted at that sender's veth. Frames not parsed are left to
+// the host side's stats (those that crossed it are counted there).
+int cniflow_pod(struct __sk_buff *skb) {
+    struct flow_key key = {};
+    struct pkt p = {};
+    if (parse_frame(skb, &key, &p) != PARSED)
+        return TC_ACT_UNSPEC;
+    struct addr_key a = {.ip_version = key.ip_version};
+    __builtin_memcpy(a.addr, key.dst, 16);
+    struct pod_end *e = pod_side.lookup(&a);
+    if (!e || e->peer != skb->ifindex)  // not this pod's address: the host side counts it
+        return TC_ACT_UNSPEC;
+    u32 host = e->host;
+    __builtin_memcpy(a.addr, key.src, 16);
+    u32 *sender = pod_addrs.lookup(&a);
+    if (sender) {
+        u32 *m = metered.lookup(sender);
+        if (m && *m == METERED_POD)  // the host side said so in STAT_DEDUP, if it crossed it
+            return TC_ACT_UNSPEC;
+    }
+    key.ifindex = host;
+    key.direction = 1;
+    count(skb, &key, &p);
     return TC_ACT_UNSPEC;
 }
 

@@ -4,7 +4,8 @@
                                journal's (bpf/journal.py): commit, ring0 or ring1 (the
                                previous journal's pending, log, journal are migrated)
     PIN/links/<ifindex>-<hook> one TCX link per interface and hook: ingress, egress, or
-                               entry (an entry point's ingress)
+                               entry (an entry point's ingress); pod, the ingress of the
+                               pod's end of the veth (bpf/podside.py), by the host side's
 
 A map whose type, sizes or capacity differ from what this agent would create (another
 --map-size, another build) is not reused: its pin is removed, the agent keeps its fd,
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 LAYOUT = 1  # bump when struct flow_key / flow_val, a map or the journal change
 BPF_FS_MAGIC = 0xCAFE4A11
 HOOKS = ("ingress", "egress", "entry")  # the names of cniflow's hooks (bpf/attach.py)
+POD_HOOK = "pod"  # the pod end's ingress, in the pod's namespace (bpf/podside.py)
 
 _libc = ct.CDLL(None, use_errno=True)
 
@@ -81,12 +83,12 @@ class PinDir:
             os.unlink(f"{self.links}/{name}")
         return len(names)
 
-    def link_pins(self) -> list[tuple[int, str, str]]:
-        """(ifindex, hook name, path) of every pinned link."""
+    def link_pins(self, hooks: tuple[str, ...] = HOOKS) -> list[tuple[int, str, str]]:
+        """(ifindex, hook name, path) of every pinned link of those hooks."""
         out = []
         for name in sorted(os.listdir(self.links)):
             ifindex, _, hook = name.partition("-")
-            if ifindex.isdigit() and hook in HOOKS:
+            if ifindex.isdigit() and hook in hooks:
                 out.append((int(ifindex), hook, f"{self.links}/{name}"))
         return out
 

@@ -55,12 +55,13 @@ def expected_maps(map_size: int, shared: bool) -> dict[str, tuple[int, int, int,
             "fill": (syscall.MAP_PERCPU_ARRAY, 4, 8, 2),
             "metered": (syscall.MAP_HASH, 4, 4, METERED_SIZE),
             "pod_addrs": (syscall.MAP_HASH, 20, 4, METERED_SIZE),
-            "entry_overflowed": (syscall.MAP_LRU_HASH, 48, 1, OVERFLOW_SIZE)}
+            "entry_overflowed": (syscall.MAP_LRU_HASH, 48, 1, OVERFLOW_SIZE),
+            "pod_side": (syscall.MAP_HASH, 20, 8, METERED_SIZE)}
 
 
 class FlowProgram:
     def __init__(self, map_size: int = 65536, shared: bool = True,
-                 pins: PinDir | None = None, nat: str = "") -> None:
+                 pins: PinDir | None = None, nat: str = "", pod_side: bool = False) -> None:
         """shared: one hash for all CPUs, counters added atomically (the default: the
         drain copies half as much and merges nothing, bench/run.py); False: a per-CPU
         hash, no atomics, values folded in user space. pins: the maps live there, and
@@ -79,14 +80,14 @@ class FlowProgram:
             self.adopted = not self.stale and os.path.exists(pins.map_path("flows_a"))
         try:
             try:
-                fds = self._load(map_size, shared, pins.maps if pins else "", nat)
+                fds = self._load(map_size, shared, pins.maps if pins else "", nat, pod_side)
             except LoadError as e:
                 if not nat:
                     raise
                 log.warning("replies to masqueraded connections not counted at entry "
                             "points: the program does not build with Cilium's SNAT map",
                             extra={"err": str(e)})
-                fds = self._load(map_size, shared, pins.maps if pins else "")
+                fds = self._load(map_size, shared, pins.maps if pins else "", "", pod_side)
         except LoadError:
             for fd in self.stale.values():
                 os.close(fd)
@@ -94,6 +95,7 @@ class FlowProgram:
         self.ingress = Prog(fds["cniflow_ingress"], "cniflow_ingress")
         self.egress = Prog(fds["cniflow_egress"], "cniflow_egress")
         self.entry = Prog(fds["cniflow_entry"], "cniflow_entry")
+        self.pod = Prog(fds["cniflow_pod"], "cniflow_pod")
         # the same programs loaded once more: the other copy for a hook's chain
         self.spares = tuple(Prog(fds[name + SPARE], name) for name in SPARES)
         self._jiffies = fds["cniflow_jiffies"]
@@ -102,22 +104,23 @@ class FlowProgram:
         self.overflow_size = OVERFLOW_SIZE
         self._slot, self._stats, self._fill = fds["slot"], fds["stats"], fds["fill"]
         self._metered = fds["metered"]
-        self._pod_addrs = fds["pod_addrs"]
+        self._pod_addrs, self._pod_side = fds["pod_addrs"], fds["pod_side"]
         self.nat_fd = fds.get("cilium_nat")  # the map-in-map Cilium's SNAT map goes into
-        self.addresses: dict[bytes, int] | None = None  # pod_addrs: key -> ifindex
-        self.addresses_full = False
+        self.addresses: dict[bytes, bytes] | None = None  # pod_addrs: key -> value
+        self.pod_ends: dict[bytes, bytes] | None = None  # pod_side: key -> value
+        self.full: set[str] = set()  # maps said to be full
         self._fds = list(fds.values())
         log.info("program loaded", extra={"map_size": map_size})
 
     @staticmethod
     def _load(map_size: int, shared: bool = False, pin_dir: str = "",
-              nat: str = "") -> dict[str, int]:
+              nat: str = "", pod_side: bool = False) -> dict[str, int]:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with parent, child:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bpf.compile", str(child.fileno()), str(map_size),
                  "shared" if shared else "percpu"] + ([f"pin={pin_dir}"] if pin_dir else [])
-                + ([f"nat={nat}"] if nat else []),
+                + ([f"nat={nat}"] if nat else []) + (["pod=1"] if pod_side else []),
                 pass_fds=[child.fileno()],
                 stderr=subprocess.PIPE,
                 text=True,
@@ -161,28 +164,40 @@ class FlowProgram:
 
     def pod_addresses(self, want: dict[bytes, int]) -> None:
         """Make pod_addrs hold exactly `want` (addr_key -> the pod's host interface, see
-        addr_key()): what changed since the last call, written one entry at a time (pods
-        come and go a few a second). The first call also removes what a pinned map held
-        from an earlier agent (pods gone meanwhile: their interface index may be another
-        pod's by now)."""
-        if self.addresses is None:
-            self.addresses = {k: struct.unpack("<I", v)[0] for k, v in syscall.lookup_batch(
-                self._pod_addrs, ADDR_KEY_SIZE, 4, METERED_SIZE)}
-        for key in [k for k in self.addresses if k not in want]:
-            syscall.delete(self._pod_addrs, key)
-            del self.addresses[key]
-        for key, ifindex in want.items():
-            if self.addresses.get(key) != ifindex:
+        addr_key()). The first call also removes what a pinned map held from an earlier
+        agent (pods gone meanwhile: their interface index may be another pod's by now)."""
+        self.addresses = self._sync(self._pod_addrs, "pod_addrs", self.addresses, {
+            k: struct.pack("<I", i) for k, i in want.items()},
+            "packets for the rest of the pods are not counted at entry points", 4)
+
+    def pod_side_addresses(self, want: dict[bytes, tuple[int, int]]) -> None:
+        """Make pod_side hold exactly `want` (addr_key -> (host-side ifindex, pod-side
+        ifindex)): the pods counted at their end of the veth (bpf/podside.py)."""
+        self.pod_ends = self._sync(self._pod_side, "pod_side", self.pod_ends, {
+            k: struct.pack("<II", *v) for k, v in want.items()},
+            "the rest of the pods are counted at their host side", 8)
+
+    def _sync(self, fd: int, name: str, have: dict[bytes, bytes] | None,
+              want: dict[bytes, bytes], lost: str, size: int) -> dict[bytes, bytes]:
+        """What changed written one entry at a time (pods come and go a few a second),
+        removals first; `have` None: read from the map (pinned: an earlier agent's)."""
+        if have is None:
+            have = dict(syscall.lookup_batch(fd, ADDR_KEY_SIZE, size, METERED_SIZE))
+        for key in [k for k in have if k not in want]:
+            syscall.delete(fd, key)
+            del have[key]
+        for key, value in want.items():
+            if have.get(key) != value:
                 try:
-                    syscall.update(self._pod_addrs, key, struct.pack("<I", ifindex))
-                except OSError as e:  # full: that pod's deliveries past its veth are missed
-                    if not self.addresses_full:
-                        log.warning("pod address map full: packets for the rest of the "
-                                    "pods are not counted at entry points",
+                    syscall.update(fd, key, value)
+                except OSError as e:  # full: said once
+                    if name not in self.full:
+                        log.warning(f"{name} map full: {lost}",
                                     extra={"err": str(e), "entries": METERED_SIZE})
-                    self.addresses_full = True
+                    self.full.add(name)
                     continue
-                self.addresses[key] = ifindex
+                have[key] = value
+        return have
 
     def entry_marks(self) -> set[int]:
         """The interfaces the metered set holds as entry points (and key 0, an earlier

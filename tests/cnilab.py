@@ -19,7 +19,9 @@ interface so tests can check the CNI still saw every packet.
   __snat_try_keep_port, with the port itself for the random value), an egress and a
   reverse (TUPLE_F_IN) entry made; on the uplink's ingress a reply to the node's address
   with a reverse entry is rewritten back to the pod's address and port and delivered past
-  its veth like the rest.
+  its veth like the rest. With nodeport(...), TCP and UDP to the node's address and a
+  NodePort coming in through the uplink are DNAT'ed to a backend first (nodeport_lb4) and,
+  for a local backend, delivered past its veth too.
   Importing this module registers it as netlab.DATAPATHS["cilium"].
 - StandIn(netns, ifnames, mode): a generic CNI program that ends the hook ("pass")
   or redirects ("redirect").
@@ -90,6 +92,14 @@ struct ipv4_nat_entry {  /* bpf/lib/nat.h */
 BPF_TABLE_PINNED("lru_hash", struct ipv4_ct_tuple, struct ipv4_nat_entry,
                  cilium_snat_v4_external, 65536, "SNAT_MAP");
 BPF_ARRAY(masq, __be32, 1);  /* the node address to masquerade to; 0: off */
+
+struct frontend {  /* one NodePort: the node's address and port, the backend's */
+    __be32 addr;
+    __be16 port;
+    __be16 backend_port;
+    __be32 backend;
+};
+BPF_ARRAY(nodeports, struct frontend, 1);  /* addr 0: none */
 
 #define IP_CSUM (ETH_HLEN + 10)
 #define IP_SRC (ETH_HLEN + 12)
@@ -190,6 +200,15 @@ int cil_from_netdev(struct __sk_buff *skb) {
             if (port != t.dport)
                 rewrite_port(skb, t.nexthdr, 2, t.dport, port);
         }
+    }
+    /* kube-proxy replacement (nodeport_lb4): a NodePort's traffic DNAT'ed to its backend,
+     * then delivered like the rest: past the veth when the backend is local */
+    int zero = 0;
+    struct frontend *fe = nodeports.lookup(&zero);
+    if (fe && fe->addr && (t.daddr || tuple_of(skb, &t)) && t.daddr == fe->addr &&
+        t.dport == fe->port) {
+        rewrite_addr(skb, t.nexthdr, IP_DST, t.daddr, fe->backend);
+        rewrite_port(skb, t.nexthdr, 2, t.dport, fe->backend_port);
     }
     __u32 ifindex = local_endpoint(skb);
     return ifindex ? bpf_redirect_peer(ifindex, 0) : TC_ACT_OK;
@@ -385,6 +404,17 @@ class CiliumDatapath:
         table = self.tcx.bpf[b"masq"]
         table[table.Key(0)] = table.Leaf(
             int.from_bytes(socket.inet_aton(node_ip), "little") if node_ip else 0)
+
+    def nodeport(self, node_ip: str, port: int, backend_ip: str, backend_port: int) -> None:
+        """TCP and UDP for node_ip:port from the uplink DNAT'ed to backend_ip:backend_port
+        (Cilium's kube-proxy replacement: a NodePort, LoadBalancer or hostPort Service)."""
+        table = self.tcx.bpf[b"nodeports"]
+        fe = table.Leaf()
+        fe.addr = int.from_bytes(socket.inet_aton(node_ip), "little")
+        fe.port = socket.htons(port)
+        fe.backend = int.from_bytes(socket.inet_aton(backend_ip), "little")
+        fe.backend_port = socket.htons(backend_port)
+        table[table.Key(0)] = fe
 
     def seen(self, iface: int | str) -> int:
         """Packets the datapath saw on an interface (ifindex or name)."""

@@ -9,6 +9,8 @@ flowType; and the CNI's programs still see every packet."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -18,7 +20,7 @@ import cnilab  # also registers the Cilium datapath stand-in for netlab.up
 import netlab
 import oracles
 import pytest
-from conftest import agent, wait_for
+from conftest import CNIFLOW, agent, tcx_programs, wait_for
 from fakeapi import FakeApiServer
 from test_collector import RunningCollector
 from test_counting import ifindex_of
@@ -52,6 +54,14 @@ def quiet_all(node, still: float = 2.0, timeout: float = 20) -> None:
             last, since = now, time.monotonic()
 
 
+def pod_rx(node, i: int) -> int:
+    """Packets pod i's own end of the veth received (whatever way: through the veth, or
+    redirected past it)."""
+    out = subprocess.run(node.in_pod(i, "ip -j -s link show dev eth0"), shell=True,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)[0]["stats64"]["rx"]["packets"]
+
+
 def flows(rows: list[dict], **match) -> list[dict]:
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
 
@@ -60,9 +70,12 @@ def total(rows: list[dict]) -> tuple[int, int]:
     return sum(r["packetDeltaCount"] for r in rows), sum(r["octetDeltaCount"] for r in rows)
 
 
-def run_layout(layout: str, dedup: bool, entry: str = "auto",
-               ) -> tuple[netlab.Node, list[dict], dict]:
-    prefix = f"cn{layout[0]}{int(dedup)}{entry[1]}"
+def run_layout(layout: str, dedup: bool, entry: str = "auto", pod_side: bool = False,
+               nodeport: bool = False) -> tuple[netlab.Node, list[dict], dict]:
+    """nodeport (Cilium): the remote also sends 7 datagrams of 80 octets to the node's
+    uplink address, port 30080, which Cilium DNATs to db, port 9007, and the node itself
+    2 of 90 to db, port 9008 (as kubelet's probes: through db's veth)."""
+    prefix = f"cn{layout[0]}{int(dedup)}{entry[1]}{'p' if pod_side else ''}"
     node = netlab.up(prefix, 4, layout=layout, unnamed=(2,), net1=(0,), remote=True)
     server = FakeApiServer(node.netns)
     uplink = f"{prefix}up"
@@ -81,11 +94,14 @@ def run_layout(layout: str, dedup: bool, entry: str = "auto",
                 "--cluster-cidr", f"10.{node.subnet}.0.0/20"]
         if layout == "cilium":
             args += ["--cilium-endpoints", node.lxc_map]
+        if pod_side:
+            args += ["--pod-side", "true"]
         if layout == "routed":  # no ARP or NUD frames: the veths carry only the test's
             for i in range(len(node.pods)):
                 pin_neighbours(node, i)
         quiet_all(node)  # nothing in flight when the counters are read
         before = {i: node.link_stats(i) for i in [p.host_if for p in node.pods] + [uplink]}
+        pod_rx0 = [pod_rx(node, i) for i in range(len(node.pods))]
         seen0 = {i: node.datapath.seen(i) for i in [p.host_if for p in node.pods] + [uplink]} \
             if node.datapath else {}
         with agent(node, *args, interfaces=(), metered=3) as running:
@@ -98,6 +114,10 @@ def run_layout(layout: str, dedup: bool, entry: str = "auto",
             send(node.in_pod(0, ""), node.remote_ip, 9003, 4, 100)  # to another host
             send(node.in_remote(""), db.ipv4, 9004, 6, 60)         # from another host
             send(node.in_pod(3, ""), db.ipv4, 9005, 8, 70)         # from a pod not opted in
+            if nodeport:
+                node.datapath.nodeport(f"10.{node.subnet}.200.1", 30080, db.ipv4, 9007)
+                send(node.in_remote(""), f"10.{node.subnet}.200.1", 30080, 7, 80)
+                send(node.exec(""), db.ipv4, 9008, 2, 90)  # from the node: through the veth
             ping(node, 1, web.ipv4, 3)                              # both ways
             time.sleep(2.5)
             if layout == "cilium" and entry == "off":  # what came from the remote and the
@@ -108,6 +128,7 @@ def run_layout(layout: str, dedup: bool, entry: str = "auto",
                 time.sleep(6)  # is said, and nothing more than once
             metrics = running.metrics()
         after = {i: node.link_stats(i) for i in [p.host_if for p in node.pods] + [uplink]}
+        pod_rx1 = [pod_rx(node, i) for i in range(len(node.pods))]
         tshark.stop()
         assert tshark.expert() == []
         rows = collector.stop()
@@ -116,7 +137,8 @@ def run_layout(layout: str, dedup: bool, entry: str = "auto",
                  "seen": {i: node.datapath.seen(i) - seen0[i] for i in seen0},
                  "cni_attached": all(node.datapath.attached(i) for i in seen0)
                  if node.datapath else True, "uplink": uplink,
-                 "ifindex": {p.host_if: ifindex_of(node, p.host_if) for p in node.pods}}
+                 "ifindex": {p.host_if: ifindex_of(node, p.host_if) for p in node.pods},
+                 "pod_rx": [b - a for a, b in zip(pod_rx0, pod_rx1, strict=True)]}
         return node, rows, extra
     finally:
         server.stop()
@@ -469,3 +491,119 @@ def test_a_snat_map_cilium_makes_anew_or_removes_is_followed():
             program.close()
         subprocess.run(["umount", str(fs)], check=False)
         fs.rmdir()
+
+
+@pytest.mark.parametrize("pod_side", [False, True])
+def test_a_nodeport_to_a_local_pod_is_counted_at_the_pods_end(pod_side):
+    """Cilium DNATs a NodePort's datagrams to db after the uplink's entry point and
+    delivers them past db's veth. Without --pod-side they are only said (past the hook);
+    with it they are counted at db's own end of the veth, and every other packet is
+    still counted once: each metered pod's end received exactly what the records say."""
+    node, rows, x = run_layout("cilium", dedup=True, pod_side=pod_side, nodeport=True)
+    web, db, job, _ = node.pods
+    idx, m = x["ifindex"], x["metrics"]
+    nodeport = flows(rows, destinationTransportPort=9007)
+    if not pod_side:
+        assert m[PAST_HOOK] == 7
+        assert total(nodeport) == (0, 0)
+        assert total(flows(rows, destinationTransportPort=9008)) == (2, 2 * 118)
+        return
+    assert total(nodeport) == (7, 7 * 108)
+    for r in nodeport:  # as the pod received it: from the remote, to db, at db's veth
+        assert (r["flowDirection"], r["egressInterface"], r["destinationPodName"],
+                r["sourceIPv4Address"], r["destinationIPv4Address"]) == (
+            1, idx[db.host_if], "db", node.remote_ip, db.ipv4)
+    assert m["cniflow_pod_ends"] == 3
+    assert m.get("cniflow_entry_packets_total", 0) == 0  # the pods' ends counted those
+    ip_len = {9000: 228, 9001: 1048, 9002: 78, 9003: 128, 9004: 88, 9005: 98, 9008: 118}
+    count = {9000: 10, 9001: 5, 9002: 3, 9003: 4, 9004: 6, 9005: 8, 9008: 2}
+    for port, n in count.items():
+        assert total(flows(rows, destinationTransportPort=port)) == (n, n * ip_len[port]), port
+    (r,) = flows(rows, destinationTransportPort=9000)  # pod to pod: once, at the sender's
+    assert (r["flowDirection"], r["ingressInterface"], r["egressInterface"]) == (
+        0, idx[web.host_if], idx[db.host_if])
+    for i, p in enumerate((web, db, job)):  # what each pod's end received, once
+        got = [r for r in rows if p.ipv4 == r.get("destinationIPv4Address") or
+               p.ipv6 == r.get("destinationIPv6Address")]
+        assert sum(r["packetDeltaCount"] for r in got) == x["pod_rx"][i], p.host_if
+    assert m[DB_RECEIVED] == 10 + 5 + 6 + 8 + 3 + 7 + 2
+
+
+@contextlib.contextmanager
+def cilium_with_nodeport(prefix: str):
+    """A Cilium node with pods web and db opted in, a remote host, a NodePort (30080,
+    UDP) to db and a bpffs of its own: (node, the agent's arguments, pin path)."""
+    node = netlab.up(prefix, 2, layout="cilium", remote=True)
+    server = FakeApiServer(node.netns)
+    fs = Path(f"/run/cniflow-lab/{prefix}-pins")
+    fs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
+    try:
+        server.namespace("shop", {"cniflow.io/export": "true"})
+        for name, pod in zip(("web", "db"), node.pods, strict=True):
+            server.pod("shop", name, NODE, [pod.ipv4, pod.ipv6])
+        node.datapath.nodeport(f"10.{node.subnet}.200.1", 30080, node.pods[1].ipv4, 9007)
+        kubeconfig = server.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
+        yield node, ["--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
+                     "--idle-timeout", "1", "--cilium-endpoints", node.lxc_map], \
+            str(fs / "cniflow")
+    finally:
+        server.stop()
+        subprocess.run(["umount", str(fs)], check=False)
+        fs.rmdir()
+        netlab.down(prefix)
+
+
+def pod_end_programs(node) -> list[list[str]]:
+    """The programs on each pod's own end of its veth (TCX ingress, in its namespace)."""
+    return [tcx_programs(p.netns, "eth0") for p in node.pods]
+
+
+def test_pod_ends_are_handed_over_adopted_and_removed():
+    """--pod-side with pins: a handover leaves each pod end's link, the next agent adopts
+    it (one link, never two) and counts the NodePort's datagrams at db's end; an agent
+    without --pod-side takes the links off and its host sides count again (the node's
+    datagrams to db once, the NodePort's said past the hook); at its exit nothing is left."""
+    with cilium_with_nodeport("cnpe") as (node, args, pins):
+        db = node.pods[1]
+        collector = RunningCollector(node.netns, 4739)
+        common = [*args, "--pin-path", pins]
+        for _ in range(2):
+            with agent(node, *common, "--pod-side", "true", "--handover", "true",
+                       interfaces=()) as running:
+                assert wait_for(lambda r=running: r.metrics().get("cniflow_pod_ends") == 2,
+                                15), running.log.read_text()
+                assert pod_end_programs(node) == [["cniflow_pod"]] * 2
+                send(node.in_remote(""), f"10.{node.subnet}.200.1", 30080, 7, 80)
+                time.sleep(1.5)
+        assert pod_end_programs(node) == [["cniflow_pod"]] * 2  # handed over again
+        assert "adopted pinned pod-end links" in running.log.read_text()
+        with agent(node, *common, interfaces=()) as running:
+            # the host sides' links were adopted: attached already when it starts
+            assert wait_for(lambda: running.metrics().get("cniflow_pods_attached") == 2, 15)
+            assert pod_end_programs(node) == [[], []]
+            time.sleep(0.5)  # the veths' counters read once after the attach (the baseline)
+            send(node.exec(""), db.ipv4, 9008, 2, 90)
+            send(node.in_remote(""), f"10.{node.subnet}.200.1", 30080, 5, 80)
+            assert wait_for(lambda: running.metrics().get(PAST_HOOK, 0) == 5, 20)
+        assert pod_end_programs(node) == [[], []]
+        assert not os.path.exists(pins)
+        rows = collector.stop()
+        assert total(flows(rows, destinationTransportPort=9007)) == (14, 14 * 108)
+        assert total(flows(rows, destinationTransportPort=9008)) == (2, 2 * 118)
+
+
+def test_pod_side_says_what_it_needs():
+    """--pod-side without what it needs is refused at start, naming it (exit 2)."""
+    with cilium_with_nodeport("cnpn") as (node, args, _):
+        no_sys_admin = ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps",
+                        "-sys_admin", "--"]
+        for wrap, extra, said in (
+                ([], ["--pod-side", "true"], "needs --kubernetes"),
+                ([], [*args, "--pod-side", "true", "--attach", "tc"], "needs TCX"),
+                (no_sys_admin, [*args, "--pod-side", "true"], "needs CAP_SYS_ADMIN")):
+            r = subprocess.run(["ip", "netns", "exec", node.netns, *wrap, str(CNIFLOW), "agent",
+                                "--pin-path", "off", *extra], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 2, r.stderr
+            assert said in r.stderr, r.stderr

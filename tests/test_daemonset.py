@@ -346,3 +346,33 @@ def test_the_legacy_seccomp_overlay_unconfines_the_agent_alone(objects):
     ds["spec"]["template"]["spec"]["containers"][0] = base_ds["spec"]["template"]["spec"][
         "containers"][0]
     assert over == objects  # the collector and init container keep RuntimeDefault
+
+
+def test_the_pod_side_overlay_grants_what_entering_the_pods_needs_and_nothing_else(objects):
+    """--pod-side on, CAP_SYS_ADMIN added (setns into the pods' namespaces) and hostPID
+    (namespaces only processes hold); the rest is the base. The agent's settings as the
+    pod will read them turn it on (tests/test_image.py runs the image with it)."""
+    from agent.cli import parser
+    from agent.config import from_sources
+
+    over = render(ROOT / "daemonset" / "overlays" / "pod-side")
+    validate(over)
+    agent, base = containers(over)["agent"], containers(objects)["agent"]
+    assert agent["securityContext"]["capabilities"]["add"] == [
+        *base["securityContext"]["capabilities"]["add"], "SYS_ADMIN"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    config = next(c for c in by_kind(over, "ConfigMap")
+                  if c["metadata"]["name"].startswith("cniflow-config"))["data"]
+    cfg = from_sources(parser().parse_args(["agent"]), {**config, **env, "NODE_NAME": "n"})
+    assert cfg.pod_side and cfg.kubernetes
+    assert not from_sources(parser().parse_args(["agent"]), {**config, "NODE_NAME": "n"}
+                            ).pod_side
+    ds, base_ds = by_kind(over, "DaemonSet")[0], by_kind(objects, "DaemonSet")[0]
+    assert ds["spec"]["template"]["spec"].pop("hostPID") is True
+    assert "hostPID" not in base_ds["spec"]["template"]["spec"]
+    strip = lambda c: {**c, "env": [e for e in c["env"] if e["name"] != "CNIFLOW_POD_SIDE"],  # noqa: E731
+                       "securityContext": {**c["securityContext"], "capabilities": {}}}
+    assert strip(agent) == strip(base)
+    ds["spec"]["template"]["spec"]["containers"][0] = base_ds["spec"]["template"]["spec"][
+        "containers"][0]
+    assert over == objects

@@ -112,7 +112,7 @@ def run(rootfs: Path, pod: dict, name: str, netns: str, env: dict[str, str],
         src = host.get(v["hostPath"]["path"], v["hostPath"]["path"])
         if v["hostPath"].get("type") == "DirectoryOrCreate":
             os.makedirs(src, exist_ok=True)
-        steps.append(f"mount --bind {src} {target}")
+        steps.append(f"mount --rbind {src} {target}")  # as runc: recursive (/run/netns)
         if m.get("readOnly"):
             steps.append(f"mount -o remount,bind,ro {target}")
     caps = [x.lower() for x in sc["capabilities"].get("add", []) if x != drop]
@@ -155,13 +155,16 @@ def status(pid: int) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("runtime,manifest", [
-    ("newer", "daemonset"), ("older", "daemonset/overlays/legacy-seccomp")])
+    ("newer", "daemonset"), ("older", "daemonset/overlays/legacy-seccomp"),
+    ("newer", "daemonset/overlays/pod-side")])
 def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, runtime,
                                                          manifest):
     """Agent and collector from the image, non-root, with the manifest's capabilities only,
     under the runtime's default seccomp profile (newer runtimes: the base as shipped; older
     ones: the legacy-seccomp overlay, the agent unconfined) and no kernel headers from the
-    node: a pod's pings reach the collector's file exact."""
+    node: a pod's pings reach the collector's file exact. The pod-side overlay: with
+    CAP_SYS_ADMIN the agent enters the pods' namespaces and meters their ends too, and
+    the pings are still counted once."""
     pod, profile = rendered(manifest), profiles()[runtime]
     release = os.uname().release
     assert not (rootfs / "lib/modules" / release / "build").exists()
@@ -205,7 +208,9 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, 
             log.read_text()
         st = status(agent.pid)  # every step exec'd the next: one pid
         assert st["Uid"].split()[0] == "65532" and st["NoNewPrivs"] == "1"
-        want = (1 << 12) | (1 << 38) | (1 << 39)  # NET_ADMIN, PERFMON, BPF
+        pod_side = manifest.endswith("pod-side")
+        want = (1 << 12) | (1 << 38) | (1 << 39) | (pod_side << 21)  # NET_ADMIN, PERFMON,
+        # BPF, SYS_ADMIN where the manifest adds it
         assert int(st["CapEff"], 16) == want and int(st["CapBnd"], 16) == want
         # filtered where the manifest asks for RuntimeDefault, and only there
         assert st["Seccomp"] == ("2" if runtime == "newer" else "0")
@@ -225,7 +230,8 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, 
         assert wait_for(lambda: echo(), 20), log.read_text()
         metrics = subprocess.run(lab.exec("curl -s 127.0.0.1:9477/metrics").split(),
                                  capture_output=True, text=True).stdout
-        assert "cniflow_netns_lookup_enabled 0.0" in metrics
+        assert f"cniflow_netns_lookup_enabled {float(pod_side)}" in metrics
+        assert f"cniflow_pod_ends {2.0 * pod_side}" in metrics
     finally:
         for p in (agent, collector):
             p.send_signal(signal.SIGTERM)
@@ -233,7 +239,7 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, 
         api.stop()
         subprocess.run(["umount", "-l", str(bpffs)])
     assert codes == [0, 0], log.read_text()
-    assert "no CAP_SYS_ADMIN" in log.read_text()
+    assert ("no CAP_SYS_ADMIN" in log.read_text()) != pod_side
     assert [(r["sourcePodName"], r["destinationPodName"], r["packetDeltaCount"],
              r["octetDeltaCount"]) for r in echo()] == [("web", "db", 5, 5 * 84)]
 
