@@ -170,6 +170,14 @@ def program_ns(rounds: int) -> dict:
     runs["entry_node_nat"] = (nat.entry.fd, frame)
     runs["entry_pod"] = (entry.entry.fd, frame[:33] + b"\x02" + frame[34:])  # 10.77.0.2
     entry.pod_addresses({addr_key("10.77.0.2"): 7})
+    # --pod-side (bpf/podside.py): a veth's egress pays one lookup more for what it does
+    # not leave to a pod end; a pod end (here the loopback, ifindex 1) counts a packet
+    # for its pod's address
+    side = FlowProgram(65536, pod_side=True)
+    side.pod_side_addresses({addr_key("10.77.0.2"): (7, 1)})
+    runs["egress"] = (entry.egress.fd, frame)
+    runs["egress_pod_side"] = (side.egress.fd, frame)
+    runs["pod_end"] = (side.pod.fd, runs["entry_pod"][1])
     ns: dict[str, list[int]] = {k: [] for k in runs}
     for _ in range(rounds):
         for name, (fd, f) in runs.items():
@@ -180,7 +188,9 @@ def program_ns(rounds: int) -> dict:
             "percpu_minus_empty": med["cniflow_percpu"] - med["empty"],
             "entry_node_minus_empty": med["entry_node"] - med["empty"],
             "entry_node_nat_minus_empty": med["entry_node_nat"] - med["empty"],
-            "entry_pod_minus_empty": med["entry_pod"] - med["empty"]}
+            "entry_pod_minus_empty": med["entry_pod"] - med["empty"],
+            "egress_pod_side_minus_egress": med["egress_pod_side"] - med["egress"],
+            "pod_end_minus_empty": med["pod_end"] - med["empty"]}
 
 
 def fill(prog, fd: int, n: int, ncpu: int) -> None:
