@@ -14,6 +14,7 @@ attach and detach, forever (bench/k8s.py churn: 19 MB in 30 minutes).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -99,13 +100,26 @@ def check(ipr) -> None:
                     "dropped and memory may grow with pod churn")
 
 
+_seq = itertools.count(2)  # dumps use 1
+
+
 def request(sock: socket.socket, kind: int, body: bytes, what: str) -> tuple[int, bytes]:
     """One request that is answered by one message (no dump): (its type, its payload).
-    An error reply raises OSError naming `what`."""
-    sock.send(HDR.pack(HDR.size + len(body), kind, NLM_F_REQUEST, 1, 0) + body)
-    buf = sock.recv(65536)
-    length, mtype = HDR.unpack_from(buf)[:2]
-    if mtype == NLMSG_ERROR:
-        err = -struct.unpack_from("=i", buf, HDR.size)[0]
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return mtype, buf[HDR.size:length]
+    A reply to anything else (what a dump cut short left on the socket) is skipped by
+    its sequence number: never taken for this one's. An error reply raises OSError
+    naming `what`."""
+    seq = next(_seq) & 0xFFFFFFFF
+    sock.send(HDR.pack(HDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body)
+    while True:
+        buf = sock.recv(1 << 20)
+        off = 0
+        while off + HDR.size <= len(buf):
+            length, mtype, _, got, _ = HDR.unpack_from(buf, off)
+            if length < HDR.size:
+                break
+            if got == seq:
+                if mtype == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", buf, off + HDR.size)[0]
+                    raise OSError(err, f"{what}: {os.strerror(err)}")
+                return mtype, buf[off + HDR.size:off + length]
+            off += (length + 3) & ~3

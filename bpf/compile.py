@@ -31,7 +31,7 @@ PROGRAMS = ("cniflow_ingress", "cniflow_egress", "cniflow_entry", "cniflow_jiffi
 SPARES = PROGRAMS[:3]  # the classifiers, loaded twice (SPARE names the second copy)
 SPARE = "/2"
 MAPS = ("flows_a", "flows_b", "overflow_a", "overflow_b", "slot", "stats", "fill", "metered",
-        "pod_addrs", "entry_overflowed", "pod_side")
+        "pod_addrs", "entry_overflowed", "pod_side", "from_sender")
 # Overflow entries: one per interface, direction and IP version; metered interfaces (and
 # entry points), metered pods' addresses.
 OVERFLOW_SIZE = 16384
@@ -84,8 +84,8 @@ def main() -> int:
         kernel_tree()
         from bcc import BPF
 
-        b = BPF(src_file=str(SOURCE), cflags=cflags(map_size, shared, pin_dir, nat,
-                                                            pod_side))
+        flags = cflags(map_size, shared, pin_dir, nat, pod_side)
+        b = BPF(src_file=str(SOURCE), cflags=flags)
         progs = [b.load_func(name, BPF.SCHED_CLS) for name in PROGRAMS]
         # A second copy of each classifier (the same maps): a hook's chain holds a
         # program once, and moving cniflow's link back to its head puts the other copy

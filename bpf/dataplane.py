@@ -57,15 +57,16 @@ class EbpfDataplane:
         except LoadError as e:  # no headers, a kernel that refuses: one line, exit 2
             raise ConfigError(str(e)) from None
         self.drainer = BatchDrain(self.program, keep=pins is not None)
+        # the pods' ends of their veths (with pins: also to undo an earlier agent's),
+        # before the host sides' links are adopted
+        self.pod_side = PodSide(self.program, pins, cfg.pod_side) \
+            if cfg.pod_side or pins is not None else None
         try:
             self.attacher = Attacher(self.program, cfg.attach, cfg.tc_priority, ipr, cfg.dedup,
                                      pins)
         except AttachError as e:
             self.program.close()
             raise ConfigError(str(e)) from None
-        # the pods' ends of their veths (with pins: also to undo an earlier agent's)
-        self.pod_side = PodSide(self.program, pins, cfg.pod_side) \
-            if cfg.pod_side or pins is not None else None
         # pinned: the journal of flows not yet exported, and what an earlier agent left
         self.restart = Restart(cfg, self.program, self.drainer, self.attacher) if pins else None
         self.failed: dict[int, tuple[float, float]] = {}  # ifindex -> (next try, delay)
@@ -233,6 +234,7 @@ class EbpfDataplane:
 
     @property
     def pod_side_on(self) -> bool:
+        """Pods are metered at their own end of the veth (--pod-side)."""
         return self.pod_side is not None and self.pod_side.enabled
 
     def detach_all(self) -> None:

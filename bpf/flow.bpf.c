@@ -147,8 +147,14 @@ TABLE("hash", struct addr_key, u32, pod_addrs, METERED_SIZE);
 struct pod_end {
     u32 host;
     u32 peer;
+    u8 mac[6];  // the pod side's: a packet a pod forwards for another is not that one's
+    u16 pad;
 };
 TABLE("hash", struct addr_key, struct pod_end, pod_side, METERED_SIZE);
+// Flows (key as the host side's egress would count them) that crossed a pod end's host
+// side from a metered pod of the node: counted at the sender, so not at the pod end, also
+// when their source was rewritten on the way (a hairpin masqueraded by kube-proxy).
+TABLE("lru_hash", struct flow_key, u8, from_sender, OVERFLOW_SIZE);
 
 #ifdef NAT_TYPE
 // Cilium's BPF masquerade map (cilium_snat_v4_external, bpf/lib/nat.h: struct
@@ -575,12 +581,31 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction, int fro
 }
 
 int cniflow_ingress(struct __sk_buff *skb) { return classify(skb, 0, 0); }
+#ifdef POD_SIDE
+// A packet from a metered pod on its way to a pod end: the pod end must not count it.
+static __always_inline void mark_from_sender(struct __sk_buff *skb) {
+    struct flow_key key = {};
+    struct pkt p = {};
+    if (parse_frame(skb, &key, &p) != PARSED)
+        return;
+    key.ifindex = skb->ifindex;
+    key.direction = 1;
+    if (at_pod_end(key.dst, key.ip_version, key.ifindex) && !from_sender.lookup(&key)) {
+        u8 one = 1;
+        from_sender.update(&key, &one);
+    }
+}
+#endif
+
 int cniflow_egress(struct __sk_buff *skb) {
     u32 from = skb->ingress_ifindex;
     if (!from)  // from this host: no entry point nor metered pod saw it
         return classify(skb, 1, 0);
     u32 *m = metered.lookup(&from);
     if (m && *m == METERED_POD) {  // entered through a metered pod: counted there
+#ifdef POD_SIDE
+        mark_from_sender(skb);
+#endif
         stat_inc(STAT_DEDUP);
         return TC_ACT_UNSPEC;
     }
@@ -660,16 +685,26 @@ int cniflow_pod(struct __sk_buff *skb) {
     struct pod_end *e = pod_side.lookup(&a);
     if (!e || e->peer != skb->ifindex)  // not this pod's address: the host side counts it
         return TC_ACT_UNSPEC;
-    u32 host = e->host;
+    struct ethhdr *eth = (void *)(long)skb->data;
+    if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+        return TC_ACT_UNSPEC;
+    u8 other = 0;
+#pragma unroll
+    for (int i = 0; i < 6; i++)
+        other |= eth->h_dest[i] ^ e->mac[i];
+    if (other)  // for another pod, through this one (a router's): its host side counts it
+        return TC_ACT_UNSPEC;
+    key.ifindex = e->host;
+    key.direction = 1;
+    if (from_sender.lookup(&key))  // crossed the host side from a metered pod of the node
+        return TC_ACT_UNSPEC;
     __builtin_memcpy(a.addr, key.src, 16);
     u32 *sender = pod_addrs.lookup(&a);
-    if (sender) {
+    if (sender) {  // one put past the host side: its source says who sent it
         u32 *m = metered.lookup(sender);
         if (m && *m == METERED_POD)  // the host side said so in STAT_DEDUP, if it crossed it
             return TC_ACT_UNSPEC;
     }
-    key.ifindex = host;
-    key.direction = 1;
     count(skb, &key, &p);
     return TC_ACT_UNSPEC;
 }

@@ -19,18 +19,23 @@ A TCX link is made by ifindex in the caller's network namespace: a throwaway thr
 enters the pod's (setns: CAP_SYS_ADMIN, which only daemonset/overlays/pod-side grants),
 makes the link and pins it; the link then works wherever the agent is. The pod's
 namespace is the one whose id here is the host veth's IFLA_LINK_NETNSID, found among
-the named ones (/run/netns) and those only processes hold (/proc: hostPID).
+the named ones (/run/netns: containerd and CRI-O name every pod's) and those of the
+processes the agent may read under /proc.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
+import socket
+import struct
 import threading
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 from agent import netlink, peerns
 from agent.resolve import namespaces
@@ -41,99 +46,131 @@ from bpf.program import addr_key
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000
+SIOCGIFHWADDR = 0x8927
 RETRY_SECONDS = 10.0  # a pod end that could not be attached is tried again after this
+# adopted links no pod claimed are kept this long (pods not yet resolved at a restart)
+ADOPT_GRACE_SECONDS = 30.0
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 class PodEnd(NamedTuple):
     link: int  # the TCX link's fd
     peer: int  # the pod side's ifindex, in the pod's namespace
+    mac: bytes  # the pod side's MAC (b"" for an adopted link not yet claimed)
 
 
-def in_namespace(path: str, make):
-    """make() run by a thread that entered the network namespace at path (setns changes
-    only the calling thread's, and the thread ends with it)."""
+def in_namespace(fd: int, make: Callable[[], T]) -> T:
+    """make() run by a thread that entered the network namespace `fd` refers to (setns
+    changes only the calling thread's, and the thread ends with it)."""
     out: list = []
 
     def run() -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
             out.append(make())
-        except Exception as e:  # raised in the caller's thread
+        except BaseException as e:  # noqa: BLE001  raised in the caller's thread
             out.append(e)
 
     t = threading.Thread(target=run, name="cniflow-setns")
-    t.start()
+    try:
+        t.start()
+    except RuntimeError as e:  # no thread to be had
+        raise OSError(f"setns thread: {e}") from None
     t.join()
-    if isinstance(out[0], Exception):
-        raise out[0]
+    if not out or isinstance(out[0], BaseException):
+        raise OSError(f"in the pod's namespace: {out[0] if out else 'nothing'}")
     return out[0]
+
+
+def link_and_mac(prog: int, index: int) -> tuple[int, bytes]:
+    """In the pod's namespace: a TCX link of prog on the ingress of device `index`, and
+    that device's MAC (what a packet for the pod is sent to)."""
+    mac = _mac(index)
+    return syscall.link_create(prog, index, syscall.TCX_INGRESS, syscall.F_BEFORE), mac
 
 
 class PodSide:
     def __init__(self, program, pins: PinDir | None, enabled: bool) -> None:
+        """Built before the host sides' links are adopted: an agent without --pod-side
+        empties the map first, so its host sides never count beside an earlier agent's
+        pod ends."""
         self.program, self.pins, self.enabled = program, pins, enabled
         self.ends: dict[int, PodEnd] = {}  # host-side ifindex -> its pod end's link
         self.adopted: dict[int, PodEnd] = {}  # pinned by an earlier agent, not yet claimed
-        self.paths: dict[int, str] = {}  # netnsid -> a path of that namespace
+        self.started = time.monotonic()
         self.failed: dict[int, float] = {}  # host-side ifindex -> when to try again
+        self.said: set[int] = set()  # host-side veths whose failure was said
         # the pods' addresses -> host-side ifindex; None until known (the pinned map
         # keeps what an earlier agent wrote meanwhile)
         self.addresses: dict[str, int] | None = None
         self.sock = netlink.route_socket(strict=True)
-        if pins is not None:
-            self._adopt()
         if not enabled:  # an earlier agent's, with --pod-side: the host sides count again
             self.program.pod_side_addresses({})
-            for host in list(self.adopted):
-                self._drop(self.adopted.pop(host), host)
+        if pins is not None:
+            self._adopt()
 
     def _adopt(self) -> None:
         """Take over the pod ends' links an earlier agent pinned (those still on a
-        device run this agent's program from now on); defunct ones are unpinned."""
+        device run this agent's program from now on); defunct ones are unpinned. One
+        that cannot be read is unpinned too: the agent starts whatever it finds."""
         for host, _, path in self.pins.link_pins((POD_HOOK,)):
-            fd = syscall.obj_get(path)
-            _, dev, _ = syscall.link_info(fd)
-            if not dev:  # the pod is gone
-                os.close(fd)
-                os.unlink(path)
+            try:
+                fd = syscall.obj_get(path)
+            except OSError:
                 continue
-            if self.enabled:
-                syscall.link_update(fd, self.program.pod.fd)
-            self.adopted[host] = PodEnd(fd, dev)
+            try:
+                _, dev, _ = syscall.link_info(fd)
+                if dev and self.enabled:
+                    syscall.link_update(fd, self.program.pod.fd)
+            except OSError:
+                dev = 0
+            if dev:
+                self.adopted[host] = PodEnd(fd, dev, b"")
+            else:  # the pod is gone, or going
+                self._drop(PodEnd(fd, 0, b""), host)
         if self.adopted:
             log.info("adopted pinned pod-end links", extra={"links": len(self.adopted)})
+        if not self.enabled:
+            for host in list(self.adopted):
+                self._drop(self.adopted.pop(host), host)
 
     def apply(self, hosts: dict[int, str]) -> None:
         """A link on the pod end of every host-side veth in `hosts` (the metered pods'),
-        none on the others'; adopted links no pod claims, detached."""
+        none on the others'; adopted links no pod claimed within ADOPT_GRACE_SECONDS,
+        detached. What fails is said once a veth and tried again after RETRY_SECONDS."""
         if not self.enabled:
             return
         for host in [h for h in self.ends if h not in hosts]:
             self._drop(self.ends.pop(host), host)
         now = time.monotonic()
         todo = [h for h in hosts if h not in self.ends and self.failed.get(h, 0.0) <= now]
-        peers = peerns.veth_peers(self.sock) if todo or self.adopted else {}
+        try:
+            peers = peerns.veth_peers(self.sock) if todo else {}
+        except OSError as e:
+            log.warning("reading the veths' peers failed", extra={"err": str(e)})
+            return
         for host in todo:
             try:
                 self.ends[host] = self._attach(host, peers.get(host))
                 self.failed.pop(host, None)
+                self.said.discard(host)
             except OSError as e:
                 self.failed[host] = now + RETRY_SECONDS
-                log.warning("attaching to the pod's end of the veth failed: what the CNI "
-                            "delivers past its host side is not counted",
-                            extra={"interface": hosts[host], "err": str(e),
-                                   "retry_in_s": RETRY_SECONDS})
-        for host in list(self.adopted):  # on no wanted veth, or on another device now
-            self._drop(self.adopted.pop(host), host)
+                if host not in self.said:
+                    self.said.add(host)
+                    log.warning("attaching to the pod's end of the veth failed: what the "
+                                "CNI delivers past its host side is not counted",
+                                extra={"interface": hosts[host], "err": str(e),
+                                       "retry_in_s": RETRY_SECONDS})
+        if now - self.started >= ADOPT_GRACE_SECONDS:
+            for host in [h for h in self.adopted if h not in hosts]:
+                self._drop(self.adopted.pop(host), host)
         for host in [h for h in self.failed if h not in hosts]:
             del self.failed[host]
+            self.said.discard(host)
         self._write()
 
     def _attach(self, host: int, peer: tuple[int, int] | None) -> PodEnd:
@@ -141,13 +178,17 @@ class PodSide:
         if peer is None:
             raise OSError("not a veth whose peer is in another namespace")
         nsid, index = peer
-        old = self.adopted.pop(host, None)
-        if old is not None:
-            if old.peer == index:
-                return old
-            self._drop(old, host)
-        link = in_namespace(self._path(nsid), lambda: syscall.link_create(
-            self.program.pod.fd, index, syscall.TCX_INGRESS, syscall.F_BEFORE))
+        fd = self._open(nsid)
+        try:
+            old = self.adopted.pop(host, None)
+            if old is not None and old.peer == index:
+                mac = in_namespace(fd, lambda: _mac(index))
+                return old._replace(mac=mac)
+            if old is not None:
+                self._drop(old, host)
+            link, mac = in_namespace(fd, lambda: link_and_mac(self.program.pod.fd, index))
+        finally:
+            os.close(fd)
         if self.pins is not None:
             try:
                 self.pins.pin_link(link, host, POD_HOOK)
@@ -158,37 +199,26 @@ class PodSide:
                 raise
         log.info("attached at the pod's end of the veth", extra={"ifindex": host,
                                                                   "peer": index})
-        return PodEnd(link, index)
+        return PodEnd(link, index, mac)
 
-    def _path(self, nsid: int) -> str:
-        """A path of the namespace with this id: the one found before if it still is
-        that namespace, else the first of the named ones, then of the processes', that
-        is (every id read on the way kept)."""
-        path = self.paths.get(nsid)
-        if path is not None and self._nsid(path) == nsid:
-            return path
-        self.paths = {}
+    def _open(self, nsid: int) -> int:
+        """An fd of the network namespace whose id here is nsid, checked on that very fd
+        (a /proc/PID path may be another process's by the time it is opened again): the
+        named ones first (/run/netns), then those processes hold."""
         for path in namespaces().values():
-            found = self._nsid(path)
-            if found >= 0:
-                self.paths.setdefault(found, path)
-            if found == nsid:
-                return path
-        raise OSError(f"no path to the pod's network namespace (netnsid {nsid}) under "
-                      "/run/netns or /proc (the DaemonSet needs hostPID, or the "
-                      "runtime's named namespaces mounted)")
-
-    def _nsid(self, path: str) -> int:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return -1
-        try:
-            return peerns.nsid(self.sock, fd)
-        except OSError:
-            return -1
-        finally:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if peerns.nsid(self.sock, fd) == nsid:
+                    return fd
+            except OSError:
+                pass
             os.close(fd)
+        raise OSError(f"no path to the pod's network namespace (netnsid {nsid}) under "
+                      "/run/netns (or /proc, for the namespaces of processes the agent "
+                      "may read)")
 
     def pod_addresses(self, addresses: dict[str, int]) -> None:
         """The metered pods' addresses (address -> host-side ifindex): those of pods
@@ -200,26 +230,32 @@ class PodSide:
         """The pod_side map: the addresses of the pods whose end is attached."""
         if self.enabled and self.addresses is not None:
             self.program.pod_side_addresses({
-                addr_key(ip): (host, self.ends[host].peer)
+                addr_key(ip): (host, self.ends[host].peer, self.ends[host].mac)
                 for ip, host in self.addresses.items() if host in self.ends})
 
     def _drop(self, end: PodEnd, host: int) -> None:
         """A pod end no longer in self.ends: its entries out of the map first (its host
-        side counts again), then its link detached and unpinned."""
-        self._write()
-        if self.pins is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.pins.link_path(host, POD_HOOK))
+        side counts again), then its link detached and unpinned, whatever fails."""
         try:
-            syscall.link_detach(end.link)
-        except OSError:  # the pod and its device are gone: the link with them
-            pass
+            self.program.pod_side_without(host)
+            if self.pins is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.pins.link_path(host, POD_HOOK))
+        except OSError as e:
+            log.warning("removing a pod end's entries or pin failed",
+                        extra={"ifindex": host, "err": str(e)})
         finally:
-            os.close(end.link)
+            try:
+                syscall.link_detach(end.link)
+            except OSError:  # the pod and its device are gone: the link with them
+                pass
+            finally:
+                os.close(end.link)
 
     def detach_all(self) -> None:
-        for host in list(self.ends):
-            self._drop(self.ends.pop(host), host)
+        for ends in (self.ends, self.adopted):
+            for host in list(ends):
+                self._drop(ends.pop(host), host)
 
     def release(self) -> None:
         """Hand over: links, pins and entries stay for the next agent."""
@@ -230,3 +266,11 @@ class PodSide:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _mac(index: int) -> bytes:
+    """The MAC of device `index` of the calling thread's namespace."""
+    name = socket.if_indextoname(index)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        raw = fcntl.ioctl(s, SIOCGIFHWADDR, struct.pack("256s", name.encode()[:15]))
+    return raw[18:24]

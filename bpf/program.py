@@ -56,7 +56,8 @@ def expected_maps(map_size: int, shared: bool) -> dict[str, tuple[int, int, int,
             "metered": (syscall.MAP_HASH, 4, 4, METERED_SIZE),
             "pod_addrs": (syscall.MAP_HASH, 20, 4, METERED_SIZE),
             "entry_overflowed": (syscall.MAP_LRU_HASH, 48, 1, OVERFLOW_SIZE),
-            "pod_side": (syscall.MAP_HASH, 20, 8, METERED_SIZE)}
+            "pod_side": (syscall.MAP_HASH, 20, 16, METERED_SIZE),
+            "from_sender": (syscall.MAP_LRU_HASH, 48, 1, OVERFLOW_SIZE)}
 
 
 class FlowProgram:
@@ -170,12 +171,23 @@ class FlowProgram:
             k: struct.pack("<I", i) for k, i in want.items()},
             "packets for the rest of the pods are not counted at entry points", 4)
 
-    def pod_side_addresses(self, want: dict[bytes, tuple[int, int]]) -> None:
+    def pod_side_addresses(self, want: dict[bytes, tuple[int, int, bytes]]) -> None:
         """Make pod_side hold exactly `want` (addr_key -> (host-side ifindex, pod-side
-        ifindex)): the pods counted at their end of the veth (bpf/podside.py)."""
+        ifindex, pod-side MAC)): the pods counted at their end of the veth
+        (bpf/podside.py)."""
         self.pod_ends = self._sync(self._pod_side, "pod_side", self.pod_ends, {
-            k: struct.pack("<II", *v) for k, v in want.items()},
-            "the rest of the pods are counted at their host side", 8)
+            k: struct.pack("<II6sxx", *v) for k, v in want.items()},
+            "the rest of the pods are counted at their host side", 16)
+
+    def pod_side_without(self, host: int) -> None:
+        """pod_side's entries for one host-side veth out (whatever else it holds)."""
+        if self.pod_ends is None:
+            self.pod_ends = dict(syscall.lookup_batch(self._pod_side, ADDR_KEY_SIZE, 16,
+                                                      METERED_SIZE))
+        for key in [k for k, v in self.pod_ends.items()
+                    if struct.unpack_from("<I", v)[0] == host]:
+            syscall.delete(self._pod_side, key)
+            del self.pod_ends[key]
 
     def _sync(self, fd: int, name: str, have: dict[bytes, bytes] | None,
               want: dict[bytes, bytes], lost: str, size: int) -> dict[bytes, bytes]:

@@ -73,8 +73,9 @@ def total(rows: list[dict]) -> tuple[int, int]:
 def run_layout(layout: str, dedup: bool, entry: str = "auto", pod_side: bool = False,
                nodeport: bool = False) -> tuple[netlab.Node, list[dict], dict]:
     """nodeport (Cilium): the remote also sends 7 datagrams of 80 octets to the node's
-    uplink address, port 30080, which Cilium DNATs to db, port 9007, and the node itself
-    2 of 90 to db, port 9008 (as kubelet's probes: through db's veth)."""
+    uplink address, port 30080, which Cilium DNATs to db, port 9007, the node itself
+    2 of 90 to db, port 9008 (as kubelet's probes: through db's veth), and web 4 of 60
+    to the node's port 30081, which iptables DNATs to db and masquerades (a hairpin)."""
     prefix = f"cn{layout[0]}{int(dedup)}{entry[1]}{'p' if pod_side else ''}"
     node = netlab.up(prefix, 4, layout=layout, unnamed=(2,), net1=(0,), remote=True)
     server = FakeApiServer(node.netns)
@@ -118,6 +119,16 @@ def run_layout(layout: str, dedup: bool, entry: str = "auto", pod_side: bool = F
                 node.datapath.nodeport(f"10.{node.subnet}.200.1", 30080, db.ipv4, 9007)
                 send(node.in_remote(""), f"10.{node.subnet}.200.1", 30080, 7, 80)
                 send(node.exec(""), db.ipv4, 9008, 2, 90)  # from the node: through the veth
+                # web to the node's 30081, DNAT'ed to db and masqueraded by iptables (a
+                # hairpin): counted at web's veth only, as db's ICMP errors back to web
+                sub = node.subnet
+                for rule in (f"PREROUTING -d 10.{sub}.200.1 -p udp --dport 30081 -j DNAT "
+                             f"--to-destination {db.ipv4}:9009",
+                             f"POSTROUTING -d {db.ipv4} -p udp --dport 9009 -j MASQUERADE"):
+                    subprocess.run(node.exec(f"iptables -t nat -A {rule}").split(), check=True)
+                subprocess.run(node.in_pod(1, "iptables -A OUTPUT -p icmp --icmp-type "
+                                              "port-unreachable -j DROP").split(), check=True)
+                send(node.in_pod(0, ""), f"10.{sub}.200.1", 30081, 4, 60)
             ping(node, 1, web.ipv4, 3)                              # both ways
             time.sleep(2.5)
             if layout == "cilium" and entry == "off":  # what came from the remote and the
@@ -522,10 +533,16 @@ def test_a_nodeport_to_a_local_pod_is_counted_at_the_pods_end(pod_side):
     (r,) = flows(rows, destinationTransportPort=9000)  # pod to pod: once, at the sender's
     assert (r["flowDirection"], r["ingressInterface"], r["egressInterface"]) == (
         0, idx[web.host_if], idx[db.host_if])
+    # the hairpin: once, at web's veth, as web sent it, though db got it from the node's
+    # address (db answers with no port unreachables here: their number is rate-limited)
+    assert total(flows(rows, destinationTransportPort=30081)) == (4, 4 * 88)
+    assert total(flows(rows, destinationTransportPort=9009)) == (0, 0)
+    hairpin = {db.ipv4: 4}  # db received web's datagrams from the node's address
     for i, p in enumerate((web, db, job)):  # what each pod's end received, once
         got = [r for r in rows if p.ipv4 == r.get("destinationIPv4Address") or
                p.ipv6 == r.get("destinationIPv6Address")]
-        assert sum(r["packetDeltaCount"] for r in got) == x["pod_rx"][i], p.host_if
+        assert sum(r["packetDeltaCount"] for r in got) + hairpin.get(p.ipv4, 0) == \
+            x["pod_rx"][i], p.host_if
     assert m[DB_RECEIVED] == 10 + 5 + 6 + 8 + 3 + 7 + 2
 
 

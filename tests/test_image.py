@@ -220,6 +220,9 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, 
         assert int(col["CapPrm"], 16) == 0
         subprocess.run(lab.in_pod(0, f"ping -c 5 -i 0.2 -q {db.ipv4}").split(),
                        stdout=subprocess.DEVNULL, check=True)
+        # from the node (kubelet's probes' way): at db's host side, or its own end
+        subprocess.run(lab.exec(f"ping -c 3 -i 0.2 -q {db.ipv4}").split(),
+                       stdout=subprocess.DEVNULL, check=True)
         out = records / "records.jsonl"
 
         def echo() -> list[dict]:
@@ -228,6 +231,14 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, 
                     and r.get("interfaceName") == web.host_if]
 
         assert wait_for(lambda: echo(), 20), log.read_text()
+
+        def probes() -> list[dict]:
+            rows = [json.loads(x) for x in out.read_text().splitlines()]
+            return [r for r in rows if r.get("icmpTypeCodeIPv4") == 0x0800
+                    and r.get("destinationIPv4Address") == db.ipv4
+                    and r.get("sourcePodName", "") == ""]
+
+        assert wait_for(lambda: sum(r["packetDeltaCount"] for r in probes()) >= 3, 20)
         metrics = subprocess.run(lab.exec("curl -s 127.0.0.1:9477/metrics").split(),
                                  capture_output=True, text=True).stdout
         assert f"cniflow_netns_lookup_enabled {float(pod_side)}" in metrics
@@ -242,6 +253,8 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, 
     assert ("no CAP_SYS_ADMIN" in log.read_text()) != pod_side
     assert [(r["sourcePodName"], r["destinationPodName"], r["packetDeltaCount"],
              r["octetDeltaCount"]) for r in echo()] == [("web", "db", 5, 5 * 84)]
+    assert [(r["interfaceName"], r["flowDirection"], r["destinationPodName"],
+             r["packetDeltaCount"]) for r in probes()] == [(db.host_if, 1, "db", 3)]
 
 
 @pytest.mark.parametrize("cap", ["BPF", "NET_ADMIN", "PERFMON"])
