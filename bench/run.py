@@ -174,7 +174,7 @@ def program_ns(rounds: int) -> dict:
     # not leave to a pod end; a pod end (here the loopback, ifindex 1) counts a packet
     # for its pod's address
     side = FlowProgram(65536, pod_side=True)
-    side.pod_side_addresses({addr_key("10.77.0.2"): (7, 1)})
+    side.pod_side_addresses({addr_key("10.77.0.2"): (7, 1, b"\x02" * 6)})  # the frame's MAC
     runs["egress"] = (entry.egress.fd, frame)
     runs["egress_pod_side"] = (side.egress.fd, frame)
     runs["pod_end"] = (side.pod.fd, runs["entry_pod"][1])
