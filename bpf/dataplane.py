@@ -174,13 +174,13 @@ class EbpfDataplane:
         """The metered pods' addresses (address -> host interface), for the entry points:
         those of pods whose interface is attached now."""
         pods = self.attached
+        attached = {ip: i for ip, i in addresses.items() if i in pods}
         if self.pod_side is not None:
-            self.pod_side.pod_addresses({ip: i for ip, i in addresses.items() if i in pods})
+            self.pod_side.pod_addresses(attached)
         if self.entries.setting == "off" and not self.pod_side_on:
             return  # pod_addrs: for entry points, and for the pod ends' dedup
         self.masquerade.refresh(self.program)
-        self.program.pod_addresses({addr_key(ip): i for ip, i in addresses.items()
-                                    if i in pods})
+        self.program.pod_addresses({addr_key(ip): i for ip, i in attached.items()})
 
     def check_past_hook(self) -> None:
         """At a reconcile, now and then (pods known: bpf/pasthook.py)."""

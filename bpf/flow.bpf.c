@@ -550,12 +550,23 @@ static __always_inline int counted_at_entry(struct flow_key *key) {
     return seen;
 }
 
+// The key of the packet's destination address in pod_addrs and pod_side.
+static __always_inline void dst_key(struct addr_key *a, const struct flow_key *key) {
+    a->ip_version = key->ip_version;
+    __builtin_memcpy(a->addr, key->dst, 16);
+}
+
 // The pod end of the veth `host` counts packets for this address (POD_SIDE).
-static __always_inline int at_pod_end(const u8 *dst, u8 ip_version, u32 host) {
-    struct addr_key a = {.ip_version = ip_version};
-    __builtin_memcpy(a.addr, dst, 16);
-    struct pod_end *e = pod_side.lookup(&a);
+static __always_inline int at_pod_end(const struct addr_key *a, u32 host) {
+    struct pod_end *e = pod_side.lookup(a);
     return e && e->host == host;
+}
+
+// The pod end of the veth `host` counts packets for the key's destination (POD_SIDE).
+static __always_inline int to_pod_end(const struct flow_key *key, u32 host) {
+    struct addr_key a = {};
+    dst_key(&a, key);
+    return at_pod_end(&a, host);
 }
 
 static __always_inline int classify(struct __sk_buff *skb, u8 direction, int from_entry) {
@@ -569,7 +580,7 @@ static __always_inline int classify(struct __sk_buff *skb, u8 direction, int fro
     key.ifindex = skb->ifindex;
     key.direction = direction;
 #ifdef POD_SIDE
-    if (direction == 1 && at_pod_end(key.dst, key.ip_version, key.ifindex))
+    if (direction == 1 && to_pod_end(&key, key.ifindex))
         return TC_ACT_UNSPEC;  // counted at the pod's end of the veth
 #endif
     if (from_entry && counted_at_entry(&key)) {
@@ -590,7 +601,7 @@ static __always_inline void mark_from_sender(struct __sk_buff *skb) {
         return;
     key.ifindex = skb->ifindex;
     key.direction = 1;
-    if (at_pod_end(key.dst, key.ip_version, key.ifindex) && !from_sender.lookup(&key)) {
+    if (to_pod_end(&key, key.ifindex) && !from_sender.lookup(&key)) {
         u8 one = 1;
         from_sender.update(&key, &one);
     }
@@ -647,10 +658,10 @@ static __always_inline u32 *masqueraded(struct flow_key *key, struct addr_key *a
 int cniflow_entry(struct __sk_buff *skb) {
     struct flow_key key = {};
     struct pkt p = {};
+    struct addr_key a = {};
     if (parse_frame(skb, &key, &p) != PARSED)
         return TC_ACT_UNSPEC;
-    struct addr_key a = {.ip_version = key.ip_version};
-    __builtin_memcpy(a.addr, key.dst, 16);
+    dst_key(&a, &key);
     u32 *veth = pod_addrs.lookup(&a);
 #ifdef NAT_TYPE
     if (!veth)
@@ -659,7 +670,7 @@ int cniflow_entry(struct __sk_buff *skb) {
     if (!veth)
         return TC_ACT_UNSPEC;
 #ifdef POD_SIDE
-    if (at_pod_end(a.addr, key.ip_version, *veth))  // the pod's address (masqueraded: too)
+    if (at_pod_end(&a, *veth))  // the pod's address (masqueraded: too)
         return TC_ACT_UNSPEC;                        // counted at the pod's end of the veth
 #endif
     key.ifindex = *veth;
@@ -678,10 +689,10 @@ int cniflow_entry(struct __sk_buff *skb) {
 int cniflow_pod(struct __sk_buff *skb) {
     struct flow_key key = {};
     struct pkt p = {};
+    struct addr_key a = {};
     if (parse_frame(skb, &key, &p) != PARSED)
         return TC_ACT_UNSPEC;
-    struct addr_key a = {.ip_version = key.ip_version};
-    __builtin_memcpy(a.addr, key.dst, 16);
+    dst_key(&a, &key);
     struct pod_end *e = pod_side.lookup(&a);
     if (!e || e->peer != skb->ifindex)  // not this pod's address: the host side counts it
         return TC_ACT_UNSPEC;

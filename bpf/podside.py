@@ -85,11 +85,16 @@ def in_namespace(fd: int, make: Callable[[], T]) -> T:
     return out[0]
 
 
-def link_and_mac(prog: int, index: int) -> tuple[int, bytes]:
-    """In the pod's namespace: a TCX link of prog on the ingress of device `index`, and
-    that device's MAC (what a packet for the pod is sent to)."""
-    mac = _mac(index)
-    return syscall.link_create(prog, index, syscall.TCX_INGRESS, syscall.F_BEFORE), mac
+def link_and_mac(prog: int | None, index: int) -> tuple[int | None, bytes]:
+    """In the pod's namespace: a TCX link of prog on the ingress of device `index` (none
+    without prog: an adopted one is there), and that device's MAC (what a packet for the
+    pod is sent to)."""
+    name = socket.if_indextoname(index)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        raw = fcntl.ioctl(s, SIOCGIFHWADDR, struct.pack("256s", name.encode()[:15]))
+    link = None if prog is None else syscall.link_create(prog, index, syscall.TCX_INGRESS,
+                                                         syscall.F_BEFORE)
+    return link, raw[18:24]
 
 
 class PodSide:
@@ -181,12 +186,13 @@ class PodSide:
         fd = self._open(nsid)
         try:
             old = self.adopted.pop(host, None)
-            if old is not None and old.peer == index:
-                mac = in_namespace(fd, lambda: _mac(index))
-                return old._replace(mac=mac)
-            if old is not None:
+            if old is not None and old.peer != index:
                 self._drop(old, host)
-            link, mac = in_namespace(fd, lambda: link_and_mac(self.program.pod.fd, index))
+                old = None
+            prog = self.program.pod.fd if old is None else None
+            link, mac = in_namespace(fd, lambda: link_and_mac(prog, index))
+            if old is not None:
+                return old._replace(mac=mac)
         finally:
             os.close(fd)
         if self.pins is not None:
@@ -267,10 +273,3 @@ class PodSide:
     def close(self) -> None:
         self.sock.close()
 
-
-def _mac(index: int) -> bytes:
-    """The MAC of device `index` of the calling thread's namespace."""
-    name = socket.if_indextoname(index)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        raw = fcntl.ioctl(s, SIOCGIFHWADDR, struct.pack("256s", name.encode()[:15]))
-    return raw[18:24]

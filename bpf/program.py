@@ -182,8 +182,7 @@ class FlowProgram:
     def pod_side_without(self, host: int) -> None:
         """pod_side's entries for one host-side veth out (whatever else it holds)."""
         if self.pod_ends is None:
-            self.pod_ends = dict(syscall.lookup_batch(self._pod_side, ADDR_KEY_SIZE, 16,
-                                                      METERED_SIZE))
+            self.pod_ends = _read(self._pod_side, 16)
         for key in [k for k, v in self.pod_ends.items()
                     if struct.unpack_from("<I", v)[0] == host]:
             syscall.delete(self._pod_side, key)
@@ -194,7 +193,7 @@ class FlowProgram:
         """What changed written one entry at a time (pods come and go a few a second),
         removals first; `have` None: read from the map (pinned: an earlier agent's)."""
         if have is None:
-            have = dict(syscall.lookup_batch(fd, ADDR_KEY_SIZE, size, METERED_SIZE))
+            have = _read(fd, size)
         for key in [k for k in have if k not in want]:
             syscall.delete(fd, key)
             del have[key]
@@ -242,3 +241,8 @@ class FlowProgram:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def _read(fd: int, value_size: int) -> dict[bytes, bytes]:
+    """An address map's entries (pod_addrs, pod_side): a pinned one's, an earlier agent's."""
+    return dict(syscall.lookup_batch(fd, ADDR_KEY_SIZE, value_size, METERED_SIZE))

@@ -201,3 +201,17 @@ def txring(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bin") / "txring"
     subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / "txring.c")], check=True)
     return out
+
+
+@contextlib.contextmanager
+def own_bpffs(name: str):
+    """A bpffs of the test's own at /run/cniflow-lab/NAME (outside /sys, which `ip netns
+    exec` replaces): no test adopts another's pins. Yields its path."""
+    fs = Path(f"/run/cniflow-lab/{name}")
+    fs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
+    try:
+        yield fs
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)
+        fs.rmdir()

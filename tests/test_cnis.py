@@ -20,7 +20,7 @@ import cnilab  # also registers the Cilium datapath stand-in for netlab.up
 import netlab
 import oracles
 import pytest
-from conftest import CNIFLOW, agent, tcx_programs, wait_for
+from conftest import CNIFLOW, agent, own_bpffs, tcx_programs, wait_for
 from fakeapi import FakeApiServer
 from test_collector import RunningCollector
 from test_counting import ifindex_of
@@ -552,22 +552,18 @@ def cilium_with_nodeport(prefix: str):
     UDP) to db and a bpffs of its own: (node, the agent's arguments, pin path)."""
     node = netlab.up(prefix, 2, layout="cilium", remote=True)
     server = FakeApiServer(node.netns)
-    fs = Path(f"/run/cniflow-lab/{prefix}-pins")
-    fs.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
     try:
         server.namespace("shop", {"cniflow.io/export": "true"})
         for name, pod in zip(("web", "db"), node.pods, strict=True):
             server.pod("shop", name, NODE, [pod.ipv4, pod.ipv6])
         node.datapath.nodeport(f"10.{node.subnet}.200.1", 30080, node.pods[1].ipv4, 9007)
         kubeconfig = server.kubeconfig(Path(f"/tmp/{prefix}-kubeconfig"))
-        yield node, ["--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-                     "--idle-timeout", "1", "--cilium-endpoints", node.lxc_map], \
-            str(fs / "cniflow")
+        with own_bpffs(f"{prefix}-pins") as fs:
+            yield node, ["--kubernetes", "--node-name", NODE, "--kubeconfig",
+                         str(kubeconfig), "--idle-timeout", "1", "--cilium-endpoints",
+                         node.lxc_map], str(fs / "cniflow")
     finally:
         server.stop()
-        subprocess.run(["umount", str(fs)], check=False)
-        fs.rmdir()
         netlab.down(prefix)
 
 

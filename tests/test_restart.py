@@ -15,7 +15,7 @@ import netlab
 import numpy as np
 import oracles
 import pytest
-from conftest import agent, tcx_programs, wait_for
+from conftest import agent, own_bpffs, tcx_programs, wait_for
 from test_collector import RunningCollector
 from test_counting import ifindex_of, ingress_totals, settled
 from test_metering import PY, pin_neighbours, quiet
@@ -44,14 +44,10 @@ def lab():
     `ip netns exec` replaces): no test adopts another's pins."""
     prefix = f"rst{os.getpid() % 1000}{next(_ids)}"
     node = netlab.up(prefix, 2)
-    fs = Path(f"/run/cniflow-lab/{prefix}-pins")
-    fs.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
     try:
-        yield node, str(fs / "cniflow")
+        with own_bpffs(f"{prefix}-pins") as fs:
+            yield node, str(fs / "cniflow")
     finally:
-        subprocess.run(["umount", str(fs)], check=False)
-        fs.rmdir()
         netlab.down(prefix)
 
 
@@ -373,14 +369,8 @@ def test_the_journal_recovers_a_committed_poll_exactly(lab):
 @pytest.fixture
 def pinfs():
     """A bpffs of the test's own, no namespaces: the journal's maps alone."""
-    fs = Path(f"/run/cniflow-lab/jr2{os.getpid() % 1000}{next(_ids)}-pins")
-    fs.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
-    try:
+    with own_bpffs(f"jr2{os.getpid() % 1000}{next(_ids)}-pins") as fs:
         yield str(fs / "cniflow")
-    finally:
-        subprocess.run(["umount", str(fs)], check=False)
-        fs.rmdir()
 
 
 def _rows(ports, direction, now, rng):
