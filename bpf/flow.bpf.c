@@ -670,8 +670,8 @@ int cniflow_entry(struct __sk_buff *skb) {
     if (!veth)
         return TC_ACT_UNSPEC;
 #ifdef POD_SIDE
-    if (at_pod_end(&a, *veth))  // the pod's address (masqueraded: too)
-        return TC_ACT_UNSPEC;                        // counted at the pod's end of the veth
+    if (at_pod_end(&a, *veth))  // the pod's address (masqueraded: too): counted at the
+        return TC_ACT_UNSPEC;   // pod's end of the veth
 #endif
     key.ifindex = *veth;
     key.direction = DIR_ENTRY;
