@@ -48,20 +48,40 @@ def by_key(records) -> dict:
 
 
 def pin_neighbours(node, pod: int) -> None:
-    """Permanent neighbour entries between a routed pod and its node: no ARP, no NUD."""
+    """Permanent neighbour entries between a pod and its node, and on a bridge between
+    the pod and every other pod: no ARP, no NUD (a probe's timing would decide whether
+    it falls in a test's counts)."""
     p = node.pods[pod]
 
     def mac(cmd: str) -> str:
         out = subprocess.run(cmd, shell=True, capture_output=True, text=True, check=True).stdout
         return out.split("link/ether ")[1].split()[0]
 
+    def link_local(cmd: str) -> str:
+        out = subprocess.run(cmd, shell=True, capture_output=True, text=True, check=True).stdout
+        return out.split("inet6 ")[1].split("/")[0]
+
     pod_mac = mac(node.in_pod(pod, "ip -o link show eth0"))
-    host_mac = mac(node.exec(f"ip -o link show {p.host_if}"))
-    for addr in (p.ipv4, p.ipv6):
-        subprocess.run(node.exec(f"ip neigh replace {addr} lladdr {pod_mac} dev {p.host_if} "
+    if node.layout == "bridged":  # the bridge's addresses are the gateway's
+        gateway = node.bridge
+        bridge_ll = link_local(node.exec(f"ip -o -6 addr show dev {gateway} scope link"))
+        gateways = (f"10.{node.subnet}.0.1", f"fd00:{node.subnet}::1", bridge_ll)
+        pod_ll = link_local(node.in_pod(pod, "ip -o -6 addr show dev eth0 scope link"))
+        mine = (p.ipv4, p.ipv6, pod_ll)
+    else:
+        gateway, gateways, mine = p.host_if, ("169.254.1.1", "fe80::1"), (p.ipv4, p.ipv6)
+    host_mac = mac(node.exec(f"ip -o link show {gateway}"))
+    for addr in mine:
+        subprocess.run(node.exec(f"ip neigh replace {addr} lladdr {pod_mac} dev {gateway} "
                                  "nud permanent"), shell=True, check=True)
-    for addr in ("169.254.1.1", "fe80::1"):
-        subprocess.run(node.in_pod(pod, f"ip neigh replace {addr} lladdr {host_mac} dev eth0 "
+    peers = [(addr, host_mac) for addr in gateways]
+    if node.layout == "bridged":
+        for i, other in enumerate(node.pods):
+            if i != pod:
+                other_mac = mac(node.in_pod(i, "ip -o link show eth0"))
+                peers += [(other.ipv4, other_mac), (other.ipv6, other_mac)]
+    for addr, lladdr in peers:
+        subprocess.run(node.in_pod(pod, f"ip neigh replace {addr} lladdr {lladdr} dev eth0 "
                                         "nud permanent"), shell=True, check=True)
 
 
