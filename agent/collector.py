@@ -28,6 +28,7 @@ from agent.jsonlines import Lines, encode, warm
 from agent.logs import Bounded
 from agent.outputs import OutputGone
 from agent.stopping import Stop
+from bpf import caps
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class CollectorMetrics:
         self.sequence_gaps = Counter("cniflow_collector_sequence_gaps",
                                      "Messages whose sequence number was not the expected one",
                                      registry=r)
+        self.receive_buffer = Gauge(
+            "cniflow_collector_receive_buffer_bytes",
+            "Octets of datagrams the UDP socket holds while the collector is busy "
+            "(--receive-buffer, or less: net.core.rmem_max)", registry=r,
+            multiprocess_mode="min")
         self.socket_drops = Gauge("cniflow_collector_socket_drops",
                                   "Datagrams the kernel dropped on the UDP socket "
                                   "(from /proc/net/udp)", registry=r, multiprocess_mode="livesum")
@@ -218,8 +224,8 @@ class Collector:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         if self.cfg.workers > 1:  # the kernel hashes each exporter to one worker
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         sock.bind((host, port))
+        self.metrics.receive_buffer.set(receive_buffer(sock, self.cfg.receive_buffer))
         sock.setblocking(False)
         log.info("collector listening", extra={"listen": self.cfg.listen, "transport": "udp"})
         failed: list[BaseException] = []
@@ -364,6 +370,37 @@ class Collector:
             conn.close()
             with self.lock:
                 self.decoder.forget(exporter)  # templates die with the connection
+
+
+SO_RCVBUFFORCE = 33  # linux/asm-generic/socket.h: SO_RCVBUF past net.core.rmem_max
+
+
+def receive_buffer(sock: socket.socket, want: int) -> int:
+    """The socket's receive buffer: SO_RCVBUF, which the kernel silently caps at
+    net.core.rmem_max (212,992 octets on most distributions, where a poll's burst of
+    some thousand datagrams from the agent overflows it even with the collector
+    reading), or SO_RCVBUFFORCE past that cap where CAP_NET_ADMIN is permitted (the
+    DaemonSet grants it): raised for this call, then given up (a collector that
+    parses what any local process sends keeps no capability). Returns what the socket
+    got for data (the kernel doubles the size for its overhead: half of what it
+    reports), and says so when it is less than asked."""
+    before = caps.effective()
+    try:
+        caps.raise_permitted()
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, want)
+    except OSError:  # no CAP_NET_ADMIN: capped at net.core.rmem_max
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+    finally:
+        raised = caps.effective() & ~before
+        if raised:
+            caps.set_effective(before, drop=raised)
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    if got < want:
+        log.warning("the UDP receive buffer is smaller than asked: a burst of datagrams "
+                    "beyond it is dropped (cniflow_collector_socket_drops); grant the "
+                    "collector CAP_NET_ADMIN or raise net.core.rmem_max",
+                    extra={"asked": want, "got": got})
+    return got
 
 
 def udp_drops(inode: int) -> int:

@@ -493,6 +493,11 @@ class CollectorConfig:
         metadata={"parse": _kafka_options, "many": True, "help":
                   "with kafka://: any librdkafka setting, KEY=VALUE (repeatable), e.g. "
                   "acks=all"})
+    receive_buffer: int = field(
+        default=8 << 20, metadata={"parse": _ranged(1 << 16, 1 << 30), "help":
+                                   "UDP: octets of datagrams the socket holds while the "
+                                   "collector is busy (past net.core.rmem_max with "
+                                   "CAP_NET_ADMIN)"})
     workers: int = field(
         default=1, metadata={"parse": _ranged(1, 64), "help":
                              "receiving processes (SO_REUSEPORT); each exporter's records stay "

@@ -45,6 +45,11 @@ def _sets() -> dict[str, int]:
     return out
 
 
+def effective() -> int:
+    """The effective set, a mask of capability numbers."""
+    return _sets()["eff"]
+
+
 def has(name: str) -> bool:
     """The capability is in the effective set now."""
     return bool(_sets()["eff"] >> CAPS[name] & 1)
@@ -54,12 +59,21 @@ def raise_permitted() -> None:
     """Make every permitted capability effective (file capabilities without the effective
     bit leave them permitted only); a process already effective is left alone."""
     s = _sets()
-    if s["prm"] & ~s["eff"] == 0:
-        return
+    if s["prm"] & ~s["eff"]:
+        set_effective(s["prm"])
+
+
+def set_effective(eff: int, drop: int = 0) -> None:
+    """The effective set as given (a mask of capability numbers; within the permitted
+    set), and `drop` gone from the permitted set for good: what raise_permitted() raised
+    for one call is lowered again, or given up."""
+    s = _sets()
+    s["prm"] &= ~drop
     header = (ctypes.c_uint32 * 2)(_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words
     for i in range(2):
-        data[3 * i] = data[3 * i + 1] = (s["prm"] >> (32 * i)) & 0xFFFFFFFF
+        data[3 * i] = (eff >> (32 * i)) & 0xFFFFFFFF
+        data[3 * i + 1] = (s["prm"] >> (32 * i)) & 0xFFFFFFFF
         data[3 * i + 2] = (s["inh"] >> (32 * i)) & 0xFFFFFFFF
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if libc.capset(header, data) != 0:

@@ -123,6 +123,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
+import urllib.request  # noqa: E402
 
 import netlab  # noqa: E402
 import numpy as np  # noqa: E402
@@ -926,6 +927,49 @@ def test_datagrams_the_kernel_drops_are_counted(node):
     collector.proc.send_signal(signal.SIGCONT)
     assert wait_for(lambda: collector.metrics().get("cniflow_collector_socket_drops", 0) > 0, 15)
     collector.stop()
+
+
+@pytest.mark.root
+def test_the_receive_buffer_passes_rmem_max_with_net_admin_and_says_so_without(tmp_path):
+    """--receive-buffer four times net.core.rmem_max (212,992 octets on most nodes, where
+    a poll's burst from the agent overflows the socket): with CAP_NET_ADMIN the socket
+    gets all of it (SO_RCVBUFFORCE), as the kernel's own count of the socket (ss) says;
+    without it (a bounding set without NET_ADMIN) the kernel caps it at rmem_max, and the
+    collector says so in its log and its metric."""
+    from broker import free_port
+
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    want = 4 * rmem_max
+    no_net_admin = ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"]
+    for prefix, got in (([], want), (no_net_admin, rmem_max)):
+        port, metrics_port = free_port(), free_port()
+        log = tmp_path / f"log{len(prefix)}"
+        proc = subprocess.Popen(
+            [*prefix, str(CNIFLOW), "collector", "--listen", f"127.0.0.1:{port}", "--output",
+             str(tmp_path / "out.jsonl"), "--metrics-address", f"127.0.0.1:{metrics_port}",
+             "--receive-buffer", str(want)], stderr=log.open("w"))
+        try:
+            def metric(metrics_port: int = metrics_port) -> float | None:
+                try:
+                    text = urllib.request.urlopen(
+                        f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).read().decode()
+                except OSError:
+                    return None
+                for line in text.splitlines():
+                    if line.startswith("cniflow_collector_receive_buffer_bytes "):
+                        return float(line.split()[1])
+                return None
+
+            assert wait_for(lambda: metric() is not None, 15), log.read_text()
+            assert metric() == got
+            ss = subprocess.run(["ss", "-lumnH", f"sport = :{port}"], capture_output=True,
+                                text=True, check=True).stdout
+            assert f",rb{2 * got}," in ss, ss  # the kernel's count: twice, for its overhead
+            warned = "the UDP receive buffer is smaller than asked" in log.read_text()
+            assert warned == (got < want), log.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 # Every type and length format_lines() prints: unsigned of 1 to 8 octets (3, 5, 6 and

@@ -88,7 +88,7 @@ def test_capabilities_are_the_listed_ones_and_export_stays_on_the_node(objects):
     assert pod["hostNetwork"] is True  # so 127.0.0.1 is the node's own loopback
     assert agent["securityContext"]["capabilities"] == {
         "drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN"]}
-    assert collector["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert collector["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     for c in pod["containers"]:  # tests/test_image.py runs them so
         sc = c["securityContext"]
         assert sc["runAsUser"] == 65532 and sc["runAsNonRoot"] is True

@@ -243,6 +243,11 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, 
                                  capture_output=True, text=True).stdout
         assert f"cniflow_netns_lookup_enabled {float(pod_side)}" in metrics
         assert f"cniflow_pod_ends {2.0 * pod_side}" in metrics
+        # the collector raised NET_ADMIN (the manifest's) to size its buffer past
+        # net.core.rmem_max, then gave it up (CapPrm 0 above, read after it listened)
+        metrics = subprocess.run(lab.exec("curl -s 127.0.0.1:9478/metrics").split(),
+                                 capture_output=True, text=True).stdout
+        assert f"cniflow_collector_receive_buffer_bytes {float(8 << 20)}" in metrics
     finally:
         for p in (agent, collector):
             p.send_signal(signal.SIGTERM)
