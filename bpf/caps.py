@@ -52,7 +52,7 @@ def effective() -> int:
 
 def has(name: str) -> bool:
     """The capability is in the effective set now."""
-    return bool(_sets()["eff"] >> CAPS[name] & 1)
+    return bool(effective() >> CAPS[name] & 1)
 
 
 def raise_permitted() -> None:
