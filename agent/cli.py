@@ -130,7 +130,8 @@ def collect(cfg: config.CollectorConfig, lock: str = "", metrics: bool = True) -
         log.info("collector stopped", extra={"pid": os.getpid(), **{
             k: collector.decoder.stats[k] for k in ("messages", "records")}})
     if collector.gone is not None:
-        sys.stderr.write(f"cniflow: error: {collector.gone}\n")
+        sys.stderr.write(f"cniflow: error: {collector.gone}; "
+                         f"{collector.gone.output.undelivered()} records not delivered\n")
         return 1
     if collector.stuck:
         sys.stderr.write(f"cniflow: error: an output did not return within {JOIN_SECONDS:g} s "

@@ -305,6 +305,9 @@ class Collector:
                     if self.lock.acquire(timeout=0.5):  # a stalled output holds it: stop
                         try:                            # must still be seen
                             self.idle()
+                        except OutputGone as e:  # the process stops: collect() says why
+                            self.gone = e
+                            break
                         finally:
                             self.lock.release()
                     continue

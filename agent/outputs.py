@@ -29,6 +29,10 @@ class OutputGone(Exception):
     """An output that can never take another line (Kafka's fatal producer errors): the
     collector exits with it, and is restarted, rather than lose every line after."""
 
+    def __init__(self, output: KafkaOutput, reason: str) -> None:
+        super().__init__(f"--output {output.name}: {reason}")
+        self.output = output
+
 
 class FileOutput:
     """JSON lines to standard output or a file rotated by size. Several workers may
@@ -141,7 +145,7 @@ class KafkaOutput:
         self.name = url
         self.brokers, self.topic = kafka_url(url)
         self.metrics = metrics
-        self.produced = self.failed = self.delivered = 0
+        self.given = self.produced = self.failed = self.delivered = 0
         conf = {"bootstrap.servers": self.brokers, "client.id": "cniflow-collector",
                 "enable.idempotence": True, "delivery.report.only.error": True,
                 "message.timeout.ms": 0,  # records wait for the brokers: the queue bounds them
@@ -150,11 +154,13 @@ class KafkaOutput:
         self.flush_seconds = flush_seconds
         self.producer = Producer(conf)
         self._last_error = ""
+        self._gone = ""  # librdkafka's fatal error, once poll() or produce() raised it
 
     def write(self, lines: Lines) -> None:
         if not lines.count:
             return
         values = lines.split()
+        self.given += len(values)
         left = iter(values)
         keys = iter(lines.keys) if lines.keys else repeat(None)
         lost = refused = 0
@@ -173,15 +179,28 @@ class KafkaOutput:
                 if error.fatal() or error.code() == self._fatal:
                     self.produced += len(values) - length_hint(left) - refused
                     self.metrics.kafka_dropped.inc(length_hint(left))
-                    raise OutputGone(f"--output {self.name}: {error.str()}") from e
+                    self._gone = f"fatal producer error: {error.str()}"
+                    raise OutputGone(self, self._gone) from e
                 self._log(f"record refused by the producer: {error.str()}")
         self.produced += len(values) - lost - refused
         self.poll()
 
     def poll(self) -> None:
         """Serve delivery reports (failures only) and count what was delivered: what
-        was accepted, minus what failed, minus what is still queued."""
-        self.producer.poll(0)
+        was accepted, minus what failed, minus what is still queued. A fatal error (the
+        idempotent producer refused, as by a broker whose ACLs deny this client) means
+        this producer can never deliver again: OutputGone, with or without traffic."""
+        try:
+            self.producer.poll(0)
+        except self._refused as e:  # confluent-kafka raises librdkafka's fatal error here
+            if not e.args[0].fatal():
+                raise
+            self._gone = f"fatal producer error: {e.args[0].str()}"
+        self._count()
+        if self._gone:
+            raise OutputGone(self, self._gone)
+
+    def _count(self) -> None:
         queued = len(self.producer)
         delivered = self.produced - self.failed - queued
         if delivered > self.delivered:
@@ -205,9 +224,16 @@ class KafkaOutput:
     def close(self) -> None:
         """SIGTERM: what is queued gets --kafka-flush-seconds to reach the brokers;
         the rest is counted dropped and said so."""
-        left = self.producer.flush(self.flush_seconds)
-        self.poll()
+        try:
+            left = self.producer.flush(0 if self._gone else self.flush_seconds)
+        except self._refused:  # the fatal error again: librdkafka purged its queue
+            left = len(self.producer)
+        self._count()
         if left:
             self.metrics.kafka_dropped.inc(left)
             log.warning("records not delivered at exit", extra={"records": left,
                                                                 "topic": self.topic})
+
+    def undelivered(self) -> int:
+        """Records this output was given and no broker took: failed, refused, dropped."""
+        return self.given - self.delivered

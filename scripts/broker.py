@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -32,7 +33,7 @@ class Broker:
 
     def __init__(self, port: int | None = None, advertised: str = "",
                  client: dict | None = None) -> None:
-        """advertised: the address clients are told to use (a TlsFront's); client: the
+        """advertised: the address clients are told to use (a Front's); client: the
         settings of the tests' own clients (admin, consumer) to reach it."""
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -101,52 +102,108 @@ class Broker:
         self.proc = None
 
 
-class TlsFront:
-    """TLS in front of a broker, as a terminating proxy (Envoy, stunnel, a cloud load
-    balancer) puts it: Tansu 0.6 serves no TLS itself (its --cert and --key conflict).
-    With client_ca, clients must present a certificate that CA signed. Start the broker
-    advertising this front's address, so every connection a client makes comes here."""
+class Front:
+    """A proxy in front of a broker, on its own port. Start the broker advertising this
+    front's address, so every connection a client makes comes here."""
 
-    def __init__(self, cert: str, key: str, client_ca: str = "") -> None:
+    def __init__(self, ctx: ssl.SSLContext | None = None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.target = 0  # the broker's port, set by forward()
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ctx.load_cert_chain(cert, key)
-        if client_ca:
-            self.ctx.load_verify_locations(client_ca)
-            self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.handshakes = 0
+        self.connections = 0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(
-            self._connection, "127.0.0.1", self.port, ssl=self.ctx), self.loop).result(10)
+            self._connection, "127.0.0.1", self.port, ssl=ctx), self.loop).result(10)
 
-    def forward(self, broker: Broker) -> TlsFront:
+    def forward(self, broker: Broker) -> Front:
         self.target = broker.port
         return self
 
     async def _connection(self, reader, writer) -> None:
-        self.handshakes += 1  # called only once the TLS handshake succeeded
+        self.connections += 1  # with TLS, called only once the handshake succeeded
         try:
             r2, w2 = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
             writer.close()
             return
+        await asyncio.gather(self._pump(reader, w2, self.requests),
+                             self._pump(r2, writer, self.responses))
 
-        async def pump(r, w) -> None:
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (OSError, ConnectionError):
-                pass
-            finally:
-                w.close()
-        await asyncio.gather(pump(reader, w2), pump(r2, writer))
+    @staticmethod
+    async def _pump(r, w, change) -> None:
+        """Kafka's frames (a 4-octet length, then the message), each through `change`."""
+        try:
+            while size := await r.readexactly(4):
+                frame = await r.readexactly(int.from_bytes(size, "big"))
+                w.write(size + await change(frame))
+                await w.drain()
+        except (OSError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    async def requests(self, frame: bytes) -> bytes:
+        return frame
+
+    async def responses(self, frame: bytes) -> bytes:
+        return frame
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+class TlsFront(Front):
+    """TLS in front of a broker, as a terminating proxy (Envoy, stunnel, a cloud load
+    balancer) puts it: Tansu 0.6 serves no TLS itself (its --cert and --key conflict).
+    With client_ca, clients must present a certificate that CA signed."""
+
+    def __init__(self, cert: str, key: str, client_ca: str = "") -> None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        if client_ca:
+            ctx.load_verify_locations(client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        super().__init__(ctx)
+
+
+class DenyingFront(Front):
+    """A broker whose ACLs do not let this client write: Kafka answers its
+    InitProducerId (API key 22), which an idempotent producer sends first, with
+    CLUSTER_AUTHORIZATION_FAILED (31), and librdkafka makes that a fatal error. The
+    broker's own responses, that error code written into each InitProducerId answer,
+    held until release() (a test's records wait in the producer first)."""
+
+    INIT_PRODUCER_ID, CLUSTER_AUTHORIZATION_FAILED = 22, 31
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: dict[int, int] = {}  # correlation id: the request's version
+        self.denied = 0
+        self.released = asyncio.Event()
+
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(self.released.set)
+
+    async def requests(self, frame: bytes) -> bytes:
+        key, version, correlation = struct.unpack_from(">hhi", frame)
+        if key == self.INIT_PRODUCER_ID:
+            self.asked[correlation] = version
+        return frame
+
+    async def responses(self, frame: bytes) -> bytes:
+        version = self.asked.pop(struct.unpack_from(">i", frame)[0], None)
+        if version is None:
+            return frame
+        await self.released.wait()
+        # the header (correlation id, and from version 2 on its tagged fields, none:
+        # one octet), then throttle_time_ms, error_code, producer_id and producer_epoch;
+        # refused, Kafka's answer has no producer (-1, -1: InitProducerIdRequest's
+        # getErrorResponse)
+        at = 4 + (version >= 2) + 4
+        self.denied += 1
+        return frame[:at] + struct.pack(">hqh", self.CLUSTER_AUTHORIZATION_FAILED, -1, -1) \
+            + frame[at + 12:]

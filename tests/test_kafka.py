@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from broker import Broker, TlsFront, free_port
+from broker import Broker, DenyingFront, TlsFront, free_port
 from conftest import CNIFLOW, terminate, wait_for
 
 from agent.ipfix import flows as flowmap
@@ -231,6 +231,48 @@ def test_a_record_the_producer_refuses_costs_only_itself(broker):
     assert value("cniflow_collector_kafka_failed_total") == 4
     assert value("cniflow_collector_kafka_delivered_total") == 16
     assert value("cniflow_collector_kafka_dropped_total") == 0
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_broker_that_refuses_the_producer_ends_the_collector_and_the_file_keeps_all(
+        tmp_path, transport):
+    """A broker whose ACLs do not let the collector write answers the idempotent
+    producer's InitProducerId with CLUSTER_AUTHORIZATION_FAILED, fatal to librdkafka:
+    this producer can never deliver. The records waiting for it are counted lost, the
+    file still gets every line, and the collector exits 1 by itself, saying why (no
+    further traffic needed to notice), so the kubelet restarts it and shows the crash
+    loop; a stuck collector that looks healthy would hide it."""
+    front = DenyingFront()
+    broker = Broker(advertised=front.address)
+    front.forward(broker.start())
+    try:
+        broker.topic("flows", 1)
+        c = Collector(tmp_path, str(tmp_path / "records.jsonl"), f"kafka://{front.address}/flows",
+                      extra=("--transport", transport))
+        if transport == "udp":
+            c.send(ipfix(500, seed=5))
+        else:
+            with socket.create_connection(("127.0.0.1", c.port)) as s:
+                s.sendall(b"".join(ipfix(500, seed=5)))
+        assert wait_for(lambda: c.metrics()["cniflow_collector_kafka_queued"] == 500, 20), \
+            c.log.read_text()  # waiting for the producer id, which the front holds
+        assert len(c.lines()) == 500
+        front.release()
+        c.proc.wait(20)
+        assert broker.consume("flows", 1, timeout=3) == []
+    finally:
+        c.proc.kill()
+        c.proc.wait()
+        broker.stop()
+        front.stop()
+    log = c.log.read_text()
+    assert c.proc.returncode == 1, log
+    assert front.denied >= 1
+    said = log.strip().splitlines()[-1]
+    assert said.startswith("cniflow: error: --output kafka://") and \
+        "Cluster authorization failed" in said, log
+    assert "500 records not delivered" in said, log
+    assert len(c.lines()) == 500 and all(json.loads(x) for x in c.lines())
 
 
 def test_kafka_settings_librdkafka_refuses_are_a_clear_error(tmp_path):
@@ -509,7 +551,7 @@ def test_kafka_over_tls_verifies_the_brokers_and_presents_a_client_certificate(t
         assert "SSL" in no_cert.log.read_text() or "ssl" in no_cert.log.read_text()
         got = broker.consume("flows", 1000)
         assert sorted(v for _, _, v in got) == sorted(good.lines())
-        assert front.handshakes >= 2  # the producer and the consumer came through TLS
+        assert front.connections >= 2  # the producer and the consumer came through TLS
     finally:
         for c in collectors:
             c.stop()
