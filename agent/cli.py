@@ -56,14 +56,17 @@ def run_agent(args: argparse.Namespace) -> int:
 
     from agent.pipeline import Agent
 
+    # before the start-up, which loads and compiles the program and adopts pins (many
+    # seconds on a slow node): a SIGTERM meanwhile ends the agent cleanly once it is up,
+    # not by the signal's default action halfway through
+    stop = Stop()
+    on_signals(stop)
     try:
         agent = Agent(cfg)
     except (ResolveError, InterfaceError, config.ConfigError) as e:
         return fail(str(e))
     except TlsError as e:
         return fail(str(e))
-    stop = Stop()
-    on_signals(stop)
     if cfg.metrics_address:
         try:
             addr = cfg.metrics_address

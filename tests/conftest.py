@@ -143,8 +143,9 @@ def terminate(proc: subprocess.Popen, log: Path, seconds: float = 30) -> int:
 def agent(node, *args: str, interfaces: tuple[str, ...] | None = None, wait_attached=True,
           collector: str = "127.0.0.1:4739", metrics_port: int = 9477,
           wrap: tuple[str, ...] = (), metered: int | None = None):
-    """Run `cniflow agent` in the node namespace (under wrap, e.g. setpriv); on exit
-    SIGTERM it and expect exit 0. metered: the first pods it attaches to (all)."""
+    """Run `cniflow agent` in the node namespace (under wrap, e.g. setpriv), yielded once
+    it is up; on exit SIGTERM it and expect exit 0. metered: the first pods it attaches
+    to (all)."""
     log = Path(f"/tmp/{node.prefix}-agent.log")
     ifs = interfaces if interfaces is not None else (f"{node.prefix}v*",)
     cmd = ["ip", "netns", "exec", node.netns, *wrap, str(CNIFLOW), "agent", "--collector",
@@ -159,13 +160,16 @@ def agent(node, *args: str, interfaces: tuple[str, ...] | None = None, wait_atta
         proc = subprocess.Popen(cmd, stderr=f, stdout=f)
     running = RunningAgent(node, proc, log, metrics_port)
     try:
-        if wait_attached:
-            deadline = time.time() + 30
-            while not all("cniflow_egress" in filters(node, p.host_if, "egress")
-                          for p in node.pods[:metered]):
-                assert proc.poll() is None, log.read_text()
-                assert time.time() < deadline, "agent did not attach: " + log.read_text()
-                time.sleep(0.1)
+        # up (serving its metrics, which it does once started: seconds on a slow machine)
+        # and, with wait_attached, attached (links an earlier agent pinned are there
+        # before this one is up)
+        deadline = time.time() + 60
+        while not running.metrics() or wait_attached and not all(
+                "cniflow_egress" in filters(node, p.host_if, "egress")
+                for p in node.pods[:metered]):
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, "agent not up and attached: " + log.read_text()
+            time.sleep(0.1)
         yield running
     finally:
         if proc.poll() is None:

@@ -85,26 +85,30 @@ def test_frames_from_an_af_packet_tx_ring_are_all_counted(node, txring):
 
 def test_a_flood_of_new_flows_keeps_the_totals_exact(node, txring):
     """A million datagrams, each opening a new flow, as fast as the TX ring sends them
-    (400,000 to 700,000 a second here): the map is drained early when it fills, and what still
-    finds no room leaves in per-interface overflow records. Summed over all records,
-    packets and octets equal the veth's counters; the flow-level share is reported."""
+    (150,000 to 700,000 a second on the machines seen): the map is drained early when it
+    fills, and what still finds no room leaves in per-interface overflow records. Summed
+    over all records, packets and octets equal the veth's counters; the flow-level share
+    is reported. The map holds 4,096 flows, so it fills however fast this machine floods
+    (at the default 65,536, a slow one's drains kept up and nothing overflowed)."""
     a, b = node.pods
     pin_neighbours(node, 0)
     quiet(node, a.host_if)
     collector = RunningCollector(node.netns, 4739, "tcp", 9478, "--rotate-bytes", "0")
     before = node.link_stats(a.host_if)
     count = 1_000_000
-    with agent(node, "--transport", "tcp", "--idle-timeout", "1") as running:
+    with agent(node, "--transport", "tcp", "--idle-timeout", "1",
+               "--map-size", "4096") as running:
         rate = tx_ring(node, txring, 0, b.ipv4, flows=count, count=count, payload=18)
         key = f'cniflow_overflow_packets_total{{direction="in",interface="{a.host_if}"}}'
         seen: tuple = ()
-        while True:  # until every drained count is out, and the collector has it all
-            m = running.metrics()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until every drained count is out, and the
+            m = running.metrics()           # collector has it all
             received = sum(v for k, v in collector.metrics().items()
                            if k.startswith("cniflow_collector_records_total"))
             now = (m.get(key), m["cniflow_records_exported_total"], m["cniflow_flows_active"],
                    received)
-            if now == seen and now[0] is not None:
+            if now == seen:
                 break
             seen = now
             time.sleep(1.5)
@@ -121,7 +125,7 @@ def test_a_flood_of_new_flows_keeps_the_totals_exact(node, txring):
             and r.get("protocolIdentifier") == 0
             and r.get("sourceIPv4Address", r.get("sourceIPv6Address")) in ("0.0.0.0", "::")]
     in_overflow = sum(r["packetDeltaCount"] for r in over)
-    assert in_overflow == m[key] > 0
+    assert in_overflow == m.get(key, 0) > 0, (in_overflow, rate)
     # (pod1 answers some datagrams with ICMP port unreachable: overflow on its veth too)
     assert sum(v for k, v in m.items() if k.startswith("cniflow_overflow_packets_total")) == \
         m["cniflow_map_failed_inserts_total"]
