@@ -99,6 +99,33 @@ def test_bad_input_is_one_clear_line_exit_2_and_attaches_nothing(node):
         assert "cniflow" not in filters(node, a.host_if)
 
 
+def test_a_sigterm_while_the_agent_starts_stops_it_cleanly(node, tmp_path):
+    """The kubelet may stop a pod that is still starting (a rollout, a node drain). A
+    SIGTERM that comes while the agent loads its program (seconds on a slow node) ends
+    it cleanly once it is up: exit 0, "agent stopped", nothing left on the hooks; not the
+    signal's default action halfway through."""
+    a = node.pods[0]
+    log = tmp_path / "agent.log"
+    proc = subprocess.Popen(["ip", "netns", "exec", node.netns, str(CNIFLOW), "agent",
+                             "--interface", f"{node.prefix}v*", "--pin-path", "off",
+                             "--metrics-address", "off"], stderr=log.open("w"))
+    try:
+        caught = 1 << (15 - 1)  # SIGTERM in /proc's SigCgt mask
+        assert wait_for(lambda: proc.poll() is None and int(next(
+            x for x in open(f"/proc/{proc.pid}/status") if x.startswith("SigCgt:")
+        ).split()[1], 16) & caught, 30, 0.005), log.read_text()
+        proc.terminate()
+        at_signal = log.read_text()
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert '"program loaded"' not in at_signal  # the handler was in before the start-up
+    assert '"agent stopped"' in log.read_text(), log.read_text()
+    assert "cniflow" not in filters(node, a.host_if, "ingress") + \
+        filters(node, a.host_if, "egress")
+
+
 def test_a_dead_udp_collector_is_counted_never_fatal(node):
     a, b = node.pods
     with agent(node, "--idle-timeout", "0.5", collector="127.0.0.1:4999") as running:
