@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -161,14 +162,18 @@ def small_tcp_buffers(node) -> None:
 
 
 def stop_reading(node, first, collector) -> None:
-    """SIGSTOP the collector and wait until the agent has octets it cannot write."""
+    """SIGSTOP the collector and wait until the agent's socket is full (what it queued,
+    skmem's w, at its send buffer, tb): the export being written, or the next one (the
+    next poll, within 0.5 s), stops part-way. Octets merely queued are not enough: an
+    export that fits leaves nothing unsent (seen on a slower machine)."""
     collector.proc.send_signal(19)
 
-    def queued() -> bool:
-        out = subprocess.run(node.exec("ss -tnH state established dport = :4739").split(),
-                             capture_output=True, text=True).stdout.split()
-        return len(out) >= 2 and int(out[1]) > 0
-    assert wait_for(queued, 10), first.log.read_text()
+    def full() -> bool:
+        out = subprocess.run(node.exec("ss -tnmH state established dport = :4739").split(),
+                             capture_output=True, text=True).stdout
+        mem = re.search(r"tb(\d+),f\d+,w(\d+)", out)
+        return mem is not None and int(mem[2]) >= int(mem[1])
+    assert wait_for(full, 20), first.log.read_text()
 
 
 def test_an_agent_killed_while_its_export_is_stuck_in_the_socket_repeats_nothing(lab):
@@ -182,7 +187,7 @@ def test_an_agent_killed_while_its_export_is_stuck_in_the_socket_repeats_nothing
 
     def stuck(first, collector):
         stop_reading(node, first, collector)
-        time.sleep(0.5)
+        time.sleep(1)  # within the 2 s send timeout, past the next poll's export
         first.proc.kill()
         first.proc.wait(10)
         collector.proc.send_signal(18)  # SIGCONT
