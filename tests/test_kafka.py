@@ -502,6 +502,37 @@ def pki(tmp: Path) -> dict[str, str]:
                                       "client.pem", "client.key")}
 
 
+def behind(tmp_path: Path, name: str, front, *args: str, file: bool = False) -> Collector:
+    """A collector in a directory of its own writing to Kafka behind `front` (queued
+    records get 1 s at exit) and, with file, to its own records.jsonl."""
+    d = tmp_path / name
+    d.mkdir()
+    return Collector(d, *([str(d / "records.jsonl")] if file else []),
+                     f"kafka://{front.address}/flows",
+                     extra=("--kafka-flush-seconds", "1", *args))
+
+
+def delivered_and_refused(broker: Broker, good: Collector, refused: list[Collector],
+                          seeds: tuple[int, int]) -> None:
+    """1,000 records to `good`, all delivered and read back equal to its file's lines;
+    300 to each of `refused`, which the brokers do not let in: every one waits in the
+    queue, none lost, none counted delivered, once librdkafka tried and retried."""
+    good.send(ipfix(1000, seed=seeds[0]))
+    for c in refused:
+        c.send(ipfix(300, seed=seeds[1]))
+    assert wait_for(lambda: good.metrics()["cniflow_collector_kafka_delivered_total"]
+                    == 1000, 60), good.log.read_text()
+    for c in refused:
+        assert wait_for(lambda c=c: c.metrics()["cniflow_collector_kafka_queued"] == 300, 20)
+    time.sleep(3)  # librdkafka has tried (and retried) by now
+    for c in refused:
+        m = c.metrics()
+        assert (m["cniflow_collector_kafka_delivered_total"],
+                m["cniflow_collector_kafka_queued"]) == (0, 300), c.log.read_text()
+    got = broker.consume("flows", 1000)
+    assert sorted(v for _, _, v in got) == sorted(good.lines())
+
+
 def test_kafka_over_tls_verifies_the_brokers_and_presents_a_client_certificate(tmp_path):
     """Brokers behind TLS that requires client certificates (a terminating front: Tansu
     serves no TLS itself). With the CA and a client certificate every record arrives,
@@ -517,40 +548,19 @@ def test_kafka_over_tls_verifies_the_brokers_and_presents_a_client_certificate(t
     broker = Broker(advertised=front.address, client=mine)
     front.forward(broker.start())
     collectors = []
-
-    def collector(name: str, *tls: str, file: bool = False) -> Collector:
-        d = tmp_path / name
-        d.mkdir()
-        c = Collector(d, *([str(d / "records.jsonl")] if file else []),
-                      f"kafka://{front.address}/flows",
-                      extra=("--kafka-security", "ssl", "--kafka-flush-seconds", "1", *tls))
-        collectors.append(c)
-        return c
-
     try:
         broker.topic("flows", 2)
-        good = collector("good", "--kafka-tls-ca", certs["ca.pem"], "--kafka-tls-cert",
-                         certs["client.pem"], "--kafka-tls-key", certs["client.key"], file=True)
-        wrong_ca = collector("wrong-ca", "--kafka-tls-ca", certs["other.pem"],
-                             "--kafka-tls-cert", certs["client.pem"], "--kafka-tls-key",
-                             certs["client.key"])
-        no_cert = collector("no-cert", "--kafka-tls-ca", certs["ca.pem"])
-        good.send(ipfix(1000, seed=7))
-        for c in (wrong_ca, no_cert):
-            c.send(ipfix(300, seed=8))
-        assert wait_for(lambda: good.metrics()["cniflow_collector_kafka_delivered_total"]
-                        == 1000, 60), good.log.read_text()
-        for c in (wrong_ca, no_cert):
-            assert wait_for(lambda c=c: c.metrics()["cniflow_collector_kafka_queued"] == 300, 20)
-        time.sleep(3)  # librdkafka has tried (and retried) by now
-        for c in (wrong_ca, no_cert):
-            m = c.metrics()
-            assert (m["cniflow_collector_kafka_delivered_total"],
-                    m["cniflow_collector_kafka_queued"]) == (0, 300), c.log.read_text()
+        for name, ca, cert, file in (("good", "ca.pem", True, True),
+                                     ("wrong-ca", "other.pem", True, False),
+                                     ("no-cert", "ca.pem", False, False)):
+            collectors.append(behind(
+                tmp_path, name, front, "--kafka-security", "ssl", "--kafka-tls-ca", certs[ca],
+                *(("--kafka-tls-cert", certs["client.pem"], "--kafka-tls-key",
+                   certs["client.key"]) if cert else ()), file=file))
+        good, wrong_ca, no_cert = collectors
+        delivered_and_refused(broker, good, [wrong_ca, no_cert], (7, 8))
         assert "certificate verify failed" in wrong_ca.log.read_text()
         assert "SSL" in no_cert.log.read_text() or "ssl" in no_cert.log.read_text()
-        got = broker.consume("flows", 1000)
-        assert sorted(v for _, _, v in got) == sorted(good.lines())
         assert front.connections >= 2  # the producer and the consumer came through TLS
     finally:
         for c in collectors:
@@ -576,36 +586,18 @@ def test_kafka_over_sasl_delivers_with_the_password_file_and_waits_without(tmp_p
         "sasl.username": "flows", "sasl.password": password})
     front.forward(broker.start())
     collectors = []
-
-    def collector(name: str, secret: str, file: bool = False) -> Collector:
-        d = tmp_path / name
-        d.mkdir()
-        (d / "password").write_text(secret + "\n")
-        c = Collector(d, *([str(d / "records.jsonl")] if file else []),
-                      f"kafka://{front.address}/flows",
-                      extra=("--kafka-security", "sasl_plaintext", "--kafka-sasl-mechanism",
-                             mechanism, "--kafka-sasl-username", "flows",
-                             "--kafka-sasl-password-file", str(d / "password"),
-                             "--kafka-flush-seconds", "1"))
-        collectors.append(c)
-        return c
-
     try:
         broker.topic("flows", 2)
-        good = collector("good", password, file=True)
-        wrong = collector("wrong", "battery staple")
-        good.send(ipfix(1000, seed=9))
-        wrong.send(ipfix(300, seed=10))
-        assert wait_for(lambda: good.metrics()["cniflow_collector_kafka_delivered_total"]
-                        == 1000, 60), good.log.read_text()
-        assert wait_for(lambda: wrong.metrics()["cniflow_collector_kafka_queued"] == 300, 20)
-        time.sleep(3)  # librdkafka has tried (and retried) by now
-        m = wrong.metrics()
-        assert (m["cniflow_collector_kafka_delivered_total"],
-                m["cniflow_collector_kafka_queued"]) == (0, 300), wrong.log.read_text()
+        for name, secret in (("good", password), ("wrong", "battery staple")):
+            (tmp_path / f"{name}.password").write_text(secret + "\n")
+            collectors.append(behind(
+                tmp_path, name, front, "--kafka-security", "sasl_plaintext",
+                "--kafka-sasl-mechanism", mechanism, "--kafka-sasl-username", "flows",
+                "--kafka-sasl-password-file", str(tmp_path / f"{name}.password"),
+                file=name == "good"))
+        good, wrong = collectors
+        delivered_and_refused(broker, good, [wrong], (9, 10))
         assert "Authentication failed" in wrong.log.read_text(), wrong.log.read_text()
-        got = broker.consume("flows", 1000)
-        assert sorted(v for _, _, v in got) == sorted(good.lines())
         assert front.authenticated >= 3 and front.refused >= 1  # admin, producer, consumer
     finally:
         for c in collectors:
