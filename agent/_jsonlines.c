@@ -23,8 +23,11 @@ enum kind {
 	K_BOOLEAN = 6,  /* 1 is true, anything else false */
 	K_STRING = 7,   /* a native uint32 index into `strings` (JSON text, quoted) */
 	K_NONE = 8,     /* the prefix only */
-	K_TEXT = 9,     /* octets printed as they are, quoted: the caller checked that
-			 * they need no escaping (printable ASCII, no quote or backslash) */
+	K_TEXT = 9,     /* octets printed as they are, quoted, trailing NULs (a fixed-length
+			 * string's padding) left out: the caller checked that they need no
+			 * escaping (printable ASCII, no quote or backslash, NULs only last) */
+	K_HEX = 10,     /* octets as lowercase hex, quoted (octetArray, and any value
+			 * JSON has no other form for) */
 };
 
 struct column {
@@ -167,7 +170,7 @@ static uint64_t max_width(uint32_t kind)
 	case K_IPV6: return 2 + INET6_ADDRSTRLEN;
 	case K_MAC: return 2 + 17;
 	case K_BOOLEAN: return 5;
-	default: return 0;  /* K_STRING and K_TEXT: format_lines() adds their length */
+	default: return 0;  /* K_STRING, K_TEXT, K_HEX: line_width() adds their length */
 	}
 }
 
@@ -182,7 +185,7 @@ static int fits(uint32_t kind, uint32_t length)
 	case K_MAC: return length == 6;
 	case K_BOOLEAN: return length == 1;
 	case K_NONE: return 1;
-	case K_TEXT: return length <= 65535;
+	case K_TEXT: case K_HEX: return length <= 65535;
 	default: return 0;
 	}
 }
@@ -242,10 +245,21 @@ static char *put(char *p, const struct column *c, const uint8_t *d)
 		}
 		memcpy(p, "false", 5);
 		return p + 5;
-	case K_TEXT:
+	case K_TEXT: {
+		uint32_t n = c->length;
+
+		while (n && !d[n - 1])
+			n--;
 		*p++ = '"';
-		memcpy(p, d, c->length);
-		p += c->length;
+		memcpy(p, d, n);
+		p += n;
+		*p++ = '"';
+		return p;
+	}
+	case K_HEX:
+		*p++ = '"';
+		for (uint32_t i = 0; i < c->length; i++)
+			p = put_hex_byte(p, d[i]);
 		*p++ = '"';
 		return p;
 	case K_STRING: {
@@ -276,6 +290,8 @@ uint64_t line_width(uint32_t ncols, const struct column *cols)
 			return 0;
 		if (c->kind == K_TEXT)
 			w = 2 + c->length;
+		if (c->kind == K_HEX)
+			w = 2 + 2 * (uint64_t)c->length;
 		for (uint64_t s = 0; c->kind == K_STRING && s < c->nstrings; s++)
 			if (c->string_lens[s] > w)
 				w = c->string_lens[s];

@@ -30,6 +30,12 @@ COMPARED = {
     "cflow.protocol": ["protocolIdentifier"],
     "cflow.octets": ["octetDeltaCount", "reverseOctetDeltaCount"],
     "cflow.packets": ["packetDeltaCount", "reversePacketDeltaCount"],
+    # strings: a fixed-length one padded with NULs (Huawei's VRF name, Cisco's sampler
+    # and interface names) reads as tshark shows it, without them
+    "cflow.vrfname": ["VRFname"],
+    "cflow.if_name": ["interfaceName"],
+    "cflow.sampler_name": ["samplerName"],
+    "cflow.selector_name": ["selectorName"],
 }
 
 
@@ -980,7 +986,11 @@ _PRINTED = [("unsigned64", 8), ("unsigned64", 3), ("unsigned64", 7), ("unsigned8
             ("signed64", 8), ("signed32", 4), ("signed8", 1), ("signed64", 3),
             ("signed16", 2), ("dateTimeNanoseconds", 8), ("dateTimeMicroseconds", 8),
             ("ipv4Address", 4), ("ipv6Address", 16), ("macAddress", 6), ("boolean", 1),
-            ("string", 9), ("string", 2), ("dateTimeMilliseconds", 8), ("dateTimeSeconds", 4)]
+            ("string", 9), ("string", 2), ("dateTimeMilliseconds", 8), ("dateTimeSeconds", 4),
+            # hex: octet arrays (MPLS label stacks, route distinguishers, enterprise
+            # elements), and lengths a type has no other form for
+            ("octetArray", 3), ("octetArray", 0), ("octetArray", 16), ("ipv4Address", 3),
+            ("float64", 2), ("dateTimeMicroseconds", 4)]
 
 
 def _message(fields: list[tuple[int, int]], data: bytes) -> bytes:
@@ -1023,7 +1033,8 @@ def test_the_c_formatter_writes_what_polars_writes_for_any_octets(data):
     """format_lines() against polars' NDJSON writer, octet for octet: random values of
     every field kind it prints (extremes, signs, NTP times before 1970, IPv4-mapped
     IPv6, booleans that are neither 1 nor 2), records of several exporters in one
-    table; a string needing escapes goes to polars instead, and reads back right."""
+    table; fixed-length strings padded with NULs (a VRF name), printed without them; a
+    string needing escapes goes to polars instead, and reads back right."""
     from agent import jsonlines
     from agent.ipfix.decoder import Field, RecordSet, Spec, _dtype
 
@@ -1033,6 +1044,7 @@ def test_the_c_formatter_writes_what_polars_writes_for_any_octets(data):
     n = data.draw(st.integers(1, 40))
     strings = [f"f{i}" for i, (t, _) in enumerate(kinds) if t == "string"]
     plain = data.draw(st.booleans())
+    pad = data.draw(st.integers(0, 3))  # NUL padding at the end, its length row by row
     sets = []
     for i in range(data.draw(st.integers(1, 3))):
         arr = np.frombuffer(bytearray(data.draw(st.binary(min_size=n * spec.dtype.itemsize,
@@ -1042,6 +1054,9 @@ def test_the_c_formatter_writes_what_polars_writes_for_any_octets(data):
             text = arr[name].view(np.uint8) if arr[name].ndim == 2 else None
             if text is not None:
                 text[(text < 0x20) | (text > 0x7E) | (text == 0x22) | (text == 0x5C)] = 0x61
+                width = text.shape[1]
+                for row in range(len(text)):
+                    text[row, width - (row * pad) % (width + 1):] = 0
         sets.append(RecordSet(f"10.0.0.{i}:4739", 5 + i, 1_795_000_000 + i, spec, arr))
     group = jsonlines._groups(sets)[0]
     arr = jsonlines._joined(group)

@@ -580,8 +580,8 @@ def value(f: Field, raw: bytes):
         return str(ipaddress.IPv6Address(raw))
     if t == "macAddress" and len(raw) == 6:
         return raw.hex(":")
-    if t == "string":
-        return raw.decode("utf-8", errors="replace")
+    if t == "string":  # a fixed-length field's padding NULs left out, as tshark shows it
+        return raw.rstrip(b"\0").decode("utf-8", errors="replace")
     if t == "boolean" and len(raw) == 1:
         return raw[0] == 1
     if t == "float64" and len(raw) in (4, 8):
