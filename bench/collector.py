@@ -7,7 +7,9 @@ by cniflow collector and nfcapd side by side, and the collector with 1 and 2 wor
    sends without interface names, and what most routers send), decoded on one core.
 2. JSON lines: the same records decoded and turned into JSON lines (what the
    collector does between socket and file), one core (POLARS_MAX_THREADS=1), CPU time;
-   and records of cniflow's own template, with interface names (variable length).
+   records of cniflow's own template, with interface names (variable length); and a
+   router's template (ROUTER: octet arrays, a NUL-padded VRF name) by the C formatter
+   and, side by side, by polars (the path such tables took before).
 3. Kafka: the same, plus flow keys and one produce() a record to a local broker
    (Tansu), librdkafka's queue bounded as the collector runs it (the batches wait
    while it is over half full: the steady state, where the broker keeps up); CPU
@@ -75,6 +77,36 @@ def messages(n: int, template: Template = FIXED) -> list[bytes]:
     return out
 
 
+# A router's flow template (Cisco IOS-XR's, Huawei's): MPLS label stack entries and a
+# route distinguisher (octet arrays), a VRF name padded with NULs, the usual 5-tuple
+# and counters. (element id, length)
+ROUTER = ((70, 3), (71, 3), (72, 3), (8, 4), (12, 4), (4, 1), (7, 2), (11, 2), (10, 4),
+          (14, 4), (1, 8), (2, 8), (90, 8), (236, 32), (210, 3))
+
+
+def router_messages(n: int) -> list[bytes]:
+    """n records of ROUTER in messages of 15 (about 1,400 octets), template first."""
+    import struct
+
+    rng = np.random.default_rng(5)
+    size = sum(length for _, length in ROUTER)
+    data = rng.integers(0, 256, (n, size), np.uint8)
+    vrf = sum(length for _, length in ROUTER[:13])
+    data[:, vrf : vrf + 32] = 0
+    data[:, vrf : vrf + 8] = np.frombuffer(b"vrf-blue", np.uint8)
+
+    def header(body: bytes, seq: int) -> bytes:
+        return struct.pack("!HHIII", 10, 16 + len(body), 1_795_000_000, seq, 9) + body
+
+    fields = b"".join(struct.pack("!HH", i, length) for i, length in ROUTER)
+    template = struct.pack("!HHHH", 2, 8 + len(fields), 256, len(ROUTER)) + fields
+    out = [header(template, 0)]
+    for first in range(0, n, 15):
+        rows = data[first : first + 15].tobytes()
+        out.append(header(struct.pack("!HH", 256, 4 + len(rows)) + rows, first))
+    return out
+
+
 def batches(msgs: list[bytes]):
     """The collector's batches: up to 512 datagrams, decoded together."""
     for i in range(0, len(msgs), 512):
@@ -102,6 +134,32 @@ def in_process(msgs: list[bytes], n: int) -> dict:
         t3 = time.process_time()
         assert count == n
         out[name] = round(n / (t3 - t2))
+    out.update(router(n))
+    return out
+
+
+def router(n: int) -> dict:
+    """ROUTER's records to JSON lines by the C formatter, and side by side by polars'
+    NDJSON writer: the path such tables took before octet arrays were printed in C."""
+    from agent import jsonlines
+    from agent.ipfix.decoder import Decoder
+
+    msgs, out = router_messages(n), {}
+    formatted = jsonlines._formatted
+    for name, c in (("a_routers_template_json_lines_per_s", True),
+                    ("the_same_by_polars_per_s", False), ("again_c_per_s", True),
+                    ("again_polars_per_s", False)):
+        jsonlines._formatted = formatted if c else (lambda *_: False)
+        try:
+            d, count = Decoder(), 0
+            t0 = time.process_time()
+            for b in batches(msgs):
+                count += jsonlines.encode(d.messages(b)[0], sink=_discard).count
+            t1 = time.process_time()
+        finally:
+            jsonlines._formatted = formatted
+        assert count == n and not d.errors, d.errors
+        out[name] = round(n / (t1 - t0))
     return out
 
 
