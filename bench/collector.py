@@ -9,7 +9,10 @@ by cniflow collector and nfcapd side by side, and the collector with 1 and 2 wor
    collector does between socket and file), one core (POLARS_MAX_THREADS=1), CPU time;
    records of cniflow's own template, with interface names (variable length); and a
    router's template (ROUTER: octet arrays, a NUL-padded VRF name) by the C formatter
-   and, side by side, by polars (the path such tables took before).
+   and, side by side, by polars (the path such tables took before); and an
+   exporter that does not group its records by their strings' lengths (Antrea-like:
+   pod names of many lengths, labels), side by side with every one-record run taken
+   as a layout of its own (before MIN_RUN).
 3. Kafka: the same, plus flow keys and one produce() a record to a local broker
    (Tansu), librdkafka's queue bounded as the collector runs it (the batches wait
    while it is over half full: the steady state, where the broker keeps up); CPU
@@ -107,6 +110,64 @@ def router_messages(n: int) -> list[bytes]:
     return out
 
 
+def ungrouped_messages(n: int, labels: bool) -> list[bytes]:
+    """n records of an Antrea-like template (the 5-tuple, counters, times, then pod
+    names, namespaces and, with labels, the source pod's labels as JSON: variable-length
+    strings) in messages of 10, records not grouped by their strings' lengths, as an
+    exporter that does not sort them sends them: pods of 60 names of 8 to 40 octets."""
+    import struct
+
+    rng = np.random.default_rng(3)
+    fixed = ((8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (1, 8), (2, 8), (150, 4), (151, 4))
+    strings = (101, 100, 103, 102) + ((143,) if labels else ())
+    fields = b"".join(struct.pack("!HH", i, length) for i, length in fixed) + b"".join(
+        struct.pack("!HHI", i | 0x8000, 65535, 56506) for i in strings)
+    template = struct.pack("!HHHH", 2, 8 + len(fields), 300, len(fixed) + len(strings))
+    apps = ("web", "api", "db", "cache", "frontend", "payments-service", "auth")
+    pods = []
+    for i in range(60):
+        app = apps[i % len(apps)]
+        name = f"{app}-{i:09x}-{i * 7919 % 99999:05d}"[: 8 + i * 13 % 33].encode()
+        ns = (b"default", b"prod", b"kube-system", b"team-a")[i % 4]
+        pods.append((name, ns, b'{"app":"%s","tier":"fe"}' % app.encode()))
+    out = []
+    for first in range(0, n, 10):
+        body = b""
+        for _ in range(min(10, n - first)):
+            src, dst = pods[rng.integers(60)], pods[rng.integers(60)]
+            body += rng.integers(0, 256, 37, np.uint8).tobytes()
+            for text in (src[0], src[1], dst[0], dst[1]) + ((src[2],) if labels else ()):
+                body += bytes([len(text)]) + text
+        msg = template + fields + struct.pack("!HH", 300, 4 + len(body)) + body
+        out.append(struct.pack("!HHIII", 10, 16 + len(msg), 1_795_000_000, first, 1) + msg)
+    return out
+
+
+def ungrouped() -> dict:
+    """ungrouped_messages() to JSON lines, and side by side as before MIN_RUN (every
+    run of one record its own layout and table)."""
+    from agent import jsonlines
+    from agent.ipfix import decoder
+
+    out, min_run = {}, decoder.MIN_RUN
+    for labels, n in ((False, 20_000), (True, 5_000)):
+        msgs = ungrouped_messages(n, labels)
+        for name, runs in (("now", min_run), ("before", 1), ("now_again", min_run)):
+            decoder.MIN_RUN = runs
+            try:
+                d, count = decoder.Decoder(), 0
+                t0 = time.process_time()
+                for b in batches(msgs):
+                    count += jsonlines.encode(d.messages(b)[0], sink=_discard).count
+                t1 = time.process_time()
+            finally:
+                decoder.MIN_RUN = min_run
+            assert count == n and not d.errors, d.errors
+            kind = "with_labels_" if labels else ""
+            out[f"antrea_like_{kind}{name}_per_s"] = round(n / (t1 - t0))
+    return out
+
+
 def batches(msgs: list[bytes]):
     """The collector's batches: up to 512 datagrams, decoded together."""
     for i in range(0, len(msgs), 512):
@@ -135,6 +196,7 @@ def in_process(msgs: list[bytes], n: int) -> dict:
         assert count == n
         out[name] = round(n / (t3 - t2))
     out.update(router(n))
+    out.update(ungrouped())
     return out
 
 

@@ -1082,18 +1082,24 @@ def test_the_c_formatter_writes_what_polars_writes_for_any_octets(data):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3), st.integers(0, 2**32 - 1)),
-                min_size=1, max_size=30),
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3), st.integers(0, 2**32 - 1),
+                          st.integers(1, 12)), min_size=1, max_size=8),
        st.integers(0, 6), st.booleans())
-def test_records_with_strings_decode_as_the_record_by_record_reading_does(recs, pad, cut):
-    """Runs of records whose strings have the same lengths become arrays; the records,
-    in order, are exactly what reading them one by one gives: lengths of 255 and more
-    (the three-octet form), empty strings, padding after the last record, a set cut
-    inside a record (lost whole, as before)."""
+def test_records_with_strings_decode_as_the_record_by_record_reading_does(streaks, pad, cut):
+    """Runs of MIN_RUN or more records whose strings have the same lengths become
+    arrays, shorter ones rows; the records, in order, are exactly what reading them one
+    by one gives: lengths of 255 and more (the three-octet form), empty strings,
+    padding after the last record, a set cut inside a record (lost whole, as before)."""
+    import itertools
+
     import statefuzz
 
+    from agent.ipfix.decoder import MIN_RUN
     from agent.ipfix.decoder import records as rows_of
     from agent.jsonlines import encode
+
+    recs = [(length, other, (value + k) % 2**32) for length, other, value, repeat in streaks
+            for k in range(repeat)]
 
     fields = [(10, 4), (82, 65535), (1, 8), (83, 65535)]
     # ingressInterface, interfaceName (variable length), octetDeltaCount, description
@@ -1120,7 +1126,9 @@ def test_records_with_strings_decode_as_the_record_by_record_reading_does(recs, 
         return
     assert [r for rs in got for r in rows_of(rs)] == expected
     if expected and all(length < 255 for length, _, _ in recs):
-        assert all(rs.array is not None for rs in got)  # runs, not rows
+        runs = [len(list(g)) for _, g in itertools.groupby(recs, key=lambda r: r[:2])]
+        assert [len(rs.array) for rs in got if rs.array is not None] == [
+            n for n in runs if n >= MIN_RUN]
     lines = [json.loads(line) for line in encode(got).split()]  # a table a layout
     assert sorted(lines, key=json.dumps) == sorted(
         ({"@exporter": "10.0.0.1:4739", "@domain": 5, "@template": 300,
@@ -1128,15 +1136,17 @@ def test_records_with_strings_decode_as_the_record_by_record_reading_does(recs, 
 
 
 def test_string_layouts_kept_are_bounded():
-    """Each combination of string lengths is a layout the decoder keeps: at most
-    MAX_LAYOUTS of them, the least recently used given up, records still exact."""
-    from agent.ipfix.decoder import MAX_LAYOUTS
+    """Each combination of string lengths a run has is a layout the decoder keeps: at
+    most MAX_LAYOUTS of them, the least recently used given up, records still exact."""
+    from agent.ipfix.decoder import MAX_LAYOUTS, MIN_RUN
 
     d = Decoder()
     for n in range(MAX_LAYOUTS + 100):
         name = b"n" * (n % 250)
         data = struct.pack("!I", n) + bytes([len(name)]) + name + bytes([n % 7]) + b"y" * (n % 7)
-        (rs,) = d.message(_message([(10, 4), (82, 65535), (83, 65535)], data), "10.0.0.1:1")
-        assert records(rs) == [{"ingressInterface": n, "interfaceName": name.decode(),
-                                "interfaceDescription": "y" * (n % 7)}]
+        (rs,) = d.message(_message([(10, 4), (82, 65535), (83, 65535)], data * MIN_RUN),
+                          "10.0.0.1:1")
+        assert rs.array is not None and records(rs) == [
+            {"ingressInterface": n, "interfaceName": name.decode(),
+             "interfaceDescription": "y" * (n % 7)}] * MIN_RUN
     assert len(d.layouts) == MAX_LAYOUTS
