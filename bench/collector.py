@@ -146,7 +146,6 @@ def ungrouped_messages(n: int, labels: bool) -> list[bytes]:
 def ungrouped() -> dict:
     """ungrouped_messages() to JSON lines, and side by side as before MIN_RUN (every
     run of one record its own layout and table)."""
-    from agent import jsonlines
     from agent.ipfix import decoder
 
     out, min_run = {}, decoder.MIN_RUN
@@ -155,16 +154,10 @@ def ungrouped() -> dict:
         for name, runs in (("now", min_run), ("before", 1), ("now_again", min_run)):
             decoder.MIN_RUN = runs
             try:
-                d, count = decoder.Decoder(), 0
-                t0 = time.process_time()
-                for b in batches(msgs):
-                    count += jsonlines.encode(d.messages(b)[0], sink=_discard).count
-                t1 = time.process_time()
+                rate = lines_per_s(msgs, n)
             finally:
                 decoder.MIN_RUN = min_run
-            assert count == n and not d.errors, d.errors
-            kind = "with_labels_" if labels else ""
-            out[f"antrea_like_{kind}{name}_per_s"] = round(n / (t1 - t0))
+            out[f"antrea_like_{'with_labels_' if labels else ''}{name}_per_s"] = rate
     return out
 
 
@@ -204,7 +197,6 @@ def router(n: int) -> dict:
     """ROUTER's records to JSON lines by the C formatter, and side by side by polars'
     NDJSON writer: the path such tables took before octet arrays were printed in C."""
     from agent import jsonlines
-    from agent.ipfix.decoder import Decoder
 
     msgs, out = router_messages(n), {}
     formatted = jsonlines._formatted
@@ -213,16 +205,25 @@ def router(n: int) -> dict:
                     ("again_polars_per_s", False)):
         jsonlines._formatted = formatted if c else (lambda *_: False)
         try:
-            d, count = Decoder(), 0
-            t0 = time.process_time()
-            for b in batches(msgs):
-                count += jsonlines.encode(d.messages(b)[0], sink=_discard).count
-            t1 = time.process_time()
+            out[name] = lines_per_s(msgs, n)
         finally:
             jsonlines._formatted = formatted
-        assert count == n and not d.errors, d.errors
-        out[name] = round(n / (t1 - t0))
     return out
+
+
+def lines_per_s(msgs: list[bytes], n: int) -> int:
+    """The n records of msgs decoded and turned into JSON lines, in the collector's
+    batches, by a fresh decoder: records per CPU second."""
+    from agent.ipfix.decoder import Decoder
+    from agent.jsonlines import encode
+
+    d, count = Decoder(), 0
+    t0 = time.process_time()
+    for b in batches(msgs):
+        count += encode(d.messages(b)[0], sink=_discard).count
+    t1 = time.process_time()
+    assert count == n and not d.errors, d.errors
+    return round(n / (t1 - t0))
 
 
 def _discard(lines) -> None:
