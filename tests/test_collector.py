@@ -1038,7 +1038,8 @@ def test_the_c_formatter_writes_what_polars_writes_for_any_octets(data):
     from agent import jsonlines
     from agent.ipfix.decoder import Field, RecordSet, Spec, _dtype
 
-    kinds = data.draw(st.lists(st.sampled_from(_PRINTED), min_size=1, max_size=12))
+    kinds = data.draw(st.lists(st.sampled_from(_PRINTED), min_size=1, max_size=12)
+                      .filter(lambda ks: any(n for _, n in ks)))  # a record of 0 octets: none
     fields = [Field(0, 1000 + i, n, f"f{i}", t) for i, (t, n) in enumerate(kinds)]
     spec = Spec(300, fields, 0, _dtype(fields), sum(n for _, n in kinds))
     n = data.draw(st.integers(1, 40))
@@ -1126,7 +1127,8 @@ def test_records_with_strings_decode_as_the_record_by_record_reading_does(streak
         return
     assert [r for rs in got for r in rows_of(rs)] == expected
     if expected and all(length < 255 for length, _, _ in recs):
-        runs = [len(list(g)) for _, g in itertools.groupby(recs, key=lambda r: r[:2])]
+        whole = recs[: len(expected)]  # a record cut short under the minimum is padding
+        runs = [len(list(g)) for _, g in itertools.groupby(whole, key=lambda r: r[:2])]
         assert [len(rs.array) for rs in got if rs.array is not None] == [
             n for n in runs if n >= MIN_RUN]
     lines = [json.loads(line) for line in encode(got).split()]  # a table a layout
