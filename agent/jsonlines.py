@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from agent.ipfix.decoder import NTP_EPOCH_OFFSET, Decoder, RecordSet, records, value
+from agent.ipfix.decoder import FLOATS, NTP_EPOCH_OFFSET, Decoder, RecordSet, records, value
 
 META = ("@exporter", "@domain", "@template", "@exportTime")
 _SRC = ("sourceIPv4Address", "sourceIPv6Address")
@@ -282,8 +282,6 @@ class _Column(ctypes.Structure):
                 ("string_lens", ctypes.POINTER(ctypes.c_uint64)), ("nstrings", ctypes.c_uint64)]
 
 
-_FLOATS = (("float64", 8), ("float64", 4), ("float32", 4))  # what value() reads as floats
-
 # enum kind of agent/_jsonlines.c
 UNSIGNED, SIGNED, NTP, IPV4, IPV6, MAC, BOOLEAN, STRING, _, TEXT, HEX = range(11)
 
@@ -298,7 +296,7 @@ def _kind(f) -> int | None:
         return SIGNED if 1 <= n <= 8 else None
     if t == "string":
         return TEXT
-    if (t, n) in _FLOATS:
+    if (t, n) in FLOATS:
         return None
     return {("dateTimeMicroseconds", 8): NTP, ("dateTimeNanoseconds", 8): NTP,
             ("ipv4Address", 4): IPV4, ("ipv6Address", 16): IPV6, ("macAddress", 6): MAC,
@@ -447,7 +445,7 @@ def _column(name: str, f, col: np.ndarray) -> pl.Series:
     if t == "ipv6Address" and n == 16:
         return pl.Series(name, [socket.inet_ntop(socket.AF_INET6, b) for b in rows], pl.String)
     vals = [value(f, b) for b in rows]
-    if (t, n) in _FLOATS:  # value() gives other lengths in hex
+    if (t, n) in FLOATS:  # value() gives other lengths in hex
         return pl.Series(name, [v if v == v and abs(v) != float("inf") else None for v in vals],
                          pl.Float64)
     if t == "boolean":

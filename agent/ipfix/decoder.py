@@ -81,6 +81,8 @@ class RecordSet:
 
 MAX_NAMES = 1024  # RFC 5610 names one session may teach
 _TEACHING = {"informationElementId", "informationElementName"}  # an RFC 5610 type record
+FLOATS = (("float64", 8), ("float64", 4), ("float32", 4))  # (type, length) value() reads
+# as a float; other lengths of a float type are hex
 MAX_LAYOUTS = 512  # string-length combinations (of all templates) kept as layouts
 # Records in a run (the same string lengths) below which they are read record by
 # record: a layout made and formatted for a few records costs more than rows. An
@@ -597,10 +599,8 @@ def value(f: Field, raw: bytes):
         return raw.rstrip(b"\0").decode("utf-8", errors="replace")
     if t == "boolean" and len(raw) == 1:
         return raw[0] == 1
-    if t == "float64" and len(raw) in (4, 8):
+    if (t, len(raw)) in FLOATS:
         return struct.unpack("!d" if len(raw) == 8 else "!f", raw)[0]
-    if t == "float32" and len(raw) == 4:
-        return struct.unpack("!f", raw)[0]
     return raw.hex()
 
 
