@@ -326,3 +326,242 @@ int64_t format_lines(uint64_t first, uint64_t n, uint32_t ncols, const struct co
 	}
 	return p - (char *)out;
 }
+
+/* ---- Records with variable-length fields, read from the wire one by one ----------
+ *
+ * An exporter that does not group its records by their strings' lengths (pod names
+ * of many lengths) sends sets no fixed layout fits. format_records() walks such a set
+ * record by record and writes each record's line as the decoder's record-by-record
+ * reading and json.dumps() write it (agent/jsonlines.py: the same octets, tested).
+ * A value it does not print (a float, an integer over 8 octets, a string with an
+ * octet over 0x7F) stops it before that record, for Python to write that one.
+ */
+
+enum class_ {  /* a field's type, as value() tells them apart */
+	C_UNSIGNED = 0, /* unsigned*, dateTimeSeconds, dateTimeMilliseconds */
+	C_SIGNED = 1,
+	C_NTP = 2,      /* dateTimeMicroseconds, dateTimeNanoseconds */
+	C_IPV4 = 3,
+	C_IPV6 = 4,
+	C_MAC = 5,
+	C_BOOLEAN = 6,
+	C_STRING = 7,
+	C_FLOAT64 = 8,  /* value() reads 8 and 4 octets as a float */
+	C_FLOAT32 = 9,  /* 4 octets */
+	C_OCTETS = 10,  /* anything else: hex */
+};
+
+#define VARLEN 65535
+#define MAX_FIELDS 512
+#define K_ZERO 100    /* an integer of 0 octets: 0 */
+#define K_JSON 101    /* a string as json.dumps() writes it (ASCII: \u escapes) */
+#define K_PYTHON 102  /* a value this file does not print */
+#define KEY_WIDTH 40  /* a flow key's slot: its length, then up to 37 octets */
+
+struct vfield {
+	uint32_t cls;        /* enum class_ */
+	uint32_t length;     /* octets, or VARLEN */
+	const char *prefix;  /* `,"name":` as json.dumps() writes the name, padded (put_text) */
+	uint64_t prefix_len;
+};
+
+enum status { S_END = 0, S_FULL = 1, S_PYTHON = 2, S_MALFORMED = 3 };
+
+/* How value() gives a value of this class and length. */
+static uint32_t kind_of(uint32_t cls, uint32_t n)
+{
+	switch (cls) {
+	case C_UNSIGNED: return n == 0 ? K_ZERO : n <= 8 ? K_UNSIGNED : K_PYTHON;
+	case C_SIGNED: return n == 0 ? K_ZERO : n <= 8 ? K_SIGNED : K_PYTHON;
+	case C_NTP: return n == 8 ? K_NTP : K_HEX;
+	case C_IPV4: return n == 4 ? K_IPV4 : K_HEX;
+	case C_IPV6: return n == 16 ? K_IPV6 : K_HEX;
+	case C_MAC: return n == 6 ? K_MAC : K_HEX;
+	case C_BOOLEAN: return n == 1 ? K_BOOLEAN : K_HEX;
+	case C_STRING: return K_JSON;
+	case C_FLOAT64: return n == 8 || n == 4 ? K_PYTHON : K_HEX;
+	case C_FLOAT32: return n == 4 ? K_PYTHON : K_HEX;
+	default: return K_HEX;
+	}
+}
+
+/* A string's octets less its trailing NULs (value() strips them), or -1 if one is
+ * over 0x7F (UTF-8 that Python decodes and escapes: left to it). */
+static int64_t json_length(const uint8_t *d, uint32_t n)
+{
+	while (n && !d[n - 1])
+		n--;
+	for (uint32_t i = 0; i < n; i++)
+		if (d[i] > 0x7F)
+			return -1;
+	return n;
+}
+
+/* ASCII as json.dumps() escapes it: quote, backslash, \b \f \n \r \t by name, other
+ * octets outside space to tilde as \u00XX. */
+static char *put_json(char *p, const uint8_t *d, uint32_t n)
+{
+	static const char HEX[] = "0123456789abcdef";
+
+	*p++ = '"';
+	for (uint32_t i = 0; i < n; i++) {
+		uint8_t b = d[i];
+
+		if (b >= 0x20 && b <= 0x7E && b != '"' && b != '\\') {
+			*p++ = (char)b;
+			continue;
+		}
+		*p++ = '\\';
+		switch (b) {
+		case '"': *p++ = '"'; break;
+		case '\\': *p++ = '\\'; break;
+		case '\b': *p++ = 'b'; break;
+		case '\f': *p++ = 'f'; break;
+		case '\n': *p++ = 'n'; break;
+		case '\r': *p++ = 'r'; break;
+		case '\t': *p++ = 't'; break;
+		default:
+			memcpy(p, "u00", 3);
+			p[3] = HEX[b >> 4];
+			p[4] = HEX[b & 15];
+			p += 5;
+		}
+	}
+	*p++ = '"';
+	return p;
+}
+
+/* An unsigned value of up to 8 octets, or -1 past them (the caller's bound). */
+static int64_t small(const uint8_t *d, uint32_t n, uint64_t below)
+{
+	uint64_t v = n ? be(d, n) : 0;
+
+	return v < below ? (int64_t)v : -1;
+}
+
+/* The flow key of jsonlines.flow_key(): protocol, then the two endpoints (address and
+ * port), the smaller first; 0 octets (None) where an address is not of `size`. */
+static uint8_t put_key(uint8_t *slot, const int32_t *key, uint32_t size,
+		       const uint32_t *at, const uint32_t *len, const uint8_t *d)
+{
+	uint8_t a[18], b[18];
+	int64_t proto = 0, sport = 0, dport = 0;
+
+	if (len[key[0]] != size || len[key[1]] != size)
+		return slot[0] = 0;
+	if (key[4] >= 0 && (proto = small(d + at[key[4]], len[key[4]], 256)) < 0)
+		proto = 0;
+	if (key[2] >= 0 && (sport = small(d + at[key[2]], len[key[2]], 65536)) < 0)
+		sport = 0;
+	if (key[3] >= 0 && (dport = small(d + at[key[3]], len[key[3]], 65536)) < 0)
+		dport = 0;
+	memcpy(a, d + at[key[0]], size);
+	memcpy(b, d + at[key[1]], size);
+	a[size] = (uint8_t)(sport >> 8), a[size + 1] = (uint8_t)sport;
+	b[size] = (uint8_t)(dport >> 8), b[size + 1] = (uint8_t)dport;
+	slot[1] = (uint8_t)proto;
+	if (memcmp(a, b, size + 2) <= 0) {
+		memcpy(slot + 2, a, size + 2);
+		memcpy(slot + 4 + size, b, size + 2);
+	} else {
+		memcpy(slot + 2, b, size + 2);
+		memcpy(slot + 4 + size, a, size + 2);
+	}
+	return slot[0] = (uint8_t)(1 + 2 * (size + 2));
+}
+
+/* Lines of the records in data from *pos on, each `meta` (`{"@exporter":...` up to
+ * the last key's value, padded as a prefix) then the fields, into out (cap octets);
+ * with key (source and destination address, source and destination port, protocol:
+ * field indices, -1 where absent, key_size 4 or 16), each record's flow key into
+ * keys, KEY_WIDTH octets a record. At most max_records. Returns the records written;
+ * *pos is past them, *written the octets, *status why it stopped: S_END, S_FULL (out
+ * has no room for the next record: *written then the octets it needs if none was
+ * written), S_PYTHON (the record at *pos has a value for Python to write),
+ * S_MALFORMED (a record cut short: the decoder hands whole records only). */
+int64_t format_records(const uint8_t *data, uint64_t len, uint64_t *pos, uint32_t nfields,
+		       const struct vfield *fields, const char *meta, uint64_t meta_len,
+		       uint8_t *out, uint64_t cap, uint64_t *written, const int32_t *key,
+		       uint32_t key_size, uint8_t *keys, uint64_t max_records, uint32_t *status)
+{
+	uint32_t at[MAX_FIELDS], n[MAX_FIELDS], kind[MAX_FIELDS];
+	char *p = (char *)out;
+	uint64_t done = 0, off = *pos;
+
+	*status = S_END;
+	if (nfields > MAX_FIELDS)
+		return *status = S_MALFORMED, 0;
+	while (off < len && done < max_records) {
+		uint64_t o = off, width = meta_len + 2 + SLACK;
+
+		for (uint32_t j = 0; j < nfields; j++) {
+			uint64_t m = fields[j].length;
+
+			if (m == VARLEN) {
+				if (o >= len)
+					goto malformed;
+				m = data[o++];
+				if (m == 255) {
+					if (o + 2 > len)
+						goto malformed;
+					m = (uint64_t)data[o] << 8 | data[o + 1];
+					o += 2;
+				}
+			}
+			if (o + m > len)
+				goto malformed;
+			at[j] = (uint32_t)o, n[j] = (uint32_t)m;
+			kind[j] = kind_of(fields[j].cls, (uint32_t)m);
+			if (kind[j] == K_JSON) {
+				int64_t t = json_length(data + o, (uint32_t)m);
+
+				if (t < 0)
+					kind[j] = K_PYTHON;
+				else
+					n[j] = (uint32_t)t, width += 6 * (uint64_t)t;
+			} else if (kind[j] == K_HEX) {
+				width += 2 * m;
+			}
+			if (kind[j] == K_PYTHON) {
+				*status = S_PYTHON;
+				goto stop;
+			}
+			width += fields[j].prefix_len + 2 + 46;  /* quotes, the widest fixed kind */
+			o += m;
+		}
+		if ((uint64_t)((char *)out + cap - p) < width) {
+			*status = S_FULL;
+			if (!done)
+				p = (char *)out + width;  /* what the caller must give */
+			goto stop;
+		}
+		p = put_text(p, meta, meta_len);
+		for (uint32_t j = 0; j < nfields; j++) {
+			const uint8_t *d = data + at[j];
+			struct column c = { .kind = kind[j], .length = n[j] };
+
+			p = put_text(p, fields[j].prefix, fields[j].prefix_len);
+			if (kind[j] == K_ZERO)
+				*p++ = '0';
+			else if (kind[j] == K_JSON)
+				p = put_json(p, d, n[j]);
+			else
+				p = put(p, &c, d);
+		}
+		*p++ = '}';
+		*p++ = '\n';
+		if (key_size)
+			put_key(keys + done * KEY_WIDTH, key, key_size, at, n, data);
+		done++;
+		off = o;
+	}
+	if (off < len && done == max_records)
+		*status = S_FULL;
+stop:
+	*pos = off;
+	*written = (uint64_t)(p - (char *)out);
+	return (int64_t)done;
+malformed:
+	*status = S_MALFORMED;
+	goto stop;
+}

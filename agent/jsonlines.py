@@ -12,8 +12,13 @@ It prints octet arrays (hex) and plain strings too, so the tables of real router
 templates (MPLS label stacks, route distinguishers, NUL-padded VRF names) take it as
 well, some 7 times faster than polars did (bench/collector.py). Tables with a field
 it does not print (floats, integers over 8 octets, strings JSON must escape) are
-turned into columns with numpy and written by polars; sets with variable-length
-fields go record by record.
+turned into columns with numpy and written by polars.
+
+Records with variable-length fields in no run (an exporter that does not group them
+by their strings' lengths) are written by format_records(), also in C, straight from
+the wire, record by record: 4 to 6 times faster than reading each into a dict and
+json.dumps() (bench/collector.py). A value it does not print (a float, an integer
+over 8 octets, text beyond ASCII) is written by Python, that record alone.
 
 Each record also gets a flow key for Kafka: protocol and the two endpoints in a
 fixed order, so both directions of a flow land in one partition.
@@ -26,6 +31,7 @@ import importlib.machinery
 import json
 import socket
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,7 +39,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from agent.ipfix.decoder import FLOATS, NTP_EPOCH_OFFSET, Decoder, RecordSet, records, value
+from agent.ipfix.decoder import (
+    FLOATS,
+    NTP_EPOCH_OFFSET,
+    Decoder,
+    RecordSet,
+    Spec,
+    _names,
+    read_record,
+    value,
+)
 
 META = ("@exporter", "@domain", "@template", "@exportTime")
 _SRC = ("sourceIPv4Address", "sourceIPv6Address")
@@ -114,17 +129,24 @@ def _retry(group: list[RecordSet], out: _Out, error: Exception, failed) -> None:
 def _group(group: list[RecordSet], out: _Out) -> None:
     rs = group[0]
     if rs.array is None:
-        rows = [{**_meta(rs), **_unclash(row)} for row in records(rs)]
-        if rows:
-            text = ("\n".join(json.dumps(r, separators=(",", ":")) for r in rows) + "\n")
-            out.emit(text.encode(), len(rows), [flow_key(r) for r in rows] if out.keys else None)
+        _records(rs, out)
+        return
+    origin = rs.spec.origin  # runs of strings' lengths: their octets are as they came
+    if origin is not None and sum(map(len, group)) < TABLE_MIN:
+        for g in group:  # a few: read as they came, cheaper than a table
+            _run_records(g, out)
         return
     arr = _joined(group)
     if not len(arr):
         return
     keys = _keys(arr, {f.name: name for f, name in zip(
         reversed(rs.spec.fields), reversed(arr.dtype.names), strict=True)}) if out.keys else None
-    if not _formatted(group, arr, out, keys):
+    if _formatted(group, arr, out, keys):
+        return
+    if origin is not None:  # strings JSON escapes (labels): format_records() does
+        for g in group:
+            _run_records(g, out)
+    else:
         parts = _Parts()
         _table(group, arr).write_ndjson(parts)
         out.emit(b"".join(parts.parts), len(arr), keys)
@@ -214,6 +236,165 @@ def _groups(sets: list[RecordSet]) -> list[list[RecordSet]]:
             out.append(group)
         group.append(rs)
     return out
+
+
+class _VField(ctypes.Structure):
+    """struct vfield of agent/_jsonlines.c."""
+
+    _fields_ = [("cls", ctypes.c_uint32), ("length", ctypes.c_uint32),
+                ("prefix", ctypes.c_void_p), ("prefix_len", ctypes.c_uint64)]
+
+
+# enum class_ and enum status of agent/_jsonlines.c
+(C_UNSIGNED, C_SIGNED, C_NTP, C_IPV4, C_IPV6, C_MAC, C_BOOLEAN, C_STRING, C_FLOAT64,
+ C_FLOAT32, C_OCTETS) = range(11)
+S_END, S_FULL, S_PYTHON, S_MALFORMED = range(4)
+KEY_WIDTH = 40  # a flow key's slot in format_records()'s keys: its length, its octets
+_MAX_RECORDS = 4096  # records a format_records() call, at most
+_CLASSES = {"dateTimeMicroseconds": C_NTP, "dateTimeNanoseconds": C_NTP,
+            "ipv4Address": C_IPV4, "ipv6Address": C_IPV6, "macAddress": C_MAC,
+            "boolean": C_BOOLEAN, "string": C_STRING, "float64": C_FLOAT64,
+            "float32": C_FLOAT32}
+
+
+def _class(f) -> int:
+    """A field's class for format_records(), which picks what value() picks from it
+    and a value's length."""
+    t = f.type
+    if t.startswith("unsigned") or t in ("dateTimeSeconds", "dateTimeMilliseconds"):
+        return C_UNSIGNED
+    if t.startswith("signed"):
+        return C_SIGNED
+    return _CLASSES.get(t, C_OCTETS)
+
+
+@dataclass
+class _Plan:
+    """How format_records() writes a variable-length template's records: each field's
+    class, length and JSON name; the flow key's fields (key_size 0: no addresses;
+    None: not as C reads them, flow_key() a record's)."""
+
+    fields: ctypes.Array
+    keep: list
+    key: ctypes.Array
+    key_size: int | None
+
+
+_plans: OrderedDict[int, tuple[Spec, _Plan | None]] = OrderedDict()  # id(spec): LRU
+_MAX_PLANS = 1024
+
+
+def _plan(spec: Spec) -> _Plan | None:
+    """spec's _Plan, kept for the templates last used; None where the record's keys
+    clash (an element named "@exporter#2" beside one named "@exporter": a dict keeps
+    one), for Python to write."""
+    held = _plans.get(id(spec))
+    if held is not None and held[0] is spec:
+        _plans.move_to_end(id(spec))
+        return held[1]
+    names = [f"{n}#2" if n in META else n for n in _names(spec.fields)]
+    plan = None
+    if len(set(names)) == len(names):
+        classes = [_class(f) for f in spec.fields]
+        prefixes = [_padded(("," + json.dumps(name) + ":").encode()) for name in names]
+        fields = (_VField * len(names))(*(
+            _VField(c, f.length, ctypes.addressof(p), len(p.value))
+            for c, f, p in zip(classes, spec.fields, prefixes, strict=True)))
+        plan = _Plan(fields, prefixes, (ctypes.c_int32 * 5)(-1, -1, -1, -1, -1), 0)
+        where = {name: i for i, name in enumerate(names)}
+        for src, dst, size, cls in ((_SRC[0], _DST[0], 4, C_IPV4),
+                                    (_SRC[1], _DST[1], 16, C_IPV6)):
+            if src in where and dst in where:
+                parts = (src, dst, "sourceTransportPort", "destinationTransportPort",
+                         "protocolIdentifier")
+                plan.key[:] = [where.get(name, -1) for name in parts]
+                numbers = [classes[i] for i in plan.key[2:] if i >= 0]
+                plan.key_size = size if classes[where[src]] == classes[where[dst]] == cls \
+                    and all(c == C_UNSIGNED for c in numbers) else None
+                break
+    _plans[id(spec)] = (spec, plan)
+    if len(_plans) > _MAX_PLANS:
+        _plans.popitem(last=False)
+    return plan
+
+
+def _records(rs: RecordSet, out: _Out) -> None:
+    """Records with variable-length fields as they came, by format_records(); a record
+    with a value it does not print (or every record, where the plan says so) by
+    read_record() and json.dumps()."""
+    if not rs.count:
+        return
+    plan = _plan(rs.spec)
+    raw = np.frombuffer(rs.raw, np.uint8)
+    meta = json.dumps(_meta(rs), separators=(",", ":"))[:-1]
+    size = plan.key_size if plan is not None and out.keys else 0
+    if plan is None or size is None:
+        _python(rs, raw, 0, rs.count, meta, out)
+        return
+    padded = _padded(meta.encode())
+    lib = _library()
+    pos, written, status = ctypes.c_uint64(0), ctypes.c_uint64(0), ctypes.c_uint32(0)
+    keys = _held_keys[0]
+    cap = _PIECE  # a piece at most, as a table's; wider where one record is
+    buf = _scratch(cap)
+    left = rs.count
+    while left:
+        done = lib.format_records(raw.ctypes.data, len(raw), ctypes.byref(pos),
+                                  len(plan.fields), plan.fields, ctypes.addressof(padded),
+                                  len(padded.value), buf.ctypes.data, cap,
+                                  ctypes.byref(written), plan.key, size,
+                                  keys.ctypes.data, _MAX_RECORDS, ctypes.byref(status))
+        if done:
+            out.emit(memoryview(buf)[: written.value], done, _keys_of(keys, done, size)
+                     if out.keys else None)
+            left -= done
+        if status.value == S_PYTHON:
+            pos.value = _python(rs, raw, pos.value, 1, meta, out)
+            left -= 1
+        elif status.value == S_FULL and not done:  # a record wider than a piece
+            cap = written.value
+            buf = _scratch(cap)
+        elif status.value in (S_END, S_MALFORMED) and left:
+            raise RuntimeError(f"format_records: {left} records not read")  # a bug
+
+
+def _run_records(rs: RecordSet, out: _Out) -> None:
+    """A run of records with strings (a layout's array: their octets as they came) by
+    format_records(), a message's records at a time where they were gathered."""
+    raw = rs.array.tobytes()
+    size, times = rs.array.dtype.itemsize, rs.export_time
+    if np.ndim(times) == 0:
+        _records(RecordSet(rs.exporter, rs.domain, times, rs.spec.origin, raw=raw,
+                           count=len(rs)), out)
+        return
+    starts = [0, *(np.flatnonzero(times[1:] != times[:-1]) + 1).tolist(), len(times)]
+    for a, b in zip(starts, starts[1:]):  # noqa: B905
+        _records(RecordSet(rs.exporter, rs.domain, int(times[a]), rs.spec.origin,
+                           raw=raw[a * size : b * size], count=b - a), out)
+
+
+_held_keys = [np.empty(_MAX_RECORDS * KEY_WIDTH, np.uint8)]
+
+
+def _keys_of(keys: np.ndarray, n: int, size: int | None) -> list[bytes | None]:
+    """format_records()'s keys of n records: each slot's length octet, then the key."""
+    if not size:
+        return [None] * n
+    slots = keys[: n * KEY_WIDTH].tobytes()
+    return [slots[i + 1 : i + 1 + slots[i]] or None for i in range(0, n * KEY_WIDTH, KEY_WIDTH)]
+
+
+def _python(rs: RecordSet, raw: np.ndarray, pos: int, n: int, meta: str, out: _Out) -> int:
+    """n records from pos read into dicts and written by json.dumps(): where the next
+    begins."""
+    rows = []
+    for _ in range(n):
+        row, pos = read_record(rs.spec, raw, pos)
+        rows.append(row)
+    text = "".join(meta + "," + json.dumps(_unclash(r), separators=(",", ":"))[1:] + "\n"
+                   for r in rows)
+    out.emit(text.encode(), n, [flow_key(r) for r in rows] if out.keys else None)
+    return pos
 
 
 def _meta(rs: RecordSet) -> dict:
@@ -328,6 +509,13 @@ def _library() -> ctypes.CDLL:
                                          ctypes.c_uint64]
             lib.line_width.restype = ctypes.c_uint64
             lib.line_width.argtypes = [ctypes.c_uint32, ctypes.POINTER(_Column)]
+            u64 = ctypes.POINTER(ctypes.c_uint64)
+            lib.format_records.restype = ctypes.c_int64
+            lib.format_records.argtypes = [
+                ctypes.c_void_p, ctypes.c_uint64, u64, ctypes.c_uint32,
+                ctypes.POINTER(_VField), ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
+                ctypes.c_uint64, u64, ctypes.POINTER(ctypes.c_int32), ctypes.c_uint32,
+                ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint32)]
             return lib
     raise ImportError(f"agent/_jsonlines.c is not built in {here}: run scripts/setup.sh")
 
@@ -382,6 +570,10 @@ def _formatted(group: list[RecordSet], arr: np.ndarray, out: _Out,
     return True
 
 
+# Records of a layout (a run of strings' lengths) in a batch below which they are
+# written from their octets by format_records() rather than as a table: a table's
+# columns cost some 0.5 ms to set up (bench/collector.py `runs`)
+TABLE_MIN = 256
 _PIECE = 256 << 10  # octets of lines formatted and handed on at a time: within L2
 _held = [np.empty(0, np.uint8)]
 

@@ -110,11 +110,13 @@ def router_messages(n: int) -> list[bytes]:
     return out
 
 
-def ungrouped_messages(n: int, labels: bool) -> list[bytes]:
+def ungrouped_messages(n: int, labels: bool, run: int = 1, per: int = 10) -> list[bytes]:
     """n records of an Antrea-like template (the 5-tuple, counters, times, then pod
     names, namespaces and, with labels, the source pod's labels as JSON: variable-length
-    strings) in messages of 10, records not grouped by their strings' lengths, as an
-    exporter that does not sort them sends them: pods of 60 names of 8 to 40 octets."""
+    strings) in messages of `per`, records not grouped by their strings' lengths, as an
+    exporter that does not sort them sends them: pods of 60 names of 8 to 40 octets.
+    run: records of one pair of pods in a row (a run of string lengths, as an exporter
+    that groups them sends them, of many combinations)."""
     import struct
 
     rng = np.random.default_rng(3)
@@ -131,10 +133,11 @@ def ungrouped_messages(n: int, labels: bool) -> list[bytes]:
         ns = (b"default", b"prod", b"kube-system", b"team-a")[i % 4]
         pods.append((name, ns, b'{"app":"%s","tier":"fe"}' % app.encode()))
     out = []
-    for first in range(0, n, 10):
+    for first in range(0, n, per):
         body = b""
-        for _ in range(min(10, n - first)):
-            src, dst = pods[rng.integers(60)], pods[rng.integers(60)]
+        for k in range(min(per, n - first)):
+            if k % run == 0:
+                src, dst = pods[rng.integers(60)], pods[rng.integers(60)]
             body += rng.integers(0, 256, 37, np.uint8).tobytes()
             for text in (src[0], src[1], dst[0], dst[1]) + ((src[2],) if labels else ()):
                 body += bytes([len(text)]) + text
@@ -144,20 +147,44 @@ def ungrouped_messages(n: int, labels: bool) -> list[bytes]:
 
 
 def ungrouped() -> dict:
-    """ungrouped_messages() to JSON lines, and side by side as before MIN_RUN (every
-    run of one record its own layout and table)."""
-    from agent.ipfix import decoder
+    """ungrouped_messages() to JSON lines: records in no run written by format_records()
+    (C, from the wire) and, side by side, each read into a dict and json.dumps() (the
+    path before it, which it still takes for a value C does not print)."""
+    from agent import jsonlines
 
-    out, min_run = {}, decoder.MIN_RUN
-    for labels, n in ((False, 20_000), (True, 5_000)):
+    out, plan = {}, jsonlines._plan
+    for labels, n in ((False, 20_000), (True, 10_000)):
         msgs = ungrouped_messages(n, labels)
-        for name, runs in (("now", min_run), ("before", 1), ("now_again", min_run)):
-            decoder.MIN_RUN = runs
+        for name, planned in (("c", plan), ("python", lambda spec: None), ("c_again", plan)):
+            jsonlines._plan = planned
             try:
                 rate = lines_per_s(msgs, n)
             finally:
-                decoder.MIN_RUN = min_run
+                jsonlines._plan = plan
             out[f"antrea_like_{'with_labels_' if labels else ''}{name}_per_s"] = rate
+    return out
+
+
+def layouts(n: int) -> dict:
+    """Records whose strings have a few lengths (cniflow's interface names) and many
+    (runs of 16 and 32 of 3,600 pod pairs; runs of one), to JSON lines: layouts made once
+    a combination recurs (ADMIT), side by side with made at once (ADMIT 0) and never
+    (every record read as it came)."""
+    from agent.ipfix import decoder
+
+    inputs = {"interface_names": messages(n, flowmap.TEMPLATE_V4),
+              "pod_runs_of_16": ungrouped_messages(n, False, 16, 32),
+              "pod_runs_of_32": ungrouped_messages(n, False, 32, 32),
+              "pod_runs_of_1": ungrouped_messages(n, False, 1, 32)}
+    out, admit, min_run = {}, decoder.ADMIT, decoder.MIN_RUN
+    for name, msgs in inputs.items():
+        for policy, a, m in (("admitted", admit, min_run), ("at_once", 0, min_run),
+                             ("never", admit, 1 << 30), ("admitted_again", admit, min_run)):
+            decoder.ADMIT, decoder.MIN_RUN = a, m
+            try:
+                out[f"{name}_{policy}_per_s"] = lines_per_s(msgs, n)
+            finally:
+                decoder.ADMIT, decoder.MIN_RUN = admit, min_run
     return out
 
 
@@ -190,6 +217,7 @@ def in_process(msgs: list[bytes], n: int) -> dict:
         out[name] = round(n / (t3 - t2))
     out.update(router(n))
     out.update(ungrouped())
+    out.update(layouts(min(n, 64_000)))
     return out
 
 

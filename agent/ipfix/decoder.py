@@ -2,7 +2,10 @@
 
 Templates live per (exporter, observation domain), as RFC 7011 section 8
 scopes them. Fixed-length data sets are decoded a whole set at a time through
-one big-endian numpy dtype; sets with variable-length fields record by record.
+one big-endian numpy dtype. Sets with variable-length fields are scanned for
+where each record ends: runs of records with the same string lengths that recur
+get a numpy layout of their own, the other records are handed on as they came
+(the JSON lines' C reader writes them from there, records() reads them).
 Data that arrives before its template is held for a bounded time and size,
 then counted as dropped. Anything malformed raises nothing out of here: it is
 counted by reason and the rest of the message (or the next one) goes on, and
@@ -11,8 +14,8 @@ one exporter's errors never touch another exporter's state.
 
 from __future__ import annotations
 
-import ipaddress
 import re
+import socket
 import struct
 import time
 from collections import Counter, OrderedDict, deque
@@ -48,10 +51,21 @@ class Spec:
     min_length: int = 0
     # a variable-length template's layout (_layout): where its string length octets are
     length_octets: list[tuple[int, int]] = field(default_factory=list)
+    origin: Spec | None = None  # a layout's variable-length template
     teaches: bool = field(init=False)  # RFC 5610 type records: names for _learn
+    # fixed octets before each variable-length field, and after the last (_scan)
+    steps: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.teaches = _TEACHING <= {f.name for f in self.fields}
+        steps, fixed = [], 0
+        for f in self.fields:
+            if f.length == VARLEN:
+                steps.append(fixed)
+                fixed = 0
+            else:
+                fixed += f.length
+        self.steps = (*steps, fixed)
 
 
 @dataclass
@@ -66,17 +80,20 @@ class Session:
 class RecordSet:
     """Records of one data set (or of several messages' sets, gathered: then
     `export_time` may be an array, a record's each): `array` for fixed-length
-    templates and string runs, else `rows`."""
+    templates and string runs, else `raw`, `count` whole records with
+    variable-length fields as they came (records() reads them, the JSON lines'
+    formatter writes them from there)."""
 
     exporter: str
     domain: int
     export_time: int | np.ndarray
     spec: Spec
     array: np.ndarray | None = None
-    rows: list[dict] | None = None
+    raw: bytes | memoryview = b""
+    count: int = 0
 
     def __len__(self) -> int:
-        return len(self.array) if self.array is not None else len(self.rows or [])
+        return len(self.array) if self.array is not None else self.count
 
 
 MAX_NAMES = 1024  # RFC 5610 names one session may teach
@@ -84,12 +101,17 @@ _TEACHING = {"informationElementId", "informationElementName"}  # an RFC 5610 ty
 FLOATS = (("float64", 8), ("float64", 4), ("float32", 4))  # (type, length) value() reads
 # as a float; other lengths of a float type are hex
 MAX_LAYOUTS = 512  # string-length combinations (of all templates) kept as layouts
-# Records in a run (the same string lengths) below which they are read record by
-# record: a layout made and formatted for a few records costs more than rows. An
-# exporter that does not group its records by their strings' lengths (pod names of
-# many lengths) sends runs of one: 3,500 records/s as layouts, 18,000 as rows
-# (bench/collector.py); the two cross near 8 records a run.
+# Records in a run (the same string lengths) below which they are read as they came,
+# by the JSON lines' C reader of such records: a layout made and formatted for a few
+# records costs more.
 MIN_RUN = 8
+# A layout is made for a combination of string lengths only once runs of it have held
+# ADMIT records, counted for the SEEN combinations last met: cniflow's interface names
+# (a few lengths) become tables, written 2 times faster than read as they came; pod
+# names of many lengths would make a layout a run and give it up before its next (5
+# layouts in 8 made anew, 40 % slower than reading them as they came: bench/collector.py).
+ADMIT = 64
+SEEN = 4096
 
 
 class Malformed(ValueError):
@@ -155,6 +177,7 @@ class Decoder:
         self.stats: Counter = Counter()  # messages, records, template_misses, dropped, gaps
         # (id(spec), string lengths...) -> (spec, its layout), least recently used first
         self.layouts: OrderedDict[tuple, tuple[Spec, Spec]] = OrderedDict()
+        self.seen: OrderedDict[tuple, int] = OrderedDict()  # the same key: records in runs
 
     def _fault(self, why: str) -> None:
         self.errors[reason(why)] += 1
@@ -238,12 +261,17 @@ class Decoder:
         if spec.dtype is not None:
             layout, n = spec, len(body) // spec.dtype.itemsize
         else:
-            run = self._run(spec, body, 0)
+            run = self._run(spec, body)
             if run is None:
                 return 0
-            layout, n = run
-            if len(body) - n * layout.dtype.itemsize >= spec.min_length:
+            lengths, n, size = run
+            if len(body) - n * size >= spec.min_length:
                 return 0  # records in no run, or more runs: message() takes them
+            combination = (id(spec), *lengths)
+            held = self.layouts.get(combination)
+            if (held is None or held[0] is not spec) and self.seen.get(combination, 0) + n < ADMIT:
+                return 0  # message() counts the run toward ADMIT (once) and reads it
+            layout = self._layout(spec, lengths, n)
         if not n:
             return 0
         self.sessions.move_to_end(key)
@@ -362,7 +390,10 @@ class Decoder:
                 if flen == 0:
                     raise Malformed("field of length 0")
                 fields.append(_field(pen, ie, flen, names))
-            new = tid not in session.templates
+            old = session.templates.get(tid)
+            if old is not None and old.scope_count == scope and old.fields == fields:
+                continue  # a refresh: the template kept, and its layouts and formats
+            new = old is None
             if new and len(session.templates) >= self.max_templates:
                 raise Malformed("too many templates in one session")
             if new and self.templates_total >= self.max_templates_total:
@@ -384,40 +415,60 @@ class Decoder:
 
     def _decode(self, key, spec: Spec, body: memoryview, export_time: int) -> list[RecordSet]:
         """A set's records: one array for a fixed-length template; for a variable-length
-        one, an array for each run of records whose strings have the same lengths (an
-        exporter that groups them, as cniflow's does, sends a set as one run) and rows
-        for records in no run, all in the set's order."""
+        one, an array for each run of MIN_RUN or more records whose strings have the same
+        lengths (an exporter that groups them, as cniflow's does, sends a set as one run)
+        and the records in no run as they came, all in the set's order."""
+        exporter, domain = key
         if spec.dtype is not None:
             n = len(body) // spec.dtype.itemsize  # the rest is padding
-            return [RecordSet(key[0], key[1], export_time, spec,
+            return [RecordSet(exporter, domain, export_time, spec,
                               np.frombuffer(body, spec.dtype, n) if n
                               else np.zeros(0, spec.dtype))]
+        ends, lengths = _scan(spec, body)
         out: list[RecordSet] = []
-        rows: list[dict] = []
-        off = 0
-        while len(body) - off >= spec.min_length:
-            run = self._run(spec, body, off)
-            if run is None:
-                row, off = self._record(spec, body, off)
-                rows.append(row)
-                continue
-            layout, n = run
-            if rows:
-                out.append(RecordSet(key[0], key[1], export_time, spec, rows=rows))
-                rows = []
-            out.append(RecordSet(key[0], key[1], export_time, layout,
-                                 np.frombuffer(body, layout.dtype, n, off)))
-            off += n * layout.dtype.itemsize
-        if rows or not out:
-            out.append(RecordSet(key[0], key[1], export_time, spec, rows=rows))
+        i, loose, count = 0, 0, len(ends)  # loose: the first record in no run yet put out
+        while i < count:
+            j, run = i + 1, lengths[i]
+            if run is not None:
+                while j < count and lengths[j] == run:
+                    j += 1
+            layout = self._layout(spec, run, j - i) if j - i >= MIN_RUN else None
+            if layout is not None:
+                if loose < i:
+                    out.append(_raw(exporter, domain, export_time, spec, body, ends, loose, i))
+                out.append(RecordSet(exporter, domain, export_time, layout, np.frombuffer(
+                    body, layout.dtype, j - i, ends[i - 1] if i else 0)))
+                loose = j
+            i = j
+        if loose < count or not out:
+            out.append(_raw(exporter, domain, export_time, spec, body, ends, loose, count))
         return out
 
-    def _run(self, spec: Spec, body: memoryview, off: int) -> tuple[Spec, int] | None:
-        """The records from `off` that have the string lengths of the record there:
-        their fixed-length layout and how many, or None (fewer than MIN_RUN, a length of
-        255 or more, a record cut short). Layouts are kept for the MAX_LAYOUTS
-        combinations last used."""
-        lengths, octets, pos = [], [], off  # the first record's, read as _record would
+    def _layout(self, spec: Spec, lengths: tuple[int, ...], n: int) -> Spec | None:
+        """The fixed-length layout of spec's records with these string lengths, for a
+        run of n of them: kept for the MAX_LAYOUTS combinations last used, made once
+        runs of it have held ADMIT records (None before)."""
+        key = (id(spec), *lengths)
+        held = self.layouts.get(key)
+        if held is not None and held[0] is spec:
+            self.layouts.move_to_end(key)
+            return held[1]
+        seen = self.seen.pop(key, 0) + n  # (a spec gone since: its key counts anew, no harm)
+        if seen < ADMIT:
+            self.seen[key] = seen
+            if len(self.seen) > SEEN:
+                self.seen.popitem(last=False)
+            return None
+        self.layouts[key] = (spec, layout := _layout(spec, lengths))
+        if len(self.layouts) > MAX_LAYOUTS:
+            self.layouts.popitem(last=False)
+        return layout
+
+    def _run(self, spec: Spec, body: memoryview) -> tuple[tuple[int, ...], int, int] | None:
+        """The records from the set's start that have the string lengths of its first:
+        those lengths, how many, and a record's size; None for fewer than MIN_RUN, a
+        length of 255 or more, a record cut short."""
+        lengths, octets, pos = [], [], 0  # the first record's, as read_record() reads
         for f in spec.fields:
             n = f.length
             if n == VARLEN:
@@ -425,58 +476,22 @@ class Decoder:
                     return None
                 n = body[pos]
                 lengths.append(n)
-                octets.append((pos - off, n))
+                octets.append((pos, n))
                 pos += 1
             pos += n
-        size = pos - off
-        if pos > len(body) or (len(body) - off) // size < MIN_RUN:
+        size = pos
+        if pos > len(body) or len(body) // size < MIN_RUN:
             return None
         for k in range(1, MIN_RUN):  # the next records first, one by one: most runs of
-            at = off + k * size      # an exporter that does not group are one record
+            at = k * size            # an exporter that does not group are one record
             if any(body[at + o] != n for o, n in octets):
                 return None
-        key = (id(spec), *lengths)
-        held = self.layouts.get(key)
-        if held is None or held[0] is not spec:
-            held = self.layouts[key] = (spec, _layout(spec, lengths))
-            if len(self.layouts) > MAX_LAYOUTS:
-                self.layouts.popitem(last=False)
-        else:
-            self.layouts.move_to_end(key)
-        layout = held[1]
-        size = layout.dtype.itemsize
-        count = (len(body) - off) // size
-        raw = bytes(body[off : off + count * size])
-        for at, n in layout.length_octets:  # the records up to the first whose differs
+        count = len(body) // size
+        raw = bytes(body[: count * size])
+        for at, n in octets:  # the records up to the first whose differs
             column = raw[at::size]  # this length octet of every record
             count = min(count, len(column) - len(column.lstrip(bytes((n,)))))
-        return layout, count
-
-    def _record(self, spec: Spec, body: memoryview, off: int) -> tuple[dict, int]:
-        row = {}
-        for f in spec.fields:
-            n = f.length
-            if n == VARLEN:
-                if off >= len(body):
-                    raise Malformed("variable-length field past the set's end")
-                n = body[off]
-                off += 1
-                if n == 255:
-                    if off + 2 > len(body):
-                        raise Malformed("variable-length field past the set's end")
-                    n = struct.unpack_from("!H", body, off)[0]
-                    off += 2
-            if off + n > len(body):
-                raise Malformed("field past the set's end")
-            key = f.name
-            if key in row:  # the same element again: numbered, as in the numpy layout
-                k = 2
-                while f"{f.name}#{k}" in row:
-                    k += 1
-                key = f"{f.name}#{k}"
-            row[key] = value(f, bytes(body[off : off + n]))
-            off += n
-        return row, off
+        return tuple(lengths), count, size
 
     def _hold(self, session: Session, set_id: int, raw: bytes) -> None:
         session.held.append((self.clock(), set_id, raw))
@@ -543,7 +558,78 @@ class _Gathered:
                          np.frombuffer(b"".join(self.parts), self.spec.dtype))
 
 
-def _layout(spec: Spec, lengths: list[int]) -> Spec:
+def _scan(spec: Spec, body: memoryview) -> tuple[list[int], list[tuple | None]]:
+    """Where each record of a variable-length set ends, and its strings' lengths (None
+    where one takes the three-octet form, 255 or more: such records are read alone),
+    as read_record() finds them; Malformed for a record cut short (the set is lost
+    whole). What is left under the template's minimum length is padding."""
+    ends: list[int] = []
+    lengths: list[tuple | None] = []
+    off, size, minimum = 0, len(body), spec.min_length
+    *varying, last = spec.steps
+    while size - off >= minimum:
+        these, long = [], False
+        for fixed in varying:
+            off += fixed
+            if off >= size:
+                raise Malformed("field past the set's end" if off > size else
+                                "variable-length field past the set's end")
+            n = body[off]
+            off += 1
+            if n == 255:
+                if off + 2 > size:
+                    raise Malformed("variable-length field past the set's end")
+                n = body[off] << 8 | body[off + 1]
+                off += 2
+                long = True
+            these.append(n)
+            off += n
+        off += last
+        if off > size:
+            raise Malformed("field past the set's end")
+        ends.append(off)
+        lengths.append(None if long else tuple(these))
+    return ends, lengths
+
+
+def _raw(exporter: str, domain: int, export_time: int, spec: Spec, body: memoryview,
+         ends: list[int], first: int, end: int) -> RecordSet:
+    """Records first to end - 1 of a scanned set, as they came."""
+    start = ends[first - 1] if first else 0
+    return RecordSet(exporter, domain, export_time, spec,
+                     raw=body[start : ends[end - 1]] if end else body[:0], count=end - first)
+
+
+def read_record(spec: Spec, body: bytes | memoryview, off: int) -> tuple[dict, int]:
+    """The record at off, a dict of element name to value (numbered as the numpy
+    layouts number a repeated element), and where the next begins."""
+    row = {}
+    for f in spec.fields:
+        n = f.length
+        if n == VARLEN:
+            if off >= len(body):
+                raise Malformed("variable-length field past the set's end")
+            n = body[off]
+            off += 1
+            if n == 255:
+                if off + 2 > len(body):
+                    raise Malformed("variable-length field past the set's end")
+                n = struct.unpack_from("!H", body, off)[0]
+                off += 2
+        if off + n > len(body):
+            raise Malformed("field past the set's end")
+        key = f.name
+        if key in row:  # the same element again: numbered, as in the numpy layout
+            k = 2
+            while f"{f.name}#{k}" in row:
+                k += 1
+            key = f"{f.name}#{k}"
+        row[key] = value(f, bytes(body[off : off + n]))
+        off += n
+    return row, off
+
+
+def _layout(spec: Spec, lengths: tuple[int, ...]) -> Spec:
     """A variable-length template with its strings' lengths fixed: fields of those
     lengths, a numpy dtype that skips the length octets, and where they are."""
     fields, offsets, octets = [], [], []
@@ -560,7 +646,7 @@ def _layout(spec: Spec, lengths: list[int]) -> Spec:
     names = _names(fields)  # numbered as _dtype() numbers them
     formats = [_format(f.length) for f in fields]
     dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": at})
-    return Spec(spec.id, fields, spec.scope_count, dtype, at, octets)
+    return Spec(spec.id, fields, spec.scope_count, dtype, at, octets, spec)
 
 
 def split_stream(buf: bytes) -> tuple[list[bytes], bytes]:
@@ -590,9 +676,9 @@ def value(f: Field, raw: bytes):
         sec, frac = struct.unpack("!II", raw)  # NTP format: nanoseconds since 1970
         return (sec - NTP_EPOCH_OFFSET) * 1_000_000_000 + (frac * 1_000_000_000 >> 32)
     if t == "ipv4Address" and len(raw) == 4:
-        return str(ipaddress.IPv4Address(raw))
-    if t == "ipv6Address" and len(raw) == 16:
-        return str(ipaddress.IPv6Address(raw))
+        return socket.inet_ntoa(raw)
+    if t == "ipv6Address" and len(raw) == 16:  # an IPv4-mapped one as ::ffff:a.b.c.d
+        return socket.inet_ntop(socket.AF_INET6, raw)  # (RFC 5952), as every path writes
     if t == "macAddress" and len(raw) == 6:
         return raw.hex(":")
     if t == "string":  # a fixed-length field's padding NULs left out, as tshark shows it
@@ -606,8 +692,12 @@ def value(f: Field, raw: bytes):
 
 def records(rs: RecordSet) -> list[dict]:
     """The set's records as dicts of element name to value (the slow, general form)."""
-    if rs.rows is not None:
-        return rs.rows
+    if rs.array is None:
+        rows, off = [], 0
+        for _ in range(rs.count):
+            row, off = read_record(rs.spec, rs.raw, off)
+            rows.append(row)
+        return rows
     arr = rs.array
     cols = []
     for f, name in zip(rs.spec.fields, arr.dtype.names, strict=True):
