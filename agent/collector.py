@@ -208,8 +208,6 @@ class Collector:
                                                   "total": self.decoder.errors[reason]})
 
     def serve(self, stop: Stop) -> None:
-        warm()
-        gc.freeze()  # start-up's 50,000 objects: a full collection walked them all (15 ms)
         host, port = self.cfg.listen_host_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         if self.cfg.transport == "udp":
@@ -227,6 +225,7 @@ class Collector:
         sock.bind((host, port))
         self.metrics.receive_buffer.set(receive_buffer(sock, self.cfg.receive_buffer))
         sock.setblocking(False)
+        _warm()  # bound first: what exporters send meanwhile waits in the socket
         log.info("collector listening", extra={"listen": self.cfg.listen, "transport": "udp"})
         failed: list[BaseException] = []
         receiver = threading.Thread(target=self._receiving, args=(sock, stop, failed),
@@ -293,6 +292,7 @@ class Collector:
             srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         srv.bind((host, port))
         srv.listen(64)
+        _warm()  # listening first: exporters that connect meanwhile wait in the backlog
         srv.settimeout(0.5)
         log.info("collector listening", extra={"listen": self.cfg.listen,
                                                "transport": self.cfg.transport})
@@ -373,6 +373,11 @@ class Collector:
             conn.close()
             with self.lock:
                 self.decoder.forget(exporter)  # templates die with the connection
+
+
+def _warm() -> None:
+    warm()
+    gc.freeze()  # start-up's 50,000 objects: a full collection walked them all (15 ms)
 
 
 SO_RCVBUFFORCE = 33  # linux/asm-generic/socket.h: SO_RCVBUF past net.core.rmem_max
