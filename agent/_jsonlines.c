@@ -327,6 +327,66 @@ int64_t format_lines(uint64_t first, uint64_t n, uint32_t ncols, const struct co
 	return p - (char *)out;
 }
 
+/* ---- Where the records of a set with variable-length fields end ----------------
+ *
+ * The decoder's scan of such a set (agent/ipfix/decoder.py _scan): each record's end,
+ * its strings' lengths, and whether they are those of the record before (a run goes
+ * on). steps: the fixed octets before each of the nvar variable-length fields and
+ * after the last.
+ */
+
+enum scan_error { SCAN_VARLEN = 1, SCAN_FIELD = 2 };
+enum run { RUN_STARTS = 0, RUN_GOES_ON = 1, RUN_NONE = 2 /* a length in the three-octet
+	form: the layouts of runs have one-octet lengths; this record is read alone */ };
+
+/* Records from the set's start while `minimum` octets are left (the rest is padding);
+ * returns how many, or -1 with *error for a record cut short. ends, run: a slot a
+ * record; lengths: nvar slots a record; at most max records. */
+int64_t scan_records(const uint8_t *data, uint64_t len, const uint32_t *steps, uint32_t nvar,
+		     uint64_t minimum, uint32_t *ends, uint8_t *run, uint16_t *lengths,
+		     uint64_t max, uint32_t *error)
+{
+	uint64_t off = 0, n = 0;
+
+	while (len - off >= minimum && n < max) {
+		uint16_t *these = lengths + n * nvar;
+		uint8_t state = RUN_STARTS;
+
+		for (uint32_t v = 0; v < nvar; v++) {
+			uint64_t m;
+
+			off += steps[v];
+			if (off >= len) {
+				*error = off > len ? SCAN_FIELD : SCAN_VARLEN;
+				return -1;
+			}
+			m = data[off++];
+			if (m == 255) {
+				if (off + 2 > len) {
+					*error = SCAN_VARLEN;
+					return -1;
+				}
+				m = (uint64_t)data[off] << 8 | data[off + 1];
+				off += 2;
+				state = RUN_NONE;
+			}
+			these[v] = (uint16_t)m;
+			off += m;
+		}
+		off += steps[nvar];
+		if (off > len) {
+			*error = SCAN_FIELD;
+			return -1;
+		}
+		if (state == RUN_STARTS && n && run[n - 1] != RUN_NONE &&
+		    !memcmp(these, these - nvar, nvar * sizeof(*these)))
+			state = RUN_GOES_ON;
+		ends[n] = (uint32_t)off;
+		run[n++] = state;
+	}
+	return (int64_t)n;
+}
+
 /* ---- Records with variable-length fields, read from the wire one by one ----------
  *
  * An exporter that does not group its records by their strings' lengths (pod names

@@ -27,18 +27,17 @@ fixed order, so both directions of a flow land in one partition.
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import json
 import socket
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from agent import native
 from agent.ipfix.decoder import (
     FLOATS,
     NTP_EPOCH_OFFSET,
@@ -343,7 +342,8 @@ def _records(rs: RecordSet, out: _Out) -> None:
                                   len(plan.fields), plan.fields, ctypes.addressof(padded),
                                   len(padded.value), buf.ctypes.data, cap,
                                   ctypes.byref(written), plan.key, size,
-                                  keys.ctypes.data, _MAX_RECORDS, ctypes.byref(status))
+                                  keys.ctypes.data, min(_MAX_RECORDS, len(keys) // KEY_WIDTH),
+                                  ctypes.byref(status))
         if done:
             out.emit(memoryview(buf)[: written.value], done, _keys_of(keys, done, size)
                      if out.keys else None)
@@ -498,26 +498,20 @@ def _plain(text: np.ndarray) -> bool:
 
 @cache
 def _library() -> ctypes.CDLL:
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_jsonlines{suffix}"
-        if path.exists():
-            lib = ctypes.CDLL(str(path))
-            lib.format_lines.restype = ctypes.c_int64
-            lib.format_lines.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32,
-                                         ctypes.POINTER(_Column), ctypes.c_void_p,
-                                         ctypes.c_uint64]
-            lib.line_width.restype = ctypes.c_uint64
-            lib.line_width.argtypes = [ctypes.c_uint32, ctypes.POINTER(_Column)]
-            u64 = ctypes.POINTER(ctypes.c_uint64)
-            lib.format_records.restype = ctypes.c_int64
-            lib.format_records.argtypes = [
-                ctypes.c_void_p, ctypes.c_uint64, u64, ctypes.c_uint32,
-                ctypes.POINTER(_VField), ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
-                ctypes.c_uint64, u64, ctypes.POINTER(ctypes.c_int32), ctypes.c_uint32,
-                ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint32)]
-            return lib
-    raise ImportError(f"agent/_jsonlines.c is not built in {here}: run scripts/setup.sh")
+    lib = native.library()
+    lib.format_lines.restype = ctypes.c_int64
+    lib.format_lines.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32,
+                                 ctypes.POINTER(_Column), ctypes.c_void_p, ctypes.c_uint64]
+    lib.line_width.restype = ctypes.c_uint64
+    lib.line_width.argtypes = [ctypes.c_uint32, ctypes.POINTER(_Column)]
+    u64 = ctypes.POINTER(ctypes.c_uint64)
+    lib.format_records.restype = ctypes.c_int64
+    lib.format_records.argtypes = [
+        ctypes.c_void_p, ctypes.c_uint64, u64, ctypes.c_uint32, ctypes.POINTER(_VField),
+        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, u64,
+        ctypes.POINTER(ctypes.c_int32), ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint64,
+        ctypes.POINTER(ctypes.c_uint32)]
+    return lib
 
 
 def _formatted(group: list[RecordSet], arr: np.ndarray, out: _Out,

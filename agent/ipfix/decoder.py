@@ -14,15 +14,18 @@ one exporter's errors never touch another exporter's state.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import socket
 import struct
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 
+from agent import native
 from agent.ipfix.registry import TYPES, VARLEN, lookup
 
 HEADER = struct.Struct("!HHIII")
@@ -53,8 +56,9 @@ class Spec:
     length_octets: list[tuple[int, int]] = field(default_factory=list)
     origin: Spec | None = None  # a layout's variable-length template
     teaches: bool = field(init=False)  # RFC 5610 type records: names for _learn
-    # fixed octets before each variable-length field, and after the last (_scan)
-    steps: tuple[int, ...] = field(init=False)
+    # fixed octets before each variable-length field, and after the last, as _scan()
+    # hands them to C
+    steps: ctypes.Array = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.teaches = _TEACHING <= {f.name for f in self.fields}
@@ -65,7 +69,7 @@ class Spec:
                 fixed = 0
             else:
                 fixed += f.length
-        self.steps = (*steps, fixed)
+        self.steps = (ctypes.c_uint32 * (len(steps) + 1))(*steps, fixed)
 
 
 @dataclass
@@ -424,22 +428,25 @@ class Decoder:
             return [RecordSet(exporter, domain, export_time, spec,
                               np.frombuffer(body, spec.dtype, n) if n
                               else np.zeros(0, spec.dtype))]
-        ends, lengths = _scan(spec, body)
+        count, ends, run, lengths = _scan(spec, body)
+        if bytes((RUN_GOES_ON,)) * (MIN_RUN - 1) not in run[:count].tobytes():  # no run (an
+            return [_raw(exporter, domain, export_time, spec, body, ends, 0, count)]  # exporter
+        starts = np.flatnonzero(run[:count] != RUN_GOES_ON)  # that does not group): as it came
+        sizes = np.diff(starts, append=count)
         out: list[RecordSet] = []
-        i, loose, count = 0, 0, len(ends)  # loose: the first record in no run yet put out
-        while i < count:
-            j, run = i + 1, lengths[i]
-            if run is not None:
-                while j < count and lengths[j] == run:
-                    j += 1
-            layout = self._layout(spec, run, j - i) if j - i >= MIN_RUN else None
-            if layout is not None:
-                if loose < i:
-                    out.append(_raw(exporter, domain, export_time, spec, body, ends, loose, i))
-                out.append(RecordSet(exporter, domain, export_time, layout, np.frombuffer(
-                    body, layout.dtype, j - i, ends[i - 1] if i else 0)))
-                loose = j
-            i = j
+        loose, nvar = 0, len(spec.steps) - 1  # loose: the first record in no run yet out
+        for i, n in zip(starts[sizes >= MIN_RUN].tolist(), sizes[sizes >= MIN_RUN].tolist(),
+                        strict=True):
+            if run[i] == RUN_NONE:
+                continue
+            layout = self._layout(spec, tuple(lengths[i * nvar : (i + 1) * nvar].tolist()), n)
+            if layout is None:
+                continue
+            if loose < i:
+                out.append(_raw(exporter, domain, export_time, spec, body, ends, loose, i))
+            out.append(RecordSet(exporter, domain, export_time, layout, np.frombuffer(
+                body, layout.dtype, n, int(ends[i - 1]) if i else 0)))
+            loose = i + n
         if loose < count or not out:
             out.append(_raw(exporter, domain, export_time, spec, body, ends, loose, count))
         return out
@@ -558,46 +565,53 @@ class _Gathered:
                          np.frombuffer(b"".join(self.parts), self.spec.dtype))
 
 
-def _scan(spec: Spec, body: memoryview) -> tuple[list[int], list[tuple | None]]:
-    """Where each record of a variable-length set ends, and its strings' lengths (None
-    where one takes the three-octet form, 255 or more: such records are read alone),
-    as read_record() finds them; Malformed for a record cut short (the set is lost
-    whole). What is left under the template's minimum length is padding."""
-    ends: list[int] = []
-    lengths: list[tuple | None] = []
-    off, size, minimum = 0, len(body), spec.min_length
-    *varying, last = spec.steps
-    while size - off >= minimum:
-        these, long = [], False
-        for fixed in varying:
-            off += fixed
-            if off >= size:
-                raise Malformed("field past the set's end" if off > size else
-                                "variable-length field past the set's end")
-            n = body[off]
-            off += 1
-            if n == 255:
-                if off + 2 > size:
-                    raise Malformed("variable-length field past the set's end")
-                n = body[off] << 8 | body[off + 1]
-                off += 2
-                long = True
-            these.append(n)
-            off += n
-        off += last
-        if off > size:
-            raise Malformed("field past the set's end")
-        ends.append(off)
-        lengths.append(None if long else tuple(these))
-    return ends, lengths
+def _scan(spec: Spec, body: memoryview) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """The records of a variable-length set, by scan_records() (agent/_jsonlines.c): how
+    many, where each ends, whether it goes on the run of the one before (RUN_GOES_ON)
+    and its strings' lengths, as read_record() finds them; Malformed for a record cut
+    short (the set is lost whole). What is left under the template's minimum length is
+    padding. The arrays are views of buffers the next scan reuses."""
+    nvar = len(spec.steps) - 1
+    most = len(body) // max(spec.min_length, 1) + 1
+    if len(_SCRATCH[0]) < most:
+        _SCRATCH[:] = [np.empty(most, np.uint32), np.empty(most, np.uint8),
+                       np.empty(most * nvar, np.uint16)]
+    ends, run, lengths = _SCRATCH
+    if len(lengths) < most * nvar:
+        lengths = _SCRATCH[2] = np.empty(most * nvar, np.uint16)
+    data = np.frombuffer(body, np.uint8)
+    error = ctypes.c_uint32(0)
+    count = _scanner().scan_records(data.ctypes.data, len(data), spec.steps, nvar,
+                                    spec.min_length, ends.ctypes.data, run.ctypes.data,
+                                    lengths.ctypes.data, most, ctypes.byref(error))
+    if count < 0:
+        raise Malformed("variable-length field past the set's end" if error.value == 1
+                        else "field past the set's end")
+    return count, ends, run, lengths
+
+
+RUN_STARTS, RUN_GOES_ON, RUN_NONE = range(3)  # enum run of agent/_jsonlines.c
+_SCRATCH = [np.empty(0, np.uint32), np.empty(0, np.uint8), np.empty(0, np.uint16)]
+
+
+@cache
+def _scanner() -> ctypes.CDLL:
+    lib = native.library()
+    lib.scan_records.restype = ctypes.c_int64
+    lib.scan_records.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
+                                 ctypes.c_uint32, ctypes.c_uint64, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
+                                 ctypes.POINTER(ctypes.c_uint32)]
+    return lib
 
 
 def _raw(exporter: str, domain: int, export_time: int, spec: Spec, body: memoryview,
-         ends: list[int], first: int, end: int) -> RecordSet:
+         ends: np.ndarray, first: int, end: int) -> RecordSet:
     """Records first to end - 1 of a scanned set, as they came."""
-    start = ends[first - 1] if first else 0
+    start = int(ends[first - 1]) if first else 0
     return RecordSet(exporter, domain, export_time, spec,
-                     raw=body[start : ends[end - 1]] if end else body[:0], count=end - first)
+                     raw=body[start : int(ends[end - 1])] if end else body[:0],
+                     count=end - first)
 
 
 def read_record(spec: Spec, body: bytes | memoryview, off: int) -> tuple[dict, int]:
