@@ -1148,20 +1148,24 @@ def test_records_with_strings_decode_as_the_record_by_record_reading_does(streak
           "@exportTime": 1_700_000_000, **r} for r in expected), key=json.dumps)
 
 
-def test_string_layouts_kept_are_bounded():
+def test_string_layouts_kept_are_bounded(monkeypatch):
     """Each combination of string lengths a run has is a layout the decoder keeps: at
-    most MAX_LAYOUTS of them, the least recently used given up, records still exact."""
-    from agent.ipfix.decoder import ADMIT, MAX_LAYOUTS
+    most MAX_LAYOUTS of them, the least recently used given up, records still exact.
+    (Made at once here: ADMIT 0.)"""
+    from agent.ipfix import decoder
+    from agent.ipfix.decoder import MAX_LAYOUTS, MIN_RUN
+
+    monkeypatch.setattr(decoder, "ADMIT", 0)
 
     d = Decoder()
     for n in range(MAX_LAYOUTS + 100):
         name = b"n" * (n % 250)
         data = struct.pack("!I", n) + bytes([len(name)]) + name + bytes([n % 7]) + b"y" * (n % 7)
-        (rs,) = d.message(_message([(10, 4), (82, 65535), (83, 65535)], data * ADMIT),
+        (rs,) = d.message(_message([(10, 4), (82, 65535), (83, 65535)], data * MIN_RUN),
                           "10.0.0.1:1")
         assert rs.array is not None and records(rs) == [
             {"ingressInterface": n, "interfaceName": name.decode(),
-             "interfaceDescription": "y" * (n % 7)}] * ADMIT
+             "interfaceDescription": "y" * (n % 7)}] * MIN_RUN
     assert len(d.layouts) == MAX_LAYOUTS
 
 
@@ -1244,17 +1248,27 @@ def test_records_in_no_run_are_written_by_c_as_python_writes_them(data):
 
 def test_a_layout_is_made_for_string_lengths_only_once_they_recur(monkeypatch):
     """A combination of string lengths becomes a layout (an array, a table) once runs
-    of it have held ADMIT records; before, its records stay as they came, read the
-    same. Combinations counted are bounded (SEEN): one pushed out counts anew."""
+    of it have held ADMIT records within WINDOW records with strings; before, its
+    records stay as they came, read the same. A window that ends starts the counts
+    anew, and batches decide as message by message does."""
+    import statefuzz
+
     from agent.ipfix import decoder
     from agent.ipfix.decoder import ADMIT, MIN_RUN
 
-    def run(n: int, length: int) -> list:
+    fields = [(10, 4), (82, 65535)]
+
+    def run(n: int, length: int, d=None) -> list:
+        """A message of n records of one name length, the template first; d: a message
+        of the data set alone (what the batch path gathers), decoded as a batch."""
         name = b"n" * length
         data = b"".join(struct.pack("!I", k) + bytes([length]) + name for k in range(n))
-        return d.message(_message([(10, 4), (82, 65535)], data), "10.0.0.1:1")
+        if d is None:
+            return one.message(_message(fields, data), "10.0.0.1:1")
+        alone = statefuzz.message([statefuzz.set_(300, data)], 0, 5)
+        return d.messages([(alone, "10.0.0.1:1")])[0]
 
-    d = Decoder()
+    one = Decoder()
     for sent in range(0, ADMIT, MIN_RUN):  # runs of MIN_RUN: a layout at the ADMIT-th
         (rs,) = run(MIN_RUN, 5)
         assert (rs.array is not None) == (sent + MIN_RUN >= ADMIT)
@@ -1262,13 +1276,31 @@ def test_a_layout_is_made_for_string_lengths_only_once_they_recur(monkeypatch):
                                for k in range(MIN_RUN)]
     (rs,) = run(MIN_RUN - 1, 5)  # admitted, but fewer than MIN_RUN are no run
     assert rs.array is None and len(rs) == MIN_RUN - 1
-    monkeypatch.setattr(decoder, "SEEN", 3)
-    (rs,) = run(ADMIT - 1, 4)  # another: one record short of ADMIT
+
+    monkeypatch.setattr(decoder, "WINDOW", ADMIT + 100)
+    one = Decoder()
+    (rs,) = run(ADMIT - 1, 4)  # one record short of ADMIT
     assert rs.array is None
-    for length in (6, 7, 8):  # then pushed out by as many others as SEEN
-        assert run(MIN_RUN, length)[0].array is None
-    assert len(d.seen) == 3
+    (rs,) = run(100, 6)  # the window ends: counts start anew
+    assert rs.array is None
     (rs,) = run(MIN_RUN, 4)
-    assert rs.array is None  # counted anew: MIN_RUN records, not ADMIT - 1 + MIN_RUN
+    assert rs.array is None  # MIN_RUN records counted, not ADMIT - 1 + MIN_RUN
     (rs,) = run(ADMIT - MIN_RUN, 4)
     assert rs.array is not None
+
+    # a batch of such messages (the batch path gathers a run that is a whole message)
+    # makes the same choices as each message alone, and counts alike, where a window
+    # ends too (on a run that had all but reached ADMIT: 7 below)
+    for window in (ADMIT + 100, 3 * ADMIT, 400):
+        monkeypatch.setattr(decoder, "WINDOW", window)
+        one, batched = Decoder(), Decoder()
+        batched.message(_message(fields, b""), "10.0.0.1:1")  # the template
+        shape = [(200, 7), (150, 8), (100, 7), (ADMIT - 1, 4), (MIN_RUN, 4), (100, 6),
+                 (MIN_RUN, 4), (ADMIT, 4), (ADMIT, 6)] * 3
+        alone, together = [], []
+        for n, length in shape:
+            alone += [(rs.array is not None, len(rs)) for rs in run(n, length)]
+            together += [(rs.array is not None, len(rs)) for rs in run(n, length, batched)]
+            assert (batched.window, sorted(batched.seen.values())) == (
+                one.window, sorted(one.seen.values()))
+        assert together == alone and any(a for a, _ in alone) and not all(a for a, _ in alone)

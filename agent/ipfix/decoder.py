@@ -109,13 +109,14 @@ MAX_LAYOUTS = 512  # string-length combinations (of all templates) kept as layou
 # by the JSON lines' C reader of such records: a layout made and formatted for a few
 # records costs more.
 MIN_RUN = 8
-# A layout is made for a combination of string lengths only once runs of it have held
-# ADMIT records, counted for the SEEN combinations last met: cniflow's interface names
-# (a few lengths) become tables, written 2 times faster than read as they came; pod
-# names of many lengths would make a layout a run and give it up before its next (5
-# layouts in 8 made anew, 40 % slower than reading them as they came: bench/collector.py).
-ADMIT = 64
-SEEN = 4096
+# A layout is made for a combination of string lengths once runs of it have held
+# ADMIT records among WINDOW records with strings (the counts start anew each
+# window): a share of the traffic whose tables, 256 records or more in a batch
+# (jsonlines.TABLE_MIN), print 3 times faster than its records read as they came. Pod
+# names of many lengths (thousands of combinations, none such a share) stay as they
+# came: made layouts, they were 2 times slower (bench/collector.py layouts()).
+ADMIT = 256
+WINDOW = 16384
 
 
 class Malformed(ValueError):
@@ -181,7 +182,8 @@ class Decoder:
         self.stats: Counter = Counter()  # messages, records, template_misses, dropped, gaps
         # (id(spec), string lengths...) -> (spec, its layout), least recently used first
         self.layouts: OrderedDict[tuple, tuple[Spec, Spec]] = OrderedDict()
-        self.seen: OrderedDict[tuple, int] = OrderedDict()  # the same key: records in runs
+        self.seen: dict[tuple, int] = {}  # the same key: records in runs, this window
+        self.window = 0  # records with strings decoded in this window
 
     def _fault(self, why: str) -> None:
         self.errors[reason(why)] += 1
@@ -273,8 +275,11 @@ class Decoder:
                 return 0  # records in no run, or more runs: message() takes them
             combination = (id(spec), *lengths)
             held = self.layouts.get(combination)
-            if (held is None or held[0] is not spec) and self.seen.get(combination, 0) + n < ADMIT:
-                return 0  # message() counts the run toward ADMIT (once) and reads it
+            if held is None or held[0] is not spec:  # as message() would count it: the
+                seen = 0 if self.window + n >= WINDOW else self.seen.get(combination, 0)
+                if seen + n < ADMIT:  # window, then the run (a window ends: anew)
+                    return 0  # message() counts it (once) and reads it as it came
+            self._windowed(n)
             layout = self._layout(spec, lengths, n)
         if not n:
             return 0
@@ -429,9 +434,11 @@ class Decoder:
                               np.frombuffer(body, spec.dtype, n) if n
                               else np.zeros(0, spec.dtype))]
         count, ends, run, lengths = _scan(spec, body)
-        if bytes((RUN_GOES_ON,)) * (MIN_RUN - 1) not in run[:count].tobytes():  # no run (an
-            return [_raw(exporter, domain, export_time, spec, body, ends, 0, count)]  # exporter
-        starts = np.flatnonzero(run[:count] != RUN_GOES_ON)  # that does not group): as it came
+        self._windowed(count)
+        if count < MIN_RUN or bytes((RUN_GOES_ON,)) * (MIN_RUN - 1) not in run[:count].tobytes():
+            # no run (an exporter that does not group them): the set as it came
+            return [_raw(exporter, domain, export_time, spec, body, ends, 0, count)]
+        starts = np.flatnonzero(run[:count] != RUN_GOES_ON)  # where each run begins
         sizes = np.diff(starts, append=count)
         out: list[RecordSet] = []
         loose, nvar = 0, len(spec.steps) - 1  # loose: the first record in no run yet out
@@ -451,10 +458,18 @@ class Decoder:
             out.append(_raw(exporter, domain, export_time, spec, body, ends, loose, count))
         return out
 
+    def _windowed(self, n: int) -> None:
+        """n more records with strings: past WINDOW of them, the counts start anew
+        (which bounds them too: a count is a run's, of MIN_RUN records or more)."""
+        self.window += n
+        if self.window >= WINDOW:
+            self.seen.clear()
+            self.window = 0
+
     def _layout(self, spec: Spec, lengths: tuple[int, ...], n: int) -> Spec | None:
         """The fixed-length layout of spec's records with these string lengths, for a
         run of n of them: kept for the MAX_LAYOUTS combinations last used, made once
-        runs of it have held ADMIT records (None before)."""
+        runs of it have held ADMIT records in a window (None before)."""
         key = (id(spec), *lengths)
         held = self.layouts.get(key)
         if held is not None and held[0] is spec:
@@ -463,8 +478,6 @@ class Decoder:
         seen = self.seen.pop(key, 0) + n  # (a spec gone since: its key counts anew, no harm)
         if seen < ADMIT:
             self.seen[key] = seen
-            if len(self.seen) > SEEN:
-                self.seen.popitem(last=False)
             return None
         self.layouts[key] = (spec, layout := _layout(spec, lengths))
         if len(self.layouts) > MAX_LAYOUTS:
