@@ -1,4 +1,7 @@
-/* JSON lines of a fixed-length record table, written in one call a batch.
+/* The collector's C: JSON lines of a fixed-length record table, written in one call
+ * a batch (format_lines); where the records of a set with variable-length fields end
+ * (scan_records, for the decoder); and JSON lines of such records, read from the wire
+ * one by one (format_records). agent/native.py loads it.
  *
  * agent/jsonlines.py describes each column (where its first value lies, the distance
  * between records, how to print it, and the JSON text that goes before it) and calls

@@ -12,11 +12,12 @@ It prints octet arrays (hex) and plain strings too, so the tables of real router
 templates (MPLS label stacks, route distinguishers, NUL-padded VRF names) take it as
 well, some 7 times faster than polars did (bench/collector.py). Tables with a field
 it does not print (floats, integers over 8 octets, strings JSON must escape) are
-turned into columns with numpy and written by polars.
+turned into columns with numpy and written by polars, except runs of records with
+strings, written as they came by format_records() (below) when it prints them.
 
 Records with variable-length fields in no run (an exporter that does not group them
 by their strings' lengths) are written by format_records(), also in C, straight from
-the wire, record by record: 4 to 6 times faster than reading each into a dict and
+the wire, record by record: 5 to 7.5 times faster than reading each into a dict and
 json.dumps() (bench/collector.py). A value it does not print (a float, an integer
 over 8 octets, text beyond ASCII) is written by Python, that record alone.
 
@@ -48,6 +49,7 @@ from agent.ipfix.decoder import (
     read_record,
     value,
 )
+from agent.ipfix.registry import VARLEN
 
 META = ("@exporter", "@domain", "@template", "@exportTime")
 _SRC = ("sourceIPv4Address", "sourceIPv6Address")
@@ -73,7 +75,9 @@ class Lines:
 def encode(sets: list[RecordSet], keys: bool = False, sink=None, failed=None) -> Lines:
     """Fixed-length sets of one layout (template id and fields), from any exporter,
     are joined and formatted as one table, in the order the layout first came, each
-    exporter's records in the order they came; the rest record by record.
+    exporter's records in the order they came (a layout of a run of strings' lengths
+    with fewer than TABLE_MIN records in the batch: from its octets, a set at a time);
+    the rest record by record.
 
     With `sink`, the lines go to sink(Lines) a piece at a time as they are made, and
     the Lines returned holds their count only. A table's pieces are at most _PIECE
@@ -130,22 +134,23 @@ def _group(group: list[RecordSet], out: _Out) -> None:
     if rs.array is None:
         _records(rs, out)
         return
-    origin = rs.spec.origin  # runs of strings' lengths: their octets are as they came
-    if origin is not None and sum(map(len, group)) < TABLE_MIN:
-        for g in group:  # a few: read as they came, cheaper than a table
+    # runs of strings' lengths (their octets as they came): a few are cheaper read as
+    # they came than as a table, and format_records() escapes strings (labels) as well
+    origin = rs.spec.origin is not None and _plan(rs.spec.origin) is not None
+    if origin and sum(map(len, group)) < TABLE_MIN:
+        for g in group:
             _run_records(g, out)
         return
     arr = _joined(group)
     if not len(arr):
         return
-    keys = _keys(arr, {f.name: name for f, name in zip(
-        reversed(rs.spec.fields), reversed(arr.dtype.names), strict=True)}) if out.keys else None
-    if _formatted(group, arr, out, keys):
-        return
-    if origin is not None:  # strings JSON escapes (labels): format_records() does
+    if origin and not _printed(group, arr):
         for g in group:
             _run_records(g, out)
-    else:
+        return
+    keys = _keys(arr, {f.name: name for f, name in zip(
+        reversed(rs.spec.fields), reversed(arr.dtype.names), strict=True)}) if out.keys else None
+    if not _formatted(group, arr, out, keys):
         parts = _Parts()
         _table(group, arr).write_ndjson(parts)
         out.emit(b"".join(parts.parts), len(arr), keys)
@@ -284,16 +289,18 @@ _MAX_PLANS = 1024
 
 
 def _plan(spec: Spec) -> _Plan | None:
-    """spec's _Plan, kept for the templates last used; None where the record's keys
-    clash (an element named "@exporter#2" beside one named "@exporter": a dict keeps
-    one), for Python to write."""
+    """spec's _Plan, kept for the templates last used; None, for Python to write the
+    records, where their keys clash (an element named "@exporter#2" beside one named
+    "@exporter": a dict keeps one) or every record holds a value C does not print (a
+    fixed-length float: handed over a record at a time, they would be written so)."""
     held = _plans.get(id(spec))
     if held is not None and held[0] is spec:
         _plans.move_to_end(id(spec))
         return held[1]
     names = [f"{n}#2" if n in META else n for n in _names(spec.fields)]
     plan = None
-    if len(set(names)) == len(names):
+    if len(set(names)) == len(names) and all(
+            f.length == VARLEN or _kind(f) is not None for f in spec.fields):
         classes = [_class(f) for f in spec.fields]
         prefixes = [_padded(("," + json.dumps(name) + ":").encode()) for name in names]
         fields = (_VField * len(names))(*(
@@ -328,7 +335,7 @@ def _records(rs: RecordSet, out: _Out) -> None:
     meta = json.dumps(_meta(rs), separators=(",", ":"))[:-1]
     size = plan.key_size if plan is not None and out.keys else 0
     if plan is None or size is None:
-        _python(rs, raw, 0, rs.count, meta, out)
+        _python(rs, 0, rs.count, meta, out)
         return
     padded = _padded(meta.encode())
     lib = _library()
@@ -349,7 +356,7 @@ def _records(rs: RecordSet, out: _Out) -> None:
                      if out.keys else None)
             left -= done
         if status.value == S_PYTHON:
-            pos.value = _python(rs, raw, pos.value, 1, meta, out)
+            pos.value = _python(rs, pos.value, 1, meta, out)
             left -= 1
         elif status.value == S_FULL and not done:  # a record wider than a piece
             cap = written.value
@@ -384,12 +391,12 @@ def _keys_of(keys: np.ndarray, n: int, size: int | None) -> list[bytes | None]:
     return [slots[i + 1 : i + 1 + slots[i]] or None for i in range(0, n * KEY_WIDTH, KEY_WIDTH)]
 
 
-def _python(rs: RecordSet, raw: np.ndarray, pos: int, n: int, meta: str, out: _Out) -> int:
+def _python(rs: RecordSet, pos: int, n: int, meta: str, out: _Out) -> int:
     """n records from pos read into dicts and written by json.dumps(): where the next
     begins."""
     rows = []
     for _ in range(n):
-        row, pos = read_record(rs.spec, raw, pos)
+        row, pos = read_record(rs.spec, rs.raw, pos)
         rows.append(row)
     text = "".join(meta + "," + json.dumps(_unclash(r), separators=(",", ":"))[1:] + "\n"
                    for r in rows)
@@ -514,15 +521,24 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def _printed(group: list[RecordSet], arr: np.ndarray) -> bool:
+    """Whether format_lines() prints the table: every field a kind it prints, strings
+    plain."""
+    kinds = [_kind(f) for f in group[0].spec.fields]
+    if None in kinds:
+        return False
+    return all(_plain(arr[name]) for name, kind in zip(arr.dtype.names, kinds, strict=True)
+               if kind == TEXT)
+
+
 def _formatted(group: list[RecordSet], arr: np.ndarray, out: _Out,
                keys: list | None) -> bool:
     """The table's lines by format_lines(), the same text polars writes; False if a
     field is one it does not print."""
     rs, n = group[0], len(arr)
-    kinds = [_kind(f) for f in rs.spec.fields]
-    if None in kinds or not all(_plain(arr[name]) for name, kind in
-                                zip(arr.dtype.names, kinds, strict=True) if kind == TEXT):
+    if not _printed(group, arr):
         return False
+    kinds = [_kind(f) for f in rs.spec.fields]
     exporters, which, domain, export_time = _table_meta(group)
     keep = [arr]  # what the columns point into, alive until the call returns
     cols = [(which, STRING, 4, "@exporter"), (domain.astype(">u4"), UNSIGNED, 4, "@domain"),
@@ -573,8 +589,9 @@ _held = [np.empty(0, np.uint8)]
 
 
 def _scratch(size: int) -> np.ndarray:
-    """The buffer format_lines() writes into, kept between batches (a fresh one costs
-    its page faults every batch): _PIECE, or one line where a line is wider."""
+    """The buffer format_lines() and format_records() write into, kept between
+    batches (a fresh one costs its page faults every batch): _PIECE, or one line where
+    a line is wider. One encode() at a time uses it (the collector's lock)."""
     if len(_held[0]) < size:
         _held[0] = np.empty(size, np.uint8)
     return _held[0]

@@ -1233,7 +1233,7 @@ def test_records_in_no_run_are_written_by_c_as_python_writes_them(data):
         jsonlines._held[0], jsonlines._PIECE, jsonlines._MAX_RECORDS = held, piece, most
     python = jsonlines._Out(None, keys)
     meta = json.dumps(jsonlines._meta(rs), separators=(",", ":"))[:-1]
-    jsonlines._python(rs, np.frombuffer(raw, np.uint8), 0, n, meta, python)
+    jsonlines._python(rs, 0, n, meta, python)
     got, expected = c.result(), python.result()
     assert got.count == expected.count == n
     assert got.text == expected.text

@@ -275,10 +275,8 @@ class Decoder:
                 return 0  # records in no run, or more runs: message() takes them
             combination = (id(spec), *lengths)
             held = self.layouts.get(combination)
-            if held is None or held[0] is not spec:  # as message() would count it: the
-                seen = 0 if self.window + n >= WINDOW else self.seen.get(combination, 0)
-                if seen + n < ADMIT:  # window, then the run (a window ends: anew)
-                    return 0  # message() counts it (once) and reads it as it came
+            if (held is None or held[0] is not spec) and not self._admits(combination, n, n):
+                return 0  # message() counts it (once) and reads it as it came
             self._windowed(n)
             layout = self._layout(spec, lengths, n)
         if not n:
@@ -443,9 +441,7 @@ class Decoder:
         out: list[RecordSet] = []
         loose, nvar = 0, len(spec.steps) - 1  # loose: the first record in no run yet out
         for i, n in zip(starts[sizes >= MIN_RUN].tolist(), sizes[sizes >= MIN_RUN].tolist(),
-                        strict=True):
-            if run[i] == RUN_NONE:
-                continue
+                        strict=True):  # (a record in the three-octet form: a run of one)
             layout = self._layout(spec, tuple(lengths[i * nvar : (i + 1) * nvar].tolist()), n)
             if layout is None:
                 continue
@@ -466,6 +462,14 @@ class Decoder:
             self.seen.clear()
             self.window = 0
 
+    def _admits(self, key: tuple, n: int, coming: int = 0) -> bool:
+        """Whether a run of n records of this combination makes it a layout, once
+        `coming` more records with strings have entered the window (a window that
+        ends starts the counts anew). A template that reuses a dead one's id() takes
+        over its count: it only decides when a layout is made."""
+        seen = 0 if self.window + coming >= WINDOW else self.seen.get(key, 0)
+        return seen + n >= ADMIT
+
     def _layout(self, spec: Spec, lengths: tuple[int, ...], n: int) -> Spec | None:
         """The fixed-length layout of spec's records with these string lengths, for a
         run of n of them: kept for the MAX_LAYOUTS combinations last used, made once
@@ -475,10 +479,10 @@ class Decoder:
         if held is not None and held[0] is spec:
             self.layouts.move_to_end(key)
             return held[1]
-        seen = self.seen.pop(key, 0) + n  # (a spec gone since: its key counts anew, no harm)
-        if seen < ADMIT:
-            self.seen[key] = seen
+        if not self._admits(key, n):
+            self.seen[key] = self.seen.get(key, 0) + n
             return None
+        self.seen.pop(key, None)
         self.layouts[key] = (spec, layout := _layout(spec, lengths))
         if len(self.layouts) > MAX_LAYOUTS:
             self.layouts.popitem(last=False)
@@ -604,6 +608,8 @@ def _scan(spec: Spec, body: memoryview) -> tuple[int, np.ndarray, np.ndarray, np
 
 
 RUN_STARTS, RUN_GOES_ON, RUN_NONE = range(3)  # enum run of agent/_jsonlines.c
+# scan_records()'s output, kept between sets: one decoder a process uses it at a time
+# (a collector's receiving thread, or its TCP connections under its lock)
 _SCRATCH = [np.empty(0, np.uint32), np.empty(0, np.uint8), np.empty(0, np.uint16)]
 
 
