@@ -281,14 +281,22 @@ def log_lines(running) -> list[dict]:
     return out
 
 
+@pytest.mark.parametrize("how", ["between-polls", "mid-call"])
 @pytest.mark.parametrize("version", [CONTIV, CURRENT])
-def test_while_vpp_is_unreachable_the_agent_says_so_once_and_logs_no_traceback(version):
+def test_while_vpp_is_unreachable_the_agent_says_so_once_and_logs_no_traceback(version, how):
+    """VPP gone between two polls, or dying in the middle of a call (a crash: the
+    call is never answered, then reconnecting fails): one line says so either way,
+    none for each retry, and the agent comes back with VPP."""
     with lab(version) as lb:
         web = lb.pod("web-7d9f", "10.1.0.5", OPT_IN)
         with vpp_agent(lb) as running:
             assert wait_for(lambda: enabled(lb, web), 15), running.log.read_text()
             seen = len(log_lines(running))
-            lb.sim.stop()  # VPP is gone; the pod still wants resolving at every poll
+            if how == "mid-call":
+                lb.sim.die_on = "sw_interface_dump"  # the next poll's first call
+                assert wait_for(lambda: lb.sim.die_on is None, 5)
+            else:
+                lb.sim.stop()  # VPP is gone; the pod still wants resolving at every poll
             time.sleep(4)  # 8 polls
             lines = log_lines(running)[seen:]
             assert not [x for x in lines if "exc" in x or x["level"] == "error"

@@ -147,6 +147,7 @@ class VppSim:
                                                      (0, True): "ipv6-VRF:0"}
         self.addresses: dict[int, list[str]] = {}  # sw_if_index -> ["a.b.c.d/len"]
         self.refuse: dict[str, int] = {}  # message -> retval to answer instead
+        self.die_on: str | None = None  # a message VPP dies on, unanswered (a crash)
         self.requests: list[tuple[str, int]] = []  # (name, wire size) as received
         self.state = State()
         self.pid = 1000
@@ -266,6 +267,10 @@ class VppSim:
         context = struct.unpack_from(">I", body, 6)[0]
         with self._lock:
             self.requests.append((name, len(body)))
+            if name == self.die_on:
+                self.die_on = None
+                self.stop()  # this client's socket too: the call is never answered
+                return []
             if name in self.refuse:
                 return [self._reply(name, context, self.refuse[name])]
             handler = getattr(self, "_" + name, None)

@@ -168,9 +168,13 @@ class VppDataplane:
     def _failed(self, kind: str, e: Exception) -> None:
         self.metrics.vpp_errors.labels(kind).inc()
         self.metrics.vpp_connected.set(0)
-        if str(e) != self._last_error:  # one line per distinct problem, not per retry
+        # one line per distinct problem, not per retry; VPP lost mid-call and failing
+        # to reconnect (whatever the errno, which changes as VPP restarts) are one
+        # problem until VPP is back: said once, the rest counted
+        problem = "unreachable" if kind in ("lost", "connect") else str(e)
+        if problem != self._last_error:
             log.error("VPP: " + str(e), extra={"kind": kind})
-            self._last_error = str(e)
+            self._last_error = problem
         self.conn.drop()
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 30.0)
