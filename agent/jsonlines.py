@@ -582,7 +582,7 @@ def _formatted(group: list[RecordSet], arr: np.ndarray, out: _Out,
 
 # Records of a layout (a run of strings' lengths) in a batch below which they are
 # written from their octets by format_records() rather than as a table: a table's
-# columns cost some 0.5 ms to set up (bench/collector.py `runs`)
+# columns cost some 0.5 ms to set up (bench/collector.py layouts())
 TABLE_MIN = 256
 _PIECE = 256 << 10  # octets of lines formatted and handed on at a time: within L2
 _held = [np.empty(0, np.uint8)]

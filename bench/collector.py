@@ -9,10 +9,11 @@ by cniflow collector and nfcapd side by side, and the collector with 1 and 2 wor
    collector does between socket and file), one core (POLARS_MAX_THREADS=1), CPU time;
    records of cniflow's own template, with interface names (variable length); and a
    router's template (ROUTER: octet arrays, a NUL-padded VRF name) by the C formatter
-   and, side by side, by polars (the path such tables took before); and an
-   exporter that does not group its records by their strings' lengths (Antrea-like:
-   pod names of many lengths, labels), side by side with every one-record run taken
-   as a layout of its own (before MIN_RUN).
+   and, side by side, by polars (the path such tables took before); an exporter
+   that does not group its records by their strings' lengths (Antrea-like: pod names
+   of many lengths, labels), written by C and, side by side, read into dicts by
+   Python; and when runs of strings' lengths become layouts (layouts(): as admitted,
+   at once, never).
 3. Kafka: the same, plus flow keys and one produce() a record to a local broker
    (Tansu), librdkafka's queue bounded as the collector runs it (the batches wait
    while it is over half full: the steady state, where the broker keeps up); CPU
