@@ -45,6 +45,27 @@ def start(node, *args: str, log: Path) -> subprocess.Popen:
                             stderr=log.open("w"))
 
 
+def attached(log: Path, interfaces: set[str], agent: subprocess.Popen) -> None:
+    """Until the agent's log says it attached to every interface (TCX links or tc
+    filters, whichever the kernel has); an agent that exits says why."""
+    deadline = time.time() + 120  # BCC compiles the program first: seconds, more when busy
+    while not interfaces <= {json.loads(line).get("interface") for line in
+                             log.read_text().splitlines() if '"attached"' in line}:
+        if agent.poll() is not None or time.time() > deadline:
+            sys.exit(f"the agent did not attach:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM, last started first: the agent exports what it still holds as it stops,
+    so the collector it exports to must outlive it (the DaemonSet makes the collector a
+    sidecar for the same reason)."""
+    while procs:
+        p = procs.pop()
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+
+
 FLOW_TYPES = {1: "intra-node", 2: "inter-node", 3: "to ext", 4: "from ext"}
 
 
@@ -132,12 +153,7 @@ def main() -> int:
                       "--metrics-address", "127.0.0.1:9477", log=work / "agent.log")
         procs.append(agent)
         step("cniflow collector on 127.0.0.1:4739 and cniflow agent --kubernetes, in the node")
-        deadline = time.time() + 60
-        while time.time() < deadline and not all(
-                b"cniflow_ingress" in subprocess.run(
-                    node.exec(f"tc filter show dev {p.host_if} ingress").split(),
-                    capture_output=True).stdout for p in node.pods):
-            time.sleep(0.2)
+        attached(work / "agent.log", {p.host_if for p in node.pods}, agent)
         subprocess.run(node.in_pod(1, f"iperf3 -s -D -1 -B {b.ipv4} -p 5201").split(), check=True)
         procs.append(subprocess.Popen(node.in_pod(1, "python3 -c").split() + [ECHO]))
         step("traffic: ping, ping -6, UDP datagrams to the Service (answered), an iperf3 TCP "
@@ -155,10 +171,7 @@ def main() -> int:
                        stdout=subprocess.DEVNULL)
         step("waiting for idle timeouts, then stopping the agent (SIGTERM exports the rest)")
         time.sleep(5)
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=20)
-        procs.clear()
+        stop(procs)
         return report(out, "'in' is the TC ingress of the host-side veth: traffic the pod "
                       "sent. A packet between two\nmetered pods of the node is counted once, "
                       "at the sender's veth (--dedup). The datagrams to the\nService's "
@@ -166,9 +179,7 @@ def main() -> int:
                       "it; workloads\ntravel under --enterprise-number (here RFC 5612's "
                       f"example number {PEN}), named by RFC 5610 records.")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=20)
+        stop(procs)
         if api is not None:
             api.stop()
         netlab.down(PREFIX)

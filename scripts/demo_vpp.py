@@ -7,7 +7,6 @@ simulated: their counts are made up, the path they take through cniflow is not.
 
 from __future__ import annotations
 
-import signal
 import sys
 import tempfile
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from demo import PORT, report, start, step  # noqa: E402
+from demo import PORT, report, start, step, stop  # noqa: E402
 from vpplab import CURRENT, NODE, lab  # noqa: E402
 from vppsim import RX, TX  # noqa: E402
 
@@ -55,9 +54,7 @@ def main() -> int:
             step("VPP's timer process reported flows it metered a while ago; SIGTERM soon")
             time.sleep(4)
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=20)
+            stop(procs)
         return report(out, "'in' is what the pod sent (flowprobe RX on its interface), "
                       "'out' what VPP delivered to it (TX).")
 
