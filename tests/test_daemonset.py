@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import kubelet
 import pytest
 import yaml
 from conftest import filters, wait_for
@@ -84,17 +84,18 @@ def test_rbac_asks_only_to_read_pods_namespaces_nodes_services_endpointslices_an
 def test_capabilities_are_the_listed_ones_and_export_stays_on_the_node(objects):
     ds = by_kind(objects, "DaemonSet")[0]
     pod = ds["spec"]["template"]["spec"]
-    agent, collector = pod["containers"]
+    agent, collector = containers(objects)["agent"], containers(objects)["collector"]
     assert pod["hostNetwork"] is True  # so 127.0.0.1 is the node's own loopback
     assert agent["securityContext"]["capabilities"] == {
         "drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN"]}
     assert collector["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
-    for c in pod["containers"]:  # tests/test_image.py runs them so
+    for c in containers(objects).values():  # tests/test_image.py runs them so
         sc = c["securityContext"]
         assert sc["runAsUser"] == 65532 and sc["runAsNonRoot"] is True
         assert sc["allowPrivilegeEscalation"] is False
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in pod["containers"])
+    assert all(c["securityContext"]["readOnlyRootFilesystem"]
+               for c in containers(objects).values())
     config = by_kind(objects, "ConfigMap")
     data = next(c for c in config if c["metadata"]["name"].startswith("cniflow-config"))["data"]
     assert data["CNIFLOW_COLLECTOR"] == "127.0.0.1:4739"
@@ -115,8 +116,8 @@ def test_the_config_map_holds_every_agent_setting(objects):
 
 
 def test_the_pod_monitor_scrapes_what_the_containers_serve(objects):
-    pod = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
-    ports = {p["name"]: (c, p["containerPort"]) for c in pod["containers"] for p in c["ports"]}
+    ports = {p["name"]: (c, p["containerPort"]) for c in containers(objects).values()
+             for p in c["ports"]}
     pm = by_kind(objects, "PodMonitor")[0]
     for ep in pm["spec"]["podMetricsEndpoints"]:
         container, port = ports[ep["port"]]
@@ -151,12 +152,18 @@ def metric_names() -> set[str]:
     return out
 
 
-def test_the_daemonsets_commands_and_environment_start_an_agent_that_exports(objects, node):
-    """The two containers' command and environment, as rendered, on a lab node; the
-    API server is the fake one, reached through KUBECONFIG instead of in-cluster."""
+def test_the_daemonsets_pod_exports_and_its_last_flows_outlive_a_rollout(objects, node):
+    """The containers' commands and environment, as rendered, on a lab node, started and
+    stopped in the kubelet's order (tests/kubelet.py). The collector is a sidecar: it
+    starts before the agent and gets SIGTERM only once the agent has exited, so the
+    flows the agent exports as it stops (a rollout, a drain; here nothing had timed
+    out yet) are written. As a second container it got SIGTERM with the agent and
+    could be gone before them. The API server is the fake one, reached through
+    KUBECONFIG instead of in-cluster."""
     web, db = node.pods
-    pod = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
-    agent, collector = pod["containers"]
+    spec = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
+    assert kubelet.start_order(spec) == ["collector", "agent"]
+    pod = containers(objects)
     config = next(c for c in by_kind(objects, "ConfigMap")
                   if c["metadata"]["name"].startswith("cniflow-config"))["data"]
     api = FakeApiServer(node.netns)
@@ -167,36 +174,31 @@ def test_the_daemonsets_commands_and_environment_start_an_agent_that_exports(obj
     records.mkdir(exist_ok=True)
     bin_dir = str(Path(sys.executable).parent)
     base = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin"}
-    agent_env = {**base, **config, "NODE_NAME": "node-a",
-                 "KUBECONFIG": str(api.kubeconfig(records / "kubeconfig"))}
-    collector_env = {**base, **{e["name"]: e["value"] for e in collector["env"]}}
-    collector_cmd = [a.replace("/var/log/cniflow", str(records)) for a in collector["command"]]
-    assert agent["command"] == ["cniflow", "agent"]
-    procs = [
-        subprocess.Popen(["ip", "netns", "exec", node.netns, *collector_cmd], env=collector_env,
-                         stderr=subprocess.DEVNULL),
-        subprocess.Popen(["ip", "netns", "exec", node.netns, *agent["command"]], env=agent_env,
-                         stderr=(records / "agent.log").open("w")),
-    ]
+    env = {"agent": {**base, **config, "NODE_NAME": "node-a",
+                     "KUBECONFIG": str(api.kubeconfig(records / "kubeconfig"))},
+           "collector": {**base, **{e["name"]: e["value"] for e in pod["collector"]["env"]}}}
+    assert pod["agent"]["command"] == ["cniflow", "agent"]
+    procs = {}
+    for name in kubelet.start_order(spec):
+        cmd = [a.replace("/var/log/cniflow", str(records)) for a in pod[name]["command"]]
+        procs[name] = subprocess.Popen(["ip", "netns", "exec", node.netns, *cmd],
+                                       env=env[name],
+                                       stderr=(records / f"{name}.log").open("w"))
     try:
         assert wait_for(lambda: "cniflow_ingress" in filters(node, web.host_if), 30), \
             (records / "agent.log").read_text()
         subprocess.run(node.in_pod(0, f"ping -c 3 -i 0.2 -q {db.ipv4}").split(),
                        stdout=subprocess.DEVNULL)
-        time.sleep(17)  # the configured idle timeout (15 s) and a poll
-        metrics = subprocess.run(node.exec("curl -s 127.0.0.1:9477/metrics").split(),
-                                 capture_output=True, text=True).stdout
-        assert "cniflow_records_exported_total" in metrics
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            assert p.wait(30) == 0
+        codes = kubelet.stop(spec, procs)
         api.stop()
+    assert codes == {"agent": 0, "collector": 0}, (records / "agent.log").read_text()
+    assert "not delivered" not in (records / "agent.log").read_text()
     rows = [json.loads(line) for line in (records / "records.jsonl").read_text().splitlines()]
     echo = [r for r in rows if r.get("icmpTypeCodeIPv4") == 0x0800
             and r.get("interfaceName") == web.host_if]
-    assert [(r["sourcePodName"], r["destinationPodName"], r["packetDeltaCount"])
-            for r in echo] == [("web", "db", 3)]
+    assert [(r["sourcePodName"], r["destinationPodName"], r["packetDeltaCount"],
+             r["flowEndReason"]) for r in echo] == [("web", "db", 3, 4)]
 
 
 def test_prometheus_scrapes_a_real_agent_and_every_panel_has_data(node, objects, tmp_path):
@@ -270,8 +272,10 @@ def test_prometheus_scrapes_a_real_agent_and_every_panel_has_data(node, objects,
 
 
 def containers(objects) -> dict[str, dict]:
-    ds = by_kind(objects, "DaemonSet")[0]
-    return {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+    """The pod's long-running containers by name, as the kubelet starts them: sidecars
+    (the collector), then containers."""
+    spec = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
+    return {c["name"]: c for c in kubelet.sidecars(spec) + spec["containers"]}
 
 
 def test_the_collector_overlay_swaps_in_the_collector_users_already_run(objects):

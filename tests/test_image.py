@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import kubelet
 import pytest
 import seccomp_profile
 from conftest import filters, netlab, wait_for
@@ -251,12 +252,10 @@ def test_the_image_meters_a_pod_as_the_daemonset_runs_it(rootfs, lab, tmp_path, 
                    if line.startswith("cniflow_collector_receive_buffer_bytes ")]
         assert size == 8 << 20
     finally:
-        for p in (agent, collector):
-            p.send_signal(signal.SIGTERM)
-        codes = [p.wait(30) for p in (agent, collector)]
+        codes = kubelet.stop(pod["spec"], {"agent": agent, "collector": collector})
         api.stop()
         subprocess.run(["umount", "-l", str(bpffs)])
-    assert codes == [0, 0], log.read_text()
+    assert codes == {"agent": 0, "collector": 0}, log.read_text()
     assert ("no CAP_SYS_ADMIN" in log.read_text()) != pod_side
     assert [(r["sourcePodName"], r["destinationPodName"], r["packetDeltaCount"],
              r["octetDeltaCount"]) for r in echo()] == [("web", "db", 5, 5 * 84)]
