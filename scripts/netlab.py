@@ -547,6 +547,9 @@ def down(prefix: str) -> None:
             if pids:
                 sh(f"kill -9 {' '.join(pids)}", check=False)
             sh(f"ip netns del {name}", check=False)
+            stale = Path("/run/netns") / name  # seen once after a full run: the file left
+            if stale.exists() and not os.path.ismount(stale):  # behind, no longer mounted
+                stale.unlink(missing_ok=True)
     if lab.exists():
         if os.path.ismount(lab / "bpffs"):
             sh(f"umount {lab / 'bpffs'}")
