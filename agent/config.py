@@ -88,6 +88,15 @@ def _bool(text: str) -> bool:
     raise ValueError(f"must be true or false, got {text!r}")
 
 
+def _handover(text: str) -> str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if _bool(text) else "false"
+    except ValueError:
+        raise ValueError(f"must be true, false or auto, got {text!r}") from None
+
+
 def _pin_path(text: str) -> str:
     """An absolute directory, or "" for off (a bpffs under it is checked at load)."""
     if text.strip() in ("", "off"):
@@ -175,6 +184,16 @@ class Config:
         default="",
         metadata={"parse": str, "help":
                   "this node's name, for the pod watch; default: $NODE_NAME"},
+    )
+    pod_name: str = field(
+        default="",
+        metadata={"parse": str, "help":
+                  "this agent's own pod, for --handover auto; default: $POD_NAME"},
+    )
+    pod_namespace: str = field(
+        default="",
+        metadata={"parse": str, "help":
+                  "the namespace of --pod-name; default: $POD_NAMESPACE"},
     )
     kubeconfig: str = field(
         default="",
@@ -300,11 +319,14 @@ class Config:
                   "flows live, so a killed or updated agent's successor adopts them and loses "
                   "nothing; off: no pins, a restart loses what was not exported"},
     )
-    handover: bool = field(
-        default=False,
-        metadata={"parse": _bool, "help":
-                  "on SIGTERM leave the pins (maps, links, pending flows) for the next agent "
-                  "(rolling update) instead of exporting everything, detaching and unpinning"},
+    handover: str = field(
+        default="auto",
+        metadata={"parse": _handover, "help":
+                  "on SIGTERM, true: leave the pins (maps, links, pending flows) for the next "
+                  "agent; false: export everything, detach and unpin; auto: with "
+                  "--kubernetes, leave the links and maps (no gap in counting) but export "
+                  "everything when this pod's DaemonSet will start another agent here (a "
+                  "rolling update), false when not (an uninstall) or unsure"},
     )
     cluster_cidr: list[str] = field(
         default_factory=list,
@@ -616,6 +638,9 @@ def from_sources(args: argparse.Namespace, env: Mapping[str, str] = os.environ) 
         if not cfg.node_name:
             raise ConfigError("--node-name / CNIFLOW_NODE_NAME (or NODE_NAME) is needed "
                               "with --kubernetes")
+    if cfg.kubernetes:  # the downward API's, as the DaemonSet sets them
+        cfg.pod_name = cfg.pod_name or env.get("POD_NAME", "")
+        cfg.pod_namespace = cfg.pod_namespace or env.get("POD_NAMESPACE", "")
     if cfg.pod_side and (not cfg.kubernetes or cfg.dataplane == "vpp"):
         raise ConfigError("--pod-side / CNIFLOW_POD_SIDE needs --kubernetes (the pods' "
                           "addresses) and the ebpf dataplane")

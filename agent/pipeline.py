@@ -250,6 +250,17 @@ class Agent:
         self.metrics.packets_deduplicated.inc(int(batch["packets"][twice].sum()))
         return take(batch, ~twice)
 
+    def _successor(self) -> bool:
+        """--handover auto: whether another agent will take over the links and maps."""
+        if self.cluster is None or not (self.cfg.pod_name and self.cfg.pod_namespace):
+            log.info("no handover: not a DaemonSet's agent (--kubernetes, --pod-name and "
+                     "--pod-namespace)")
+            return False
+        yes, why = self.cluster.successor(self.cfg.pod_namespace, self.cfg.pod_name)
+        log.info("handing over to the next agent" if yes else "no handover", extra={
+            "why": why})
+        return yes
+
     def _guarded(self, step, what: str) -> None:
         try:
             step()
@@ -261,9 +272,13 @@ class Agent:
         """Export what is pending (flowEndReason 4), then remove exactly what the
         agent added (TC filters, or flowprobe on VPP interfaces)."""
         try:
+            auto = self.cfg.handover == "auto"
+            if auto and getattr(self.dataplane, "restart", None) is not None:  # pinned
+                self.dataplane.hand_over(self._successor())
             self.dataplane.detach_all()
-            # a handover leaves the table pinned for the next agent: nothing forced out
-            self.poll(final=not getattr(self.dataplane, "handover", False))
+            # a handover leaves the table pinned for the next agent: nothing forced out,
+            # but for auto's (a node shutting down must not keep flows in its bpffs)
+            self.poll(final=auto or not getattr(self.dataplane, "handover", False))
             if self.exporter.backlog_records:
                 log.warning(
                     "records not delivered at exit",

@@ -278,6 +278,11 @@ class EbpfDataplane:
     def handover(self) -> bool:
         return self.restart is not None and self.restart.handover
 
+    def hand_over(self, yes: bool) -> None:
+        """--handover auto's decision, made at SIGTERM; nothing to hand over unpinned."""
+        if self.restart is not None:
+            self.restart.handover = yes
+
     def close(self) -> None:
         if self.restart is not None:
             self.restart.close()

@@ -32,7 +32,7 @@ ADOPT_GRACE_SECONDS = 30.0
 
 class Restart:
     def __init__(self, cfg: Config, program, drainer, attacher) -> None:
-        self.handover = cfg.handover
+        self.handover = cfg.handover == "true"  # auto: decided at SIGTERM (hand_over)
         self.program, self.drainer, self.attacher = program, drainer, attacher
         self.pins = program.pins
         poll = cfg.map_size + OVERFLOW_SIZE  # the most one drain brings

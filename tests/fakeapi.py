@@ -1,7 +1,8 @@
 """A fake Kubernetes API server: list and watch of pods, namespaces, nodes, Services
 (`/api/v1/services`), EndpointSlices (`/apis/discovery.k8s.io/v1/endpointslices`),
-ReplicaSets (`/apis/apps/v1/replicasets`) and Jobs (`/apis/batch/v1/jobs`) over
-real HTTP.
+ReplicaSets (`/apis/apps/v1/replicasets`), Jobs (`/apis/batch/v1/jobs`) and
+DaemonSets over real HTTP, and GET of one object by name (an agent asks for its own
+pod, namespace, node and DaemonSet at SIGTERM), with the API server's 404 and 403.
 
 It speaks what the kubernetes client uses: `GET /api/v1/pods` and
 `/api/v1/namespaces` with `fieldSelector=spec.nodeName=...`, `watch=true`,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
 import time
@@ -101,11 +103,18 @@ def _field(obj: dict, path: str):
 
 LISTS = {"pods": "PodList", "namespaces": "NamespaceList", "nodes": "NodeList",
          "services": "ServiceList", "endpointslices": "EndpointSliceList",
-         "replicasets": "ReplicaSetList", "jobs": "JobList"}
+         "replicasets": "ReplicaSetList", "jobs": "JobList", "daemonsets": "DaemonSetList"}
 # the API group of each kind ("": core)
-GROUPS = {"endpointslices": "discovery.k8s.io", "replicasets": "apps", "jobs": "batch"}
+GROUPS = {"endpointslices": "discovery.k8s.io", "replicasets": "apps", "jobs": "batch",
+          "daemonsets": "apps"}
 KINDS = {"pods": "Pod", "namespaces": "Namespace", "nodes": "Node", "services": "Service",
-         "endpointslices": "EndpointSlice", "replicasets": "ReplicaSet", "jobs": "Job"}
+         "endpointslices": "EndpointSlice", "replicasets": "ReplicaSet", "jobs": "Job",
+         "daemonsets": "DaemonSet"}
+NAMESPACED = {"pods", "services", "endpointslices", "replicasets", "jobs", "daemonsets"}
+# one object: /api/v1/nodes/NAME, /api/v1/namespaces/NS/pods/NAME,
+# /apis/GROUP/v1/namespaces/NS/KIND/NAME (/api/v1/namespaces/NAME: a namespace)
+ONE = re.compile(r"^/api(?:s/(?P<group>[^/]+))?/v1/(?:namespaces/(?P<ns>[^/]+)/)?"
+                 r"(?P<kind>[a-z]+)/(?P<name>[^/]+)$")
 
 
 def _api_version(kind: str) -> str:
@@ -125,6 +134,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         url = urlparse(self.path)
+        one = ONE.match(url.path)
+        if one:
+            return self._one(one["group"] or "", one["ns"], one["kind"], one["name"])
         kind = url.path.rpartition("/")[2]
         if kind not in LISTS or url.path != f"/api{'s' if kind in GROUPS else ''}/" \
                 f"{_api_version(kind)}/{kind}":
@@ -153,6 +165,33 @@ class Handler(BaseHTTPRequestHandler):
             body = {"kind": LISTS[kind], "apiVersion": _api_version(kind),
                     "metadata": {"resourceVersion": str(st.rv)}, "items": items}
         self._json(200, body)
+
+    def _one(self, group: str, namespace: str | None, kind: str, name: str) -> None:
+        """GET of one object, and the API server's answers when it cannot be read."""
+        if kind not in LISTS or GROUPS.get(kind, "") != group or \
+                (namespace is not None) != (kind in NAMESPACED):
+            return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+        resource = f"{kind}.{group}" if group else kind
+        if self.headers.get("Authorization") != f"Bearer {self.state.token}":
+            return self._json(401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                    "message": "Unauthorized", "reason": "Unauthorized",
+                                    "code": 401})
+        if kind in self.state.forbidden:
+            where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+            return self._json(403, {
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                "reason": "Forbidden", "details": {"name": name, "group": group, "kind": kind},
+                "message": f'{resource} "{name}" is forbidden: User '
+                           f'"system:serviceaccount:cniflow:cniflow" cannot get resource '
+                           f'"{kind}" in API group "{group}" {where}'})
+        with self.state.cond:
+            obj = self.state.objects[kind].get(f"{namespace}/{name}" if namespace else name)
+        if obj is None:
+            return self._json(404, {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": f'{resource} "{name}" not found', "reason": "NotFound",
+                "details": {"name": name, "group": group, "kind": kind}, "code": 404})
+        self._json(200, {"apiVersion": _api_version(kind), "kind": KINDS[kind], **obj})
 
     def _json(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -319,6 +358,36 @@ class FakeApiServer:
 
     def delete_pod(self, namespace: str, name: str) -> None:
         self.state.delete("pods", namespace, name)
+
+    def daemon_set(self, namespace: str, name: str,
+                   node_selector: dict | None = None) -> dict:
+        """A DaemonSet as the API server stores it (the fields read of it)."""
+        return self.state.put("daemonsets", {
+            "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                         "creationTimestamp": _now(), "generation": 1},
+            "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+                     "template": {"metadata": {"labels": {"app.kubernetes.io/name": name}},
+                                  "spec": {**({"nodeSelector": node_selector}
+                                              if node_selector else {}),
+                                           "containers": [{"name": "agent",
+                                                           "image": "cniflow:0.1.0"}]}}},
+            "status": {"currentNumberScheduled": 1, "desiredNumberScheduled": 1,
+                       "numberMisscheduled": 0, "numberReady": 1}})
+
+    def deleting(self, kind: str, namespace: str | None, name: str) -> dict:
+        """An object being deleted: what a DELETE leaves while finalizers or foreground
+        deletion hold it (a namespace: phase Terminating until its content is gone)."""
+        key = f"{namespace}/{name}" if namespace else name
+        with self.state.cond:
+            obj = copy.deepcopy(self.state.objects[kind][key])
+        obj["metadata"]["deletionTimestamp"] = _now()
+        obj["metadata"]["deletionGracePeriodSeconds"] = 0
+        if kind == "namespaces":
+            obj.setdefault("spec", {})["finalizers"] = ["kubernetes"]
+            obj["status"] = {"phase": "Terminating"}
+        else:
+            obj["metadata"]["finalizers"] = ["foregroundDeletion"]
+        return self.state.put(kind, obj)
 
     def service(self, namespace: str, name: str, cluster_ip: str,
                 ports: list[tuple[str, str, int, int]], node_ports: dict[str, int] | None = None,

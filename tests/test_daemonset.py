@@ -27,6 +27,8 @@ MODELS = {
     "ServiceAccount": client.V1ServiceAccount,
     "ClusterRole": client.V1ClusterRole,
     "ClusterRoleBinding": client.V1ClusterRoleBinding,
+    "Role": client.V1Role,
+    "RoleBinding": client.V1RoleBinding,
     "ConfigMap": client.V1ConfigMap,
     "DaemonSet": client.V1DaemonSet,
 }
@@ -58,7 +60,7 @@ def by_kind(objects, kind: str) -> list[dict]:
 def test_the_manifests_render_and_validate(objects):
     kinds = sorted(o["kind"] for o in objects.values())
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "DaemonSet",
-                     "Namespace", "PodMonitor", "ServiceAccount"]
+                     "Namespace", "PodMonitor", "Role", "RoleBinding", "ServiceAccount"]
     validate(objects)
     pm = by_kind(objects, "PodMonitor")[0]
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"
@@ -75,10 +77,16 @@ def test_rbac_asks_only_to_read_pods_namespaces_nodes_services_endpointslices_an
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
         {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": read},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": read}]
-    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
-    binding = by_kind(objects, "ClusterRoleBinding")[0]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cniflow",
-                                    "namespace": "cniflow"}]
+    # in its own namespace, its DaemonSet, read at SIGTERM (--handover auto)
+    (own,) = by_kind(objects, "Role")
+    assert own["metadata"]["namespace"] == "cniflow" and own["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]}]
+    for binding, role in ((by_kind(objects, "ClusterRoleBinding")[0], "ClusterRole"),
+                          (by_kind(objects, "RoleBinding")[0], "Role")):
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role,
+                                      "name": "cniflow"}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cniflow",
+                                        "namespace": "cniflow"}]
 
 
 def test_capabilities_are_the_listed_ones_and_export_stays_on_the_node(objects):

@@ -4,6 +4,7 @@ server (real list and watch over HTTP), pods built as namespaces and veths."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -99,6 +100,127 @@ def test_removing_the_annotation_detaches_and_stops_the_records(node, api):
     assert not [r for r in records if r["dport"] == 9711]
     assert "clsact" not in subprocess.run(node.exec(f"tc qdisc show dev {web.host_if}").split(),
                                           capture_output=True, text=True).stdout
+
+
+def test_whether_another_agent_will_come_is_read_from_the_api_server():
+    """What --handover auto asks at SIGTERM (agent/kube.py successor), answered by the
+    API server as it answers: objects, deletions in progress, 404 and 403."""
+    from agent.kube import Cluster
+
+    api = FakeApiServer(None)
+    try:
+        cluster = Cluster(NODE, str(api.kubeconfig(Path(f"/tmp/succ{os.getpid()}-kc"))))
+
+        def ask() -> tuple[bool, str]:
+            return cluster.successor("cniflow", "cniflow-7xk2q")
+
+        assert ask() == (False, "the pod is gone")
+        api.namespace("cniflow")
+        api.pod("cniflow", "cniflow-7xk2q", NODE, [], host_network=True)
+        assert ask() == (False, "this pod is not a DaemonSet's")
+        ds = api.daemon_set("cniflow", "cniflow", {"cniflow.io/flows": "on"})
+        api.owned_pod("cniflow", "cniflow-7xk2q", NODE, [], ("apps/v1", "DaemonSet", ds),
+                      host_network=True)
+        assert ask() == (False, "the node is gone")
+        own = api.node(NODE, [])
+        assert ask() == (False, f"node {NODE} no longer matches the nodeSelector")
+        api.state.put("nodes", {**own, "metadata": {**own["metadata"], "labels": {
+            "cniflow.io/flows": "on"}}})
+        assert ask() == (True, "DaemonSet cniflow will start another agent here")
+        api.deleting("daemonsets", "cniflow", "cniflow")  # foreground: held by a finalizer
+        assert ask() == (False, "DaemonSet cniflow is being deleted")
+        api.state.delete("daemonsets", "cniflow", "cniflow")  # background: gone at once
+        assert ask() == (False, "the DaemonSet is gone")
+        api.daemon_set("cniflow", "cniflow", {"cniflow.io/flows": "on"})
+        api.state.forbidden.add("daemonsets")  # the Role not applied
+        assert ask() == (False, "reading the DaemonSet: api server error 403 Forbidden")
+        api.state.forbidden.clear()
+        api.deleting("namespaces", None, "cniflow")  # kubectl delete -k daemonset/
+        assert ask() == (False, "namespace cniflow is being deleted")
+        api.namespace("cniflow")
+        api.deleting("nodes", None, NODE)
+        assert ask() == (False, f"node {NODE} is being deleted")
+    finally:
+        api.stop()
+
+
+def test_handover_auto_leaves_nothing_when_the_daemonset_is_gone(node, api):
+    """--handover auto (the DaemonSet's), asked at SIGTERM of the API server: no agent
+    will follow (an uninstall: the DaemonSet deleted), so nothing is left, and the
+    pending flow is exported, as a forced end. (A rolling update: below.)"""
+    from conftest import own_bpffs, tcx_programs
+
+    web, db = node.pods
+    api.namespace("cniflow")
+    ds = api.daemon_set("cniflow", "cniflow")
+    api.owned_pod("cniflow", "cniflow-7xk2q", NODE, [], ("apps/v1", "DaemonSet", ds),
+                  host_network=True)
+    api.node(NODE, [])
+    api.namespace("shop", OPT_IN)
+    api.pod("shop", "web", NODE, [web.ipv4])
+    tshark = oracles.Tshark(node.netns, 4739)
+    with own_bpffs(f"{node.prefix}-pins") as fs:
+        pins = str(fs / "cniflow")
+        with k8s_agent(node, api, "--pin-path", pins, "--pod-name", "cniflow-7xk2q",
+                       "--pod-namespace", "cniflow", "--idle-timeout", "60") as running:
+            assert wait_for(lambda: attached(node, web), 10), running.log.read_text()
+            send_udp(node, 0, db.ipv4, 9712, count=5, size=10)
+            api.state.delete("daemonsets", "cniflow", "cniflow")  # background: gone at once
+        log = running.log.read_text()
+        left = [n for hook in ("ingress", "egress")
+                for n in tcx_programs(node.netns, web.host_if, hook) if n.startswith("cniflow")]
+        assert "no handover" in log and "the DaemonSet is gone" in log, log
+        assert left == [] and not os.path.exists(pins), (left, log)
+    tshark.stop()
+    udp = [r for r in tshark.records() if r["dport"] == 9712]
+    assert [(r["packets"], r["end_reason"]) for r in udp] == [(5, 4)], udp
+
+
+def test_handover_auto_in_a_rolling_update_counts_every_packet_once():
+    """--handover auto, as the DaemonSet runs it: at SIGTERM the API server says the
+    DaemonSet will start another agent here (a rolling update). The links and maps stay
+    and count while no agent runs; the pending flow is exported now (a forced end) and
+    the next agent exports what came after: every packet once, no gap."""
+    from conftest import own_bpffs
+
+    prefix = f"hao{os.getpid() % 1000}"
+    node = netlab.up(prefix, 2)
+    api = FakeApiServer(node.netns)
+    try:
+        with own_bpffs(f"{prefix}-pins") as fs:
+            rolling_update(node, api, str(fs / "cniflow"))
+    finally:
+        api.stop()
+        netlab.down(prefix)
+
+
+def rolling_update(node, api, pins: str) -> None:
+    from test_restart import PORT, check_exact, cniflow_links, no_leftovers, run_through
+
+    web, db = node.pods
+    api.namespace("cniflow")
+    ds = api.daemon_set("cniflow", "cniflow")
+    api.owned_pod("cniflow", "cniflow-7xk2q", NODE, [], ("apps/v1", "DaemonSet", ds),
+                  host_network=True)
+    api.node(NODE, [])
+    api.namespace("shop", OPT_IN)
+    api.pod("shop", "web", NODE, [web.ipv4])
+    api.pod("shop", "db", NODE, [db.ipv4])
+    kubeconfig = api.kubeconfig(Path(f"/tmp/{node.prefix}-kubeconfig"))
+
+    def rolled(first, _):
+        first.proc.send_signal(15)
+        assert first.proc.wait(30) == 0
+        assert len(cniflow_links(node, web.host_if)) == 2
+
+    r = run_through(node, pins, rolled, (
+        "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
+        "--pod-name", "cniflow-7xk2q", "--pod-namespace", "cniflow"), first_interfaces=())
+    assert "handing over to the next agent" in r["logs"][0]
+    udp = [x for x in r["rows"] if x.get("destinationTransportPort") == PORT]
+    assert [x["flowEndReason"] for x in udp] == [4, 4]  # at the handover, at the end
+    check_exact(node, r)
+    no_leftovers(node, pins)
 
 
 def test_a_namespace_opts_in_new_pods_and_a_deleted_pod_leaves_nothing(node, api):

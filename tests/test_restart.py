@@ -63,11 +63,12 @@ def cniflow_links(node, ifname: str) -> list[str]:
 
 
 def run_through(node, pins: str, stop_first, args: tuple[str, ...], ports: int = 1,
-                late_collector: bool = False, oracle: bool = True) -> dict:
-    """Agent one (with args) meters the traffic, is stopped by stop_first(agent,
-    collector) mid-stream (the collector is None when it starts only after that), agent
-    two takes over and is stopped with SIGTERM after the traffic; what was counted and
-    sent."""
+                late_collector: bool = False, oracle: bool = True,
+                first_interfaces: tuple[str, ...] | None = None) -> dict:
+    """Agent one (with args; first_interfaces: its --interface globs, none for
+    --kubernetes) meters the traffic, is stopped by stop_first(agent, collector)
+    mid-stream (the collector is None when it starts only after that), agent two takes
+    over and is stopped with SIGTERM after the traffic; what was counted and sent."""
     a = node.pods[0]
     pin_neighbours(node, 0)
     quiet(node, a.host_if)
@@ -77,7 +78,7 @@ def run_through(node, pins: str, stop_first, args: tuple[str, ...], ports: int =
     common = ("--transport", "tcp", "--pin-path", pins, "--idle-timeout", "30",
               "--active-timeout", "120")
     before = node.link_stats(a.host_if)
-    with agent(node, *common, *args) as first:
+    with agent(node, *common, *args, interfaces=first_interfaces) as first:
         sender = start_sender(node, 8.0, ports)
         time.sleep(3)
         stop_first(first, collector)
