@@ -253,9 +253,6 @@ class Follower(threading.Thread):
         self.changed.set()
 
 
-SUCCESSOR_SECONDS = 6.0  # asking at SIGTERM whether another agent will come
-
-
 class Cluster:
     """This node's pods and every namespace, as the API server tells them."""
 
@@ -346,57 +343,6 @@ class Cluster:
 
     def snapshot(self) -> tuple[list[Pod], dict[str, str | None]]:
         return list(self.pods.snapshot().values()), dict(self.namespaces.snapshot().values())
-
-    def successor(self, namespace: str, pod: str) -> tuple[bool, str]:
-        """Whether the DaemonSet of this agent's pod will start another agent on this
-        node once it has stopped (a rolling update, a deleted pod), and why. Not when
-        the DaemonSet or its namespace is gone or being deleted (an uninstall), the
-        node is, or the node no longer matches the DaemonSet's nodeSelector. Asked
-        afresh (a watch may lag the deletion that stops us), and False on any doubt:
-        what this agent holds is then exported and unpinned, nothing left behind. At
-        most SUCCESSOR_SECONDS (the client retries a silent server): SIGTERM's grace
-        period is for exporting."""
-        answer: list[tuple[bool, str]] = []
-        asking = threading.Thread(target=lambda: answer.append(self._successor(namespace, pod)),
-                                  daemon=True)
-        asking.start()
-        asking.join(SUCCESSOR_SECONDS)
-        return answer[0] if answer else (False, "the api server did not answer in time")
-
-    def _successor(self, namespace: str, pod: str) -> tuple[bool, str]:
-        from kubernetes import client
-
-        what, wait = "pod", (2, 3)  # connect, read
-        try:
-            me = self.v1.read_namespaced_pod(pod, namespace, _request_timeout=wait)
-            owner = next((o for o in me.metadata.owner_references or ()
-                          if o.controller and o.kind == "DaemonSet"), None)
-            if owner is None:
-                return False, "this pod is not a DaemonSet's"
-            what = "namespace"
-            if self.v1.read_namespace(namespace, _request_timeout=wait).metadata \
-                    .deletion_timestamp:
-                return False, f"namespace {namespace} is being deleted"
-            what = "DaemonSet"
-            ds = self.apps.read_namespaced_daemon_set(owner.name, namespace,
-                                                      _request_timeout=wait)
-            if ds.metadata.deletion_timestamp:
-                return False, f"DaemonSet {owner.name} is being deleted"
-            what = "node"
-            node = self.v1.read_node(self.node_name, _request_timeout=wait)
-            if node.metadata.deletion_timestamp:
-                return False, f"node {self.node_name} is being deleted"
-            labels = node.metadata.labels or {}
-            selector = ds.spec.template.spec.node_selector or {}
-            if any(labels.get(k) != v for k, v in selector.items()):
-                return False, f"node {self.node_name} no longer matches the nodeSelector"
-            return True, f"DaemonSet {owner.name} will start another agent here"
-        except client.ApiException as e:
-            if e.status == 404:
-                return False, f"the {what} is gone"
-            return False, f"reading the {what}: api server error {e.status} {e.reason}"
-        except Exception as e:  # noqa: BLE001  (unreachable, timed out)
-            return False, f"reading the {what}: {str(e)[:200]}"
 
     def stop(self) -> None:
         self.stop_event.set()

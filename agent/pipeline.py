@@ -256,7 +256,9 @@ class Agent:
             log.info("no handover: not a DaemonSet's agent (--kubernetes, --pod-name and "
                      "--pod-namespace)")
             return False
-        yes, why = self.cluster.successor(self.cfg.pod_namespace, self.cfg.pod_name)
+        from agent import successor
+
+        yes, why = successor.ask(self.cluster, self.cfg.pod_namespace, self.cfg.pod_name)
         log.info("handing over to the next agent" if yes else "no handover", extra={
             "why": why})
         return yes

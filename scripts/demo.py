@@ -49,11 +49,22 @@ def attached(log: Path, interfaces: set[str], agent: subprocess.Popen) -> None:
     """Until the agent's log says it attached to every interface (TCX links or tc
     filters, whichever the kernel has); an agent that exits says why."""
     deadline = time.time() + 120  # BCC compiles the program first: seconds, more when busy
-    while not interfaces <= {json.loads(line).get("interface") for line in
-                             log.read_text().splitlines() if '"attached"' in line}:
+    while not interfaces <= {entry.get("interface") for entry in _entries(log)
+                             if entry.get("msg") == "attached"}:
         if agent.poll() is not None or time.time() > deadline:
             sys.exit(f"the agent did not attach:\n{log.read_text()}")
         time.sleep(0.2)
+
+
+def _entries(log: Path) -> list[dict]:
+    """The log's JSON lines so far (a line being written is not one yet)."""
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -63,7 +74,11 @@ def stop(procs: list[subprocess.Popen]) -> None:
     while procs:
         p = procs.pop()
         p.send_signal(signal.SIGTERM)
-        p.wait(timeout=30)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # the rest are still stopped, the lab torn down
+            p.kill()
+            p.wait()
 
 
 FLOW_TYPES = {1: "intra-node", 2: "inter-node", 3: "to ext", 4: "from ext"}

@@ -54,6 +54,8 @@ class State:
         self.history: list[tuple[int, str, str, dict]] = []  # (rv, kind, type, object)
         self.oldest = self.rv  # watches from an older version get 410 Gone
         self.epoch = 0  # bumped to drop every open watch
+        self.connections: set[socket.socket] = set()  # open ones, kept alive between requests
+        self.delay = 0.0  # seconds before each answer: a server too busy to answer in time
 
     def put(self, kind: str, obj: dict) -> dict:
         with self.cond:
@@ -132,7 +134,18 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        with self.state.cond:
+            self.state.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.state.cond:
+            self.state.connections.discard(self.connection)
+        super().finish()
+
     def do_GET(self) -> None:  # noqa: N802
+        time.sleep(self.state.delay)
         url = urlparse(self.path)
         one = ONE.match(url.path)
         if one:
@@ -168,14 +181,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _one(self, group: str, namespace: str | None, kind: str, name: str) -> None:
         """GET of one object, and the API server's answers when it cannot be read."""
-        if kind not in LISTS or GROUPS.get(kind, "") != group or \
-                (namespace is not None) != (kind in NAMESPACED):
-            return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
-        resource = f"{kind}.{group}" if group else kind
         if self.headers.get("Authorization") != f"Bearer {self.state.token}":
             return self._json(401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                     "message": "Unauthorized", "reason": "Unauthorized",
                                     "code": 401})
+        if kind not in LISTS or GROUPS.get(kind, "") != group or \
+                (namespace is not None) != (kind in NAMESPACED):
+            return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+        resource = f"{kind}.{group}" if group else kind
         if kind in self.state.forbidden:
             where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
             return self._json(403, {
@@ -272,12 +285,21 @@ class FakeApiServer:
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
-        """The API server goes away: listener closed, watches dropped."""
+        """The API server goes away: listener closed, watches dropped, and the
+        connections clients keep alive between requests cut, as a process that exits
+        has them reset (else a client's next request would still be served)."""
         if self._server:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
         self.state.drop_watches()
+        with self.state.cond:
+            open_ = list(self.state.connections)
+        for conn in open_:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def kubeconfig(self, path: Path, token_file: Path | None = None) -> Path:
         """A kubeconfig with the server's token, or pointing at a token file (as a
@@ -359,20 +381,33 @@ class FakeApiServer:
     def delete_pod(self, namespace: str, name: str) -> None:
         self.state.delete("pods", namespace, name)
 
-    def daemon_set(self, namespace: str, name: str,
-                   node_selector: dict | None = None) -> dict:
-        """A DaemonSet as the API server stores it (the fields read of it)."""
+    def daemon_set(self, namespace: str, name: str, node_selector: dict | None = None,
+                   **template: list | dict) -> dict:
+        """A DaemonSet as the API server stores it (the fields read of it); template:
+        more of its pod template's spec (tolerations, affinity, hostNetwork)."""
         return self.state.put("daemonsets", {
             "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
                          "creationTimestamp": _now(), "generation": 1},
             "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": name}},
                      "template": {"metadata": {"labels": {"app.kubernetes.io/name": name}},
                                   "spec": {**({"nodeSelector": node_selector}
-                                              if node_selector else {}),
+                                              if node_selector else {}), **template,
                                            "containers": [{"name": "agent",
                                                            "image": "cniflow:0.1.0"}]}}},
             "status": {"currentNumberScheduled": 1, "desiredNumberScheduled": 1,
                        "numberMisscheduled": 0, "numberReady": 1}})
+
+    def agent_pod(self, node: str, namespace: str = "cniflow",
+                  name: str = "cniflow-7xk2q") -> dict:
+        """cniflow's own pod as its DaemonSet makes it on node (hostNetwork, owned by
+        DaemonSet cniflow), with its namespace, the DaemonSet and the Node; returns the
+        pod's {namespace, name} (what the downward API gives the agent)."""
+        self.namespace(namespace)
+        ds = self.daemon_set(namespace, "cniflow")
+        self.owned_pod(namespace, name, node, [], ("apps/v1", "DaemonSet", ds),
+                       host_network=True)
+        self.node(node, [])
+        return {"namespace": namespace, "name": name}
 
     def deleting(self, kind: str, namespace: str | None, name: str) -> dict:
         """An object being deleted: what a DELETE leaves while finalizers or foreground

@@ -2,10 +2,11 @@
 the DaemonSet's pod by hand (test_daemonset, test_image).
 
 Stopping follows kubelet's pkg/kubelet/kuberuntime/kuberuntime_termination_order.go
-(Kubernetes 1.29+, KEP-753): every container gets SIGTERM at once, in parallel; a
-sidecar (an init container with restartPolicy Always) waits until every container
-and every sidecar listed after it has exited; whatever still runs when the pod's
-grace period is over gets SIGTERM, 2 s, then SIGKILL.
+(Kubernetes 1.29+, KEP-753): every container gets SIGTERM at once, in parallel, and
+SIGKILL when the pod's grace period is over; a sidecar (an init container with
+restartPolicy Always) waits until every container and every sidecar listed after it
+has exited, or the grace period is over, and then gets SIGTERM and what is left of
+the grace period, at least 2 s, before SIGKILL.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import time
 
-LAST_CHANCE = 2.0  # the kubelet's fixed grace once the pod's own is spent
+MIN_GRACE = 2.0  # kuberuntime's minimumGracePeriodInSeconds: a sidecar's at least
 
 
 def sidecars(spec: dict) -> list[dict]:
@@ -30,29 +31,37 @@ def start_order(spec: dict) -> list[str]:
 
 def stop(spec: dict, procs: dict[str, subprocess.Popen]) -> dict[str, int | None]:
     """Stops the pod's running processes (by container name) in the kubelet's order;
-    their exit codes by name (None: killed at the end of the grace period)."""
+    their exit codes by name (None: killed). A container gets SIGTERM and, still
+    running when the pod's grace period is over, SIGKILL; a sidecar gets SIGTERM when
+    its turn comes, or when the grace period is over, and at least MIN_GRACE seconds."""
     deadline = time.monotonic() + spec.get("terminationGracePeriodSeconds", 30)
-    waves = [[c["name"] for c in spec["containers"]]]
-    waves += [[c["name"]] for c in reversed(sidecars(spec))]
     codes: dict[str, int | None] = {}
-    for wave in waves:
-        running = [procs[n] for n in wave if n in procs]
-        for p in running:
-            p.send_signal(signal.SIGTERM)
-        for name, p in ((n, procs[n]) for n in wave if n in procs):
-            try:
-                codes[name] = p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                codes[name] = None
-    late = {n: p for n, p in procs.items() if p.poll() is None}
-    for p in late.values():  # still running: its turn came too late, or it did not stop
-        p.send_signal(signal.SIGTERM)
-    if late:
-        time.sleep(LAST_CHANCE)
-    for name, p in late.items():
-        if p.poll() is None:
+
+    def ended(name: str, seconds: float) -> None:
+        p = procs[name]
+        try:
+            codes[name] = p.wait(max(0.0, seconds))
+        except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-        else:
-            codes[name] = p.returncode
+            codes[name] = None
+
+    mains = [c["name"] for c in spec["containers"] if c["name"] in procs]
+    for name in mains:
+        procs[name].send_signal(signal.SIGTERM)
+    for name in mains:
+        ended(name, deadline - time.monotonic())
+    for c in reversed(sidecars(spec)):
+        if c["name"] in procs:
+            procs[c["name"]].send_signal(signal.SIGTERM)
+            ended(c["name"], max(deadline - time.monotonic(), MIN_GRACE))
     return codes
+
+
+def downward(container: dict, pod: dict, node: str) -> dict[str, str]:
+    """The container's environment variables the downward API fills (fieldRef), for
+    the pod (namespace, name) on node, as the kubelet resolves them."""
+    fields = {"metadata.name": pod["name"], "metadata.namespace": pod["namespace"],
+              "spec.nodeName": node}
+    return {e["name"]: fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            for e in container.get("env", []) if "fieldRef" in e.get("valueFrom", {})}

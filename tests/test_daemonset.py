@@ -115,6 +115,9 @@ def test_capabilities_are_the_listed_ones_and_export_stays_on_the_node(objects):
     assert not mounts & {"/lib/modules", "/usr/src"}  # the image carries its headers
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # its own pod, for --handover auto (the agent's defaults read these two)
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
 def test_the_config_map_holds_every_agent_setting(objects):
@@ -162,12 +165,17 @@ def metric_names() -> set[str]:
 
 def test_the_daemonsets_pod_exports_and_its_last_flows_outlive_a_rollout(objects, node):
     """The containers' commands and environment, as rendered, on a lab node, started and
-    stopped in the kubelet's order (tests/kubelet.py). The collector is a sidecar: it
-    starts before the agent and gets SIGTERM only once the agent has exited, so the
-    flows the agent exports as it stops (a rollout, a drain; here nothing had timed
-    out yet) are written. As a second container it got SIGTERM with the agent and
-    could be gone before them. The API server is the fake one, reached through
-    KUBECONFIG instead of in-cluster."""
+    stopped in the kubelet's order (tests/kubelet.py), in a rolling update. The
+    collector is a sidecar: it starts before the agent and gets SIGTERM only once the
+    agent has exited, so the flows the agent exports as it stops (here nothing had timed
+    out yet) are written; as a second container it got SIGTERM with the agent and
+    could be gone before them. The agent, told its pod by the downward API, finds its
+    DaemonSet still there (--handover auto) and leaves its links counting for the
+    next agent. The API server is the fake one, reached through KUBECONFIG instead of
+    in-cluster; the pins go to a bpffs of the test's own (`ip netns exec` hides
+    /sys/fs/bpf)."""
+    from conftest import own_bpffs, tcx_programs
+
     web, db = node.pods
     spec = by_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
     assert kubelet.start_order(spec) == ["collector", "agent"]
@@ -175,6 +183,7 @@ def test_the_daemonsets_pod_exports_and_its_last_flows_outlive_a_rollout(objects
     config = next(c for c in by_kind(objects, "ConfigMap")
                   if c["metadata"]["name"].startswith("cniflow-config"))["data"]
     api = FakeApiServer(node.netns)
+    me = api.agent_pod("node-a")
     api.namespace("shop", {"cniflow.io/export": "true"})
     api.pod("shop", "web", "node-a", [web.ipv4])
     api.pod("shop", "db", "node-a", [db.ipv4])
@@ -182,26 +191,32 @@ def test_the_daemonsets_pod_exports_and_its_last_flows_outlive_a_rollout(objects
     records.mkdir(exist_ok=True)
     bin_dir = str(Path(sys.executable).parent)
     base = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin"}
-    env = {"agent": {**base, **config, "NODE_NAME": "node-a",
-                     "KUBECONFIG": str(api.kubeconfig(records / "kubeconfig"))},
-           "collector": {**base, **{e["name"]: e["value"] for e in pod["collector"]["env"]}}}
-    assert pod["agent"]["command"] == ["cniflow", "agent"]
-    procs = {}
-    for name in kubelet.start_order(spec):
-        cmd = [a.replace("/var/log/cniflow", str(records)) for a in pod[name]["command"]]
-        procs[name] = subprocess.Popen(["ip", "netns", "exec", node.netns, *cmd],
-                                       env=env[name],
-                                       stderr=(records / f"{name}.log").open("w"))
-    try:
-        assert wait_for(lambda: "cniflow_ingress" in filters(node, web.host_if), 30), \
-            (records / "agent.log").read_text()
-        subprocess.run(node.in_pod(0, f"ping -c 3 -i 0.2 -q {db.ipv4}").split(),
-                       stdout=subprocess.DEVNULL)
-    finally:
-        codes = kubelet.stop(spec, procs)
-        api.stop()
-    assert codes == {"agent": 0, "collector": 0}, (records / "agent.log").read_text()
-    assert "not delivered" not in (records / "agent.log").read_text()
+    with own_bpffs(f"{node.prefix}-pins") as bpffs:
+        env = {"agent": {**base, **config, **kubelet.downward(pod["agent"], me, "node-a"),
+                         "CNIFLOW_PIN_PATH": str(bpffs / "cniflow"),
+                         "KUBECONFIG": str(api.kubeconfig(records / "kubeconfig"))},
+               "collector": {**base, **{e["name"]: e["value"]
+                                        for e in pod["collector"]["env"]}}}
+        assert pod["agent"]["command"] == ["cniflow", "agent"]
+        procs = {}
+        for name in kubelet.start_order(spec):
+            cmd = [a.replace("/var/log/cniflow", str(records)) for a in pod[name]["command"]]
+            procs[name] = subprocess.Popen(["ip", "netns", "exec", node.netns, *cmd],
+                                           env=env[name],
+                                           stderr=(records / f"{name}.log").open("w"))
+        try:
+            assert wait_for(lambda: "cniflow_ingress" in filters(node, web.host_if), 30), \
+                (records / "agent.log").read_text()
+            subprocess.run(node.in_pod(0, f"ping -c 3 -i 0.2 -q {db.ipv4}").split(),
+                           stdout=subprocess.DEVNULL)
+        finally:
+            codes = kubelet.stop(spec, procs)
+            api.stop()
+        log = (records / "agent.log").read_text()
+        assert codes == {"agent": 0, "collector": 0}, log
+        assert "handing over to the next agent" in log, log
+        assert "cniflow_ingress" in tcx_programs(node.netns, web.host_if)  # still counting
+    assert "not delivered" not in log
     rows = [json.loads(line) for line in (records / "records.jsonl").read_text().splitlines()]
     echo = [r for r in rows if r.get("icmpTypeCodeIPv4") == 0x0800
             and r.get("interfaceName") == web.host_if]
@@ -302,6 +317,23 @@ def test_the_collector_overlay_swaps_in_the_collector_users_already_run(objects)
     shown = readme.split("# daemonset/overlays/collector/kustomization.yaml\n", 1)[1]
     assert shown.split("```")[0] == (ROOT / "daemonset/overlays/collector/kustomization.yaml"
                                      ).read_text().split("\n", 4)[4]  # the README shows it
+
+
+@pytest.mark.parametrize("path", ["", "overlays/collector", "overlays/minimal",
+                                  "overlays/kafka", "overlays/legacy-seccomp",
+                                  "overlays/pod-side"])
+def test_every_overlay_makes_the_directories_theirs_before_anything_writes_them(path):
+    """The kubelet runs init containers in their order, a sidecar's turn included: owner
+    (root, CHOWN) first, or the collector cannot open its file on a fresh node. A
+    strategic merge patch of initContainers puts its own items first: the kafka
+    overlay's names owner as well."""
+    spec = by_kind(render(ROOT / "daemonset" / path), "DaemonSet")[0]["spec"]["template"][
+        "spec"]
+    names = [c["name"] for c in spec["initContainers"]]
+    assert names == ["owner"] + [c["name"] for c in kubelet.sidecars(spec)]
+    assert names[1:] == ([] if path == "overlays/collector" else ["collector"])
+    assert all(c.get("image") == spec["containers"][0]["image"]
+               for c in spec["initContainers"])
 
 
 def test_the_minimal_overlay_drops_what_needs_the_prometheus_operator_or_grafana(objects):

@@ -105,6 +105,7 @@ def test_removing_the_annotation_detaches_and_stops_the_records(node, api):
 def test_whether_another_agent_will_come_is_read_from_the_api_server():
     """What --handover auto asks at SIGTERM (agent/kube.py successor), answered by the
     API server as it answers: objects, deletions in progress, 404 and 403."""
+    from agent import successor
     from agent.kube import Cluster
 
     api = FakeApiServer(None)
@@ -112,7 +113,7 @@ def test_whether_another_agent_will_come_is_read_from_the_api_server():
         cluster = Cluster(NODE, str(api.kubeconfig(Path(f"/tmp/succ{os.getpid()}-kc"))))
 
         def ask() -> tuple[bool, str]:
-            return cluster.successor("cniflow", "cniflow-7xk2q")
+            return successor.ask(cluster, "cniflow", "cniflow-7xk2q")
 
         assert ask() == (False, "the pod is gone")
         api.namespace("cniflow")
@@ -124,9 +125,38 @@ def test_whether_another_agent_will_come_is_read_from_the_api_server():
         assert ask() == (False, "the node is gone")
         own = api.node(NODE, [])
         assert ask() == (False, f"node {NODE} no longer matches the nodeSelector")
-        api.state.put("nodes", {**own, "metadata": {**own["metadata"], "labels": {
+        selected = api.state.put("nodes", {**own, "metadata": {**own["metadata"], "labels": {
             "cniflow.io/flows": "on"}}})
         assert ask() == (True, "DaemonSet cniflow will start another agent here")
+        # taints: the DaemonSet controller's rule, its own tolerations added
+        for taint, tolerations, yes in (
+                ({"key": "dedicated", "value": "infra", "effect": "NoSchedule"}, [], False),
+                ({"key": "dedicated", "value": "infra", "effect": "PreferNoSchedule"}, [], True),
+                ({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}, [], True),
+                ({"key": "dedicated", "value": "infra", "effect": "NoExecute"},
+                 [{"key": "dedicated", "operator": "Equal", "value": "infra"}], True),
+                ({"key": "dedicated", "value": "gpu", "effect": "NoExecute"},
+                 [{"key": "dedicated", "operator": "Equal", "value": "infra"}], False),
+                ({"key": "dedicated", "value": "infra", "effect": "NoSchedule"},
+                 [{"operator": "Exists"}], True)):  # the base's: every taint
+            api.daemon_set("cniflow", "cniflow", {"cniflow.io/flows": "on"},
+                           tolerations=tolerations)
+            api.state.put("nodes", {**selected, "spec": {"taints": [taint]}})
+            assert ask()[0] is yes, (taint, tolerations, ask())
+        api.daemon_set("cniflow", "cniflow", {"cniflow.io/flows": "on"})
+        api.state.put("nodes", {**selected, "spec": {"taints": [
+            {"key": "dedicated", "value": "infra", "effect": "NoSchedule"}]}})
+        assert ask() == (False, f"node {NODE} has a taint the DaemonSet does not tolerate "
+                                "(dedicated)")
+        api.state.put("nodes", selected)
+        for values, yes in ((["on"], True), (["off"], False)):
+            api.daemon_set("cniflow", "cniflow", affinity={"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "cniflow.io/flows", "operator": "In",
+                                           "values": values}]}]}}})
+            assert ask()[0] is yes
+        assert ask()[1] == f"node {NODE} no longer matches the required node affinity"
+        api.daemon_set("cniflow", "cniflow", {"cniflow.io/flows": "on"})
         api.deleting("daemonsets", "cniflow", "cniflow")  # foreground: held by a finalizer
         assert ask() == (False, "DaemonSet cniflow is being deleted")
         api.state.delete("daemonsets", "cniflow", "cniflow")  # background: gone at once
@@ -140,6 +170,17 @@ def test_whether_another_agent_will_come_is_read_from_the_api_server():
         api.namespace("cniflow")
         api.deleting("nodes", None, NODE)
         assert ask() == (False, f"node {NODE} is being deleted")
+        api.state.put("nodes", {**selected, "metadata": {
+            k: v for k, v in selected["metadata"].items() if not k.startswith("deletion")}})
+        assert ask()[0] is True
+        api.state.delay = 3.0  # each answer in time, all of them not
+        t0 = time.monotonic()
+        assert ask() == (False, "the api server did not answer in time")
+        assert time.monotonic() - t0 < successor.SECONDS + 1
+        api.state.delay = 0.0
+        api.stop()  # unreachable: the client's retries end in an error
+        yes, why = ask()
+        assert not yes and why.startswith("reading the pod: "), why
     finally:
         api.stop()
 
@@ -151,11 +192,7 @@ def test_handover_auto_leaves_nothing_when_the_daemonset_is_gone(node, api):
     from conftest import own_bpffs, tcx_programs
 
     web, db = node.pods
-    api.namespace("cniflow")
-    ds = api.daemon_set("cniflow", "cniflow")
-    api.owned_pod("cniflow", "cniflow-7xk2q", NODE, [], ("apps/v1", "DaemonSet", ds),
-                  host_network=True)
-    api.node(NODE, [])
+    api.agent_pod(NODE)
     api.namespace("shop", OPT_IN)
     api.pod("shop", "web", NODE, [web.ipv4])
     tshark = oracles.Tshark(node.netns, 4739)
@@ -198,11 +235,7 @@ def rolling_update(node, api, pins: str) -> None:
     from test_restart import PORT, check_exact, cniflow_links, no_leftovers, run_through
 
     web, db = node.pods
-    api.namespace("cniflow")
-    ds = api.daemon_set("cniflow", "cniflow")
-    api.owned_pod("cniflow", "cniflow-7xk2q", NODE, [], ("apps/v1", "DaemonSet", ds),
-                  host_network=True)
-    api.node(NODE, [])
+    api.agent_pod(NODE)
     api.namespace("shop", OPT_IN)
     api.pod("shop", "web", NODE, [web.ipv4])
     api.pod("shop", "db", NODE, [db.ipv4])
