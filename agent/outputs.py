@@ -155,6 +155,7 @@ class KafkaOutput:
         self.producer = Producer(conf)
         self._last_error = ""
         self._gone = ""  # librdkafka's fatal error, once poll() or produce() raised it
+        self._closing = False
 
     def write(self, lines: Lines) -> None:
         if not lines.count:
@@ -209,6 +210,8 @@ class KafkaOutput:
         self.metrics.kafka_queued.set(queued)
 
     def _failed(self, err, _msg) -> None:
+        if self._closing:
+            return
         self.failed += 1
         self.metrics.kafka_failed.inc()
         self._log(f"delivery failed: {err}")
@@ -233,6 +236,18 @@ class KafkaOutput:
             self.metrics.kafka_dropped.inc(left)
             log.warning("records not delivered at exit", extra={"records": left,
                                                                 "topic": self.topic})
+        # librdkafka destroyed now, not by the interpreter's finalization: with records
+        # still queued for brokers that refused us, that destroy ran our callbacks in a
+        # Python half torn down and the process died of SIGSEGV after its last line
+        self._closing = True  # the purge's delivery reports: counted dropped above
+        try:
+            self.producer.purge()
+            self.producer.flush(0)
+        except self._refused:
+            pass
+        if hasattr(self.producer, "close"):  # confluent-kafka 2.12+
+            self.producer.close()
+        del self.producer  # before it: the last reference, destroyed here
 
     def undelivered(self) -> int:
         """Records this output was given and no broker took: failed, refused, dropped."""
