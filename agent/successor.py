@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import threading
 
-SECONDS = 6.0  # the whole question at most (the client retries a silent server):
-# SIGTERM's grace period is for exporting
+# the whole question at most (the client retries a silent server): SIGTERM's grace
+# period is for exporting
+SECONDS = 6.0
 # what the DaemonSet controller adds to every daemon pod (AddOrUpdateDaemonPodTolerations)
 DAEMON_TOLERATIONS = [
     {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
