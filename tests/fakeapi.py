@@ -71,7 +71,7 @@ class State:
 
     def delete(self, kind: str, namespace: str | None, name: str) -> None:
         with self.cond:
-            key = f"{namespace}/{name}" if namespace else name
+            key = _name_key(namespace, name)
             obj = self.objects[kind].pop(key)
             self.rv += 1
             obj = copy.deepcopy(obj)
@@ -92,8 +92,7 @@ class State:
 
     @staticmethod
     def _key(obj: dict) -> str:
-        m = obj["metadata"]
-        return f"{m['namespace']}/{m['name']}" if "namespace" in m else m["name"]
+        return _name_key(obj["metadata"].get("namespace"), obj["metadata"]["name"])
 
 
 def _field(obj: dict, path: str):
@@ -117,6 +116,17 @@ NAMESPACED = {"pods", "services", "endpointslices", "replicasets", "jobs", "daem
 # /apis/GROUP/v1/namespaces/NS/KIND/NAME (/api/v1/namespaces/NAME: a namespace)
 ONE = re.compile(r"^/api(?:s/(?P<group>[^/]+))?/v1/(?:namespaces/(?P<ns>[^/]+)/)?"
                  r"(?P<kind>[a-z]+)/(?P<name>[^/]+)$")
+
+
+# the API server's answers to a request without the token, and to a path it does not serve
+UNAUTHORIZED = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
+NO_SUCH_PATH = {"kind": "Status", "code": 404, "reason": "NotFound"}
+
+
+def _name_key(namespace: str | None, name: str) -> str:
+    """How State keeps an object: namespace/name, or the name of a cluster-wide one."""
+    return f"{namespace}/{name}" if namespace else name
 
 
 def _api_version(kind: str) -> str:
@@ -153,11 +163,9 @@ class Handler(BaseHTTPRequestHandler):
         kind = url.path.rpartition("/")[2]
         if kind not in LISTS or url.path != f"/api{'s' if kind in GROUPS else ''}/" \
                 f"{_api_version(kind)}/{kind}":
-            return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+            return self._json(404, NO_SUCH_PATH)
         if self.headers.get("Authorization") != f"Bearer {self.state.token}":
-            return self._json(401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                    "message": "Unauthorized", "reason": "Unauthorized",
-                                    "code": 401})
+            return self._json(401, UNAUTHORIZED)
         if kind in self.state.forbidden:  # as the API server words it
             return self._json(403, {
                 "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
@@ -182,12 +190,10 @@ class Handler(BaseHTTPRequestHandler):
     def _one(self, group: str, namespace: str | None, kind: str, name: str) -> None:
         """GET of one object, and the API server's answers when it cannot be read."""
         if self.headers.get("Authorization") != f"Bearer {self.state.token}":
-            return self._json(401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                    "message": "Unauthorized", "reason": "Unauthorized",
-                                    "code": 401})
+            return self._json(401, UNAUTHORIZED)
         if kind not in LISTS or GROUPS.get(kind, "") != group or \
                 (namespace is not None) != (kind in NAMESPACED):
-            return self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+            return self._json(404, NO_SUCH_PATH)
         resource = f"{kind}.{group}" if group else kind
         if kind in self.state.forbidden:
             where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
@@ -198,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
                            f'"system:serviceaccount:cniflow:cniflow" cannot get resource '
                            f'"{kind}" in API group "{group}" {where}'})
         with self.state.cond:
-            obj = self.state.objects[kind].get(f"{namespace}/{name}" if namespace else name)
+            obj = self.state.objects[kind].get(_name_key(namespace, name))
         if obj is None:
             return self._json(404, {
                 "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -412,7 +418,7 @@ class FakeApiServer:
     def deleting(self, kind: str, namespace: str | None, name: str) -> dict:
         """An object being deleted: what a DELETE leaves while finalizers or foreground
         deletion hold it (a namespace: phase Terminating until its content is gone)."""
-        key = f"{namespace}/{name}" if namespace else name
+        key = _name_key(namespace, name)
         with self.state.cond:
             obj = copy.deepcopy(self.state.objects[kind][key])
         obj["metadata"]["deletionTimestamp"] = _now()

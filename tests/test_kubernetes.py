@@ -103,7 +103,7 @@ def test_removing_the_annotation_detaches_and_stops_the_records(node, api):
 
 
 def test_whether_another_agent_will_come_is_read_from_the_api_server():
-    """What --handover auto asks at SIGTERM (agent/kube.py successor), answered by the
+    """What --handover auto asks at SIGTERM (agent/successor.py), answered by the
     API server as it answers: objects, deletions in progress, 404 and 403."""
     from agent import successor
     from agent.kube import Cluster
@@ -189,23 +189,23 @@ def test_handover_auto_leaves_nothing_when_the_daemonset_is_gone(node, api):
     """--handover auto (the DaemonSet's), asked at SIGTERM of the API server: no agent
     will follow (an uninstall: the DaemonSet deleted), so nothing is left, and the
     pending flow is exported, as a forced end. (A rolling update: below.)"""
-    from conftest import own_bpffs, tcx_programs
+    from conftest import own_bpffs
+    from test_restart import cniflow_links
 
     web, db = node.pods
-    api.agent_pod(NODE)
+    me = api.agent_pod(NODE)
     api.namespace("shop", OPT_IN)
     api.pod("shop", "web", NODE, [web.ipv4])
     tshark = oracles.Tshark(node.netns, 4739)
     with own_bpffs(f"{node.prefix}-pins") as fs:
         pins = str(fs / "cniflow")
-        with k8s_agent(node, api, "--pin-path", pins, "--pod-name", "cniflow-7xk2q",
-                       "--pod-namespace", "cniflow", "--idle-timeout", "60") as running:
+        with k8s_agent(node, api, "--pin-path", pins, "--pod-name", me["name"],
+                       "--pod-namespace", me["namespace"], "--idle-timeout", "60") as running:
             assert wait_for(lambda: attached(node, web), 10), running.log.read_text()
             send_udp(node, 0, db.ipv4, 9712, count=5, size=10)
             api.state.delete("daemonsets", "cniflow", "cniflow")  # background: gone at once
         log = running.log.read_text()
-        left = [n for hook in ("ingress", "egress")
-                for n in tcx_programs(node.netns, web.host_if, hook) if n.startswith("cniflow")]
+        left = cniflow_links(node, web.host_if)
         assert "no handover" in log and "the DaemonSet is gone" in log, log
         assert left == [] and not os.path.exists(pins), (left, log)
     tshark.stop()
@@ -235,7 +235,7 @@ def rolling_update(node, api, pins: str) -> None:
     from test_restart import PORT, check_exact, cniflow_links, no_leftovers, run_through
 
     web, db = node.pods
-    api.agent_pod(NODE)
+    me = api.agent_pod(NODE)
     api.namespace("shop", OPT_IN)
     api.pod("shop", "web", NODE, [web.ipv4])
     api.pod("shop", "db", NODE, [db.ipv4])
@@ -248,7 +248,7 @@ def rolling_update(node, api, pins: str) -> None:
 
     r = run_through(node, pins, rolled, (
         "--kubernetes", "--node-name", NODE, "--kubeconfig", str(kubeconfig),
-        "--pod-name", "cniflow-7xk2q", "--pod-namespace", "cniflow"), first_interfaces=())
+        "--pod-name", me["name"], "--pod-namespace", me["namespace"]), first_interfaces=())
     assert "handing over to the next agent" in r["logs"][0]
     udp = [x for x in r["rows"] if x.get("destinationTransportPort") == PORT]
     assert [x["flowEndReason"] for x in udp] == [4, 4]  # at the handover, at the end
